@@ -1,0 +1,16 @@
+//! Logging: `RUST_LOG` filters (default `info`, without the server NOTICEs
+//! and refinery's chatter), to stderr.
+
+use tracing_subscriber::EnvFilter;
+
+const DEFAULT_FILTER: &str = "info,tokio_postgres=warn,refinery_core=warn,lapin=warn";
+
+pub fn init() {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    // A second init (tests starting several relays) is harmless: keep the first.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,142 @@
+//! Test harness: every test gets its own fresh database on the machine's
+//! PostgreSQL (dropped when the test ends) and its own exchange and queue
+//! names on RabbitMQ, so tests run in parallel and never share state.
+//!
+//! `TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`)
+//! names a role that may create databases; `TEST_AMQP_URL` the broker.
+
+use std::path::PathBuf;
+
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
+use uuid::Uuid;
+
+pub fn admin_url() -> String {
+    std::env::var("TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A name no other test uses, e.g. for an exchange or a queue.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}_{}", Uuid::new_v4().simple())
+}
+
+/// A database that exists for one test.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    /// Creates an empty database.
+    pub async fn empty() -> TestDb {
+        let name = unique_name("outbox_test");
+        let admin = connect(&admin_url()).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        let url = with_dbname(&admin_url(), &name);
+        TestDb { name, url }
+    }
+
+    /// Creates a database with the outbox schema installed.
+    pub async fn with_outbox() -> TestDb {
+        let db = TestDb::empty().await;
+        let mut client = db.connect().await;
+        outbox::migrate(&mut client).await.expect("migrate outbox");
+        db
+    }
+
+    pub async fn connect(&self) -> Client {
+        connect(&self.url).await
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Drop runs outside async code; a short-lived thread with its own
+        // runtime does the cleanup without blocking the test's runtime.
+        let name = self.name.clone();
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let admin = connect(&admin_url()).await;
+                let _ = admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Replaces the database name (the URL's path) of a PostgreSQL URL.
+pub fn with_dbname(url: &str, dbname: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[authority_start..]
+        .find('/')
+        .map_or(base.len(), |i| authority_start + i);
+    format!("{}/{dbname}{query}", &base[..path_start])
+}
+
+/// A connection whose driver runs on a background task.
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+/// A connection that LISTENs on `channel` and hands notifications to the
+/// returned receiver (tokio-postgres only surfaces them via `poll_message`).
+pub async fn listen(url: &str, channel: &str) -> (Client, mpsc::UnboundedReceiver<Notification>) {
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .expect("connect listener");
+    let (sender, receiver) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let AsyncMessage::Notification(notification) = message {
+                let _ = sender.send(notification);
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {channel}"))
+        .await
+        .expect("LISTEN");
+    (client, receiver)
+}
+
+/// A binary of this workspace, built by `cargo test --workspace` next to
+/// the test executable's `deps/` folder.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the suite with `cargo test --workspace` (or scripts/test.sh)",
+        path.display()
+    );
+    path
+}

@@ -1,0 +1,7 @@
+//! The integration suite: one test binary, one module per capability.
+//! Everything here talks to the real PostgreSQL and RabbitMQ; the harness
+//! (`harness/`) gives each test its own database and broker names.
+
+mod enqueue;
+mod migrate;
+mod wake;

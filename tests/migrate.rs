@@ -1,0 +1,185 @@
+//! Installing the schemas: refinery from Rust, the `outbox-relay migrate`
+//! binary, and plain psql.
+
+use std::process::Command;
+
+use outbox_tests::*;
+
+mod dispatch_migrations {
+    refinery::embed_migrations!("../sql/dispatch");
+}
+
+async fn outbox_tables(db: &TestDb) -> Vec<String> {
+    let client = db.connect().await;
+    client
+        .query(
+            "SELECT table_schema || '.' || table_name FROM information_schema.tables \
+             WHERE table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("list tables")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn migrating_an_empty_database_twice_applies_once() {
+    let db = TestDb::empty().await;
+    let mut client = db.connect().await;
+
+    let first = outbox::migrate(&mut client).await.expect("first migrate");
+    assert_eq!(first, vec!["V1__outbox".to_string()]);
+    let second = outbox::migrate(&mut client).await.expect("second migrate");
+    assert!(second.is_empty(), "second run applied {second:?}");
+
+    // Everything we own lives in schema `outbox`; `public` stays untouched.
+    assert_eq!(
+        outbox_tables(&db).await,
+        vec![
+            "outbox.dead_letters",
+            "outbox.messages",
+            "outbox.pending",
+            "outbox.schema_history"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn concurrent_migrations_both_succeed() {
+    let db = TestDb::empty().await;
+    let (mut a, mut b) = (db.connect().await, db.connect().await);
+    let (ra, rb) = tokio::join!(outbox::migrate(&mut a), outbox::migrate(&mut b));
+    let mut applied = [ra.expect("a"), rb.expect("b")];
+    applied.sort();
+    assert_eq!(applied, [vec![], vec!["V1__outbox".to_string()]]);
+}
+
+#[tokio::test]
+async fn dispatch_migrations_apply_twice() {
+    let db = TestDb::empty().await;
+    let mut client = db.connect().await;
+    for _ in 0..2 {
+        let mut runner = dispatch_migrations::migrations::runner();
+        runner.set_migration_table_name("public.dispatch_schema_history");
+        runner
+            .run_async(&mut client)
+            .await
+            .expect("dispatch migrate");
+    }
+    let tables = outbox_tables(&db).await;
+    assert!(tables.contains(&"dispatch.inbox".to_string()), "{tables:?}");
+    assert!(
+        tables.contains(&"dispatch.deliveries".to_string()),
+        "{tables:?}"
+    );
+    let bad_status = client
+        .execute(
+            "INSERT INTO dispatch.deliveries (order_id, rider, status, message_id) \
+             VALUES (1, 'r', 7, gen_random_uuid())",
+            &[],
+        )
+        .await;
+    assert!(bad_status.is_err(), "status 7 must be rejected");
+}
+
+#[tokio::test]
+async fn psql_installs_the_same_schema_and_migrate_then_adopts_it() {
+    if Command::new("psql").arg("--version").output().is_err() {
+        eprintln!("psql not installed: skipping");
+        return;
+    }
+    let db = TestDb::empty().await;
+    let sql = concat!(env!("CARGO_MANIFEST_DIR"), "/../sql/outbox/V1__outbox.sql");
+    for _ in 0..2 {
+        let status = Command::new("psql")
+            .args([&db.url, "-q", "-v", "ON_ERROR_STOP=1", "-f", sql])
+            .status()
+            .expect("run psql");
+        assert!(status.success(), "psql -f failed");
+    }
+    let client = db.connect().await;
+    let id: uuid::Uuid = client
+        .query_one("SELECT outbox.enqueue('ex', 'rk', '{\"a\": 1}')", &[])
+        .await
+        .expect("enqueue after psql install")
+        .get(0);
+    drop(client);
+
+    let mut client = db.connect().await;
+    let applied = outbox::migrate(&mut client)
+        .await
+        .expect("migrate after psql");
+    assert_eq!(applied, vec!["V1__outbox".to_string()]);
+    let kept: i64 = client
+        .query_one(
+            "SELECT count(*) FROM outbox.messages WHERE message_id = $1",
+            &[&id],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        kept, 1,
+        "migrate must keep rows written after a psql install"
+    );
+}
+
+fn relay_migrate(url: &str) -> std::process::Output {
+    Command::new(workspace_binary("outbox-relay"))
+        .arg("migrate")
+        .env("OUTBOX_DATABASE_URL", url)
+        .output()
+        .expect("run outbox-relay")
+}
+
+#[tokio::test]
+async fn relay_migrate_binary_is_idempotent() {
+    let db = TestDb::empty().await;
+    let first = relay_migrate(&db.url);
+    assert!(first.status.success(), "{first:?}");
+    assert!(String::from_utf8_lossy(&first.stdout).contains("applied V1__outbox"));
+    let second = relay_migrate(&db.url);
+    assert!(second.status.success(), "{second:?}");
+    assert!(String::from_utf8_lossy(&second.stdout).contains("up to date"));
+}
+
+/// Each failure is one line on stderr and a non-zero exit; no password leaks.
+#[tokio::test]
+async fn relay_migrate_reports_bad_input_in_one_line() {
+    let db = TestDb::empty().await;
+    let weak_role = unique_name("weak");
+    let admin = connect(&admin_url()).await;
+    admin
+        .batch_execute(&format!("CREATE ROLE {weak_role} LOGIN"))
+        .await
+        .expect("create role");
+    let unprivileged = db
+        .url
+        .replacen("://postgres@", &format!("://{weak_role}@"), 1);
+
+    let cases = [
+        (
+            "postgres://app:s3cret@127.0.0.1:notaport/x",
+            "invalid PostgreSQL URL",
+        ),
+        (
+            "postgres://app:s3cret@127.0.0.1:1/x",
+            "cannot connect to PostgreSQL",
+        ),
+        (unprivileged.as_str(), "permission denied"),
+    ];
+    for (url, expected) in cases {
+        let output = relay_migrate(url);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{url} must fail");
+        assert!(stderr.contains(expected), "{url}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+        assert!(!stderr.contains("s3cret"), "password leaked: {stderr}");
+    }
+    admin
+        .batch_execute(&format!("DROP ROLE {weak_role}"))
+        .await
+        .expect("drop role");
+}
