@@ -4,4 +4,5 @@
 
 mod enqueue;
 mod migrate;
+mod relay;
 mod wake;

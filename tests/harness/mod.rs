@@ -5,6 +5,10 @@
 //! `TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`)
 //! names a role that may create databases; `TEST_AMQP_URL` the broker.
 
+pub mod broker;
+pub mod receivers;
+pub mod relay;
+
 use std::path::PathBuf;
 
 use futures::StreamExt;

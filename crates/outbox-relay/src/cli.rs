@@ -1,12 +1,17 @@
-//! Command-line interface. Every setting is also an `OUTBOX_*` variable.
+//! Command-line interface. Every `run` setting is also an `OUTBOX_*`
+//! variable and a key of the optional TOML file.
+
+use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+
+use crate::config::Settings;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "outbox-relay",
     version,
-    about = "Transactional outbox relay: PostgreSQL to RabbitMQ"
+    about = "Transactional outbox relay: publishes rows of outbox.messages to RabbitMQ with publisher confirms"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -17,6 +22,8 @@ pub struct Cli {
 pub enum Command {
     /// Install or upgrade the `outbox` schema; running it twice changes nothing.
     Migrate(MigrateArgs),
+    /// Publish outbox rows until SIGTERM or SIGINT.
+    Run(Box<RunArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -24,4 +31,18 @@ pub struct MigrateArgs {
     /// PostgreSQL URL of the application database (`postgres://user@host/db?sslmode=require`).
     #[arg(long, env = "OUTBOX_DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
+
+    /// PEM file of the CA that signed the PostgreSQL server certificate.
+    #[arg(long, env = "OUTBOX_DATABASE_CA_FILE")]
+    pub database_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML file with any of the settings below (keys as the flag names, with underscores); flags and environment win over it.
+    #[arg(long, env = "OUTBOX_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub settings: Settings,
 }

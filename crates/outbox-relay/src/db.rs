@@ -1,37 +1,57 @@
 //! Connecting to PostgreSQL: URL parsing with errors that never echo the
-//! password, and connection settings a long-lived relay needs.
+//! password, TLS (see `pg_tls`), and the settings a long-lived relay needs
+//! (connect timeout, TCP keepalives so a silently dead socket is noticed).
 
-use std::str::FromStr;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::{Client, Config};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
-/// Parses a PostgreSQL URL or key=value string, adding a connect timeout
-/// and TCP keepalives when the URL does not set them.
-pub fn parse_url(url: &str) -> anyhow::Result<Config> {
-    let mut config = Config::from_str(url)
-        .map_err(|e| anyhow::anyhow!("invalid PostgreSQL URL {}: {e}", redact(url)))?;
+use crate::pg_tls;
+
+/// Where and how to connect.
+#[derive(Clone)]
+pub struct PgTarget {
+    pub config: Config,
+    pub tls: MakeRustlsConnect,
+}
+
+impl PgTarget {
+    /// `user@host:port/dbname`, never the password.
+    pub fn describe(&self) -> String {
+        describe(&self.config)
+    }
+}
+
+/// Parses a PostgreSQL URL or key=value string (`sslmode` as libpq knows
+/// it), adding a connect timeout and TCP keepalives unless the URL sets them.
+pub fn parse_url(url: &str, ca_file: Option<&Path>) -> anyhow::Result<PgTarget> {
+    let (mut config, mode) = pg_tls::parse(url).map_err(|e| anyhow::anyhow!("{e}"))?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(10));
     }
     config
         .keepalives(true)
-        .keepalives_idle(Duration::from_secs(30));
+        .keepalives_idle(Duration::from_secs(30))
+        .keepalives_interval(Duration::from_secs(10))
+        .keepalives_retries(3);
     if config.get_application_name().is_none() {
         config.application_name("outbox-relay");
     }
-    Ok(config)
+    let tls = pg_tls::connector(mode, ca_file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(PgTarget { config, tls })
 }
 
 /// Opens one connection and drives it on a background task.
-pub async fn connect(config: &Config) -> anyhow::Result<Client> {
-    let target = describe(config);
-    let (client, connection) = config
-        .connect(NoTls)
+pub async fn connect(target: &PgTarget) -> anyhow::Result<Client> {
+    let (client, connection) = target
+        .config
+        .connect(target.tls.clone())
         .await
         .map_err(|e| anyhow::anyhow!(outbox::error_line(&e)))
-        .with_context(|| format!("cannot connect to PostgreSQL at {target}"))?;
+        .with_context(|| format!("cannot connect to PostgreSQL at {}", target.describe()))?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(error = %error, "PostgreSQL connection closed");
@@ -109,9 +129,11 @@ mod tests {
 
     #[test]
     fn bad_url_error_does_not_echo_password() {
-        let error = parse_url("postgres://app:s3cret@db:notaport/orders").expect_err("bad port");
+        let Err(error) = parse_url("postgres://app:s3cret@db:notaport/orders", None) else {
+            panic!("a bad port must be rejected");
+        };
         let text = format!("{error:#}");
-        assert!(text.contains("invalid PostgreSQL URL"), "{text}");
+        assert!(text.contains("PostgreSQL URL"), "{text}");
         assert!(!text.contains("s3cret"), "{text}");
     }
 }

@@ -1,7 +1,21 @@
 //! The relay as a library, so tests and the demo can start one in-process
-//! and stop it through a cancellation token.
+//! and stop it through a cancellation token. `relay` holds the life cycle;
+//! each step has its own module.
 
+pub mod alert;
+pub mod amqp;
+pub mod backoff;
 pub mod cli;
+pub mod config;
 pub mod db;
+pub mod listener;
+pub mod maintenance;
+pub mod marker;
 pub mod migrate;
+pub mod pg_tls;
+pub mod relay;
+pub mod store;
 pub mod telemetry;
+
+pub use config::{Config, Settings};
+pub use relay::run;

@@ -1,11 +1,14 @@
 //! `outbox-relay`: installs the outbox schema and publishes outbox rows to
-//! RabbitMQ. The binary only parses flags and reports errors; the work lives
-//! in the library modules.
+//! RabbitMQ. The binary only parses flags, wires signals to a cancellation
+//! token and reports errors; the work lives in the library.
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
-use outbox_relay::cli::{Cli, Command};
+use outbox_relay::cli::{Cli, Command, RunArgs};
+use outbox_relay::config::{self, Settings};
+use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -24,5 +27,44 @@ async fn main() -> ExitCode {
 async fn try_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate(args) => outbox_relay::migrate::run(args).await,
+        Command::Run(args) => run(*args).await,
     }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    config::check_environment(std::env::vars())?;
+    let file = match &args.config {
+        Some(path) => Settings::from_file(path)?,
+        None => Settings::default(),
+    };
+    let config = args.settings.over(file)?.validate()?;
+    if let Some(addr) = config.metrics_addr {
+        outbox_relay::telemetry::serve_metrics(addr)
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    outbox_relay::relay::run(config, shutdown).await
+}
+
+/// SIGTERM or SIGINT: stop claiming, finish what is in flight, exit 0.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutdown requested");
+    shutdown.cancel();
 }

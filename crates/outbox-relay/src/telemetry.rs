@@ -1,5 +1,7 @@
-//! Logging: `RUST_LOG` filters (default `info`, without the server NOTICEs
-//! and refinery's chatter), to stderr.
+//! Logging (`RUST_LOG` filters; default `info` without the server NOTICEs
+//! and library chatter, to stderr) and the optional Prometheus endpoint.
+
+use std::net::SocketAddr;
 
 use tracing_subscriber::EnvFilter;
 
@@ -13,4 +15,12 @@ pub fn init() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Serves `/metrics` in the Prometheus text format on `addr`.
+pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()?;
+    Ok(())
 }

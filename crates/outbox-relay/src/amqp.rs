@@ -1,0 +1,269 @@
+//! The RabbitMQ side: connecting (bounded: lapin can hang on a rejected
+//! `connection.open`), one confirm-mode channel, and publishing a claimed
+//! row with the properties consumers rely on.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::tcp::OwnedTLSConfig;
+use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
+    DefaultConnectionBuilder, ErrorKind, ExchangeKind, PublisherConfirm,
+};
+use serde_json::Value;
+
+use crate::db::redact;
+use crate::store::Claimed;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an exchange checked to exist is trusted before checking again.
+const EXCHANGE_CACHE_TTL: Duration = Duration::from_secs(60);
+
+/// Fails on a URL lapin cannot parse, without echoing its password.
+pub fn check_url(url: &str) -> anyhow::Result<()> {
+    url.parse::<lapin::uri::AMQPUri>()
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!("invalid AMQP URL {}: {e}", redact(url)))
+}
+
+/// An open connection with a channel in confirm mode.
+pub struct Broker {
+    connection: Connection,
+    channel: Channel,
+    /// Exchanges known to exist. Publishing to a missing exchange closes the
+    /// whole channel (404), failing every publish in flight; checking first
+    /// on a throwaway channel turns it into a fault of that message alone.
+    known_exchanges: HashMap<String, Instant>,
+}
+
+/// What the broker said about one publish.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Acked and not returned: safe to mark published.
+    Confirmed,
+    /// The message's own fault (nack, unroutable, oversized, no exchange):
+    /// counts as an attempt.
+    Rejected(String),
+    /// The connection or channel failed: not the message's fault.
+    Lost(String),
+}
+
+impl Broker {
+    pub async fn connect(url: &str, ca_file: Option<&Path>, name: &str) -> anyhow::Result<Broker> {
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: ca_file
+                .map(|path| {
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read AMQP CA file {}", path.display()))
+                })
+                .transpose()?,
+        };
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let builder = DefaultConnectionBuilder::new()?
+            .with_uri_str(url.to_string())
+            .with_properties(properties)
+            .with_tls_config(tls);
+        let target = redact(url);
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, builder.connect())
+            .await
+            .map_err(|_| anyhow::anyhow!("cannot connect to RabbitMQ at {target}: timed out"))?
+            .map_err(|e| anyhow::anyhow!("cannot connect to RabbitMQ at {target}: {e}"))?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Broker {
+            connection,
+            channel,
+            known_exchanges: HashMap::new(),
+        })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected() && self.channel.status().connected()
+    }
+
+    /// Publishes `row` (mandatory, persistent) and returns the pending
+    /// confirm. `Err` means the connection failed, not the message.
+    pub async fn publish(&mut self, row: &Claimed, max_payload: u32) -> Result<Pending, String> {
+        if row.payload.len() > max_payload as usize {
+            return Ok(Pending::Done(Outcome::Rejected(format!(
+                "payload is {} bytes, more than OUTBOX_MAX_PAYLOAD_BYTES {max_payload}",
+                row.payload.len()
+            ))));
+        }
+        if !self.exchange_exists(&row.exchange).await? {
+            return Ok(Pending::Done(Outcome::Rejected(format!(
+                "exchange `{}` does not exist",
+                row.exchange
+            ))));
+        }
+        let confirm = self
+            .channel
+            .basic_publish(
+                ShortString::from(row.exchange.as_str()),
+                ShortString::from(row.routing_key.as_str()),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &row.payload,
+                properties(row),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Pending::Confirm(confirm))
+    }
+
+    async fn exchange_exists(&mut self, exchange: &str) -> Result<bool, String> {
+        // The default exchange and the amq.* ones always exist (and may not
+        // be declared, even passively).
+        if exchange.is_empty() || exchange.starts_with("amq.") {
+            return Ok(true);
+        }
+        if let Some(checked) = self.known_exchanges.get(exchange)
+            && checked.elapsed() < EXCHANGE_CACHE_TTL
+        {
+            return Ok(true);
+        }
+        let probe = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| e.to_string())?;
+        let options = ExchangeDeclareOptions {
+            passive: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        match probe
+            .exchange_declare(
+                exchange.into(),
+                ExchangeKind::Direct,
+                options,
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(()) => {
+                let _ = probe.close(200, "ok".into()).await;
+                self.known_exchanges
+                    .insert(exchange.to_string(), Instant::now());
+                Ok(true)
+            }
+            Err(error) if is_not_found(&error) => Ok(false),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    /// Forgets cached exchanges, e.g. after the channel died (one may have
+    /// been deleted).
+    pub fn forget_exchanges(&mut self) {
+        self.known_exchanges.clear();
+    }
+
+    pub async fn close(&self) {
+        let _ = self.connection.close(200, "relay stopping".into()).await;
+    }
+}
+
+/// A publish whose outcome is either known already or awaits the broker.
+pub enum Pending {
+    Done(Outcome),
+    Confirm(PublisherConfirm),
+}
+
+impl Pending {
+    pub async fn outcome(self) -> Outcome {
+        let confirm = match self {
+            Pending::Done(outcome) => return outcome,
+            Pending::Confirm(confirm) => confirm,
+        };
+        match confirm.await {
+            // lapin reports an unroutable mandatory publish as an Ack that
+            // carries the returned message.
+            Ok(Confirmation::Ack(None)) => Outcome::Confirmed,
+            Ok(Confirmation::Ack(Some(returned))) => Outcome::Rejected(format!(
+                "unroutable: returned by the broker ({} {})",
+                returned.reply_code, returned.reply_text
+            )),
+            Ok(Confirmation::Nack(_)) => Outcome::Rejected("nacked by the broker".into()),
+            Ok(Confirmation::NotRequested) => {
+                Outcome::Lost("channel is not in confirm mode".into())
+            }
+            Err(error) => Outcome::Lost(error.to_string()),
+        }
+    }
+}
+
+fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(error.kind(), ErrorKind::ProtocolError(e)
+        if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
+}
+
+fn properties(row: &Claimed) -> BasicProperties {
+    let timestamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    BasicProperties::default()
+        .with_message_id(row.message_id.to_string().into())
+        .with_content_type(row.content_type.as_str().into())
+        .with_delivery_mode(2)
+        .with_timestamp(timestamp)
+        .with_headers(field_table(&row.headers))
+}
+
+/// JSON headers as an AMQP field table (objects nest, arrays become arrays).
+pub fn field_table(headers: &Value) -> FieldTable {
+    let mut table = FieldTable::default();
+    if let Value::Object(map) = headers {
+        for (key, value) in map {
+            table.insert(key.as_str().into(), amqp_value(value));
+        }
+    }
+    table
+}
+
+fn amqp_value(value: &Value) -> AMQPValue {
+    match value {
+        Value::Null => AMQPValue::Void,
+        Value::Bool(b) => AMQPValue::Boolean(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => AMQPValue::LongLongInt(i),
+            None => AMQPValue::Double(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+        Value::Array(items) => AMQPValue::FieldArray(FieldArray::from(
+            items.iter().map(amqp_value).collect::<Vec<_>>(),
+        )),
+        Value::Object(_) => AMQPValue::FieldTable(field_table(value)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_headers_become_a_field_table() {
+        let table =
+            field_table(&serde_json::json!({"a": 1, "b": "x", "c": [true], "d": {"e": 1.5}}));
+        let inner = table.inner();
+        assert_eq!(inner.get("a"), Some(&AMQPValue::LongLongInt(1)));
+        assert_eq!(inner.get("b"), Some(&AMQPValue::LongString("x".into())));
+        assert!(matches!(inner.get("c"), Some(AMQPValue::FieldArray(_))));
+        assert!(matches!(inner.get("d"), Some(AMQPValue::FieldTable(_))));
+    }
+
+    #[test]
+    fn bad_amqp_url_is_rejected_without_its_password() {
+        let error = check_url("amqp://u:s3cret@host:notaport/").expect_err("bad port");
+        assert!(!error.to_string().contains("s3cret"), "{error}");
+    }
+}

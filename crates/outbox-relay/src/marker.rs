@@ -1,0 +1,213 @@
+//! Recording outcomes off the publish path: confirmed rows are marked in
+//! batches, failed ones get an attempt and a backoff (or die and escalate),
+//! and leases are given back after an outage. A database outage here only
+//! delays the bookkeeping: the marker retries until it succeeds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::alert::{Alerter, DeadLetter};
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::store::{Claimed, Retried, Store};
+
+/// Most outcomes recorded by one round of statements.
+const MAX_BATCH: usize = 1000;
+
+#[derive(Debug)]
+pub enum Mark {
+    Published(i64),
+    Failed { row: Box<Claimed>, error: String },
+    Release(Vec<i64>),
+}
+
+/// The relay's handle: queue outcomes, and learn when all are recorded.
+pub struct Marker {
+    sender: mpsc::UnboundedSender<Mark>,
+    /// Outcomes queued but not yet written. The drain waits for zero before
+    /// it calls itself done: the next message of an ordering key becomes
+    /// claimable only once its predecessor is marked.
+    unsettled: Arc<watch::Sender<usize>>,
+    task: JoinHandle<()>,
+}
+
+impl Marker {
+    pub fn spawn(store: Store, config: &Config, alerter: Alerter, database: String) -> Marker {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let unsettled = Arc::new(watch::Sender::new(0));
+        let worker = Worker {
+            store,
+            alerter,
+            database,
+            delete_published: config.retention.is_zero(),
+            max_attempts: config.max_attempts,
+            retry_base: config.retry_base,
+            retry_max: config.retry_max,
+            unsettled: unsettled.clone(),
+        };
+        let task = tokio::spawn(worker.run(receiver));
+        Marker {
+            sender,
+            unsettled,
+            task,
+        }
+    }
+
+    pub fn send(&self, mark: Mark) {
+        self.unsettled.send_modify(|n| *n += 1);
+        if self.sender.send(mark).is_err() {
+            // Only after shutdown; the lease expires and another relay retries.
+            self.unsettled.send_modify(|n| *n -= 1);
+        }
+    }
+
+    pub fn unsettled(&self) -> usize {
+        *self.unsettled.borrow()
+    }
+
+    pub async fn settled(&self) {
+        let mut receiver = self.unsettled.subscribe();
+        let _ = receiver.wait_for(|n| *n == 0).await;
+    }
+
+    /// Writes what is queued, waiting at most `timeout`.
+    pub async fn finish(self, timeout: Duration) {
+        drop(self.sender);
+        let mut task = self.task;
+        if tokio::time::timeout(timeout, &mut task).await.is_err() {
+            tracing::warn!(
+                "outcomes not recorded before the shutdown timeout; their leases will expire and the rows be published again"
+            );
+            task.abort();
+        }
+    }
+}
+
+struct Worker {
+    store: Store,
+    alerter: Alerter,
+    database: String,
+    delete_published: bool,
+    max_attempts: u32,
+    retry_base: Duration,
+    retry_max: Duration,
+    unsettled: Arc<watch::Sender<usize>>,
+}
+
+impl Worker {
+    async fn run(self, mut receiver: mpsc::UnboundedReceiver<Mark>) {
+        while let Some(first) = receiver.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match receiver.try_recv() {
+                    Ok(mark) => batch.push(mark),
+                    Err(_) => break,
+                }
+            }
+            let count = batch.len();
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+            while let Err(error) = self.record(&batch).await {
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot record publish outcomes");
+                tokio::time::sleep(delay).await;
+            }
+            self.unsettled.send_modify(|n| *n -= count);
+        }
+    }
+
+    /// Every statement here is idempotent, so a batch can be replayed whole
+    /// after a failure part-way.
+    async fn record(&self, batch: &[Mark]) -> Result<(), String> {
+        let mut published = Vec::new();
+        let mut released = Vec::new();
+        for mark in batch {
+            match mark {
+                Mark::Published(id) => published.push(*id),
+                Mark::Release(ids) => released.extend_from_slice(ids),
+                Mark::Failed { .. } => {}
+            }
+        }
+        if !published.is_empty() {
+            self.store
+                .mark_published(&published, self.delete_published)
+                .await?;
+        }
+        if !released.is_empty() {
+            self.store.release(&released).await?;
+        }
+        for mark in batch {
+            if let Mark::Failed { row, error } = mark {
+                self.fail(row, error).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail(&self, row: &Claimed, error: &str) -> Result<(), String> {
+        let delay = retry_delay(self.retry_base, self.retry_max, row.attempts);
+        let retried = self
+            .store
+            .retry(row.id, error, delay, self.max_attempts)
+            .await?;
+        metrics::counter!("outbox_publish_failures_total").increment(1);
+        match retried {
+            Retried::Later => tracing::warn!(
+                message_id = %row.message_id,
+                attempt = row.attempts + 1,
+                retry_in_ms = delay.as_millis() as u64,
+                error,
+                "publish failed; will retry"
+            ),
+            Retried::Dead => {
+                metrics::counter!("outbox_dead_letters_total").increment(1);
+                let dead = DeadLetter {
+                    message_id: row.message_id,
+                    exchange: row.exchange.clone(),
+                    routing_key: row.routing_key.clone(),
+                    ordering_key: row.ordering_key.clone(),
+                    attempts: row.attempts + 1,
+                    last_error: error.to_string(),
+                    database: self.database.clone(),
+                };
+                let alerter = self.alerter.clone();
+                // Alerts can be slow (SMTP); they must not hold up marking.
+                tokio::spawn(async move {
+                    alerter.send(&dead).await;
+                });
+            }
+            Retried::Gone => {}
+        }
+        Ok(())
+    }
+}
+
+/// Exponential backoff with jitter: base × 2^attempts, capped, then scaled
+/// by a random factor in [0.5, 1) so failed messages do not retry in lockstep.
+pub fn retry_delay(base: Duration, max: Duration, attempts_so_far: i32) -> Duration {
+    let exponent = attempts_so_far.clamp(0, 30) as u32;
+    let full = base.saturating_mul(1_u32 << exponent).min(max);
+    full.mul_f64(rand::rng().random_range(0.5..1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_and_is_capped() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(1);
+        for attempts in 0..10 {
+            let delay = retry_delay(base, max, attempts);
+            let full = (base * 2_u32.pow(attempts as u32)).min(max);
+            assert!(
+                delay >= full / 2 && delay < full,
+                "{attempts}: {delay:?} vs {full:?}"
+            );
+        }
+    }
+}

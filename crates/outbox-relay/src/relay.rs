@@ -1,0 +1,390 @@
+//! The relay's life cycle, in one place:
+//!
+//! ```text
+//! wait (wake-up | idle re-check | sweep tick) ─► drain:
+//!     begin_drain ─► claim ─► publish (window of confirms) ─► hand outcomes
+//!     to the marker ─► claim again until nothing is claimable ─► end_drain
+//! ```
+//! An outage of the broker or the database gives leases back, waits with
+//! backoff and reconnects; it never counts as a message's attempt.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::alert::Alerter;
+use crate::amqp::{Broker, Outcome};
+use crate::backoff::Backoff;
+use crate::config::{Config, Mode};
+use crate::db::{self, PgTarget};
+use crate::listener::{Listener, Woken};
+use crate::maintenance;
+use crate::marker::{Mark, Marker};
+use crate::store::{Claimed, Store};
+
+/// A writer whose wake-up probe ran while we drained commits a moment
+/// later; one more claim this long after going idle catches it (the sweep
+/// catches anything slower).
+const IDLE_RECHECK: Duration = Duration::from_millis(25);
+/// How often an idle listener's connection is proven alive.
+const PROBE_INTERVAL: Duration = Duration::from_secs(10);
+
+type InFlight = FuturesUnordered<BoxFuture<'static, (Claimed, Outcome)>>;
+
+/// Why a drain stopped early.
+#[derive(Debug)]
+enum Outage {
+    Broker(String),
+    Database(String),
+}
+
+/// Runs a relay until `shutdown` is cancelled. Fails only at start (bad
+/// settings, unreachable servers, missing schema); later outages are waited out.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let relay_id = relay_id();
+    let target = db::parse_url(&config.database_url, config.database_ca_file.as_deref())?;
+    let alerter = Alerter::new(&config.alert).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let store = Store::connect(&target, &relay_id).await?;
+    let broker =
+        Broker::connect(&config.amqp_url, config.amqp_ca_file.as_deref(), &relay_id).await?;
+    let marker = Marker::spawn(store.clone(), &config, alerter, target.describe());
+    let upkeep = tokio::spawn(maintenance::run(
+        store.clone(),
+        config.retention,
+        shutdown.clone(),
+    ));
+    tracing::info!(
+        relay = %relay_id,
+        database = %target.describe(),
+        mode = ?config.mode,
+        "relay started"
+    );
+
+    let mut relay = Relay {
+        config,
+        target,
+        store,
+        broker: Some(broker),
+        listener: None,
+        marker,
+        in_flight: FuturesUnordered::new(),
+        in_flight_ids: HashSet::new(),
+        outage_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
+    };
+    relay.run(&shutdown).await;
+    relay.stop().await;
+    let _ = upkeep.await;
+    tracing::info!(relay = %relay_id, "relay stopped");
+    Ok(())
+}
+
+struct Relay {
+    config: Config,
+    target: PgTarget,
+    store: Store,
+    /// `None` while reconnecting after a broker outage.
+    broker: Option<Broker>,
+    /// `None` in poll mode, and while reconnecting.
+    listener: Option<Listener>,
+    marker: Marker,
+    /// Published rows awaiting their confirm; at most `max_in_flight`.
+    in_flight: InFlight,
+    /// Their ids, to give back the leases of confirms that never come.
+    in_flight_ids: HashSet<i64>,
+    outage_backoff: Backoff,
+}
+
+impl Relay {
+    async fn run(&mut self, shutdown: &CancellationToken) {
+        let mut next_sweep = Instant::now();
+        let mut last_probe = Instant::now();
+        let mut recheck = false;
+        loop {
+            let reconnected = self.ensure_listener().await;
+            let now = Instant::now();
+            let wait = if reconnected {
+                // LISTEN first, then drain: anything committed while no one
+                // listened is claimed now.
+                Duration::ZERO
+            } else if recheck {
+                IDLE_RECHECK
+            } else {
+                next_sweep
+                    .saturating_duration_since(now)
+                    .min(PROBE_INTERVAL)
+            };
+            let woken = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                woken = wait_for_wake(self.listener.as_mut(), wait) => woken,
+            };
+            match woken {
+                Woken::Lost => {
+                    tracing::warn!("wake-up listener lost; reconnecting");
+                    self.listener = None;
+                }
+                Woken::TimedOut if !reconnected && !recheck && Instant::now() < next_sweep => {
+                    // Only the probe timer fired.
+                    if last_probe.elapsed() >= PROBE_INTERVAL {
+                        last_probe = Instant::now();
+                        self.probe_listener().await;
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            if Instant::now() >= next_sweep {
+                next_sweep = Instant::now() + self.config.sweep_interval;
+            }
+            match self.drain(shutdown).await {
+                Ok(claimed) => {
+                    self.outage_backoff.reset();
+                    recheck = claimed && self.config.mode == Mode::Notify;
+                }
+                Err(outage) => self.wait_out(outage, shutdown).await,
+            }
+        }
+    }
+
+    /// Connects the listener in notify mode; true when it just (re)connected.
+    async fn ensure_listener(&mut self) -> bool {
+        if self.config.mode == Mode::Poll || self.listener.is_some() {
+            return false;
+        }
+        match Listener::connect(&self.target).await {
+            Ok(listener) => {
+                self.listener = Some(listener);
+                true
+            }
+            Err(error) => {
+                // The sweep keeps rows moving meanwhile.
+                tracing::warn!(%error, "cannot connect the wake-up listener; relying on the sweep");
+                false
+            }
+        }
+    }
+
+    async fn probe_listener(&mut self) {
+        if let Some(listener) = &self.listener
+            && (listener.is_closed() || !listener.probe().await)
+        {
+            tracing::warn!("wake-up listener did not answer its probe; reconnecting");
+            self.listener = None;
+        }
+    }
+
+    /// Publishes until nothing is claimable; true when it claimed anything.
+    async fn drain(&mut self, shutdown: &CancellationToken) -> Result<bool, Outage> {
+        self.ensure_broker().await?;
+        if let Some(listener) = &mut self.listener
+            && let Err(error) = listener.begin_drain().await
+        {
+            tracing::warn!(%error, "wake-up listener failed; reconnecting");
+            self.listener = None;
+        }
+        let result = self.pump(shutdown).await;
+        if let Some(listener) = &mut self.listener
+            && listener.end_drain().await.is_err()
+        {
+            self.listener = None;
+        }
+        result
+    }
+
+    async fn pump(&mut self, shutdown: &CancellationToken) -> Result<bool, Outage> {
+        let window = self.config.max_in_flight as usize;
+        let refill_at = (window.min(self.config.batch_size as usize) / 4).max(1);
+        let mut claimed_any = false;
+        let mut exhausted = false;
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(claimed_any);
+            }
+            let free = window - self.in_flight.len();
+            if !exhausted && free >= refill_at {
+                let limit = free.min(self.config.batch_size as usize);
+                let rows = self
+                    .store
+                    .claim(
+                        limit as u32,
+                        self.config.lease,
+                        self.config.block_on_dead_head,
+                    )
+                    .await
+                    .map_err(Outage::Database)?;
+                exhausted = rows.len() < limit;
+                claimed_any |= !rows.is_empty();
+                self.publish_all(rows).await?;
+            }
+            if self.in_flight.is_empty() {
+                if !exhausted {
+                    continue;
+                }
+                if self.marker.unsettled() == 0 {
+                    return Ok(claimed_any);
+                }
+                // Marking a key's head makes its successor claimable.
+                self.marker.settled().await;
+                exhausted = false;
+                continue;
+            }
+            let settled = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(claimed_any),
+                settled = self.in_flight.next() => settled,
+            };
+            if let Some((row, outcome)) = settled {
+                self.settle(row, outcome)?;
+            }
+            while let Some(Some((row, outcome))) = self.in_flight.next().now_or_never() {
+                self.settle(row, outcome)?;
+            }
+        }
+    }
+
+    async fn publish_all(&mut self, rows: Vec<Claimed>) -> Result<(), Outage> {
+        let max_payload = self.config.max_payload_bytes;
+        let mut rows = rows.into_iter();
+        while let Some(row) = rows.next() {
+            let published = match self.broker.as_mut() {
+                Some(broker) => broker.publish(&row, max_payload).await,
+                None => Err("not connected".into()),
+            };
+            match published {
+                Ok(pending) => {
+                    self.in_flight_ids.insert(row.id);
+                    self.in_flight
+                        .push(async move { (row, pending.outcome().await) }.boxed());
+                }
+                Err(error) => {
+                    let unpublished = std::iter::once(row.id).chain(rows.map(|r| r.id)).collect();
+                    self.marker.send(Mark::Release(unpublished));
+                    return Err(Outage::Broker(error));
+                }
+            }
+        }
+        metrics::gauge!("outbox_in_flight").set(self.in_flight.len() as f64);
+        Ok(())
+    }
+
+    fn settle(&mut self, row: Claimed, outcome: Outcome) -> Result<(), Outage> {
+        self.in_flight_ids.remove(&row.id);
+        match outcome {
+            Outcome::Confirmed => {
+                metrics::counter!("outbox_published_total").increment(1);
+                if let Ok(age) = row.created_at.elapsed() {
+                    metrics::histogram!("outbox_enqueue_to_confirm_seconds")
+                        .record(age.as_secs_f64());
+                }
+                self.marker.send(Mark::Published(row.id));
+                Ok(())
+            }
+            Outcome::Rejected(error) => {
+                self.marker.send(Mark::Failed {
+                    row: Box::new(row),
+                    error,
+                });
+                Ok(())
+            }
+            Outcome::Lost(error) => {
+                self.marker.send(Mark::Release(vec![row.id]));
+                Err(Outage::Broker(error))
+            }
+        }
+    }
+
+    /// Waits up to `limit` for in-flight confirms, settles what answered
+    /// (a lost one is released by `settle`) and releases the rest.
+    async fn settle_in_flight(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while let Ok(Some((row, outcome))) =
+            tokio::time::timeout_at(deadline, self.in_flight.next()).await
+        {
+            let _ = self.settle(row, outcome);
+        }
+        self.in_flight = FuturesUnordered::new();
+        let unanswered: Vec<i64> = self.in_flight_ids.drain().collect();
+        if !unanswered.is_empty() {
+            self.marker.send(Mark::Release(unanswered));
+        }
+    }
+
+    async fn ensure_broker(&mut self) -> Result<(), Outage> {
+        if self.broker.as_ref().is_some_and(Broker::is_connected) {
+            return Ok(());
+        }
+        if let Some(broker) = self.broker.take() {
+            broker.close().await;
+        }
+        let broker = Broker::connect(
+            &self.config.amqp_url,
+            self.config.amqp_ca_file.as_deref(),
+            "outbox-relay",
+        )
+        .await
+        .map_err(|e| Outage::Broker(format!("{e:#}")))?;
+        tracing::info!("connected to RabbitMQ");
+        self.broker = Some(broker);
+        Ok(())
+    }
+
+    async fn wait_out(&mut self, outage: Outage, shutdown: &CancellationToken) {
+        if let Outage::Broker(_) = outage {
+            self.settle_in_flight(Duration::from_secs(1)).await;
+            if let Some(broker) = self.broker.take() {
+                broker.close().await;
+            }
+        }
+        let delay = self.outage_backoff.next_delay();
+        match &outage {
+            Outage::Broker(error) => {
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "RabbitMQ unavailable; pausing")
+            }
+            Outage::Database(error) => {
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "PostgreSQL unavailable; pausing")
+            }
+        }
+        metrics::counter!("outbox_outages_total").increment(1);
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+
+    /// Shutdown: no new claims; bounded wait for confirms; give back the rest.
+    async fn stop(self) {
+        let mut relay = self;
+        let timeout = relay.config.shutdown_timeout;
+        relay.settle_in_flight(timeout).await;
+        if let Some(listener) = &mut relay.listener {
+            let _ = listener.end_drain().await;
+        }
+        relay.marker.finish(timeout).await;
+        if let Some(broker) = relay.broker.take() {
+            broker.close().await;
+        }
+    }
+}
+
+async fn wait_for_wake(listener: Option<&mut Listener>, timeout: Duration) -> Woken {
+    match listener {
+        Some(listener) => listener.wait(timeout).await,
+        None => {
+            tokio::time::sleep(timeout).await;
+            Woken::TimedOut
+        }
+    }
+}
+
+/// `host-pid-random`: tells in `locked_by` which relay holds a lease.
+fn relay_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "relay".into());
+    format!(
+        "{host}-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
+}

@@ -1,0 +1,278 @@
+//! The relay's queries on `outbox.messages`: claim, mark, retry, release
+//! and retention, over a small connection pool.
+
+use std::time::{Duration, SystemTime};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use serde_json::Value;
+use tokio_postgres::types::Type;
+use uuid::Uuid;
+
+use crate::db::PgTarget;
+
+/// A row leased to this relay for publishing.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: i64,
+    pub message_id: Uuid,
+    pub exchange: String,
+    pub routing_key: String,
+    pub payload: Vec<u8>,
+    pub content_type: String,
+    pub headers: Value,
+    pub ordering_key: Option<String>,
+    pub attempts: i32,
+    pub created_at: SystemTime,
+}
+
+/// Result of recording a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retried {
+    /// Scheduled for another attempt.
+    Later,
+    /// Out of attempts: now a dead letter.
+    Dead,
+    /// Someone else settled the row meanwhile (published or released).
+    Gone,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    relay_id: String,
+}
+
+/// Pending rows in id order, skipping leased ones and, for an ordering key,
+/// any row with an earlier unpublished row of the same key (only the head
+/// of each key is claimable). $3 says whether a dead head blocks its key.
+const CLAIM: &str = "
+WITH picked AS (
+    SELECT m.id FROM outbox.messages m
+    WHERE m.published_at IS NULL AND m.dead_at IS NULL
+      AND m.next_attempt_at <= now()
+      AND (m.locked_until IS NULL OR m.locked_until < now())
+      AND (m.ordering_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM outbox.messages e
+            WHERE e.ordering_key = m.ordering_key AND e.id < m.id
+              AND e.published_at IS NULL
+              AND ($3 OR e.dead_at IS NULL)))
+    ORDER BY m.id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE outbox.messages m
+SET locked_by = $2, locked_until = now() + $4 * interval '1 millisecond'
+FROM picked WHERE m.id = picked.id
+RETURNING m.id, m.message_id, m.exchange, m.routing_key, m.payload, m.content_type,
+          m.headers, m.ordering_key, m.attempts, m.created_at";
+
+const MARK_PUBLISHED: &str = "UPDATE outbox.messages \
+     SET published_at = now(), locked_by = NULL, locked_until = NULL \
+     WHERE id = ANY($1) AND published_at IS NULL";
+
+/// With a retention of zero, a confirmed row has no further use.
+const DELETE_PUBLISHED: &str = "DELETE FROM outbox.messages WHERE id = ANY($1)";
+
+const RETRY: &str = "UPDATE outbox.messages \
+     SET attempts = attempts + 1, last_error = $2, \
+         next_attempt_at = now() + $3 * interval '1 millisecond', \
+         dead_at = CASE WHEN attempts + 1 >= $4 THEN now() END, \
+         locked_by = NULL, locked_until = NULL \
+     WHERE id = $1 AND published_at IS NULL AND dead_at IS NULL \
+     RETURNING dead_at IS NOT NULL";
+
+const RELEASE: &str = "UPDATE outbox.messages SET locked_by = NULL, locked_until = NULL \
+     WHERE id = ANY($1) AND locked_by = $2 AND published_at IS NULL";
+
+const DELETE_OLD: &str = "DELETE FROM outbox.messages WHERE id IN ( \
+     SELECT id FROM outbox.messages \
+     WHERE published_at < now() - $1 * interval '1 millisecond' \
+     ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+     RETURNING 1";
+
+impl Store {
+    /// Builds the pool and takes one connection, so a wrong URL or a
+    /// missing schema fails at start instead of on the first wake-up.
+    pub async fn connect(target: &PgTarget, relay_id: &str) -> anyhow::Result<Store> {
+        let manager = Manager::from_config(
+            target.config.clone(),
+            target.tls.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let timeouts = Timeouts {
+            wait: Some(Duration::from_secs(10)),
+            create: Some(Duration::from_secs(10)),
+            recycle: Some(Duration::from_secs(5)),
+        };
+        let pool = Pool::builder(manager)
+            .max_size(4)
+            .timeouts(timeouts)
+            .runtime(Runtime::Tokio1)
+            .build()?;
+        let store = Store {
+            pool,
+            relay_id: relay_id.to_string(),
+        };
+        let client = store.pool.get().await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot connect to PostgreSQL at {}: {}",
+                target.describe(),
+                pool_error(&e)
+            )
+        })?;
+        let installed: bool = client
+            .query_one("SELECT to_regclass('outbox.messages') IS NOT NULL", &[])
+            .await?
+            .get(0);
+        if !installed {
+            anyhow::bail!(
+                "the outbox schema is missing in {}: run `outbox-relay migrate` first",
+                target.describe()
+            );
+        }
+        Ok(store)
+    }
+
+    pub async fn claim(
+        &self,
+        limit: u32,
+        lease: Duration,
+        block_on_dead_head: bool,
+    ) -> Result<Vec<Claimed>, String> {
+        let client = self.client().await?;
+        let lease_ms = lease.as_millis() as f64;
+        let rows = client
+            .query_typed(
+                CLAIM,
+                &[
+                    (&i64::from(limit), Type::INT8),
+                    (&self.relay_id, Type::TEXT),
+                    (&block_on_dead_head, Type::BOOL),
+                    (&lease_ms, Type::FLOAT8),
+                ],
+            )
+            .await
+            .map_err(|e| outbox::error_line(&e))?;
+        let mut claimed = rows
+            .iter()
+            .map(|row| {
+                Ok(Claimed {
+                    id: row.try_get(0)?,
+                    message_id: row.try_get(1)?,
+                    exchange: row.try_get(2)?,
+                    routing_key: row.try_get(3)?,
+                    payload: row.try_get(4)?,
+                    content_type: row.try_get(5)?,
+                    headers: row.try_get(6)?,
+                    ordering_key: row.try_get(7)?,
+                    attempts: row.try_get(8)?,
+                    created_at: row.try_get(9)?,
+                })
+            })
+            .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+            .map_err(|e| outbox::error_line(&e))?;
+        // UPDATE ... RETURNING does not keep the CTE's order.
+        claimed.sort_unstable_by_key(|row| row.id);
+        Ok(claimed)
+    }
+
+    pub async fn mark_published(&self, ids: &[i64], delete: bool) -> Result<(), String> {
+        let client = self.client().await?;
+        let statement = if delete {
+            DELETE_PUBLISHED
+        } else {
+            MARK_PUBLISHED
+        };
+        client
+            .query_typed(statement, &[(&ids, Type::INT8_ARRAY)])
+            .await
+            .map_err(|e| outbox::error_line(&e))?;
+        Ok(())
+    }
+
+    pub async fn retry(
+        &self,
+        id: i64,
+        error: &str,
+        delay: Duration,
+        max_attempts: u32,
+    ) -> Result<Retried, String> {
+        let client = self.client().await?;
+        let delay_ms = delay.as_millis() as f64;
+        let row = client
+            .query_typed(
+                RETRY,
+                &[
+                    (&id, Type::INT8),
+                    (&error, Type::TEXT),
+                    (&delay_ms, Type::FLOAT8),
+                    (&i64::from(max_attempts), Type::INT8),
+                ],
+            )
+            .await
+            .map_err(|e| outbox::error_line(&e))?;
+        Ok(match row.first().map(|r| r.get::<_, bool>(0)) {
+            Some(true) => Retried::Dead,
+            Some(false) => Retried::Later,
+            None => Retried::Gone,
+        })
+    }
+
+    /// Gives leased rows back without counting an attempt.
+    pub async fn release(&self, ids: &[i64]) -> Result<(), String> {
+        let client = self.client().await?;
+        client
+            .query_typed(
+                RELEASE,
+                &[(&ids, Type::INT8_ARRAY), (&self.relay_id, Type::TEXT)],
+            )
+            .await
+            .map_err(|e| outbox::error_line(&e))?;
+        Ok(())
+    }
+
+    /// Deletes up to `limit` rows published longer ago than `retention`.
+    pub async fn delete_published_before(
+        &self,
+        retention: Duration,
+        limit: i64,
+    ) -> Result<u64, String> {
+        let client = self.client().await?;
+        let retention_ms = retention.as_millis() as f64;
+        let deleted = client
+            .query_typed(
+                DELETE_OLD,
+                &[(&retention_ms, Type::FLOAT8), (&limit, Type::INT8)],
+            )
+            .await
+            .map_err(|e| outbox::error_line(&e))?;
+        Ok(deleted.len() as u64)
+    }
+
+    /// Age of the oldest pending row, for the lag gauge.
+    pub async fn oldest_pending_age(&self) -> Result<Duration, String> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 \
+                 FROM outbox.messages WHERE published_at IS NULL AND dead_at IS NULL",
+                &[],
+            )
+            .await
+            .map_err(|e| outbox::error_line(&e))?;
+        Ok(Duration::from_secs_f64(row.get::<_, f64>(0).max(0.0)))
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, String> {
+        self.pool.get().await.map_err(|e| pool_error(&e))
+    }
+}
+
+fn pool_error(error: &deadpool_postgres::PoolError) -> String {
+    match error {
+        deadpool_postgres::PoolError::Backend(e) => outbox::error_line(e),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,140 @@
+//! RabbitMQ helpers for tests: a private fanout exchange and queue per test
+//! (they expire on their own), and reading what arrived.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind, message::Delivery};
+
+use crate::{amqp_url, unique_name};
+
+/// A test's own exchange and the queue bound to it.
+pub struct Topology {
+    pub exchange: String,
+    pub queue: String,
+    pub connection: Connection,
+    pub channel: Channel,
+}
+
+pub async fn connect() -> Connection {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        Connection::connect(&amqp_url(), ConnectionProperties::default()),
+    )
+    .await
+    .expect("RabbitMQ connect timed out")
+    .expect("connect to RabbitMQ")
+}
+
+impl Topology {
+    /// Declares `kind` exchange and a queue bound with `binding_key`.
+    pub async fn new(kind: ExchangeKind, binding_key: &str) -> Topology {
+        let connection = connect().await;
+        let channel = connection.create_channel().await.expect("channel");
+        let exchange = unique_name("test_ex");
+        let queue = unique_name("test_q");
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                kind,
+                // Auto-delete: gone once its queue expires.
+                ExchangeDeclareOptions {
+                    auto_delete: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare exchange");
+        let mut arguments = FieldTable::default();
+        // Unused for 5 minutes: RabbitMQ deletes it (no cleanup code needed).
+        arguments.insert("x-expires".into(), AMQPValue::LongInt(300_000));
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                arguments,
+            )
+            .await
+            .expect("declare queue");
+        let topology = Topology {
+            exchange,
+            queue,
+            connection,
+            channel,
+        };
+        topology.bind(binding_key).await;
+        topology
+    }
+
+    pub async fn fanout() -> Topology {
+        Topology::new(ExchangeKind::Fanout, "").await
+    }
+
+    pub async fn bind(&self, routing_key: &str) {
+        self.channel
+            .queue_bind(
+                self.queue.as_str().into(),
+                self.exchange.as_str().into(),
+                routing_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+    }
+
+    /// Reads and acks deliveries until `count` arrived or `limit` passed;
+    /// what was not read stays in the queue (manual acks, bounded prefetch).
+    /// Uses a connection of its own: a test may have closed the others.
+    pub async fn receive(&self, count: usize, limit: Duration) -> Vec<Delivery> {
+        let connection = connect().await;
+        let channel = connection.create_channel().await.expect("channel");
+        let prefetch = count.clamp(1, 500) as u16;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let mut consumer = channel
+            .basic_consume(
+                self.queue.as_str().into(),
+                unique_name("test_consumer").as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let mut received = Vec::new();
+        let deadline = tokio::time::Instant::now() + limit;
+        while received.len() < count {
+            match tokio::time::timeout_at(deadline, consumer.next()).await {
+                Ok(Some(Ok(delivery))) => {
+                    delivery.ack(BasicAckOptions::default()).await.expect("ack");
+                    received.push(delivery);
+                }
+                Ok(Some(Err(error))) => panic!("consumer failed: {error}"),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let _ = connection.close(200, "done".into()).await;
+        received
+    }
+}
+
+/// The AMQP message_id of a delivery.
+pub fn message_id(delivery: &Delivery) -> uuid::Uuid {
+    let id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .expect("delivery without message_id");
+    id.as_str().parse().expect("message_id is a UUID")
+}

@@ -1,0 +1,66 @@
+//! Starting relays inside the test process (stopped through their
+//! cancellation token) or as a child process (to kill them).
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use outbox_relay::Settings;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::{TestDb, amqp_url, workspace_binary};
+
+/// Settings for tests: fast sweeps and retries.
+pub fn test_settings(db: &TestDb) -> Settings {
+    Settings {
+        database_url: Some(db.url.clone()),
+        amqp_url: Some(amqp_url()),
+        sweep_interval_ms: Some(200),
+        retry_base_ms: Some(50),
+        retry_max_ms: Some(400),
+        lease_ms: Some(5_000),
+        shutdown_timeout_ms: Some(5_000),
+        ..Settings::default()
+    }
+}
+
+/// A relay running in this process.
+pub struct RunningRelay {
+    pub shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningRelay {
+    pub async fn start(settings: Settings) -> RunningRelay {
+        let config = settings.validate().expect("valid settings");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(outbox_relay::run(config, shutdown.clone()));
+        RunningRelay { shutdown, task }
+    }
+
+    /// Cancels and waits for a clean exit.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("relay did not stop within 30 s")
+            .expect("relay task panicked")
+            .expect("relay failed");
+    }
+}
+
+/// `outbox-relay run` as a child process, with `env` on top of the test settings.
+pub fn spawn_relay_process(db: &TestDb, env: &[(&str, &str)]) -> Child {
+    let mut command = Command::new(workspace_binary("outbox-relay"));
+    command
+        .arg("run")
+        .env("OUTBOX_DATABASE_URL", &db.url)
+        .env("OUTBOX_AMQP_URL", amqp_url())
+        .env("OUTBOX_SWEEP_INTERVAL_MS", "200")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.spawn().expect("spawn outbox-relay")
+}
