@@ -593,3 +593,112 @@ fn bad_configuration_exits_non_zero_with_one_clear_line() {
     }
     let _ = std::fs::remove_file(config_file);
 }
+
+#[tokio::test]
+async fn poll_mode_publishes_on_the_sweep_alone() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    let relay = RunningRelay::start(Settings {
+        mode: Some("poll".into()),
+        ..test_settings(&db)
+    })
+    .await;
+    let mut client = db.connect().await;
+    let expected = enqueue(&mut client, &topology.exchange, "", 100, 10).await;
+    let received = ids_of(&topology.receive(expected.len(), ARRIVAL).await);
+    assert_same_ids(
+        &received.into_iter().collect(),
+        &expected.into_iter().collect(),
+    );
+    let listeners: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+            &[],
+        )
+        .await
+        .expect("listeners")
+        .get(0);
+    assert_eq!(listeners, 0, "poll mode must not LISTEN");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn zero_retention_deletes_rows_once_confirmed() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    let relay = RunningRelay::start(Settings {
+        retention: Some("0".into()),
+        ..test_settings(&db)
+    })
+    .await;
+    let mut client = db.connect().await;
+    let expected = enqueue(&mut client, &topology.exchange, "", 50, 10).await;
+    assert_eq!(
+        topology.receive(expected.len(), ARRIVAL).await.len(),
+        expected.len()
+    );
+    let deadline = Instant::now() + ARRIVAL;
+    loop {
+        let left: i64 = client
+            .query_one("SELECT count(*) FROM outbox.messages", &[])
+            .await
+            .expect("count")
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} confirmed rows not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn retention_deletes_published_rows_older_than_the_setting() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    let mut client = db.connect().await;
+    let old = enqueue(&mut client, &topology.exchange, "", 30, 10).await;
+    let fresh = enqueue(&mut client, &topology.exchange, "", 30, 10).await;
+    // Pretend the first batch was published two hours ago.
+    client
+        .execute(
+            "UPDATE outbox.messages SET published_at = now() - interval '2 hours' WHERE message_id = ANY($1)",
+            &[&old],
+        )
+        .await
+        .expect("age rows");
+    let relay = RunningRelay::start(Settings {
+        retention: Some("1h".into()),
+        ..test_settings(&db)
+    })
+    .await;
+    assert_eq!(
+        topology.receive(fresh.len(), ARRIVAL).await.len(),
+        fresh.len()
+    );
+    let deadline = Instant::now() + ARRIVAL;
+    loop {
+        let row = client
+            .query_one(
+                "SELECT count(*) FILTER (WHERE message_id = ANY($1)), count(*) FILTER (WHERE message_id = ANY($2)) FROM outbox.messages",
+                &[&old, &fresh],
+            )
+            .await
+            .expect("count");
+        let (old_left, fresh_left): (i64, i64) = (row.get(0), row.get(1));
+        assert_eq!(fresh_left, fresh.len() as i64, "recent rows must be kept");
+        if old_left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{old_left} expired rows not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    relay.stop().await;
+}

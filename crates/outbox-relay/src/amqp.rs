@@ -38,6 +38,8 @@ pub struct Broker {
     /// Exchanges known to exist. Publishing to a missing exchange closes the
     /// whole channel (404), failing every publish in flight; checking first
     /// on a throwaway channel turns it into a fault of that message alone.
+    /// (An exchange deleted while cached still closes the channel once: that
+    /// counts as an outage, and the reconnected broker starts a new cache.)
     known_exchanges: HashMap<String, Instant>,
 }
 
@@ -159,12 +161,6 @@ impl Broker {
             Err(error) if is_not_found(&error) => Ok(false),
             Err(error) => Err(error.to_string()),
         }
-    }
-
-    /// Forgets cached exchanges, e.g. after the channel died (one may have
-    /// been deleted).
-    pub fn forget_exchanges(&mut self) {
-        self.known_exchanges.clear();
     }
 
     pub async fn close(&self) {

@@ -227,8 +227,12 @@ impl Relay {
                 if self.marker.unsettled() == 0 {
                     return Ok(claimed_any);
                 }
-                // Marking a key's head makes its successor claimable.
-                self.marker.settled().await;
+                // Marking a key's head makes its successor claimable. (During
+                // a database outage this waits for the marker's retries.)
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(claimed_any),
+                    _ = self.marker.settled() => {}
+                }
                 exhausted = false;
                 continue;
             }
