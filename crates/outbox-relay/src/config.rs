@@ -118,7 +118,7 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alert_email_from: Option<String>,
 
-    /// Serve Prometheus `/metrics` and `/healthz` on this address, e.g. `127.0.0.1:9100`.
+    /// Serve Prometheus metrics over HTTP on this address, e.g. `127.0.0.1:9100`.
     #[arg(long, env = "OUTBOX_METRICS_ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<String>,
@@ -148,7 +148,8 @@ pub struct Config {
     pub max_attempts: u32,
     pub retry_base: Duration,
     pub retry_max: Duration,
-    /// `None` keeps published rows forever (never the default).
+    /// Published rows older than this are deleted; zero deletes them as
+    /// soon as they are confirmed.
     pub retention: Duration,
     pub block_on_dead_head: bool,
     pub max_payload_bytes: u32,

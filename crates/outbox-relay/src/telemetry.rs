@@ -1,11 +1,13 @@
 //! Logging (`RUST_LOG` filters; default `info` without the server NOTICEs
 //! and library chatter, to stderr) and the optional Prometheus endpoint.
+//! lapin is silenced by default: it logs returned messages with their
+//! payload, and every outcome it reports reaches our own log lines anyway.
 
 use std::net::SocketAddr;
 
 use tracing_subscriber::EnvFilter;
 
-const DEFAULT_FILTER: &str = "info,tokio_postgres=warn,refinery_core=warn,lapin=warn";
+const DEFAULT_FILTER: &str = "info,tokio_postgres=warn,refinery_core=warn,lapin=off";
 
 pub fn init() {
     let filter =
@@ -14,6 +16,7 @@ pub fn init() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
