@@ -27,8 +27,8 @@
 # override). The bench database is dropped and recreated on every start and
 # left in place afterwards, for a look at what the runs wrote.
 #
-# --no-relay runs with no relay at all: every commit may send the wake-up, so
-# it shows the trigger at its most expensive. A relay that drains for the
+# --no-relay runs with no relay at all: no one has announced a listener, so
+# writers skip NOTIFY and only pay the lock probes. A relay that drains for the
 # whole run (the probe always fails, no wake-up is ever sent) shows the cost
 # of the probe alone:
 #   --relay '(echo "SELECT outbox.begin_drain();"; sleep 3600) | psql -X -q "$OUTBOX_DATABASE_URL"'
@@ -186,6 +186,9 @@ start_listener() { # out-file: count wake-ups sent, as a relay would receive the
   rm -f "$WORK/stop-listener"
   {
     echo "LISTEN outbox_wake;"
+    # Writers notify only while some relay has announced itself; the
+    # stand-in and a real relay count as one, --no-relay does not.
+    [[ $RELAY_MODE == none ]] || echo "SELECT outbox.announce_listener();"
     while [[ ! -e "$WORK/stop-listener" ]]; do
       echo "SELECT 1;" # psql prints notifications after each command
       sleep 0.2

@@ -702,3 +702,47 @@ async fn retention_deletes_published_rows_older_than_the_setting() {
     }
     relay.stop().await;
 }
+
+/// With the sweep an hour away, only wake-ups can deliver: a row committed
+/// to an idle relay arrives, and so does one committed after the relay's
+/// listening connection was killed (it reconnects, LISTENs, drains).
+#[tokio::test]
+async fn wake_ups_deliver_without_the_sweep_also_after_the_listener_dies() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    let relay = RunningRelay::start(Settings {
+        sweep_interval_ms: Some(3_600_000),
+        ..test_settings(&db)
+    })
+    .await;
+    let prompt = Duration::from_secs(20);
+    let mut client = db.connect().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let first = enqueue(&mut client, &topology.exchange, "", 1, 1).await;
+    assert_eq!(
+        ids_of(&topology.receive(1, prompt).await),
+        first,
+        "idle relay not woken"
+    );
+
+    let admin = connect(&admin_url()).await;
+    let killed: i64 = admin
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = $1 AND application_name = 'outbox-relay'",
+            &[&db.name],
+        )
+        .await
+        .expect("terminate the relay's connections")
+        .get(0);
+    assert!(killed >= 2, "listener and pool: killed {killed}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = enqueue(&mut client, &topology.exchange, "", 1, 1).await;
+    assert_eq!(
+        ids_of(&topology.receive(1, prompt).await),
+        second,
+        "listener not back"
+    );
+    relay.stop().await;
+}

@@ -75,3 +75,18 @@ async fn rolled_back_transaction_wakes_nobody() {
     tx.rollback().await.expect("rollback");
     assert_silent(&mut wakes).await;
 }
+
+#[tokio::test]
+async fn nobody_is_woken_when_no_relay_listens() {
+    let db = TestDb::with_outbox().await;
+    // A bare LISTEN (no relay announced itself): writers skip NOTIFY.
+    let (_bystander, mut wakes) = listen_silently(&db.url, outbox::WAKE_CHANNEL).await;
+    let mut writer = db.connect().await;
+    enqueue_rows(&mut writer, 1).await;
+    assert_silent(&mut wakes).await;
+
+    // Once a relay announces itself, the next commit wakes it.
+    let (_relay, mut relay_wakes) = listen(&db.url, outbox::WAKE_CHANNEL).await;
+    enqueue_rows(&mut writer, 1).await;
+    next_wake(&mut relay_wakes).await;
+}

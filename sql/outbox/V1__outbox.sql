@@ -89,6 +89,10 @@ CREATE TRIGGER order_by_key
 --    waiting. That fails while any relay drains, and while another writer is
 --    already sending the wake-up; it succeeds only when relays are idle.
 --    The probe is a lock-table lookup in shared memory, not a query.
+--  * Every listening relay holds lock (1869968482, 2) in SHARED mode for as
+--    long as its LISTEN connection lives (outbox.announce_listener()). The
+--    one writer that got this far tries it in EXCLUSIVE mode: success means
+--    nobody listens (no relay, or relays in poll mode), so it skips NOTIFY.
 --
 -- The race left: a writer probes while a relay drains (no NOTIFY), the relay
 -- finishes its last claim before that commit becomes visible, and goes idle.
@@ -98,7 +102,8 @@ CREATE TRIGGER order_by_key
 CREATE OR REPLACE FUNCTION outbox.wake_relay() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF pg_try_advisory_xact_lock(1869968482, 1) THEN
+    IF pg_try_advisory_xact_lock(1869968482, 1)
+       AND NOT pg_try_advisory_xact_lock(1869968482, 2) THEN
         PERFORM pg_notify('outbox_wake', '');
     END IF;
     RETURN NULL;
@@ -110,6 +115,10 @@ CREATE CONSTRAINT TRIGGER wake_relay
     AFTER INSERT ON outbox.messages
     DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW EXECUTE FUNCTION outbox.wake_relay();
+
+-- Called by a relay on its listening connection, once after LISTEN.
+CREATE OR REPLACE FUNCTION outbox.announce_listener() RETURNS void
+LANGUAGE sql AS $$ SELECT pg_advisory_lock_shared(1869968482, 2) $$;
 
 -- Called by a relay on its listening connection around each drain.
 CREATE OR REPLACE FUNCTION outbox.begin_drain() RETURNS void

@@ -108,7 +108,21 @@ pub async fn connect(url: &str) -> Client {
 
 /// A connection that LISTENs on `channel` and hands notifications to the
 /// returned receiver (tokio-postgres only surfaces them via `poll_message`).
+/// Like a relay, it announces itself, or writers would not notify.
 pub async fn listen(url: &str, channel: &str) -> (Client, mpsc::UnboundedReceiver<Notification>) {
+    let (client, receiver) = listen_silently(url, channel).await;
+    client
+        .batch_execute("SELECT outbox.announce_listener()")
+        .await
+        .expect("announce listener");
+    (client, receiver)
+}
+
+/// LISTENs without announcing itself as a relay.
+pub async fn listen_silently(
+    url: &str,
+    channel: &str,
+) -> (Client, mpsc::UnboundedReceiver<Notification>) {
     let (client, mut connection) = tokio_postgres::connect(url, NoTls)
         .await
         .expect("connect listener");

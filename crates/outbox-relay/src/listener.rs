@@ -61,7 +61,7 @@ impl Listener {
         });
         client
             .batch_execute(&format!(
-                "SET lock_timeout = {DRAIN_LOCK_TIMEOUT_MS}; LISTEN {}",
+                "LISTEN {}; SELECT outbox.announce_listener(); SET lock_timeout = {DRAIN_LOCK_TIMEOUT_MS}",
                 outbox::WAKE_CHANNEL
             ))
             .await
