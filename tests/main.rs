@@ -2,7 +2,10 @@
 //! Everything here talks to the real PostgreSQL and RabbitMQ; the harness
 //! (`harness/`) gives each test its own database and broker names.
 
+mod dispatch;
+mod docker;
 mod enqueue;
 mod migrate;
+mod orders;
 mod relay;
 mod wake;

@@ -5,10 +5,6 @@ use std::process::Command;
 
 use outbox_tests::*;
 
-mod dispatch_migrations {
-    refinery::embed_migrations!("../sql/dispatch");
-}
-
 async fn outbox_tables(db: &TestDb) -> Vec<String> {
     let client = db.connect().await;
     client
@@ -54,34 +50,6 @@ async fn concurrent_migrations_both_succeed() {
     let mut applied = [ra.expect("a"), rb.expect("b")];
     applied.sort();
     assert_eq!(applied, [vec![], vec!["V1__outbox".to_string()]]);
-}
-
-#[tokio::test]
-async fn dispatch_migrations_apply_twice() {
-    let db = TestDb::empty().await;
-    let mut client = db.connect().await;
-    for _ in 0..2 {
-        let mut runner = dispatch_migrations::migrations::runner();
-        runner.set_migration_table_name("public.dispatch_schema_history");
-        runner
-            .run_async(&mut client)
-            .await
-            .expect("dispatch migrate");
-    }
-    let tables = outbox_tables(&db).await;
-    assert!(tables.contains(&"dispatch.inbox".to_string()), "{tables:?}");
-    assert!(
-        tables.contains(&"dispatch.deliveries".to_string()),
-        "{tables:?}"
-    );
-    let bad_status = client
-        .execute(
-            "INSERT INTO dispatch.deliveries (order_id, rider, status, message_id) \
-             VALUES (1, 'r', 7, gen_random_uuid())",
-            &[],
-        )
-        .await;
-    assert!(bad_status.is_err(), "status 7 must be rejected");
 }
 
 #[tokio::test]

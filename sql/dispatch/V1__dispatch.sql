@@ -21,5 +21,7 @@ CREATE TABLE IF NOT EXISTS dispatch.deliveries (
     status     smallint    NOT NULL DEFAULT 0 CHECK (status IN (0, 1, 2)),
     -- The outbox message that created it, for tracing back to the order.
     message_id uuid        NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
+    -- The insert's own time (not the transaction's start), close to its
+    -- commit: the demo measures order commit -> delivery with it.
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );

@@ -6,6 +6,8 @@
 //! names a role that may create databases; `TEST_AMQP_URL` the broker.
 
 pub mod broker;
+pub mod dispatch;
+pub mod http;
 pub mod receivers;
 pub mod relay;
 
@@ -46,7 +48,7 @@ impl TestDb {
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .expect("create test database");
-        let url = with_dbname(&admin_url(), &name);
+        let url = outbox_relay::db::with_dbname(&admin_url(), &name);
         TestDb { name, url }
     }
 
@@ -82,19 +84,6 @@ impl Drop for TestDb {
         });
         let _ = cleanup.join();
     }
-}
-
-/// Replaces the database name (the URL's path) of a PostgreSQL URL.
-pub fn with_dbname(url: &str, dbname: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, format!("?{query}")),
-        None => (url, String::new()),
-    };
-    let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let path_start = base[authority_start..]
-        .find('/')
-        .map_or(base.len(), |i| authority_start + i);
-    format!("{}/{dbname}{query}", &base[..path_start])
 }
 
 /// A connection whose driver runs on a background task.

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
 use tokio_postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -58,6 +59,59 @@ pub async fn connect(target: &PgTarget) -> anyhow::Result<Client> {
         }
     });
     Ok(client)
+}
+
+/// A connection pool with bounded waits that has proven it can connect:
+/// deadpool's `build` never fails, so without the first `get` a wrong URL
+/// would only surface on the first request.
+pub async fn pool(target: &PgTarget, size: usize) -> anyhow::Result<Pool> {
+    let manager = Manager::from_config(
+        target.config.clone(),
+        target.tls.clone(),
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let timeouts = Timeouts {
+        wait: Some(Duration::from_secs(10)),
+        create: Some(Duration::from_secs(10)),
+        recycle: Some(Duration::from_secs(5)),
+    };
+    let pool = Pool::builder(manager)
+        .max_size(size)
+        .timeouts(timeouts)
+        .runtime(Runtime::Tokio1)
+        .build()?;
+    let _proof = pool.get().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot connect to PostgreSQL at {}: {}",
+            target.describe(),
+            pool_error(&e)
+        )
+    })?;
+    Ok(pool)
+}
+
+/// One line for a pool error, with the server's message when there is one.
+pub fn pool_error(error: &deadpool_postgres::PoolError) -> String {
+    match error {
+        deadpool_postgres::PoolError::Backend(e) => outbox::error_line(e),
+        other => other.to_string(),
+    }
+}
+
+/// The same URL pointing at database `dbname` (URL form only: the path is
+/// replaced, the query kept).
+pub fn with_dbname(url: &str, dbname: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[authority_start..]
+        .find('/')
+        .map_or(base.len(), |i| authority_start + i);
+    format!("{}/{dbname}{query}", &base[..path_start])
 }
 
 /// `user@host:port/dbname`, never the password.
@@ -113,6 +167,15 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_dbname_replaces_only_the_path() {
+        assert_eq!(
+            with_dbname("postgres://u:p@h:5432/postgres?sslmode=require", "orders"),
+            "postgres://u:p@h:5432/orders?sslmode=require"
+        );
+        assert_eq!(with_dbname("postgres://h", "d"), "postgres://h/d");
+    }
 
     #[test]
     fn redact_hides_url_password() {

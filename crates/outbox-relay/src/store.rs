@@ -3,12 +3,12 @@
 
 use std::time::{Duration, SystemTime};
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use deadpool_postgres::Pool;
 use serde_json::Value;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 
-use crate::db::PgTarget;
+use crate::db::{self, PgTarget};
 
 /// A row leased to this relay for publishing.
 #[derive(Debug, Clone)]
@@ -94,34 +94,11 @@ impl Store {
     /// Builds the pool and takes one connection, so a wrong URL or a
     /// missing schema fails at start instead of on the first wake-up.
     pub async fn connect(target: &PgTarget, relay_id: &str) -> anyhow::Result<Store> {
-        let manager = Manager::from_config(
-            target.config.clone(),
-            target.tls.clone(),
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let timeouts = Timeouts {
-            wait: Some(Duration::from_secs(10)),
-            create: Some(Duration::from_secs(10)),
-            recycle: Some(Duration::from_secs(5)),
-        };
-        let pool = Pool::builder(manager)
-            .max_size(4)
-            .timeouts(timeouts)
-            .runtime(Runtime::Tokio1)
-            .build()?;
         let store = Store {
-            pool,
+            pool: db::pool(target, 4).await?,
             relay_id: relay_id.to_string(),
         };
-        let client = store.pool.get().await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot connect to PostgreSQL at {}: {}",
-                target.describe(),
-                pool_error(&e)
-            )
-        })?;
+        let client = store.client().await.map_err(|e| anyhow::anyhow!(e))?;
         let installed: bool = client
             .query_one("SELECT to_regclass('outbox.messages') IS NOT NULL", &[])
             .await?
@@ -266,13 +243,6 @@ impl Store {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, String> {
-        self.pool.get().await.map_err(|e| pool_error(&e))
-    }
-}
-
-fn pool_error(error: &deadpool_postgres::PoolError) -> String {
-    match error {
-        deadpool_postgres::PoolError::Backend(e) => outbox::error_line(e),
-        other => other.to_string(),
+        self.pool.get().await.map_err(|e| db::pool_error(&e))
     }
 }

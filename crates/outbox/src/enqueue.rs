@@ -106,6 +106,7 @@ const INSERT: &str = "INSERT INTO outbox.messages \
 /// the AMQP `message_id` consumers deduplicate on.
 ///
 /// One round trip: the statement is sent with its parameter types, unprepared.
+/// With deadpool-postgres, pass the inner transaction: `enqueue(&*tx, ..)`.
 pub async fn enqueue<C: GenericClient>(client: &C, message: &Message) -> Result<Uuid, Error> {
     let headers = Value::Object(message.headers.clone());
     let row = client

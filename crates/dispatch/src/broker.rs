@@ -1,0 +1,358 @@
+//! The RabbitMQ side of a consumer: one connection with a consuming channel
+//! (manual acks, bounded prefetch) and a confirm-mode channel that moves a
+//! message to the retry or the dead-letter queue. A message leaves its queue
+//! only after its copy is confirmed, so nothing is lost between the two.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::tcp::OwnedTLSConfig;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
+    DefaultConnectionBuilder,
+};
+use outbox_relay::db::redact;
+
+use crate::topology::Topology;
+
+/// Transient failures so far, carried by the copies in the retry queue.
+pub const RETRIES_HEADER: &str = "x-dispatch-retries";
+/// Why a message was dead-lettered.
+pub const ERROR_HEADER: &str = "x-dispatch-error";
+/// How many deliveries a dead-lettered message had.
+pub const DELIVERIES_HEADER: &str = "x-dispatch-deliveries";
+/// Set by quorum queues: how often this copy went back to the queue.
+const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+/// The last transient failure, on copies in the retry queue.
+const LAST_ERROR_HEADER: &str = "x-dispatch-last-error";
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Broker {
+    connection: Connection,
+    consuming: Channel,
+    publisher: Publisher,
+}
+
+impl Broker {
+    /// Connects (bounded: lapin can hang on a rejected `connection.open`),
+    /// opens both channels and declares the topology.
+    pub async fn open(
+        url: &str,
+        ca_file: Option<&Path>,
+        name: &str,
+        prefetch: u16,
+        topology: Arc<Topology>,
+    ) -> anyhow::Result<Broker> {
+        let cert_chain = ca_file
+            .map(|path| {
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read AMQP CA file {}", path.display()))
+            })
+            .transpose()?;
+        let builder = DefaultConnectionBuilder::new()?
+            .with_uri_str(url.to_string())
+            .with_properties(ConnectionProperties::default().with_connection_name(name.into()))
+            .with_tls_config(OwnedTLSConfig {
+                identity: None,
+                cert_chain,
+            });
+        let target = redact(url);
+        let connection = match tokio::time::timeout(CONNECT_TIMEOUT, builder.connect()).await {
+            Ok(connected) => connected
+                .map_err(|e| anyhow::anyhow!("cannot connect to RabbitMQ at {target}: {e}"))?,
+            Err(_) => anyhow::bail!("cannot connect to RabbitMQ at {target}: timed out"),
+        };
+        let consuming = connection.create_channel().await?;
+        consuming
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let publishing = connection.create_channel().await?;
+        publishing
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        topology.declare(&publishing).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot declare queue `{}` and its exchanges (one may exist with other \
+                 arguments: queue type, dead-letter exchange or expiry): {e}",
+                topology.queue
+            )
+        })?;
+        Ok(Broker {
+            connection,
+            consuming,
+            publisher: Publisher {
+                channel: publishing,
+                topology,
+            },
+        })
+    }
+
+    pub async fn consume(&self, tag: &str) -> Result<Consumer, lapin::Error> {
+        self.consuming
+            .basic_consume(
+                self.publisher.topology.queue.as_str().into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+    }
+
+    /// Stops new deliveries; those in hand can still be acked.
+    pub async fn cancel(&self, tag: &str) {
+        let _ = self
+            .consuming
+            .basic_cancel(tag.into(), Default::default())
+            .await;
+    }
+
+    pub fn publisher(&self) -> Publisher {
+        self.publisher.clone()
+    }
+
+    /// Closing gives every unacked delivery back to the queue.
+    pub async fn close(&self) {
+        let _ = self.connection.close(200, "consumer stopping".into()).await;
+    }
+}
+
+/// Moves deliveries to the retry or the dead-letter queue.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+    topology: Arc<Topology>,
+}
+
+impl Publisher {
+    /// Puts a copy in the retry queue that comes back to the queue after
+    /// `delay`, counting `deliveries` so far. `Err` means the broker failed.
+    pub async fn retry(
+        &self,
+        delivery: &Delivery,
+        deliveries: u32,
+        delay: Duration,
+        reason: &str,
+    ) -> Result<(), String> {
+        let mut headers = copied_headers(delivery);
+        headers.insert(RETRIES_HEADER.into(), AMQPValue::LongUInt(deliveries));
+        headers.insert(LAST_ERROR_HEADER.into(), long_string(reason));
+        let expiration = delay.as_millis().max(1).to_string();
+        let properties = copied_properties(delivery, headers).with_expiration(expiration.into());
+        self.publish("", &self.topology.retry_queue, delivery, properties)
+            .await
+    }
+
+    /// Puts a copy, with the reason, in the dead-letter queue.
+    pub async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        deliveries: u32,
+        reason: &str,
+    ) -> Result<(), String> {
+        let mut headers = copied_headers(delivery);
+        headers.insert(ERROR_HEADER.into(), long_string(reason));
+        headers.insert(DELIVERIES_HEADER.into(), AMQPValue::LongUInt(deliveries));
+        headers.insert("x-dispatch-queue".into(), long_string(&self.topology.queue));
+        let properties = copied_properties(delivery, headers);
+        let routing_key = delivery.routing_key.as_str().to_string();
+        self.publish(
+            &self.topology.dead_letter_exchange,
+            &routing_key,
+            delivery,
+            properties,
+        )
+        .await
+    }
+
+    /// Publishes (mandatory, persistent) and waits for the broker's confirm.
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        delivery: &Delivery,
+        properties: BasicProperties,
+    ) -> Result<(), String> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &delivery.data,
+                properties,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        // lapin reports an unroutable mandatory publish as an Ack carrying
+        // the returned message: our own queue is missing, a broker fault.
+        match confirm.await.map_err(|e| e.to_string())? {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(returned)) => Err(format!(
+                "copy to `{exchange}` returned as unroutable: {}",
+                returned.reply_text
+            )),
+            Confirmation::Nack(_) => Err(format!("copy to `{exchange}` nacked by the broker")),
+            Confirmation::NotRequested => Err("publish channel is not in confirm mode".into()),
+        }
+    }
+}
+
+/// Deliveries of this message so far, this one included: 1 + transient
+/// failures carried in `x-dispatch-retries` + returns counted by a quorum queue.
+pub fn delivery_number(delivery: &Delivery) -> u32 {
+    let count = |key: &str| {
+        delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|headers| headers.inner().get(key))
+            .and_then(as_u32)
+            .unwrap_or(0)
+    };
+    1u32.saturating_add(count(RETRIES_HEADER))
+        .saturating_add(count(DELIVERY_COUNT_HEADER))
+}
+
+/// Any integer header value that fits; publishers pick various widths.
+fn as_u32(value: &AMQPValue) -> Option<u32> {
+    let wide: i64 = match value {
+        AMQPValue::ShortShortInt(v) => (*v).into(),
+        AMQPValue::ShortShortUInt(v) => (*v).into(),
+        AMQPValue::ShortInt(v) => (*v).into(),
+        AMQPValue::ShortUInt(v) => (*v).into(),
+        AMQPValue::LongInt(v) => (*v).into(),
+        AMQPValue::LongUInt(v) => (*v).into(),
+        AMQPValue::LongLongInt(v) => *v,
+        _ => return None,
+    };
+    u32::try_from(wide).ok()
+}
+
+/// The delivery's headers without the quorum queue's count: it is folded
+/// into `x-dispatch-retries`, and a stale copy would count twice.
+fn copied_headers(delivery: &Delivery) -> BTreeMap<ShortString, AMQPValue> {
+    let mut headers = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .map(|h| h.inner().clone())
+        .unwrap_or_default();
+    headers.remove(DELIVERY_COUNT_HEADER);
+    headers
+}
+
+/// The properties a copy keeps. Not `expiration` (a dead letter must not
+/// expire) and not `user_id` (the broker refuses one that is not ours).
+fn copied_properties(
+    delivery: &Delivery,
+    headers: BTreeMap<ShortString, AMQPValue>,
+) -> BasicProperties {
+    let original = &delivery.properties;
+    let mut copy = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(FieldTable::from(headers));
+    if let Some(v) = original.content_type() {
+        copy = copy.with_content_type(v.clone());
+    }
+    if let Some(v) = original.content_encoding() {
+        copy = copy.with_content_encoding(v.clone());
+    }
+    if let Some(v) = original.message_id() {
+        copy = copy.with_message_id(v.clone());
+    }
+    if let Some(v) = original.correlation_id() {
+        copy = copy.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.timestamp() {
+        copy = copy.with_timestamp(*v);
+    }
+    if let Some(v) = original.kind() {
+        copy = copy.with_type(v.clone());
+    }
+    if let Some(v) = original.app_id() {
+        copy = copy.with_app_id(v.clone());
+    }
+    copy
+}
+
+/// Reasons go into headers, which must fit in one frame with the rest of
+/// the properties: a handler's long error is cut.
+fn long_string(value: &str) -> AMQPValue {
+    const MAX: usize = 2048;
+    let mut end = value.len().min(MAX);
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    AMQPValue::LongString(LongString::from(&value[..end]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(headers: FieldTable) -> Delivery {
+        let mut delivery = Delivery::mock(1, "ex".into(), "rk".into(), false, b"{}".to_vec());
+        delivery.properties = BasicProperties::default()
+            .with_headers(headers)
+            .with_expiration("500".into())
+            .with_message_id("m".into());
+        delivery
+    }
+
+    #[test]
+    fn first_delivery_is_number_one() {
+        assert_eq!(delivery_number(&delivery(FieldTable::default())), 1);
+    }
+
+    #[test]
+    fn retries_and_quorum_returns_both_count() {
+        let mut headers = FieldTable::default();
+        headers.insert(RETRIES_HEADER.into(), AMQPValue::LongUInt(2));
+        headers.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongLongInt(1));
+        assert_eq!(delivery_number(&delivery(headers)), 4);
+    }
+
+    #[test]
+    fn nonsense_counts_are_ignored() {
+        let mut headers = FieldTable::default();
+        headers.insert(RETRIES_HEADER.into(), long_string("many"));
+        headers.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongLongInt(-3));
+        assert_eq!(delivery_number(&delivery(headers)), 1);
+    }
+
+    #[test]
+    fn long_reasons_are_cut_on_a_char_boundary() {
+        let reason = "é".repeat(5000);
+        let AMQPValue::LongString(cut) = long_string(&reason) else {
+            panic!("not a string");
+        };
+        assert_eq!(cut.as_bytes().len(), 2048);
+        assert!(std::str::from_utf8(cut.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn copies_drop_the_quorum_count_and_the_expiration() {
+        let mut headers = FieldTable::default();
+        headers.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongLongInt(1));
+        headers.insert("app".into(), long_string("kept"));
+        let original = delivery(headers);
+        let copy = copied_properties(&original, copied_headers(&original));
+        let copied = copy.headers().clone().unwrap_or_default();
+        assert!(!copied.contains_key(DELIVERY_COUNT_HEADER));
+        assert!(copied.contains_key("app"));
+        assert!(copy.expiration().is_none());
+        assert_eq!(copy.message_id().as_ref().map(|m| m.as_str()), Some("m"));
+    }
+}

@@ -1,0 +1,29 @@
+//! Command-line interface: `dispatch` (or `dispatch run`) consumes,
+//! `dispatch migrate` only installs the schema. Every setting is also a
+//! `DISPATCH_*` environment variable.
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Settings;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dispatch",
+    version,
+    about = "Dispatch center: consumes order messages into the dispatch database, effectively once"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum Command {
+    /// Migrate the dispatch schema, then consume until SIGTERM or SIGINT (the default).
+    Run,
+    /// Install or upgrade the `dispatch` schema and exit; running it twice changes nothing.
+    Migrate,
+}

@@ -1,0 +1,187 @@
+//! A reusable, effectively-once RabbitMQ consumer into PostgreSQL. Bring a
+//! [`Handler`]; the consumer's life cycle is:
+//!
+//! ```text
+//! connect ─► declare topology ─► consume (manual acks, prefetch N) ─► one
+//! worker per delivery, up to N at once (see `worker`) ─► on a lost
+//! connection: drop every worker (their deliveries go back to the queue
+//! with the channel), back off, reconnect ─► on shutdown: stop consuming,
+//! let workers finish for a while, close (unacked deliveries go back)
+//! ```
+//! A session's workers never outlive it, so no delivery tag from before a
+//! reconnect is ever used on the new channel.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use futures::StreamExt;
+use outbox_relay::backoff::Backoff;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::handler::Handler;
+use crate::health::Health;
+use crate::inbox::Inbox;
+use crate::topology::Topology;
+use crate::worker::{self, Outcome, Shared};
+
+/// Everything a consumer needs besides its handler and its pool.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    pub amqp_url: String,
+    pub amqp_ca_file: Option<PathBuf>,
+    pub topology: Topology,
+    /// Unacked deliveries at once, which is also how many handlers run
+    /// concurrently (size the pool to match).
+    pub prefetch: u16,
+    /// Deliveries of a message that fails transiently before it is
+    /// dead-lettered.
+    pub max_deliveries: u32,
+    /// Delay before the first retry; doubles per delivery up to `retry_max`.
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    /// How long shutdown waits for handlers in progress.
+    pub shutdown_timeout: Duration,
+    /// `schema.table` with a `message_id uuid` primary key.
+    pub inbox_table: String,
+    /// Shown as the connection name in RabbitMQ and prefixes consumer tags.
+    pub name: String,
+}
+
+impl ConsumerConfig {
+    /// Defaults for everything but the broker and the topology.
+    pub fn new(amqp_url: &str, topology: Topology) -> ConsumerConfig {
+        ConsumerConfig {
+            amqp_url: amqp_url.into(),
+            amqp_ca_file: None,
+            topology,
+            prefetch: 16,
+            max_deliveries: 5,
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(10),
+            inbox_table: "dispatch.inbox".into(),
+            name: "dispatch".into(),
+        }
+    }
+}
+
+/// Why a session ended.
+enum Ended {
+    Shutdown,
+    Lost(String),
+}
+
+/// Consumes until `shutdown` is cancelled. Fails only when the first
+/// connection fails (bad URL, unreachable broker, conflicting topology);
+/// later outages are waited out.
+pub async fn run<H: Handler>(
+    config: ConsumerConfig,
+    pool: Pool,
+    handler: H,
+    health: Health,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let inbox = Inbox::new(&config.inbox_table).map_err(|e| anyhow::anyhow!(e))?;
+    let shared = Arc::new(Shared {
+        handler,
+        pool,
+        inbox,
+        config,
+        health,
+        shutdown,
+    });
+    let config = &shared.config;
+    let topology = Arc::new(config.topology.clone());
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut connected_once = false;
+    loop {
+        let opened = tokio::select! {
+            _ = shared.shutdown.cancelled() => return Ok(()),
+            opened = Broker::open(
+                &config.amqp_url,
+                config.amqp_ca_file.as_deref(),
+                &config.name,
+                config.prefetch,
+                topology.clone(),
+            ) => opened,
+        };
+        let reason = match opened {
+            Err(error) if !connected_once => return Err(error),
+            Err(error) => format!("{error:#}"),
+            Ok(broker) => {
+                connected_once = true;
+                backoff.reset();
+                let ended = session(&shared, broker).await;
+                shared.health.set_consuming(false);
+                match ended {
+                    Ended::Shutdown => return Ok(()),
+                    Ended::Lost(reason) => reason,
+                }
+            }
+        };
+        let delay = backoff.next_delay();
+        tracing::warn!(%reason, ?delay, "broker connection lost; reconnecting");
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Consumes on one connection until it fails or shutdown.
+async fn session<H: Handler>(shared: &Arc<Shared<H>>, broker: Broker) -> Ended {
+    let tag = format!("{}-{}", shared.config.name, uuid::Uuid::new_v4().simple());
+    let mut deliveries = match broker.consume(&tag).await {
+        Ok(consumer) => consumer,
+        Err(error) => {
+            broker.close().await;
+            return Ended::Lost(format!("cannot consume: {error}"));
+        }
+    };
+    shared.health.set_consuming(true);
+    let config = &shared.config;
+    tracing::info!(queue = %config.topology.queue, prefetch = config.prefetch, "consuming");
+    let publisher = broker.publisher();
+    let mut workers = JoinSet::new();
+    let ended = loop {
+        metrics::gauge!("dispatch_in_flight").set(workers.len() as f64);
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => break Ended::Shutdown,
+            next = deliveries.next() => match next {
+                Some(Ok(delivery)) => {
+                    workers.spawn(worker::process(shared.clone(), publisher.clone(), delivery));
+                }
+                Some(Err(error)) => break Ended::Lost(error.to_string()),
+                None => break Ended::Lost("the broker cancelled the consumer".into()),
+            },
+            Some(done) = workers.join_next() => match done {
+                Ok(Outcome::Settled) => {}
+                Ok(Outcome::BrokerFailed(reason)) => break Ended::Lost(reason),
+                // A bug of ours; closing the channel gives its delivery back.
+                Err(error) => break Ended::Lost(format!("a worker failed: {error}")),
+            },
+        }
+    };
+    if let Ended::Shutdown = ended {
+        broker.cancel(&tag).await;
+        let finish = async { while workers.join_next().await.is_some() {} };
+        if tokio::time::timeout(shared.config.shutdown_timeout, finish)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = workers.len(),
+                "handlers still running at the shutdown timeout; giving their deliveries back"
+            );
+        }
+    }
+    workers.abort_all();
+    while workers.join_next().await.is_some() {}
+    metrics::gauge!("dispatch_in_flight").set(0.0);
+    broker.close().await;
+    ended
+}

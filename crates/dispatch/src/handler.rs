@@ -1,0 +1,110 @@
+//! What a consumer plugs in: a [`Handler`] that writes one message's effect
+//! inside the transaction the consumer opened (which also records the
+//! message in the inbox), and a [`HandlerError`] that says whose fault a
+//! failure is, because each kind is handled differently:
+//!
+//! | error         | meaning                                  | consumer does                          |
+//! |---------------|------------------------------------------|----------------------------------------|
+//! | `Poison`      | this message can never succeed           | dead-letters it now, with the reason   |
+//! | `Transient`   | this attempt failed, a later one may not | retries it later, counting a delivery  |
+//! | `Unavailable` | a dependency is down, not the message    | holds it and waits, counting nothing   |
+
+use std::future::Future;
+
+use lapin::BasicProperties;
+use tokio_postgres::Transaction;
+use uuid::Uuid;
+
+/// One delivery, as a handler sees it.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// The AMQP `message_id` (for outbox messages, the outbox row's UUID);
+    /// the inbox records it so a redelivery changes nothing.
+    pub message_id: Uuid,
+    pub body: Vec<u8>,
+    pub exchange: String,
+    pub routing_key: String,
+    /// Which delivery of the message this is, from 1. Counts earlier
+    /// transient failures and, on quorum queues, the broker's redeliveries
+    /// (a classic queue cannot tell how often a crashed consumer saw it).
+    pub delivery: u32,
+    /// Everything else the publisher set (content type, headers, timestamp).
+    pub properties: BasicProperties,
+}
+
+impl Incoming {
+    /// The content type without parameters (`application/json`), if set.
+    pub fn content_type(&self) -> Option<&str> {
+        self.properties
+            .content_type()
+            .as_ref()
+            .map(|t| t.as_str().split(';').next().unwrap_or("").trim())
+    }
+}
+
+/// Why a handler (or the consumer's own inbox write) failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandlerError {
+    /// The message is malformed or breaks a rule: retrying cannot help.
+    #[error("{0}")]
+    Poison(String),
+    /// This attempt failed (serialization failure, deadlock, timeout):
+    /// retry later; counts towards the delivery limit.
+    #[error("{0}")]
+    Transient(String),
+    /// The database (or another dependency) is down: wait and try the same
+    /// delivery again; never counts against the message.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Handles one message inside the consumer's transaction. The consumer has
+/// already recorded `message.message_id` in the inbox in `tx`, and commits
+/// `tx` only when this returns `Ok`; any error rolls everything back.
+///
+/// Implement it with a plain `async fn`; the future must be `Send` because
+/// handlers run concurrently on the runtime's threads.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        tx: &Transaction<'_>,
+        message: &Incoming,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+impl From<tokio_postgres::Error> for HandlerError {
+    /// Sorts a database error by SQLSTATE; see [`classify`].
+    fn from(error: tokio_postgres::Error) -> HandlerError {
+        classify(&error)
+    }
+}
+
+/// Default sorting of database errors: a lost connection or a server that
+/// cannot serve is `Unavailable`; bad data (class 22, NOT NULL and CHECK
+/// violations) is `Poison`; everything else, notably serialization failures
+/// and deadlocks (class 40), lock and statement timeouts, and unique
+/// violations (a concurrent writer won; a retry sees its row), is
+/// `Transient`. A handler that knows better maps errors itself.
+pub fn classify(error: &tokio_postgres::Error) -> HandlerError {
+    let line = outbox::error_line(error);
+    let io = std::error::Error::source(error).is_some_and(|s| s.is::<std::io::Error>());
+    let Some(code) = error.code().map(|c| c.code()) else {
+        return if error.is_closed() || io {
+            HandlerError::Unavailable(line)
+        } else {
+            HandlerError::Transient(line)
+        };
+    };
+    let unavailable = ["08", "53", "58"].iter().any(|class| code.starts_with(class))
+        // admin_shutdown, crash_shutdown, cannot_connect_now; a read-only
+        // standby after a failover.
+        || ["57P01", "57P02", "57P03", "25006"].contains(&code);
+    let poison = code.starts_with("22") || ["23502", "23514"].contains(&code);
+    if unavailable {
+        HandlerError::Unavailable(line)
+    } else if poison {
+        HandlerError::Poison(line)
+    } else {
+        HandlerError::Transient(line)
+    }
+}

@@ -1,0 +1,56 @@
+//! `dispatch`: the dispatch center's binary. It parses flags, wires signals
+//! to a cancellation token and reports errors in one line; the work lives
+//! in the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use dispatch::cli::{Cli, Command};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    outbox_relay::telemetry::init();
+    match try_main(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("dispatch: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn try_main(cli: Cli) -> anyhow::Result<()> {
+    dispatch::config::check_environment(std::env::vars())?;
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Migrate => dispatch::migrate::run(&cli.settings.database()?).await,
+        Command::Run => {
+            let config = cli.settings.validate()?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            dispatch::run(config, shutdown).await
+        }
+    }
+}
+
+/// SIGTERM or SIGINT: stop consuming, finish or give back the deliveries
+/// in hand, exit 0.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut stream) => stream.recv().await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<Option<()>>();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutdown requested");
+    shutdown.cancel();
+}

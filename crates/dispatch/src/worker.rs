@@ -1,0 +1,221 @@
+//! One delivery's life. Each ends in exactly one of: ack after commit (or
+//! after finding the message in the inbox), a confirmed copy in the retry
+//! or the dead-letter queue and then the ack, or no ack at all (given back
+//! at shutdown, or lost with the connection) so that it is redelivered.
+//!
+//! ```text
+//! parse ─ bad ──────────────────────────────────────────► dead-letter
+//!   └─ too many deliveries ─────────────────────────────► dead-letter
+//!   └─ inbox + handler in one transaction ─ ok ─────────► ack
+//!        ├─ poison ─────────────────────────────────────► dead-letter
+//!        ├─ transient ─ deliveries left ─► retry queue (backoff as TTL)
+//!        │             └─ none left ────────────────────► dead-letter
+//!        └─ unavailable ─► wait, same delivery again (counts nothing)
+//! ```
+//! A bad message leaves the queue at once (to the dead-letter or the retry
+//! queue), so it never occupies a prefetch slot while good ones wait.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use outbox_relay::backoff::Backoff;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::broker::{Publisher, delivery_number};
+use crate::consumer::ConsumerConfig;
+use crate::handler::{Handler, HandlerError, Incoming};
+use crate::health::Health;
+use crate::inbox::{Handled, Inbox};
+
+/// What the workers of all sessions share.
+pub struct Shared<H> {
+    pub handler: H,
+    pub pool: Pool,
+    pub inbox: Inbox,
+    pub config: ConsumerConfig,
+    pub health: Health,
+    pub shutdown: CancellationToken,
+}
+
+/// How a delivery ended, for the session.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Acked, or deliberately left unacked: nothing for the session to do.
+    Settled,
+    /// The broker failed under us: the session must reconnect.
+    BrokerFailed(String),
+}
+
+pub async fn process<H: Handler>(
+    shared: Arc<Shared<H>>,
+    publisher: Publisher,
+    delivery: Delivery,
+) -> Outcome {
+    let deliveries = delivery_number(&delivery);
+    let max = shared.config.max_deliveries;
+    let message = match incoming(&delivery, deliveries) {
+        Ok(message) => message,
+        Err(reason) => return dead_letter(&publisher, &delivery, deliveries, &reason).await,
+    };
+    if deliveries > max {
+        // A quorum queue counted redeliveries: the consumer died handling it.
+        let reason = format!("delivered {deliveries} times, more than the limit of {max}");
+        return dead_letter(&publisher, &delivery, deliveries, &reason).await;
+    }
+    let mut outage = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let started = Instant::now();
+        let result = shared
+            .inbox
+            .handle(&shared.pool, &shared.handler, &message)
+            .await;
+        metrics::histogram!("dispatch_handle_seconds").record(started.elapsed().as_secs_f64());
+        let reason = match result {
+            Ok(handled) => {
+                shared.health.database_up();
+                let outcome = match handled {
+                    Handled::Committed => "processed",
+                    Handled::Duplicate => "duplicate",
+                };
+                return ack(&delivery, outcome).await;
+            }
+            Err(HandlerError::Poison(reason)) => {
+                return dead_letter(&publisher, &delivery, deliveries, &reason).await;
+            }
+            Err(HandlerError::Transient(reason)) if deliveries >= max => {
+                let reason = format!("failed on delivery {deliveries} of {max}: {reason}");
+                return dead_letter(&publisher, &delivery, deliveries, &reason).await;
+            }
+            Err(HandlerError::Transient(reason)) => {
+                let delay = retry_delay(&shared.config, deliveries);
+                tracing::info!(
+                    message_id = %message.message_id,
+                    deliveries,
+                    ?delay,
+                    %reason,
+                    "transient failure; retrying later"
+                );
+                return match publisher.retry(&delivery, deliveries, delay, &reason).await {
+                    Ok(()) => ack(&delivery, "retried").await,
+                    Err(error) => Outcome::BrokerFailed(error),
+                };
+            }
+            Err(HandlerError::Unavailable(reason)) => reason,
+        };
+        shared.health.database_down(&reason);
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => {
+                // Unacked: the broker redelivers it when the channel closes.
+                metrics::counter!("dispatch_messages_total", "outcome" => "given_back").increment(1);
+                return Outcome::Settled;
+            }
+            _ = tokio::time::sleep(outage.next_delay()) => {}
+        }
+    }
+}
+
+/// The delivery as a handler sees it; `Err` (a reason) makes it poison.
+fn incoming(delivery: &Delivery, deliveries: u32) -> Result<Incoming, String> {
+    let id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .ok_or("no message_id: cannot be deduplicated")?;
+    let message_id = Uuid::parse_str(id.as_str())
+        .map_err(|_| format!("message_id `{}` is not a UUID", id.as_str()))?;
+    Ok(Incoming {
+        message_id,
+        body: delivery.data.clone(),
+        exchange: delivery.exchange.to_string(),
+        routing_key: delivery.routing_key.to_string(),
+        delivery: deliveries,
+        properties: delivery.properties.clone(),
+    })
+}
+
+/// `retry_base` doubled per earlier delivery, at most `retry_max`.
+fn retry_delay(config: &ConsumerConfig, deliveries: u32) -> Duration {
+    let doublings = deliveries.saturating_sub(1).min(20);
+    config
+        .retry_base
+        .saturating_mul(1 << doublings)
+        .min(config.retry_max)
+}
+
+async fn dead_letter(
+    publisher: &Publisher,
+    delivery: &Delivery,
+    deliveries: u32,
+    reason: &str,
+) -> Outcome {
+    tracing::warn!(
+        message_id = delivery.properties.message_id().as_ref().map_or("", |m| m.as_str()),
+        deliveries,
+        %reason,
+        "dead-lettering message"
+    );
+    match publisher.dead_letter(delivery, deliveries, reason).await {
+        Ok(()) => ack(delivery, "dead_lettered").await,
+        Err(error) => Outcome::BrokerFailed(error),
+    }
+}
+
+async fn ack(delivery: &Delivery, outcome: &'static str) -> Outcome {
+    match delivery.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => {
+            metrics::counter!("dispatch_messages_total", "outcome" => outcome).increment(1);
+            Outcome::Settled
+        }
+        // The channel closed under us: the broker redelivers the message,
+        // and the inbox (or the copy already made) absorbs the repeat.
+        Ok(false) => Outcome::BrokerFailed("channel closed before the ack".into()),
+        Err(error) => Outcome::BrokerFailed(format!("ack failed: {error}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::Topology;
+    use lapin::BasicProperties;
+
+    fn config() -> ConsumerConfig {
+        ConsumerConfig {
+            retry_base: Duration::from_millis(100),
+            retry_max: Duration::from_millis(700),
+            ..ConsumerConfig::new("amqp://localhost", Topology::named("ex", "q"))
+        }
+    }
+
+    #[test]
+    fn retry_delay_doubles_up_to_the_cap() {
+        let delays: Vec<u64> = (1..=5)
+            .map(|n| retry_delay(&config(), n).as_millis() as u64)
+            .collect();
+        assert_eq!(delays, [100, 200, 400, 700, 700]);
+        assert_eq!(retry_delay(&config(), u32::MAX).as_millis(), 700);
+    }
+
+    fn with_id(id: Option<&str>) -> Delivery {
+        let mut delivery = Delivery::mock(1, "ex".into(), "".into(), false, b"{}".to_vec());
+        if let Some(id) = id {
+            delivery.properties = BasicProperties::default().with_message_id(id.into());
+        }
+        delivery
+    }
+
+    #[test]
+    fn message_id_must_be_a_uuid() {
+        let id = Uuid::new_v4().to_string();
+        assert_eq!(
+            incoming(&with_id(Some(&id)), 1).map(|m| m.message_id.to_string()),
+            Ok(id)
+        );
+        assert!(incoming(&with_id(None), 1).is_err_and(|e| e.contains("no message_id")));
+        assert!(incoming(&with_id(Some("42")), 1).is_err_and(|e| e.contains("not a UUID")));
+    }
+}
