@@ -27,10 +27,11 @@ use crate::maintenance;
 use crate::marker::{Mark, Marker};
 use crate::store::{Claimed, Store};
 
-/// A writer whose wake-up probe ran while we drained commits a moment
-/// later; one more claim this long after going idle catches it (the sweep
-/// catches anything slower).
-const IDLE_RECHECK: Duration = Duration::from_millis(25);
+/// A writer whose wake-up probe ran while we drained sent no NOTIFY and
+/// commits a moment later (one WAL flush). After a drain that found work the
+/// relay claims again after each of these delays; the sweep catches
+/// anything slower.
+const IDLE_RECHECKS: [Duration; 2] = [Duration::from_millis(3), Duration::from_millis(25)];
 /// How often an idle listener's connection is proven alive.
 const PROBE_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -103,7 +104,8 @@ impl Relay {
     async fn run(&mut self, shutdown: &CancellationToken) {
         let mut next_sweep = Instant::now();
         let mut last_probe = Instant::now();
-        let mut recheck = false;
+        // Index into IDLE_RECHECKS of the next re-check, if one is due.
+        let mut recheck: Option<usize> = None;
         loop {
             let reconnected = self.ensure_listener().await;
             let now = Instant::now();
@@ -111,8 +113,8 @@ impl Relay {
                 // LISTEN first, then drain: anything committed while no one
                 // listened is claimed now.
                 Duration::ZERO
-            } else if recheck {
-                IDLE_RECHECK
+            } else if let Some(step) = recheck {
+                IDLE_RECHECKS[step]
             } else {
                 next_sweep
                     .saturating_duration_since(now)
@@ -127,7 +129,9 @@ impl Relay {
                     tracing::warn!("wake-up listener lost; reconnecting");
                     self.listener = None;
                 }
-                Woken::TimedOut if !reconnected && !recheck && Instant::now() < next_sweep => {
+                Woken::TimedOut
+                    if !reconnected && recheck.is_none() && Instant::now() < next_sweep =>
+                {
                     // Only the probe timer fired.
                     if last_probe.elapsed() >= PROBE_INTERVAL {
                         last_probe = Instant::now();
@@ -143,7 +147,7 @@ impl Relay {
             match self.drain(shutdown).await {
                 Ok(claimed) => {
                     self.outage_backoff.reset();
-                    recheck = claimed && self.config.mode == Mode::Notify;
+                    recheck = next_recheck(recheck, claimed, self.config.mode);
                 }
                 Err(outage) => self.wait_out(outage, shutdown).await,
             }
@@ -373,6 +377,19 @@ impl Relay {
     }
 }
 
+/// After a drain: start the re-checks when it found work, else move on to
+/// the next one, until they run out (poll mode has only the sweep).
+fn next_recheck(current: Option<usize>, claimed: bool, mode: Mode) -> Option<usize> {
+    if mode == Mode::Poll {
+        return None;
+    }
+    match (claimed, current) {
+        (true, _) => Some(0),
+        (false, Some(step)) if step + 1 < IDLE_RECHECKS.len() => Some(step + 1),
+        (false, _) => None,
+    }
+}
+
 async fn wait_for_wake(listener: Option<&mut Listener>, timeout: Duration) -> Woken {
     match listener {
         Some(listener) => listener.wait(timeout).await,
@@ -391,4 +408,19 @@ fn relay_id() -> String {
         std::process::id(),
         rand::random::<u16>()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rechecks_follow_work_and_run_out() {
+        assert_eq!(next_recheck(None, true, Mode::Notify), Some(0));
+        assert_eq!(next_recheck(Some(0), false, Mode::Notify), Some(1));
+        assert_eq!(next_recheck(Some(1), false, Mode::Notify), None);
+        assert_eq!(next_recheck(Some(1), true, Mode::Notify), Some(0));
+        assert_eq!(next_recheck(None, false, Mode::Notify), None);
+        assert_eq!(next_recheck(None, true, Mode::Poll), None);
+    }
 }

@@ -1,0 +1,107 @@
+//! Flags. Every measuring subcommand takes the same connection flags and
+//! works in its own database, exchange and queue, so runs never share state.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "outbox-bench", version, about)]
+/// Measures the outbox relay against the machine's PostgreSQL and RabbitMQ.
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Backlog drain: insert N rows with no relay running, start one relay
+    /// and time it until every row is confirmed; then time a bare lapin
+    /// publish-and-confirm loop of N messages for comparison.
+    Drain(DrainArgs),
+    /// Latency at a steady write rate: commit → consumer received, and the
+    /// relay's own enqueue → confirm histogram, per wake-up mode.
+    Latency(LatencyArgs),
+    /// The write-path cost of the wake-up trigger. For now this runs
+    /// `scripts/write-path-bench.sh` (pgbench, interleaved on/off pairs) from
+    /// the source checkout, passing every argument through; see
+    /// `outbox-bench write-path --help`.
+    #[command(disable_help_flag = true)]
+    WritePath {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Where to run and what to leave behind.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// PostgreSQL URL of a role that may create databases; each run creates
+    /// its own database there and drops it at the end.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
+    pub postgres_url: String,
+
+    /// RabbitMQ URL; each run declares its own exchange and queue.
+    #[arg(long, default_value = outbox_relay::config::DEFAULT_AMQP_URL)]
+    pub amqp_url: String,
+
+    /// Keep the database, exchange and queue (the queue still expires after
+    /// 5 idle minutes).
+    #[arg(long)]
+    pub keep: bool,
+
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DrainArgs {
+    /// Rows waiting in the outbox when the relay starts.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub backlog: u32,
+
+    /// Publishes awaiting a confirm at once (the relay's max_in_flight, and
+    /// the bare loop's window).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub window: u32,
+
+    /// Rows the relay claims per query.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: u32,
+
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Args)]
+pub struct LatencyArgs {
+    /// Messages per second, all writers together.
+    #[arg(long, default_value_t = 200.0)]
+    pub rate: f64,
+
+    /// Seconds of writing per mode.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub duration: u64,
+
+    /// Writer tasks, each with its own connection; each message is its own
+    /// autocommit `SELECT outbox.enqueue(...)`.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub writers: u32,
+
+    /// `all` runs notify, then poll with a 1000 ms sweep, then poll with 5000 ms.
+    #[arg(long, value_enum, default_value_t = ModeChoice::All)]
+    pub mode: ModeChoice,
+
+    /// The relay's sweep interval for `--mode notify|poll` [default: 1000].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub sweep_ms: Option<u64>,
+
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeChoice {
+    All,
+    Notify,
+    Poll,
+}

@@ -1,0 +1,210 @@
+//! `drain`: how fast one relay empties a backlog, next to how fast a bare
+//! lapin loop publishes the same messages with the same window of confirms.
+//!
+//! The backlog is inserted with no relay running (no listener has announced
+//! itself, so the wake-up trigger never notifies). The relay phase is timed
+//! from the relay's start until no row is pending; rows are marked right
+//! after their confirm, so that is "all confirmed" give or take one mark batch.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Confirmation};
+use tokio_postgres::Client;
+
+use crate::cli::DrainArgs;
+use crate::setup::{self, Fixture, Relay};
+
+/// An order-confirmation-sized JSON payload.
+const PAYLOAD: &[u8] = br#"{"orderId":1234567,"userName":"bench-user","context":"outbox-bench drain backlog","num":7}"#;
+const INSERT_CHUNK: u32 = 10_000;
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What one run measured.
+pub struct DrainResult {
+    pub backlog: u32,
+    pub window: u32,
+    pub batch: u32,
+    pub payload_bytes: usize,
+    pub insert_seconds: f64,
+    pub relay_seconds: f64,
+    /// Messages in the queue after the relay phase (should equal the backlog).
+    pub relay_queued: u32,
+    pub bare_seconds: f64,
+    pub bare_queued: u32,
+}
+
+pub async fn run(args: DrainArgs) -> anyhow::Result<()> {
+    let result =
+        setup::with_fixture(&args.common, async |fixture| measure(fixture, &args).await).await?;
+    crate::report::print_drain(&result, args.common.json);
+    Ok(())
+}
+
+async fn measure(fixture: &Fixture, args: &DrainArgs) -> anyhow::Result<DrainResult> {
+    let client = fixture.connect_db().await?;
+    let insert_seconds = insert_backlog(&client, &fixture.exchange, args.backlog).await?;
+    let relay_seconds = drain_with_relay(fixture, &client, args).await?;
+    let relay_queued = fixture.queued().await?;
+    fixture.purge().await?;
+    let bare_seconds = bare_publish(fixture, args).await?;
+    let bare_queued = fixture.queued().await?;
+    Ok(DrainResult {
+        backlog: args.backlog,
+        window: args.window,
+        batch: args.batch,
+        payload_bytes: PAYLOAD.len(),
+        insert_seconds,
+        relay_seconds,
+        relay_queued,
+        bare_seconds,
+        bare_queued,
+    })
+}
+
+/// Inserts `backlog` rows in chunks; returns the seconds it took.
+async fn insert_backlog(client: &Client, exchange: &str, backlog: u32) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut inserted = 0;
+    while inserted < backlog {
+        let chunk = INSERT_CHUNK.min(backlog - inserted);
+        client
+            .execute(
+                "INSERT INTO outbox.messages (exchange, routing_key, payload) \
+                 SELECT $1, '', $2 FROM generate_series(1, $3::int)",
+                &[&exchange, &PAYLOAD, &(chunk as i32)],
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("inserting the backlog: {}", outbox::error_line(&e)))?;
+        inserted += chunk;
+    }
+    // Planner statistics, as autovacuum would have them for a backlog that
+    // built up during an outage.
+    client.batch_execute("ANALYZE outbox.messages").await?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+async fn drain_with_relay(
+    fixture: &Fixture,
+    client: &Client,
+    args: &DrainArgs,
+) -> anyhow::Result<f64> {
+    let settings = outbox_relay::Settings {
+        database_url: Some(fixture.db_url.clone()),
+        amqp_url: Some(fixture.amqp_url.clone()),
+        max_in_flight: Some(args.window),
+        batch_size: Some(args.batch),
+        ..outbox_relay::Settings::default()
+    };
+    let started = Instant::now();
+    let mut relay = Relay::start(settings)?;
+    let mut last_progress = Instant::now();
+    loop {
+        tokio::time::sleep(POLL_INTERVAL).await;
+        relay.check_running().await?;
+        // EXISTS stops at the first pending row and uses the pending-rows
+        // index, so polling every 20 ms costs the relay next to nothing.
+        let pending: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM outbox.messages \
+                 WHERE published_at IS NULL AND dead_at IS NULL)",
+                &[],
+            )
+            .await?
+            .get(0);
+        if !pending {
+            break;
+        }
+        if last_progress.elapsed() >= PROGRESS_INTERVAL {
+            last_progress = Instant::now();
+            // The queue depth costs the database nothing (a count(*) of
+            // pending rows would compete with the relay's claims).
+            eprintln!(
+                "drain: relay {:5.1} s, {} of {} in the queue",
+                started.elapsed().as_secs_f64(),
+                fixture.queued().await?,
+                args.backlog
+            );
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    relay.stop().await?;
+    let dead: i64 = client
+        .query_one(
+            "SELECT count(*) FROM outbox.messages WHERE dead_at IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if dead > 0 {
+        bail!("{dead} messages died during the drain; the figures would mean nothing");
+    }
+    Ok(seconds)
+}
+
+/// Publishes `backlog` messages (mandatory, persistent) with at most
+/// `window` confirms outstanding on one channel; returns the seconds from
+/// the first publish to the last confirm.
+async fn bare_publish(fixture: &Fixture, args: &DrainArgs) -> anyhow::Result<f64> {
+    let connection = setup::connect_amqp(&fixture.amqp_url).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let window = args.window as usize;
+    let mut in_flight = FuturesUnordered::new();
+    let started = Instant::now();
+    let mut last_progress = Instant::now();
+    for published in 0..args.backlog {
+        if in_flight.len() >= window
+            && let Some(confirmation) = in_flight.next().await
+        {
+            check(confirmation)?;
+        }
+        let properties = BasicProperties::default()
+            .with_message_id(uuid::Uuid::new_v4().to_string().into())
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        let confirm = channel
+            .basic_publish(
+                fixture.exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                PAYLOAD,
+                properties,
+            )
+            .await
+            .context("bare publish")?;
+        in_flight.push(confirm);
+        if last_progress.elapsed() >= PROGRESS_INTERVAL {
+            last_progress = Instant::now();
+            eprintln!(
+                "drain: bare  {:5.1} s, {published} of {} published",
+                started.elapsed().as_secs_f64(),
+                args.backlog
+            );
+        }
+    }
+    while let Some(confirmation) = in_flight.next().await {
+        check(confirmation)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let _ = connection.close(200, "bench done".into()).await;
+    Ok(seconds)
+}
+
+fn check(confirmation: lapin::Result<Confirmation>) -> anyhow::Result<()> {
+    match confirmation.context("bare publish confirm")? {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(_)) => bail!("bare publish was returned as unroutable"),
+        Confirmation::Nack(_) => bail!("bare publish was nacked"),
+        Confirmation::NotRequested => bail!("bare channel is not in confirm mode"),
+    }
+}

@@ -1,0 +1,48 @@
+//! `outbox-bench`: measures the relay against real servers and prints
+//! figures (tables, or JSON with `--json`). The binary parses flags and
+//! reports errors; each measurement lives in its own module.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+mod capture;
+mod cli;
+mod drain;
+mod latency;
+mod report;
+mod setup;
+mod write_path;
+
+use cli::{Cli, Command};
+
+/// The relay's warnings are part of what a run shows; its info lines are not.
+const DEFAULT_LOG_FILTER: &str = "warn,lapin=off,refinery_core=warn";
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match try_main(cli).await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("outbox-bench: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Drain(args) => drain::run(args).await?,
+        Command::Latency(args) => latency::run(args).await?,
+        Command::WritePath { args } => return write_path::run(&args),
+    }
+    Ok(ExitCode::SUCCESS)
+}

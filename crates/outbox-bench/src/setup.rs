@@ -1,0 +1,268 @@
+//! What a run needs and leaves nothing of: a fresh database with the outbox
+//! schema, a fanout exchange with a durable queue bound to it (the queue
+//! expires on its own should a run die before deleting it), and relays
+//! started in this process.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions, QueuePurgeOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::cli::Common;
+
+const AMQP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// An unused queue is deleted by RabbitMQ after this long.
+const QUEUE_EXPIRES_MS: i32 = 300_000;
+const RELAY_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One run's database and broker names.
+pub struct Fixture {
+    pub db_url: String,
+    pub amqp_url: String,
+    pub exchange: String,
+    pub queue: String,
+    /// Keeps the declaring connection for purges and counts.
+    channel: Channel,
+    connection: Connection,
+}
+
+/// Creates a fixture, runs `body` on it and removes the fixture again
+/// (unless `--keep`), whether `body` succeeded, failed or was interrupted
+/// with Ctrl-C.
+pub async fn with_fixture<T>(
+    common: &Common,
+    body: impl AsyncFnOnce(&Fixture) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let id = Uuid::new_v4().simple().to_string();
+    let db_name = format!("outbox_bench_{id}");
+    let admin = connect(&common.postgres_url).await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db_name}"))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot create a database: {}", outbox::error_line(&e)))?;
+    let db_url = with_dbname(&common.postgres_url, &db_name);
+
+    let result = async {
+        let mut client = connect(&db_url).await?;
+        outbox::migrate(&mut client).await?;
+        let connection = connect_amqp(&common.amqp_url).await?;
+        let channel = connection.create_channel().await?;
+        let fixture = Fixture {
+            db_url: db_url.clone(),
+            amqp_url: common.amqp_url.clone(),
+            exchange: format!("outbox_bench_ex_{id}"),
+            queue: format!("outbox_bench_q_{id}"),
+            channel,
+            connection,
+        };
+        fixture.declare().await?;
+        let result = tokio::select! {
+            result = body(&fixture) => result,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        };
+        let removed = fixture.remove(common.keep).await;
+        let value = result?;
+        removed?;
+        Ok(value)
+    }
+    .await;
+
+    if common.keep {
+        eprintln!("kept database {db_name}");
+    } else {
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot drop {db_name}: {}", outbox::error_line(&e)))?;
+    }
+    result
+}
+
+impl Fixture {
+    pub async fn connect_db(&self) -> anyhow::Result<Client> {
+        connect(&self.db_url).await
+    }
+
+    async fn declare(&self) -> anyhow::Result<()> {
+        self.channel
+            .exchange_declare(
+                self.exchange.as_str().into(),
+                ExchangeKind::Fanout,
+                // Gone with its last binding, i.e. when the queue goes.
+                ExchangeDeclareOptions {
+                    auto_delete: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .context("cannot declare the bench exchange")?;
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-expires".into(), AMQPValue::LongInt(QUEUE_EXPIRES_MS));
+        self.channel
+            .queue_declare(
+                self.queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                arguments,
+            )
+            .await
+            .context("cannot declare the bench queue")?;
+        self.channel
+            .queue_bind(
+                self.queue.as_str().into(),
+                self.exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context("cannot bind the bench queue")?;
+        Ok(())
+    }
+
+    /// Messages ready in the queue.
+    pub async fn queued(&self) -> anyhow::Result<u32> {
+        let queue = self
+            .channel
+            .queue_declare(
+                self.queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(queue.message_count())
+    }
+
+    pub async fn purge(&self) -> anyhow::Result<()> {
+        self.channel
+            .queue_purge(self.queue.as_str().into(), QueuePurgeOptions::default())
+            .await?;
+        Ok(())
+    }
+
+    async fn remove(self, keep: bool) -> anyhow::Result<()> {
+        if keep {
+            eprintln!("kept exchange {} and queue {}", self.exchange, self.queue);
+        } else {
+            self.channel
+                .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+            self.channel
+                .exchange_delete(
+                    self.exchange.as_str().into(),
+                    ExchangeDeleteOptions::default(),
+                )
+                .await?;
+        }
+        let _ = self.connection.close(200, "bench done".into()).await;
+        Ok(())
+    }
+}
+
+/// A relay running in this process.
+pub struct Relay {
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Relay {
+    pub fn start(settings: outbox_relay::Settings) -> anyhow::Result<Relay> {
+        let config = settings.validate()?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(outbox_relay::run(config, shutdown.clone()));
+        Ok(Relay { shutdown, task })
+    }
+
+    /// Fails when the relay has stopped on its own (it only does at start,
+    /// on bad settings or unreachable servers).
+    pub async fn check_running(&mut self) -> anyhow::Result<()> {
+        if !self.task.is_finished() {
+            return Ok(());
+        }
+        (&mut self.task).await??;
+        bail!("the relay stopped on its own")
+    }
+
+    /// Cancels it and waits for its clean exit.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(RELAY_STOP_TIMEOUT, self.task)
+            .await
+            .context("the relay did not stop within 30 s")??
+    }
+}
+
+/// A PostgreSQL connection whose driver runs on a background task.
+pub async fn connect(url: &str) -> anyhow::Result<Client> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {}", outbox::error_line(&e)))?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// A RabbitMQ connection, bounded in time (lapin can hang on a rejected login).
+pub async fn connect_amqp(url: &str) -> anyhow::Result<Connection> {
+    tokio::time::timeout(
+        AMQP_CONNECT_TIMEOUT,
+        Connection::connect(url, ConnectionProperties::default()),
+    )
+    .await
+    .context("cannot connect to RabbitMQ: timed out")?
+    .context("cannot connect to RabbitMQ")
+}
+
+/// Replaces the database name (the URL's path) of a PostgreSQL URL.
+pub fn with_dbname(url: &str, dbname: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[authority_start..]
+        .find('/')
+        .map_or(base.len(), |i| authority_start + i);
+    format!("{}/{dbname}{query}", &base[..path_start])
+}
+
+/// The 1-minute load average, to tell a quiet machine from a busy one.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dbname_replaces_or_adds_the_path() {
+        assert_eq!(
+            with_dbname("postgres://u@h:5432", "b"),
+            "postgres://u@h:5432/b"
+        );
+        assert_eq!(
+            with_dbname("postgres://u@h/postgres?sslmode=disable", "b"),
+            "postgres://u@h/b?sslmode=disable"
+        );
+    }
+}
