@@ -28,29 +28,9 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Run => {
             let config = cli.settings.validate()?;
             let shutdown = CancellationToken::new();
-            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            // Stop consuming, finish or give back the deliveries in hand.
+            outbox_relay::shutdown::cancel_on_signal(shutdown.clone());
             dispatch::run(config, shutdown).await
         }
     }
-}
-
-/// SIGTERM or SIGINT: stop consuming, finish or give back the deliveries
-/// in hand, exit 0.
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    #[cfg(unix)]
-    let terminate = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut stream) => stream.recv().await,
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<Option<()>>();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
-    }
-    tracing::info!("shutdown requested");
-    shutdown.cancel();
 }

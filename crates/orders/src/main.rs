@@ -48,23 +48,7 @@ async fn try_main(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.http_addr))?;
     let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        signal.cancel();
-    });
-    #[cfg(unix)]
-    {
-        let signal = shutdown.clone();
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            tokio::spawn(async move {
-                term.recv().await;
-                signal.cancel();
-            });
-        }
-    }
+    outbox_relay::shutdown::cancel_on_signal(shutdown.clone());
     let state = AppState {
         pool,
         exchange: args.exchange,

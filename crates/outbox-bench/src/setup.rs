@@ -17,6 +17,8 @@ use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use outbox_relay::db::with_dbname;
+
 use crate::cli::Common;
 
 const AMQP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -227,19 +229,6 @@ pub async fn connect_amqp(url: &str) -> anyhow::Result<Connection> {
     .context("cannot connect to RabbitMQ")
 }
 
-/// Replaces the database name (the URL's path) of a PostgreSQL URL.
-pub fn with_dbname(url: &str, dbname: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, format!("?{query}")),
-        None => (url, String::new()),
-    };
-    let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let path_start = base[authority_start..]
-        .find('/')
-        .map_or(base.len(), |i| authority_start + i);
-    format!("{}/{dbname}{query}", &base[..path_start])
-}
-
 /// The 1-minute load average, to tell a quiet machine from a busy one.
 pub fn load_average() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg")
@@ -248,21 +237,4 @@ pub fn load_average() -> Option<f64> {
         .next()?
         .parse()
         .ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dbname_replaces_or_adds_the_path() {
-        assert_eq!(
-            with_dbname("postgres://u@h:5432", "b"),
-            "postgres://u@h:5432/b"
-        );
-        assert_eq!(
-            with_dbname("postgres://u@h/postgres?sslmode=disable", "b"),
-            "postgres://u@h/b?sslmode=disable"
-        );
-    }
 }

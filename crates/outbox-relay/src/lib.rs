@@ -14,6 +14,7 @@ pub mod marker;
 pub mod migrate;
 pub mod pg_tls;
 pub mod relay;
+pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 
