@@ -394,8 +394,14 @@ async fn a_killed_relay_process_is_taken_over_and_nothing_is_lost() {
 
     let mut second = spawn_relay_process(&db, &lease);
     wait_all_published(&client, ARRIVAL).await;
-    let _ = second.kill();
-    let _ = second.wait();
+    // SIGTERM: a clean stop, exit code 0.
+    let term = Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success());
+    let exit = second.wait().expect("wait for relay");
+    assert!(exit.success(), "relay exited with {exit} on SIGTERM");
 
     let mut received: Vec<Uuid> = ids_of(&early);
     received.extend(ids_of(
