@@ -100,7 +100,11 @@ impl Store {
         // message_id (consumers deduplicate), a lost attempt retries once
         // more. Two fsyncs per batch were the relay's throughput ceiling.
         let mut target = target.clone();
-        target.config.options("-c synchronous_commit=off");
+        let options = match target.config.get_options() {
+            Some(given) => format!("{given} -c synchronous_commit=off"),
+            None => "-c synchronous_commit=off".to_string(),
+        };
+        target.config.options(&options);
         let store = Store {
             pool: db::pool(&target, 4).await?,
             relay_id: relay_id.to_string(),
