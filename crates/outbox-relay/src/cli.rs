@@ -24,6 +24,14 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Publish outbox rows until SIGTERM or SIGINT.
     Run(Box<RunArgs>),
+    /// Counts by state and by exchange, the oldest pending age, dead letters, listening relays.
+    Status(crate::commands::status::StatusArgs),
+    /// List, show, requeue or discard dead letters.
+    Dead(crate::commands::dead::DeadArgs),
+    /// Publish already-published messages again, with the same message_id.
+    Replay(crate::commands::replay::ReplayArgs),
+    /// List messages published but never processed, from the consumer's inbox.
+    Reconcile(crate::commands::reconcile::ReconcileArgs),
 }
 
 #[derive(Debug, Args)]

@@ -6,6 +6,7 @@ pub mod alert;
 pub mod amqp;
 pub mod backoff;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod db;
 pub mod listener;

@@ -28,6 +28,10 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate(args) => outbox_relay::migrate::run(args).await,
         Command::Run(args) => run(*args).await,
+        Command::Status(args) => outbox_relay::commands::status::run(args).await,
+        Command::Dead(args) => outbox_relay::commands::dead::run(args).await,
+        Command::Replay(args) => outbox_relay::commands::replay::run(args).await,
+        Command::Reconcile(args) => outbox_relay::commands::reconcile::run(args).await,
     }
 }
 
