@@ -2,10 +2,12 @@
 //! Everything here talks to the real PostgreSQL and RabbitMQ; the harness
 //! (`harness/`) gives each test its own database and broker names.
 
+mod commands;
 mod dispatch;
 mod docker;
 mod enqueue;
 mod migrate;
 mod orders;
 mod relay;
+mod roles;
 mod wake;

@@ -26,7 +26,7 @@ async fn migrating_an_empty_database_twice_applies_once() {
     let mut client = db.connect().await;
 
     let first = outbox::migrate(&mut client).await.expect("first migrate");
-    assert_eq!(first, vec!["V1__outbox".to_string()]);
+    assert_eq!(first, ["V1__outbox", "V3__roles"]);
     let second = outbox::migrate(&mut client).await.expect("second migrate");
     assert!(second.is_empty(), "second run applied {second:?}");
 
@@ -49,7 +49,10 @@ async fn concurrent_migrations_both_succeed() {
     let (ra, rb) = tokio::join!(outbox::migrate(&mut a), outbox::migrate(&mut b));
     let mut applied = [ra.expect("a"), rb.expect("b")];
     applied.sort();
-    assert_eq!(applied, [vec![], vec!["V1__outbox".to_string()]]);
+    assert_eq!(
+        applied,
+        [vec![], vec!["V1__outbox".to_string(), "V3__roles".into()]]
+    );
 }
 
 #[tokio::test]
@@ -79,7 +82,7 @@ async fn psql_installs_the_same_schema_and_migrate_then_adopts_it() {
     let applied = outbox::migrate(&mut client)
         .await
         .expect("migrate after psql");
-    assert_eq!(applied, vec!["V1__outbox".to_string()]);
+    assert_eq!(applied, ["V1__outbox", "V3__roles"]);
     let kept: i64 = client
         .query_one(
             "SELECT count(*) FROM outbox.messages WHERE message_id = $1",

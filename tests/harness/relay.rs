@@ -64,3 +64,34 @@ pub fn spawn_relay_process(db: &TestDb, env: &[(&str, &str)]) -> Child {
     }
     command.spawn().expect("spawn outbox-relay")
 }
+
+/// `outbox-relay ARGS` (an operator command) on the database at `url`.
+pub async fn relay_command(url: &str, args: &[&str]) -> CommandOutput {
+    let output = tokio::process::Command::new(workspace_binary("outbox-relay"))
+        .args(args)
+        .env("OUTBOX_DATABASE_URL", url)
+        .output()
+        .await
+        .expect("run outbox-relay");
+    CommandOutput {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// What a command printed and how it exited.
+#[derive(Debug)]
+pub struct CommandOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CommandOutput {
+    /// Stdout, after checking the exit code.
+    pub fn expect_code(&self, code: i32) -> &str {
+        assert_eq!(self.code, Some(code), "{self:#?}");
+        &self.stdout
+    }
+}

@@ -1,0 +1,341 @@
+//! The operator commands (`status`, `dead`, `replay`, `reconcile`) run as
+//! the binary against real databases, with dead letters a real relay made
+//! (unroutable messages) and a real dispatch consumer's inbox.
+
+use std::collections::HashSet;
+
+use ::dispatch::Settings as DispatchSettings;
+use lapin::ExchangeKind;
+use outbox_relay::Settings;
+use outbox_tests::broker::{Topology, message_id};
+use outbox_tests::dispatch::{PATIENCE, RunningDispatch, count, topology, wait_until};
+use outbox_tests::relay::{RunningRelay, relay_command, test_settings};
+use outbox_tests::*;
+use serde_json::{Value, json};
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+/// Enqueues `n` messages `{"seq": i}` (with `ordering_key` when given).
+async fn enqueue(
+    client: &Client,
+    exchange: &str,
+    routing_key: &str,
+    n: usize,
+    ordering_key: Option<&str>,
+) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    for seq in 0..n {
+        let id = client
+            .query_one(
+                "SELECT outbox.enqueue($1, $2, $3::jsonb, '{}', $4)",
+                &[&exchange, &routing_key, &json!({"seq": seq}), &ordering_key],
+            )
+            .await
+            .expect("enqueue")
+            .get(0);
+        ids.push(id);
+    }
+    ids
+}
+
+async fn wait_for_count(db: &TestDb, sql: &str, expected: i64) {
+    wait_until(&format!("{sql} = {expected}"), || async {
+        count(db, sql).await == expected
+    })
+    .await;
+}
+
+const DEAD: &str = "SELECT count(*) FROM outbox.dead_letters";
+const PUBLISHED: &str = "SELECT count(*) FROM outbox.messages WHERE published_at IS NOT NULL";
+
+/// A relay that gives up after one attempt, so unroutable messages die at once.
+async fn impatient_relay(db: &TestDb) -> RunningRelay {
+    RunningRelay::start(Settings {
+        max_attempts: Some(1),
+        ..test_settings(db)
+    })
+    .await
+}
+
+fn exchange<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["exchanges"]
+        .as_array()
+        .and_then(|all| all.iter().find(|e| e["exchange"] == name))
+        .unwrap_or_else(|| panic!("no exchange {name} in {status:#}"))
+}
+
+#[tokio::test]
+async fn status_counts_by_state_and_exchange_with_real_dead_letters() {
+    let db = TestDb::with_outbox().await;
+    let good = Topology::fanout().await;
+    let unroutable = Topology::new(ExchangeKind::Direct, "bound").await;
+    let relay = impatient_relay(&db).await;
+    let client = db.connect().await;
+    enqueue(&client, &good.exchange, "", 3, None).await;
+    enqueue(&client, &unroutable.exchange, "nobody", 2, None).await;
+    assert_eq!(good.receive(3, PATIENCE).await.len(), 3);
+    wait_for_count(&db, DEAD, 2).await;
+    wait_for_count(&db, PUBLISHED, 3).await;
+    wait_until("status sees the listening relay", || async {
+        let out = relay_command(&db.url, &["status", "--json"]).await;
+        serde_json::from_str::<Value>(out.expect_code(0)).expect("json")["relays_listening"] == 1
+    })
+    .await;
+    relay.stop().await;
+
+    // Waiting while no relay runs; one of them already failed once.
+    let waiting = enqueue(&client, &good.exchange, "", 2, None).await;
+    client
+        .execute(
+            "UPDATE outbox.messages SET attempts = 1, last_error = 'nack' WHERE message_id = $1",
+            &[&waiting[0]],
+        )
+        .await
+        .expect("fail once");
+
+    let out = relay_command(&db.url, &["status", "--json"]).await;
+    let status: Value = serde_json::from_str(out.expect_code(0)).expect("status json");
+    let totals =
+        ["pending", "in_flight", "retrying", "published", "dead"].map(|k| status[k].clone());
+    assert_eq!(totals, [2, 0, 1, 3, 2].map(|n| json!(n)), "{status:#}");
+    assert_eq!(status["relays_listening"], 0);
+    assert!(status["oldest_pending_seconds"].as_f64() > Some(0.0));
+    let g = exchange(&status, &good.exchange);
+    assert_eq!(
+        (&g["pending"], &g["published"], &g["dead"]),
+        (&json!(2), &json!(3), &json!(0))
+    );
+    let u = exchange(&status, &unroutable.exchange);
+    assert_eq!((&u["pending"], &u["dead"]), (&json!(0), &json!(2)));
+    assert_eq!(u["oldest_pending_seconds"], 0.0);
+
+    let out = relay_command(&db.url, &["status"]).await;
+    let text = out.expect_code(0);
+    assert!(
+        text.contains("dead       2  -> outbox-relay dead list"),
+        "{text}"
+    );
+    assert!(text.contains(&unroutable.exchange), "{text}");
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_shown_requeued_and_discarded() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::new(ExchangeKind::Direct, "bound").await;
+    let relay = impatient_relay(&db).await;
+    let client = db.connect().await;
+    let ids = enqueue(&client, &topology.exchange, "later", 3, None).await;
+    wait_for_count(&db, DEAD, 3).await;
+
+    let out = relay_command(&db.url, &["dead", "list", "--json"]).await;
+    let letters: Vec<Value> = out
+        .expect_code(0)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("json line"))
+        .collect();
+    assert_eq!(letters.len(), 3);
+    for letter in &letters {
+        assert_eq!(letter["attempts"], 1);
+        assert!(letter["last_error"].as_str().is_some_and(|e| !e.is_empty()));
+    }
+    let first = ids[0].to_string();
+    let out = relay_command(&db.url, &["dead", "show", &first]).await;
+    let text = out.expect_code(0);
+    assert!(
+        text.contains(&first) && text.contains("\"seq\": 0"),
+        "{text}"
+    );
+    let row_id: i64 = client
+        .query_one(
+            "SELECT id FROM outbox.messages WHERE message_id = $1",
+            &[&ids[0]],
+        )
+        .await
+        .expect("row id")
+        .get(0);
+    let out = relay_command(&db.url, &["dead", "show", &row_id.to_string(), "--json"]).await;
+    let shown: Value = serde_json::from_str(out.expect_code(0)).expect("show json");
+    assert_eq!(shown["message_id"], first);
+    assert_eq!(shown["payload_text"], "{\"seq\": 0}");
+
+    // The cause is fixed: the routing key now reaches a queue.
+    topology.bind("later").await;
+    let out = relay_command(&db.url, &["dead", "requeue", &row_id.to_string()]).await;
+    assert!(
+        out.expect_code(0).contains("1 dead letter(s) requeued"),
+        "{out:#?}"
+    );
+    let out = relay_command(&db.url, &["dead", "discard", &ids[2].to_string()]).await;
+    assert!(
+        out.expect_code(0).contains("1 dead letter(s) deleted"),
+        "{out:#?}"
+    );
+    let out = relay_command(&db.url, &["dead", "requeue", "--all"]).await;
+    assert!(out.expect_code(0).contains(&ids[1].to_string()), "{out:#?}");
+
+    let arrived: HashSet<Uuid> = topology
+        .receive(2, PATIENCE)
+        .await
+        .iter()
+        .map(message_id)
+        .collect();
+    assert_eq!(arrived, HashSet::from([ids[0], ids[1]]));
+    wait_for_count(&db, PUBLISHED, 2).await;
+    let fresh = count(
+        &db,
+        "SELECT count(*) FROM outbox.messages WHERE attempts = 0 AND published_at IS NOT NULL",
+    )
+    .await;
+    assert_eq!(fresh, 2, "requeue resets attempts");
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox.messages").await,
+        2,
+        "discarded row is gone"
+    );
+
+    // Anything that is not a dead letter is left alone, and said so.
+    let out = relay_command(&db.url, &["dead", "requeue", &first]).await;
+    out.expect_code(1);
+    assert!(
+        out.stderr.contains("not dead letters, left alone"),
+        "{out:#?}"
+    );
+    relay_command(&db.url, &["dead", "discard", &ids[2].to_string()])
+        .await
+        .expect_code(1);
+    relay_command(&db.url, &["dead", "show", &first])
+        .await
+        .expect_code(1);
+    let out = relay_command(&db.url, &["dead", "list"]).await;
+    assert!(out.expect_code(0).contains("no dead letters"));
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn replay_publishes_published_messages_again_with_the_same_id() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    let relay = RunningRelay::start(test_settings(&db)).await;
+    let client = db.connect().await;
+    let mut ids = enqueue(&client, &topology.exchange, "", 3, None).await;
+    let keyed = enqueue(&client, &topology.exchange, "", 2, Some("order-7")).await;
+    ids.extend(&keyed);
+    assert_eq!(topology.receive(5, PATIENCE).await.len(), 5);
+    wait_for_count(&db, PUBLISHED, 5).await;
+
+    let one = ids[1].to_string();
+    let out = relay_command(&db.url, &["replay", "--id", &one, "--dry-run"]).await;
+    assert!(out.expect_code(0).contains("would replay 1"), "{out:#?}");
+    assert_eq!(count(&db, PUBLISHED).await, 5, "a dry run changes nothing");
+
+    relay_command(&db.url, &["replay", "--id", &one])
+        .await
+        .expect_code(0);
+    let again = topology.receive(1, PATIENCE).await;
+    assert_eq!(again.iter().map(message_id).collect::<Vec<_>>(), [ids[1]]);
+    wait_for_count(&db, PUBLISHED, 5).await;
+
+    let out = relay_command(&db.url, &["replay", "--since", "1h"]).await;
+    assert!(
+        out.expect_code(0).contains("5 message(s) published since"),
+        "{out:#?}"
+    );
+    let replayed: Vec<Uuid> = topology
+        .receive(5, PATIENCE)
+        .await
+        .iter()
+        .map(message_id)
+        .collect();
+    assert_eq!(
+        replayed.iter().collect::<HashSet<_>>(),
+        ids.iter().collect::<HashSet<_>>()
+    );
+    let position = |id: &Uuid| replayed.iter().position(|r| r == id);
+    assert!(
+        position(&keyed[0]) < position(&keyed[1]),
+        "per-key order kept"
+    );
+    wait_for_count(&db, PUBLISHED, 5).await;
+
+    let unknown = Uuid::new_v4().to_string();
+    let out = relay_command(&db.url, &["replay", "--id", &unknown]).await;
+    out.expect_code(1);
+    assert!(out.stderr.contains("no longer kept"), "{out:#?}");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn reconcile_finds_a_message_deleted_from_the_inbox_and_replay_repairs_it() {
+    let orders_db = TestDb::with_outbox().await;
+    let dispatch_db = TestDb::empty().await;
+    ::dispatch::migrate(&mut dispatch_db.connect().await)
+        .await
+        .expect("migrate dispatch");
+    let settings: DispatchSettings = outbox_tests::dispatch::test_settings(&dispatch_db);
+    let names = topology(&settings);
+    let consumer = RunningDispatch::start(settings).await;
+    let relay = RunningRelay::start(test_settings(&orders_db)).await;
+    let client = orders_db.connect().await;
+    let mut ids = Vec::new();
+    for order_id in 1..=5 {
+        let order =
+            json!({"orderId": order_id, "userName": "zhang", "context": "noodles", "num": 1});
+        let message = outbox::Message::json(&names.exchange, "", &order).expect("message");
+        ids.push(outbox::enqueue(&client, &message).await.expect("enqueue"));
+    }
+    const INBOX: &str = "SELECT count(*) FROM dispatch.inbox";
+    wait_for_count(&dispatch_db, INBOX, 5).await;
+    wait_for_count(&orders_db, PUBLISHED, 5).await;
+
+    let reconcile = async |extra: &[&str]| {
+        let mut args = vec![
+            "reconcile",
+            "--dispatch-database-url",
+            &dispatch_db.url,
+            "--until",
+            "0",
+        ];
+        args.extend(extra);
+        relay_command(&orders_db.url, &args).await
+    };
+    let out = reconcile(&[]).await;
+    assert!(out.expect_code(0).contains("0 of 5 message(s)"), "{out:#?}");
+
+    // Lost downstream, on purpose.
+    dispatch_db
+        .connect()
+        .await
+        .execute(
+            "DELETE FROM dispatch.inbox WHERE message_id = $1",
+            &[&ids[2]],
+        )
+        .await
+        .expect("delete from inbox");
+    let out = reconcile(&[]).await;
+    assert!(out.expect_code(1).contains(&ids[2].to_string()), "{out:#?}");
+    assert!(
+        out.stderr
+            .contains("1 of 5 published message(s) were never processed"),
+        "{out:#?}"
+    );
+    let out = reconcile(&["--json"]).await;
+    let report: Value = serde_json::from_str(out.expect_code(1)).expect("json");
+    assert_eq!(report["checked"], 5);
+    assert_eq!(report["unprocessed"][0]["message_id"], ids[2].to_string());
+    let out = reconcile(&["--exchange", "some_other_exchange"]).await;
+    assert!(out.expect_code(0).contains("0 of 0"), "{out:#?}");
+
+    // What reconcile suggests repairs it: the consumer processes it again.
+    relay_command(&orders_db.url, &["replay", "--id", &ids[2].to_string()])
+        .await
+        .expect_code(0);
+    wait_for_count(&dispatch_db, INBOX, 5).await;
+    wait_for_count(&orders_db, PUBLISHED, 5).await;
+    reconcile(&[]).await.expect_code(0);
+    assert_eq!(
+        count(&dispatch_db, "SELECT count(*) FROM dispatch.deliveries").await,
+        5
+    );
+    relay.stop().await;
+    consumer.stop().await;
+}

@@ -1,0 +1,185 @@
+//! Least privilege: the relay, an enqueuing app and the dispatch consumer
+//! run as ordinary roles given their rights by `outbox.grant_relay`,
+//! `outbox.grant_writer` and `dispatch.grant_consumer` (sql/*/V3__roles.sql),
+//! work, and are refused anything outside their own schema.
+
+use outbox_relay::Settings;
+use outbox_tests::broker::Topology;
+use outbox_tests::dispatch::{PATIENCE, Publisher, RunningDispatch, count, topology, wait_until};
+use outbox_tests::relay::{RunningRelay, relay_command, test_settings};
+use outbox_tests::*;
+use tokio_postgres::Client;
+
+/// A login role that exists for one test; declare it before the databases
+/// it is granted on, so it is dropped after them.
+struct TestRole {
+    name: String,
+}
+
+impl TestRole {
+    async fn create(prefix: &str) -> TestRole {
+        let name = unique_name(prefix);
+        connect(&admin_url())
+            .await
+            .batch_execute(&format!("CREATE ROLE {name} LOGIN PASSWORD 'test'"))
+            .await
+            .expect("create role");
+        TestRole { name }
+    }
+
+    /// `db`'s URL with this role as the user.
+    fn url(&self, db: &TestDb) -> String {
+        let host_and_path = db
+            .url
+            .split_once('@')
+            .map_or(db.url.as_str(), |(_, rest)| rest);
+        format!("postgres://{}:test@{host_and_path}", self.name)
+    }
+}
+
+impl Drop for TestRole {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let admin = connect(&admin_url()).await;
+                let _ = admin
+                    .batch_execute(&format!("DROP ROLE IF EXISTS {name}"))
+                    .await;
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Runs `sql` and expects PostgreSQL to refuse it for lack of privilege.
+async fn refused(client: &Client, sql: &str) {
+    let error = client
+        .batch_execute(sql)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("`{sql}` was allowed"));
+    let code = error.code().map(|c| c.code().to_string());
+    assert_eq!(code.as_deref(), Some("42501"), "`{sql}`: {error}");
+}
+
+#[tokio::test]
+async fn relay_works_under_its_role_and_is_refused_outside_outbox() {
+    let relay_role = TestRole::create("relay").await;
+    let writer_role = TestRole::create("writer").await;
+    let db = TestDb::with_outbox().await;
+    let owner = db.connect().await;
+    owner
+        .batch_execute(&format!(
+            "CREATE TABLE public.orders (id bigint PRIMARY KEY); \
+             SELECT outbox.grant_relay('{}'); SELECT outbox.grant_writer('{}'); \
+             SELECT outbox.grant_relay('{}')",
+            relay_role.name, writer_role.name, relay_role.name
+        ))
+        .await
+        .expect("grant (twice: idempotent)");
+
+    // The app enqueues as the writer, keyless and keyed.
+    let topology = Topology::fanout().await;
+    let writer = connect(&writer_role.url(&db)).await;
+    for key in [None, Some("k"), Some("k")] {
+        writer
+            .query_one(
+                "SELECT outbox.enqueue($1, '', '{\"a\": 1}', '{}', $2)",
+                &[&topology.exchange, &key],
+            )
+            .await
+            .expect("enqueue as writer");
+    }
+    refused(&writer, "SELECT payload FROM outbox.messages").await;
+    refused(&writer, "UPDATE outbox.messages SET attempts = 0").await;
+    refused(&writer, "SELECT * FROM public.orders").await;
+
+    let relay = RunningRelay::start(Settings {
+        database_url: Some(relay_role.url(&db)),
+        ..test_settings(&db)
+    })
+    .await;
+    assert_eq!(topology.receive(3, PATIENCE).await.len(), 3);
+    wait_until("all 3 are marked published", || async {
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.messages WHERE published_at IS NOT NULL",
+        )
+        .await
+            == 3
+    })
+    .await;
+    relay.stop().await;
+    for command in [
+        &["status"][..],
+        &["dead", "list"],
+        &["replay", "--since", "1h", "--dry-run"],
+    ] {
+        relay_command(&relay_role.url(&db), command)
+            .await
+            .expect_code(0);
+    }
+
+    let as_relay = connect(&relay_role.url(&db)).await;
+    for sql in [
+        "SELECT * FROM public.orders",
+        "CREATE TABLE public.mine (id int)",
+        "CREATE SCHEMA mine",
+        "CREATE TABLE outbox.mine (id int)",
+        "INSERT INTO outbox.messages (exchange, payload) VALUES ('x', '')",
+        "DROP TABLE outbox.messages",
+        "TRUNCATE outbox.messages",
+        "DELETE FROM outbox.schema_history",
+    ] {
+        refused(&as_relay, sql).await;
+    }
+    let out = relay_command(&relay_role.url(&db), &["migrate"]).await;
+    out.expect_code(1);
+    assert!(out.stderr.contains("permission denied"), "{out:#?}");
+}
+
+#[tokio::test]
+async fn dispatch_consumes_under_its_role_and_is_refused_anything_else() {
+    let consumer_role = TestRole::create("consumer").await;
+    let db = TestDb::empty().await;
+    let mut owner = db.connect().await;
+    ::dispatch::migrate(&mut owner)
+        .await
+        .expect("migrate as owner");
+    owner
+        .batch_execute(&format!(
+            "CREATE TABLE public.secrets (id int); SELECT dispatch.grant_consumer('{}')",
+            consumer_role.name
+        ))
+        .await
+        .expect("grant");
+
+    // Its start-up migration finds the schema current and changes nothing.
+    let mut settings = outbox_tests::dispatch::test_settings(&db);
+    settings.database_url = Some(consumer_role.url(&db));
+    let names = topology(&settings);
+    let consumer = RunningDispatch::start(settings).await;
+    let publisher = Publisher::new(&names.exchange).await;
+    publisher.order(7).await;
+    wait_until("the order is delivered", || async {
+        count(&db, "SELECT count(*) FROM dispatch.deliveries").await == 1
+    })
+    .await;
+    consumer.stop().await;
+
+    let as_consumer = connect(&consumer_role.url(&db)).await;
+    for sql in [
+        "SELECT * FROM public.secrets",
+        "CREATE TABLE dispatch.mine (id int)",
+        "CREATE SCHEMA mine",
+        "DROP TABLE dispatch.inbox",
+        "DELETE FROM dispatch.schema_history",
+    ] {
+        refused(&as_consumer, sql).await;
+    }
+}
