@@ -22,4 +22,12 @@ fn compose_file_is_accepted_by_docker_compose() {
     for service in ["postgres:", "rabbitmq:", "orders:", "relay:", "dispatch:"] {
         assert!(config.contains(service), "service {service} missing");
     }
+    // Least privilege: only postgres-init.sql runs as the superuser.
+    assert!(!config.contains("postgres:postgres@"), "{config}");
+    for url in [
+        "OUTBOX_DATABASE_URL: postgres://outbox_relay:",
+        "DISPATCH_DATABASE_URL: postgres://dispatch_consumer:",
+    ] {
+        assert!(config.contains(url), "{url} missing");
+    }
 }
