@@ -39,20 +39,7 @@ impl TestRole {
 
 impl Drop for TestRole {
     fn drop(&mut self) {
-        let name = self.name.clone();
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                let admin = connect(&admin_url()).await;
-                let _ = admin
-                    .batch_execute(&format!("DROP ROLE IF EXISTS {name}"))
-                    .await;
-            });
-        });
-        let _ = cleanup.join();
+        cleanup(format!("DROP ROLE IF EXISTS {}", self.name));
     }
 }
 

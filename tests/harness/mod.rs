@@ -67,23 +67,28 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        // Drop runs outside async code; a short-lived thread with its own
-        // runtime does the cleanup without blocking the test's runtime.
-        let name = self.name.clone();
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                let admin = connect(&admin_url()).await;
-                let _ = admin
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await;
-            });
-        });
-        let _ = cleanup.join();
+        cleanup(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
     }
+}
+
+/// Runs `sql` as the admin from a `Drop`, ignoring failure. Drop runs
+/// outside async code; a short-lived thread with its own runtime does the
+/// cleanup without blocking the test's runtime.
+pub fn cleanup(sql: String) {
+    let cleanup = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let admin = connect(&admin_url()).await;
+            let _ = admin.batch_execute(&sql).await;
+        });
+    });
+    let _ = cleanup.join();
 }
 
 /// A connection whose driver runs on a background task.
