@@ -8,6 +8,11 @@
 #   on     trigger `wake_relay` enabled, as installed by sql/outbox/V1__outbox.sql
 #   naive  (--naive only) wake_relay disabled and a plain per-row pg_notify
 #          trigger instead, for contrast: what a NOTIFY on every commit costs
+#   capture (--capture only) the transaction INSERTs the order and nothing
+#          else; outbox.capture() on `orders` enqueues the message from a
+#          trigger (wake_relay enabled): what zero-code adoption costs
+#   bare   (--capture only) the same order INSERT with no capture: the app's
+#          write path before it adopted the outbox at all
 # During every run a relay is draining: by default a stand-in (a second
 # pgbench that claims and marks up to 1,000 rows about 500 times a second
 # between outbox.begin_drain() and outbox.end_drain()), or with
@@ -34,7 +39,8 @@
 #   --relay '(echo "SELECT outbox.begin_drain();"; sleep 3600) | psql -X -q "$OUTBOX_DATABASE_URL"'
 #
 #   scripts/write-path-bench.sh [--db NAME] [--clients N] [--jobs N]
-#       [--seconds N] [--pairs N] [--naive] [--relay "COMMAND" | --no-relay]
+#       [--seconds N] [--pairs N] [--naive] [--capture]
+#       [--relay "COMMAND" | --no-relay]
 #       [--json FILE]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +56,7 @@ JOBS=2
 SECONDS_PER_RUN=8
 PAIRS=5
 NAIVE=no
+CAPTURE=no
 RELAY_MODE=stand-in # stand-in | command | none
 RELAY_COMMAND=
 JSON_FILE=
@@ -73,6 +80,7 @@ parse_args() {
       --seconds) SECONDS_PER_RUN="$2"; shift 2 ;;
       --pairs) PAIRS="$2"; shift 2 ;;
       --naive) NAIVE=yes; shift ;;
+      --capture) CAPTURE=yes; shift ;;
       --relay) RELAY_MODE=command; RELAY_COMMAND="$2"; shift 2 ;;
       --no-relay) RELAY_MODE=none; shift ;;
       --json) JSON_FILE="$2"; shift 2 ;;
@@ -112,7 +120,10 @@ create_database() {
   psql -X -q -v ON_ERROR_STOP=1 -d postgres \
     -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" \
     -c "CREATE DATABASE $DB"
-  psql -X -q -v ON_ERROR_STOP=1 -d "$DB" -f sql/outbox/V1__outbox.sql >/dev/null
+  local migration
+  for migration in $(printf '%s\n' sql/outbox/V*__*.sql | sort -V); do
+    psql -X -q -v ON_ERROR_STOP=1 -d "$DB" -f "$migration" >/dev/null
+  done
   sql "CREATE TABLE orders (
          id        bigint PRIMARY KEY,
          user_name text,
@@ -133,6 +144,12 @@ create_database() {
              FOR EACH ROW EXECUTE FUNCTION public.naive_notify();
          ALTER TABLE outbox.messages DISABLE TRIGGER naive_notify;"
   fi
+  if [[ $CAPTURE == yes ]]; then
+    # The same message as the explicit enqueue carries: the order as JSON.
+    sql "SELECT outbox.capture('orders', 'order_confirm_fanoutExchange', '',
+                               operations => '{insert}');
+         ALTER TABLE orders DISABLE TRIGGER outbox_capture;" >/dev/null
+  fi
 }
 
 write_scripts() {
@@ -146,6 +163,14 @@ INSERT INTO orders (id, user_name, context, num)
 SELECT outbox.enqueue('order_confirm_fanoutExchange', '',
   jsonb_build_object('orderId', :order_id::bigint, 'userName', 'user' || :client_id::int,
                      'context', 'pgbench order', 'num', :num::int));
+COMMIT;
+EOF
+  # The same transaction when a capture trigger writes the message.
+  cat >"$WORK/writer-capture.sql" <<'EOF'
+\set num random(1, 10)
+BEGIN;
+INSERT INTO orders (id, user_name, context, num)
+  VALUES (nextval('order_ids'), 'user' || :client_id::int, 'pgbench order', :num::int);
 COMMIT;
 EOF
   # A relay that is draining: holds the drain lock in shared mode while it
@@ -162,15 +187,21 @@ EOF
 
 # ---------------------------------------------------------------- one run
 
-select_variant() { # off | on | naive
-  local wake=DISABLE naive=DISABLE
+select_variant() { # off | on | naive | capture
+  local wake=DISABLE naive=DISABLE capture=DISABLE
+  WRITER="$WORK/writer.sql"
   case "$1" in
     on) wake=ENABLE ;;
     naive) naive=ENABLE ;;
+    capture) wake=ENABLE capture=ENABLE WRITER="$WORK/writer-capture.sql" ;;
+    bare) WRITER="$WORK/writer-capture.sql" ;;
   esac
   sql "ALTER TABLE outbox.messages $wake TRIGGER wake_relay"
   if [[ $NAIVE == yes ]]; then
     sql "ALTER TABLE outbox.messages $naive TRIGGER naive_notify"
+  fi
+  if [[ $CAPTURE == yes ]]; then
+    sql "ALTER TABLE orders $capture TRIGGER outbox_capture"
   fi
 }
 
@@ -251,7 +282,7 @@ run_once() { # variant label -> prints one line, appends to the result arrays
   start_listener "$notify_log"
   start_relay "$relay_log"
   if ! pgbench -n -M prepared -c "$CLIENTS" -j "$JOBS" -T "$SECONDS_PER_RUN" \
-    -f "$WORK/writer.sql" "$DB" >"$log" 2>&1; then
+    -f "$WRITER" "$DB" >"$log" 2>&1; then
     echo "write-path-bench: pgbench failed in run $label:" >&2
     cat "$log" >&2
     exit 1
@@ -280,6 +311,7 @@ run_once() { # variant label -> prints one line, appends to the result arrays
 run_pairs() {
   local variants=(off on) order pair v
   [[ $NAIVE == yes ]] && variants+=(naive)
+  [[ $CAPTURE == yes ]] && variants+=(capture bare)
   for ((pair = 1; pair <= PAIRS; pair++)); do
     # Odd pairs run the variants in order, even pairs in reverse, so slow
     # drift (a build next door, caches warming) hits each variant alike.
@@ -312,10 +344,10 @@ notifies_of() { # variant -> all its wake-up counts
   return 0
 }
 
-ratios_of() { # variant -> its per-pair ratio to off
-  local pair
+ratios_of() { # variant [base] -> its per-pair ratio to base (default off)
+  local pair base="${2:-off}"
   for ((pair = 1; pair <= PAIRS; pair++)); do
-    divide "${PAIR_TPS[$pair.$1]}" "${PAIR_TPS[$pair.off]}"
+    divide "${PAIR_TPS[$pair.$1]}" "${PAIR_TPS[$pair.$base]}"
     echo
   done
 }
@@ -323,8 +355,9 @@ ratios_of() { # variant -> its per-pair ratio to off
 summarize() {
   local v
   declare -gA MEDIAN_TPS MEDIAN_NOTIFIES
-  for v in off on naive; do
+  for v in off on naive capture bare; do
     [[ $v == naive && $NAIVE == no ]] && continue
+    [[ $v == @(capture|bare) && $CAPTURE == no ]] && continue
     # shellcheck disable=SC2046 # word splitting wanted: one figure per word
     MEDIAN_TPS[$v]=$(median $(tps_of "$v"))
     # shellcheck disable=SC2046
@@ -336,6 +369,14 @@ summarize() {
     mapfile -t NAIVE_RATIOS < <(ratios_of naive)
     RATIO_NAIVE=$(median "${NAIVE_RATIOS[@]}")
   fi
+  if [[ $CAPTURE == yes ]]; then
+    mapfile -t CAPTURE_RATIOS < <(ratios_of capture)
+    RATIO_CAPTURE=$(median "${CAPTURE_RATIOS[@]}")
+    mapfile -t CAPTURE_ON_RATIOS < <(ratios_of capture on)
+    RATIO_CAPTURE_ON=$(median "${CAPTURE_ON_RATIOS[@]}")
+    mapfile -t CAPTURE_BARE_RATIOS < <(ratios_of capture bare)
+    RATIO_CAPTURE_BARE=$(median "${CAPTURE_BARE_RATIOS[@]}")
+  fi
   if awk -v r="$RATIO_ON" -v p="$PASS_RATIO" 'BEGIN { exit !(r >= p) }'; then
     VERDICT=PASS
   else
@@ -344,11 +385,18 @@ summarize() {
 
   echo
   echo "median tps      off $(printf '%6s' "${MEDIAN_TPS[off]}")   on $(printf '%6s' "${MEDIAN_TPS[on]}")$(
-    [[ $NAIVE == yes ]] && printf '   naive %6s' "${MEDIAN_TPS[naive]}")"
+    [[ $NAIVE == yes ]] && printf '   naive %6s' "${MEDIAN_TPS[naive]}")$(
+    [[ $CAPTURE == yes ]] && printf '   capture %6s   bare %6s' "${MEDIAN_TPS[capture]}" "${MEDIAN_TPS[bare]}")"
   echo "median wake-ups per run: on ${MEDIAN_NOTIFIES[on]}$(
     [[ $NAIVE == yes ]] && printf ', naive %s' "${MEDIAN_NOTIFIES[naive]}")"
   echo "on/off per pair ${ON_RATIOS[*]}"
   [[ $NAIVE == yes ]] && echo "naive/off       ${NAIVE_RATIOS[*]}"
+  if [[ $CAPTURE == yes ]]; then
+    echo "capture/off     ${CAPTURE_RATIOS[*]}"
+    echo "capture/on      ${CAPTURE_ON_RATIOS[*]}"
+    echo "capture/bare    ${CAPTURE_BARE_RATIOS[*]}"
+    echo "median capture/off ratio $RATIO_CAPTURE, capture/on $RATIO_CAPTURE_ON, capture/bare $RATIO_CAPTURE_BARE"
+  fi
   echo "median on/off ratio $RATIO_ON$(
     [[ $NAIVE == yes ]] && printf ', median naive/off ratio %s' "$RATIO_NAIVE")"
   echo "verdict: $VERDICT (median on/off $RATIO_ON, pass at >= $PASS_RATIO)"
@@ -366,7 +414,8 @@ write_json() {
     echo "  \"clients\": $CLIENTS, \"jobs\": $JOBS, \"seconds\": $SECONDS_PER_RUN, \"pairs\": $PAIRS,"
     echo "  \"relay\": \"$RELAY_MODE\","
     echo "  \"median_tps\": {\"off\": ${MEDIAN_TPS[off]}, \"on\": ${MEDIAN_TPS[on]}$(
-      [[ $NAIVE == yes ]] && printf ', "naive": %s' "${MEDIAN_TPS[naive]}")},"
+      [[ $NAIVE == yes ]] && printf ', "naive": %s' "${MEDIAN_TPS[naive]}")$(
+      [[ $CAPTURE == yes ]] && printf ', "capture": %s, "bare": %s' "${MEDIAN_TPS[capture]}" "${MEDIAN_TPS[bare]}")},"
     echo "  \"median_wake_ups_per_run\": {\"on\": ${MEDIAN_NOTIFIES[on]}$(
       [[ $NAIVE == yes ]] && printf ', "naive": %s' "${MEDIAN_NOTIFIES[naive]}")},"
     echo "  \"on_off_ratios\": [$(IFS=,; echo "${ON_RATIOS[*]}" | sed 's/,/, /g')],"
@@ -374,6 +423,12 @@ write_json() {
     if [[ $NAIVE == yes ]]; then
       echo "  \"naive_off_ratios\": [$(IFS=,; echo "${NAIVE_RATIOS[*]}" | sed 's/,/, /g')],"
       echo "  \"median_naive_off_ratio\": $RATIO_NAIVE,"
+    fi
+    if [[ $CAPTURE == yes ]]; then
+      echo "  \"capture_off_ratios\": [$(IFS=,; echo "${CAPTURE_RATIOS[*]}" | sed 's/,/, /g')],"
+      echo "  \"median_capture_off_ratio\": $RATIO_CAPTURE,"
+      echo "  \"median_capture_on_ratio\": $RATIO_CAPTURE_ON,"
+      echo "  \"median_capture_bare_ratio\": $RATIO_CAPTURE_BARE,"
     fi
     echo "  \"pass_ratio\": $PASS_RATIO,"
     echo "  \"verdict\": \"$VERDICT\","

@@ -26,7 +26,7 @@ async fn migrating_an_empty_database_twice_applies_once() {
     let mut client = db.connect().await;
 
     let first = outbox::migrate(&mut client).await.expect("first migrate");
-    assert_eq!(first, ["V1__outbox", "V3__roles"]);
+    assert_eq!(first, ["V1__outbox", "V2__capture", "V3__roles"]);
     let second = outbox::migrate(&mut client).await.expect("second migrate");
     assert!(second.is_empty(), "second run applied {second:?}");
 
@@ -34,6 +34,7 @@ async fn migrating_an_empty_database_twice_applies_once() {
     assert_eq!(
         outbox_tables(&db).await,
         vec![
+            "outbox.captures",
             "outbox.dead_letters",
             "outbox.messages",
             "outbox.pending",
@@ -51,7 +52,7 @@ async fn concurrent_migrations_both_succeed() {
     applied.sort();
     assert_eq!(
         applied,
-        [vec![], vec!["V1__outbox".to_string(), "V3__roles".into()]]
+        [vec![], vec!["V1__outbox", "V2__capture", "V3__roles"]]
     );
 }
 
@@ -62,10 +63,13 @@ async fn psql_installs_the_same_schema_and_migrate_then_adopts_it() {
         return;
     }
     let db = TestDb::empty().await;
-    let sql = concat!(env!("CARGO_MANIFEST_DIR"), "/../sql/outbox/V1__outbox.sql");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../sql/outbox");
     for _ in 0..2 {
         let status = Command::new("psql")
-            .args([&db.url, "-q", "-v", "ON_ERROR_STOP=1", "-f", sql])
+            .args([&db.url, "-q", "-v", "ON_ERROR_STOP=1"])
+            .args(["-f", &format!("{dir}/V1__outbox.sql")])
+            .args(["-f", &format!("{dir}/V2__capture.sql")])
+            .args(["-f", &format!("{dir}/V3__roles.sql")])
             .status()
             .expect("run psql");
         assert!(status.success(), "psql -f failed");
@@ -82,7 +86,7 @@ async fn psql_installs_the_same_schema_and_migrate_then_adopts_it() {
     let applied = outbox::migrate(&mut client)
         .await
         .expect("migrate after psql");
-    assert_eq!(applied, ["V1__outbox", "V3__roles"]);
+    assert_eq!(applied, ["V1__outbox", "V2__capture", "V3__roles"]);
     let kept: i64 = client
         .query_one(
             "SELECT count(*) FROM outbox.messages WHERE message_id = $1",

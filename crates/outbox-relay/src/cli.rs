@@ -32,6 +32,8 @@ pub enum Command {
     Replay(crate::commands::replay::ReplayArgs),
     /// List messages published but never processed, from the consumer's inbox.
     Reconcile(crate::commands::reconcile::ReconcileArgs),
+    /// Publish an existing table's changes without touching the app: add, list, remove.
+    Capture(crate::capture::CaptureArgs),
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,7 @@
 pub mod alert;
 pub mod amqp;
 pub mod backoff;
+pub mod capture;
 pub mod cli;
 pub mod commands;
 pub mod config;

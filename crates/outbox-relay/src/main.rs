@@ -32,6 +32,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Dead(args) => outbox_relay::commands::dead::run(args).await,
         Command::Replay(args) => outbox_relay::commands::replay::run(args).await,
         Command::Reconcile(args) => outbox_relay::commands::reconcile::run(args).await,
+        Command::Capture(args) => outbox_relay::capture::run(args).await,
     }
 }
 

@@ -1,0 +1,250 @@
+//! `outbox-relay capture add|list|remove`: publish an existing table's
+//! changes without touching the app. The SQL functions of
+//! `sql/outbox/V2__capture.sql` do the work (and any language can call them);
+//! this is their command line, with one-line errors.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
+
+use crate::db;
+
+#[derive(Debug, Args)]
+pub struct CaptureArgs {
+    #[command(subcommand)]
+    pub action: CaptureAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaptureAction {
+    /// Attach a trigger to TABLE so its changes enqueue outbox messages in the
+    /// same transaction. Adding the same capture again changes nothing;
+    /// different options replace the table's capture.
+    Add(AddArgs),
+    /// List the captured tables and their options.
+    List(DatabaseArgs),
+    /// Detach the capture from TABLE: drops its trigger and its function,
+    /// leaving the table as it was. Removing twice is fine.
+    Remove(RemoveArgs),
+}
+
+/// Where the application database is.
+#[derive(Debug, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL of the application database (`postgres://user@host/db?sslmode=require`).
+    #[arg(long, env = "OUTBOX_DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// PEM file of the CA that signed the PostgreSQL server certificate.
+    #[arg(long, env = "OUTBOX_DATABASE_CA_FILE")]
+    pub database_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    /// The table, as SQL names it: `orders`, `shop.orders`, `"Orders"`.
+    pub table: String,
+
+    /// Exchange the messages go to.
+    #[arg(long)]
+    pub exchange: String,
+
+    /// Routing key template: text with `{op}` (insert, update, delete),
+    /// `{table}`, `{schema}` or `{COLUMN}` (the new row's value; the old
+    /// row's for deletes).
+    #[arg(long, default_value = "{table}.{op}")]
+    pub routing_key: String,
+
+    /// Ordering key template naming at least one column, e.g. `{id}` or
+    /// `order-{id}`: the changes of one key are published in commit order.
+    /// Without it messages are unordered and fully pipelined.
+    #[arg(long)]
+    pub ordering_key: Option<String>,
+
+    /// Operations to capture.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "insert,update,delete"
+    )]
+    pub operations: Vec<Operation>,
+
+    /// Publish only these columns (comma-separated) instead of the whole row.
+    #[arg(long, value_delimiter = ',')]
+    pub columns: Option<Vec<String>>,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RemoveArgs {
+    /// The table, as SQL names it.
+    pub table: String,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Operation {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Operation {
+    fn as_str(self) -> &'static str {
+        match self {
+            Operation::Insert => "insert",
+            Operation::Update => "update",
+            Operation::Delete => "delete",
+        }
+    }
+}
+
+pub async fn run(args: CaptureArgs) -> anyhow::Result<()> {
+    match args.action {
+        CaptureAction::Add(args) => add(args).await,
+        CaptureAction::List(args) => list(args).await,
+        CaptureAction::Remove(args) => remove(args).await,
+    }
+}
+
+async fn connect(args: &DatabaseArgs) -> anyhow::Result<Client> {
+    let target = db::parse_url(&args.database_url, args.database_ca_file.as_deref())?;
+    db::connect(&target).await
+}
+
+/// The table given as `$1`, schema-qualified whatever the search path.
+const QUALIFIED: &str = "(SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::text::regclass)";
+
+/// One line for a failed capture call; names the missing migration when
+/// that is the cause.
+fn explain(error: tokio_postgres::Error) -> anyhow::Error {
+    let line = outbox::error_line(&error);
+    if error.code() == Some(&SqlState::UNDEFINED_FUNCTION)
+        || error.code() == Some(&SqlState::UNDEFINED_TABLE) && line.contains("outbox.captures")
+    {
+        anyhow::anyhow!("{line} (is the outbox schema installed? run `outbox-relay migrate`)")
+    } else {
+        anyhow::anyhow!(line)
+    }
+}
+
+async fn add(args: AddArgs) -> anyhow::Result<()> {
+    let client = connect(&args.database).await?;
+    let operations: Vec<&str> = args.operations.iter().map(|op| op.as_str()).collect();
+    let row = client
+        .query_one(
+            &format!("SELECT outbox.capture($1::text::regclass, $2, $3, $4, $5, $6), {QUALIFIED}"),
+            &[
+                &args.table,
+                &args.exchange,
+                &args.routing_key,
+                &args.ordering_key,
+                &operations,
+                &args.columns,
+            ],
+        )
+        .await
+        .map_err(explain)
+        .with_context(|| format!("cannot capture {}", args.table))?;
+    let (changed, table): (bool, String) = (row.get(0), row.get(1));
+    if changed {
+        println!(
+            "capturing {table}: {} to exchange {:?}, routing key {:?}",
+            operations.join(", "),
+            args.exchange,
+            args.routing_key
+        );
+    } else {
+        println!("{table} is already captured with these options; nothing changed");
+    }
+    Ok(())
+}
+
+async fn list(args: DatabaseArgs) -> anyhow::Result<()> {
+    let client = connect(&args).await?;
+    let rows = client
+        .query(
+            "SELECT source, array_to_string(operations, ','), exchange, routing_key, \
+                    coalesce(ordering_key, '-'), \
+                    coalesce(array_to_string(columns, ','), 'whole row'), enabled \
+             FROM outbox.captures ORDER BY source",
+            &[],
+        )
+        .await
+        .map_err(explain)
+        .context("cannot list captures")?;
+    if rows.is_empty() {
+        println!("no table is captured");
+        return Ok(());
+    }
+    let header = [
+        "table",
+        "operations",
+        "exchange",
+        "routing key",
+        "ordering key",
+        "payload",
+        "enabled",
+    ];
+    let mut table: Vec<[String; 7]> = vec![header.map(String::from)];
+    for row in &rows {
+        let enabled: bool = row.get(6);
+        table.push([
+            row.get(0),
+            row.get(1),
+            row.get(2),
+            row.get(3),
+            row.get(4),
+            row.get(5),
+            if enabled {
+                "yes"
+            } else {
+                "no (trigger disabled)"
+            }
+            .to_string(),
+        ]);
+    }
+    let mut widths = [0; 7];
+    for line in &table {
+        for (width, cell) in widths.iter_mut().zip(line) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    for line in &table {
+        let cells: Vec<String> = line
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:width$}"))
+            .collect();
+        println!("{}", cells.join("  ").trim_end());
+    }
+    Ok(())
+}
+
+async fn remove(args: RemoveArgs) -> anyhow::Result<()> {
+    let client = connect(&args.database).await?;
+    let row = client
+        .query_one(
+            &format!("SELECT outbox.capture_remove($1::text::regclass), {QUALIFIED}"),
+            &[&args.table],
+        )
+        .await
+        .map_err(explain)
+        .with_context(|| format!("cannot remove the capture of {}", args.table))?;
+    let (removed, table): (bool, String) = (row.get(0), row.get(1));
+    if removed {
+        println!("stopped capturing {table}: its trigger and function are dropped");
+    } else {
+        println!("{table} was not captured; nothing changed");
+    }
+    Ok(())
+}

@@ -1,0 +1,468 @@
+//! Capture (`outbox.capture`, `outbox-relay capture add|list|remove`): an
+//! app table's INSERTs, UPDATEs and DELETEs arrive through the real relay
+//! and broker; rollbacks publish nothing; remove leaves the table as it was;
+//! bad input fails in one clear line.
+
+use std::collections::HashMap;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use lapin::ExchangeKind;
+use lapin::types::AMQPValue;
+use outbox_tests::broker::Topology;
+use outbox_tests::relay::{RunningRelay, test_settings};
+use outbox_tests::*;
+use serde_json::{Value, json};
+use tokio_postgres::Client;
+
+const ARRIVAL: Duration = Duration::from_secs(60);
+
+fn capture_cli(url: &str, args: &[&str]) -> Output {
+    Command::new(workspace_binary("outbox-relay"))
+        .arg("capture")
+        .args(args)
+        .env("OUTBOX_DATABASE_URL", url)
+        .output()
+        .expect("run outbox-relay capture")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Fails unless the command failed with exactly one line on stderr that
+/// contains `expected`.
+fn assert_fails_in_one_line(output: &Output, expected: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "must fail: {output:?}");
+    assert!(
+        stderr.contains(expected),
+        "expected {expected:?} in: {stderr}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+}
+
+async fn create_orders(client: &Client) {
+    client
+        .batch_execute(
+            "CREATE TABLE public.orders (id bigint PRIMARY KEY, user_name text, \
+             context text, num int)",
+        )
+        .await
+        .expect("create orders");
+}
+
+fn header(delivery: &lapin::message::Delivery, name: &str) -> String {
+    let headers = delivery.properties.headers().as_ref().expect("headers");
+    match headers.inner().get(name) {
+        Some(AMQPValue::LongString(value)) => value.to_string(),
+        other => panic!("header {name}: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn captured_changes_arrive_with_routing_keys_payloads_and_per_row_order() {
+    let db = TestDb::with_outbox().await;
+    let mut client = db.connect().await;
+    create_orders(&client).await;
+    let topology = Topology::new(ExchangeKind::Topic, "orders.#").await;
+
+    let added = capture_cli(
+        &db.url,
+        &[
+            "add",
+            "orders",
+            "--exchange",
+            &topology.exchange,
+            "--routing-key",
+            "orders.{op}.{user_name}",
+            "--ordering-key",
+            "order-{id}",
+        ],
+    );
+    assert!(added.status.success(), "{added:?}");
+    assert!(
+        stdout(&added).contains("capturing public.orders"),
+        "{added:?}"
+    );
+    let again = capture_cli(
+        &db.url,
+        &[
+            "add",
+            "public.orders",
+            "--exchange",
+            &topology.exchange,
+            "--routing-key",
+            "orders.{op}.{user_name}",
+            "--ordering-key",
+            "order-{id}",
+        ],
+    );
+    assert!(again.status.success(), "{again:?}");
+    assert!(stdout(&again).contains("nothing changed"), "{again:?}");
+    let listed = capture_cli(&db.url, &["list"]);
+    assert!(stdout(&listed).contains("public.orders"), "{listed:?}");
+    assert!(stdout(&listed).contains("order-{id}"), "{listed:?}");
+
+    // A rolled-back change leaves no message.
+    let tx = client.transaction().await.expect("begin");
+    tx.execute("INSERT INTO orders VALUES (99, 'ghost', 'never', 9)", &[])
+        .await
+        .expect("insert");
+    tx.rollback().await.expect("rollback");
+
+    // Order 1 and 2 change in interleaved transactions, order 3 in one
+    // statement with order 2's update.
+    let statements = [
+        "INSERT INTO orders VALUES (1, 'zhang', 'noodles', 1), (2, 'li', 'rice', 2)",
+        "UPDATE orders SET num = 10 WHERE id = 1",
+        "UPDATE orders SET num = 20 WHERE id = 2; INSERT INTO orders VALUES (3, 'wang', 'tea', 3)",
+        "UPDATE orders SET num = 11 WHERE id = 1",
+        "DELETE FROM orders WHERE id IN (1, 3)",
+    ];
+    for statement in statements {
+        client.batch_execute(statement).await.expect("app write");
+    }
+    let queued: i64 = client
+        .query_one("SELECT count(*) FROM outbox.messages", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        queued, 8,
+        "one message per changed row, none for the rollback"
+    );
+
+    let relay = RunningRelay::start(test_settings(&db)).await;
+    let mut deliveries = topology.receive(8, ARRIVAL).await;
+    deliveries.extend(topology.receive(1, Duration::from_millis(500)).await);
+    relay.stop().await;
+    assert_eq!(
+        deliveries.len(),
+        8,
+        "each change exactly once, nothing else"
+    );
+
+    let mut per_order: HashMap<i64, Vec<(String, Value)>> = HashMap::new();
+    for delivery in &deliveries {
+        assert_eq!(header(delivery, "table"), "public.orders");
+        let operation = header(delivery, "operation");
+        let body: Value = serde_json::from_slice(&delivery.data).expect("JSON body");
+        let row = if operation == "update" {
+            &body["new"]
+        } else {
+            &body
+        };
+        let id = row["id"].as_i64().expect("id");
+        let user = row["user_name"].as_str().expect("user_name");
+        assert_eq!(
+            delivery.routing_key.as_str(),
+            format!("orders.{operation}.{user}")
+        );
+        per_order.entry(id).or_default().push((operation, body));
+    }
+    let row = |id: i64, user: &str, context: &str, num: i64| json!({"id": id, "user_name": user, "context": context, "num": num});
+    let change = |old: Value, new: Value| json!({"old": old, "new": new});
+    assert_eq!(
+        per_order[&1],
+        vec![
+            ("insert".into(), row(1, "zhang", "noodles", 1)),
+            (
+                "update".into(),
+                change(
+                    row(1, "zhang", "noodles", 1),
+                    row(1, "zhang", "noodles", 10)
+                )
+            ),
+            (
+                "update".into(),
+                change(
+                    row(1, "zhang", "noodles", 10),
+                    row(1, "zhang", "noodles", 11)
+                )
+            ),
+            ("delete".into(), row(1, "zhang", "noodles", 11)),
+        ]
+    );
+    assert_eq!(
+        per_order[&2],
+        vec![
+            ("insert".into(), row(2, "li", "rice", 2)),
+            (
+                "update".into(),
+                change(row(2, "li", "rice", 2), row(2, "li", "rice", 20))
+            ),
+        ]
+    );
+    assert_eq!(
+        per_order[&3],
+        vec![
+            ("insert".into(), row(3, "wang", "tea", 3)),
+            ("delete".into(), row(3, "wang", "tea", 3)),
+        ]
+    );
+    let keys: Vec<String> = client
+        .query(
+            "SELECT DISTINCT ordering_key FROM outbox.messages ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("keys")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(keys, ["order-1", "order-2", "order-3"]);
+}
+
+#[tokio::test]
+async fn chosen_operations_and_columns_shape_the_message() {
+    let db = TestDb::with_outbox().await;
+    let client = db.connect().await;
+    create_orders(&client).await;
+    let changed: bool = client
+        .query_one(
+            "SELECT outbox.capture('orders', 'shop', '{schema}.{table}.{id}', \
+             operations => '{delete,insert}', columns => '{id,num}')",
+            &[],
+        )
+        .await
+        .expect("capture")
+        .get(0);
+    assert!(changed);
+    client
+        .batch_execute(
+            "INSERT INTO orders VALUES (7, 'zhang', 'noodles', 1); \
+             UPDATE orders SET num = 2; DELETE FROM orders",
+        )
+        .await
+        .expect("app writes");
+    let rows: Vec<(String, String, Value, Value, Option<String>)> = client
+        .query(
+            "SELECT exchange, routing_key, convert_from(payload, 'UTF8')::jsonb, headers, \
+                    ordering_key FROM outbox.messages ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("messages")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (
+                "shop".into(),
+                "public.orders.7".into(),
+                json!({"id": 7, "num": 1}),
+                json!({"table": "public.orders", "operation": "insert"}),
+                None
+            ),
+            (
+                "shop".into(),
+                "public.orders.7".into(),
+                json!({"id": 7, "num": 2}),
+                json!({"table": "public.orders", "operation": "delete"}),
+                None
+            ),
+        ],
+        "no update captured, only the chosen columns"
+    );
+}
+
+/// Names of the table's triggers and of every function in schema `outbox`.
+async fn footprint(client: &Client) -> (Vec<String>, Vec<String>) {
+    let triggers = client
+        .query(
+            "SELECT tgname::text FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass \
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("triggers")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let functions = client
+        .query(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p \
+             JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'outbox' ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("functions")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    (triggers, functions)
+}
+
+#[tokio::test]
+async fn remove_leaves_no_trigger_or_function_behind() {
+    let db = TestDb::with_outbox().await;
+    let client = db.connect().await;
+    create_orders(&client).await;
+    client
+        .batch_execute(
+            "CREATE FUNCTION public.touch() RETURNS trigger LANGUAGE plpgsql \
+             AS $$ BEGIN RETURN NEW; END $$; \
+             CREATE TRIGGER app_touch BEFORE UPDATE ON orders \
+             FOR EACH ROW EXECUTE FUNCTION public.touch()",
+        )
+        .await
+        .expect("the app's own trigger");
+    let before = footprint(&client).await;
+
+    let added = capture_cli(&db.url, &["add", "orders", "--exchange", "shop"]);
+    assert!(added.status.success(), "{added:?}");
+    let during = footprint(&client).await;
+    assert_eq!(during.0, ["app_touch", "outbox_capture"]);
+    assert_eq!(during.1.len(), before.1.len() + 1, "one generated function");
+
+    let removed = capture_cli(&db.url, &["remove", "orders"]);
+    assert!(removed.status.success(), "{removed:?}");
+    assert!(stdout(&removed).contains("stopped capturing public.orders"));
+    assert_eq!(footprint(&client).await, before, "exactly as it was");
+    let again = capture_cli(&db.url, &["remove", "orders"]);
+    assert!(again.status.success(), "{again:?}");
+    assert!(stdout(&again).contains("was not captured"), "{again:?}");
+
+    client
+        .batch_execute("INSERT INTO orders VALUES (1, 'zhang', 'noodles', 1)")
+        .await
+        .expect("insert after remove");
+    let queued: i64 = client
+        .query_one("SELECT count(*) FROM outbox.messages", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(queued, 0, "nothing captured after remove");
+    assert!(stdout(&capture_cli(&db.url, &["list"])).contains("no table is captured"));
+}
+
+#[tokio::test]
+async fn bad_templates_and_options_fail_in_one_clear_line() {
+    let db = TestDb::with_outbox().await;
+    create_orders(&db.connect().await).await;
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--routing-key", "orders.{nope}"],
+            "table orders has no column \"nope\"",
+        ),
+        (&["--routing-key", "orders.{op"], "has an unmatched \"{\""),
+        (&["--ordering-key", "id"], "names no column"),
+        (&["--columns", "id,secret"], "has no column \"secret\""),
+        (&[], "relation \"missing\" does not exist"),
+    ];
+    for (extra, expected) in cases {
+        let table = if extra.is_empty() {
+            "missing"
+        } else {
+            "orders"
+        };
+        let mut args = vec!["add", table, "--exchange", "shop"];
+        args.extend_from_slice(extra);
+        assert_fails_in_one_line(&capture_cli(&db.url, &args), expected);
+    }
+    let client = db.connect().await;
+    let error = client
+        .query_one(
+            "SELECT outbox.capture('orders', 'shop', operations => '{insert,upsert}')",
+            &[],
+        )
+        .await
+        .expect_err("an unknown operation");
+    assert!(
+        outbox::error_line(&error)
+            .contains("operations must be some of insert, update, delete (got insert, upsert)"),
+        "{error:?}"
+    );
+    let triggers: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'orders'::regclass",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(triggers, 0, "a rejected capture attaches nothing");
+}
+
+#[tokio::test]
+async fn capturing_a_table_the_role_cannot_read_fails_clearly() {
+    let db = TestDb::with_outbox().await;
+    let client = db.connect().await;
+    create_orders(&client).await;
+    // Roles are cluster-wide: a unique name, dropped below.
+    let role = unique_name("capture_weak");
+    let admin = connect(&admin_url()).await;
+    admin
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN"))
+        .await
+        .expect("create role");
+    client
+        .batch_execute(&format!("GRANT USAGE ON SCHEMA outbox TO {role}"))
+        .await
+        .expect("grant");
+    let url = db.url.replacen("://postgres@", &format!("://{role}@"), 1);
+
+    let output = capture_cli(&url, &["add", "orders", "--exchange", "shop"]);
+
+    client
+        .batch_execute(&format!("DROP OWNED BY {role}"))
+        .await
+        .expect("drop owned");
+    admin
+        .batch_execute(&format!("DROP ROLE {role}"))
+        .await
+        .expect("drop role");
+    assert_fails_in_one_line(
+        &output,
+        &format!("role {role} cannot read table orders (it needs SELECT and TRIGGER"),
+    );
+}
+
+#[tokio::test]
+async fn the_apps_own_role_needs_no_rights_on_the_outbox() {
+    let db = TestDb::with_outbox().await;
+    let client = db.connect().await;
+    create_orders(&client).await;
+    let role = unique_name("capture_app");
+    let admin = connect(&admin_url()).await;
+    admin
+        .batch_execute(&format!("CREATE ROLE {role}"))
+        .await
+        .expect("create role");
+    client
+        .batch_execute(&format!(
+            "GRANT SELECT, INSERT, UPDATE ON orders TO {role}; \
+             SELECT outbox.capture('orders', 'shop'); \
+             SET ROLE {role}"
+        ))
+        .await
+        .expect("capture, then become the app");
+    let written = client
+        .batch_execute(
+            "INSERT INTO orders VALUES (1, 'zhang', 'noodles', 1); \
+             UPDATE orders SET num = 2",
+        )
+        .await;
+    let denied = client
+        .query_one("SELECT count(*) FROM outbox.messages", &[])
+        .await;
+    client
+        .batch_execute(&format!("RESET ROLE; DROP OWNED BY {role}"))
+        .await
+        .expect("reset role");
+    let queued: i64 = client
+        .query_one("SELECT count(*) FROM outbox.messages", &[])
+        .await
+        .expect("count")
+        .get(0);
+    admin
+        .batch_execute(&format!("DROP ROLE {role}"))
+        .await
+        .expect("drop role");
+    written.expect("the app's writes work as before");
+    assert!(denied.is_err(), "the app role cannot read the outbox");
+    assert_eq!(queued, 2, "its changes were captured");
+}
