@@ -264,6 +264,11 @@ BEGIN
     WHERE t.tgrelid = source AND t.tgname = 'outbox_capture'
       AND n.nspname = 'outbox' AND p.proname ~ '^capture_[0-9]+$';
     removed := FOUND;
+    IF removed AND NOT pg_has_role((SELECT relowner FROM pg_class WHERE oid = source), 'USAGE') THEN
+        RAISE EXCEPTION 'outbox.capture_remove: only the owner of table % may drop its trigger, and role % does not own it',
+            source, quote_ident(current_user)
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
     IF removed THEN
         EXECUTE format('DROP TRIGGER outbox_capture ON %s', source);
         EXECUTE format('DROP FUNCTION %s', fn);
