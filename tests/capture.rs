@@ -4,37 +4,30 @@
 //! bad input fails in one clear line.
 
 use std::collections::HashMap;
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use lapin::ExchangeKind;
 use lapin::types::AMQPValue;
 use outbox_tests::broker::Topology;
-use outbox_tests::relay::{RunningRelay, test_settings};
+use outbox_tests::relay::{CommandOutput, RunningRelay, relay_command, test_settings};
 use outbox_tests::*;
 use serde_json::{Value, json};
 use tokio_postgres::Client;
 
 const ARRIVAL: Duration = Duration::from_secs(60);
 
-fn capture_cli(url: &str, args: &[&str]) -> Output {
-    Command::new(workspace_binary("outbox-relay"))
-        .arg("capture")
-        .args(args)
-        .env("OUTBOX_DATABASE_URL", url)
-        .output()
-        .expect("run outbox-relay capture")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
+/// `outbox-relay capture ARGS` on the database at `url`.
+async fn capture_cli(url: &str, args: &[&str]) -> CommandOutput {
+    let mut command = vec!["capture"];
+    command.extend_from_slice(args);
+    relay_command(url, &command).await
 }
 
 /// Fails unless the command failed with exactly one line on stderr that
 /// contains `expected`.
-fn assert_fails_in_one_line(output: &Output, expected: &str) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "must fail: {output:?}");
+fn assert_fails_in_one_line(output: &CommandOutput, expected: &str) {
+    assert_ne!(output.code, Some(0), "must fail: {output:?}");
+    let stderr = &output.stderr;
     assert!(
         stderr.contains(expected),
         "expected {expected:?} in: {stderr}"
@@ -79,12 +72,9 @@ async fn captured_changes_arrive_with_routing_keys_payloads_and_per_row_order() 
             "--ordering-key",
             "order-{id}",
         ],
-    );
-    assert!(added.status.success(), "{added:?}");
-    assert!(
-        stdout(&added).contains("capturing public.orders"),
-        "{added:?}"
-    );
+    )
+    .await;
+    assert!(added.expect_code(0).contains("capturing public.orders"));
     let again = capture_cli(
         &db.url,
         &[
@@ -97,12 +87,12 @@ async fn captured_changes_arrive_with_routing_keys_payloads_and_per_row_order() 
             "--ordering-key",
             "order-{id}",
         ],
-    );
-    assert!(again.status.success(), "{again:?}");
-    assert!(stdout(&again).contains("nothing changed"), "{again:?}");
-    let listed = capture_cli(&db.url, &["list"]);
-    assert!(stdout(&listed).contains("public.orders"), "{listed:?}");
-    assert!(stdout(&listed).contains("order-{id}"), "{listed:?}");
+    )
+    .await;
+    assert!(again.expect_code(0).contains("nothing changed"));
+    let listed = capture_cli(&db.url, &["list"]).await;
+    assert!(listed.expect_code(0).contains("public.orders"));
+    assert!(listed.stdout.contains("order-{id}"), "{listed:?}");
 
     // A rolled-back change leaves no message.
     let tx = client.transaction().await.expect("begin");
@@ -312,19 +302,21 @@ async fn remove_leaves_no_trigger_or_function_behind() {
         .expect("the app's own trigger");
     let before = footprint(&client).await;
 
-    let added = capture_cli(&db.url, &["add", "orders", "--exchange", "shop"]);
-    assert!(added.status.success(), "{added:?}");
+    let added = capture_cli(&db.url, &["add", "orders", "--exchange", "shop"]).await;
+    added.expect_code(0);
     let during = footprint(&client).await;
     assert_eq!(during.0, ["app_touch", "outbox_capture"]);
     assert_eq!(during.1.len(), before.1.len() + 1, "one generated function");
 
-    let removed = capture_cli(&db.url, &["remove", "orders"]);
-    assert!(removed.status.success(), "{removed:?}");
-    assert!(stdout(&removed).contains("stopped capturing public.orders"));
+    let removed = capture_cli(&db.url, &["remove", "orders"]).await;
+    assert!(
+        removed
+            .expect_code(0)
+            .contains("stopped capturing public.orders")
+    );
     assert_eq!(footprint(&client).await, before, "exactly as it was");
-    let again = capture_cli(&db.url, &["remove", "orders"]);
-    assert!(again.status.success(), "{again:?}");
-    assert!(stdout(&again).contains("was not captured"), "{again:?}");
+    let again = capture_cli(&db.url, &["remove", "orders"]).await;
+    assert!(again.expect_code(0).contains("was not captured"));
 
     client
         .batch_execute("INSERT INTO orders VALUES (1, 'zhang', 'noodles', 1)")
@@ -336,7 +328,8 @@ async fn remove_leaves_no_trigger_or_function_behind() {
         .expect("count")
         .get(0);
     assert_eq!(queued, 0, "nothing captured after remove");
-    assert!(stdout(&capture_cli(&db.url, &["list"])).contains("no table is captured"));
+    let listed = capture_cli(&db.url, &["list"]).await;
+    assert!(listed.expect_code(0).contains("no table is captured"));
 }
 
 #[tokio::test]
@@ -361,7 +354,7 @@ async fn bad_templates_and_options_fail_in_one_clear_line() {
         };
         let mut args = vec!["add", table, "--exchange", "shop"];
         args.extend_from_slice(extra);
-        assert_fails_in_one_line(&capture_cli(&db.url, &args), expected);
+        assert_fails_in_one_line(&capture_cli(&db.url, &args).await, expected);
     }
     let client = db.connect().await;
     let error = client
@@ -389,80 +382,55 @@ async fn bad_templates_and_options_fail_in_one_clear_line() {
 
 #[tokio::test]
 async fn capturing_a_table_the_role_cannot_read_fails_clearly() {
+    // Declared before the database, so it is dropped after it.
+    let role = TestRole::create("capture_weak").await;
     let db = TestDb::with_outbox().await;
     let client = db.connect().await;
     create_orders(&client).await;
-    // Roles are cluster-wide: a unique name, dropped below.
-    let role = unique_name("capture_weak");
-    let admin = connect(&admin_url()).await;
-    admin
-        .batch_execute(&format!("CREATE ROLE {role} LOGIN"))
-        .await
-        .expect("create role");
     client
-        .batch_execute(&format!("GRANT USAGE ON SCHEMA outbox TO {role}"))
+        .batch_execute(&format!("GRANT USAGE ON SCHEMA outbox TO {}", role.name))
         .await
         .expect("grant");
-    let url = db.url.replacen("://postgres@", &format!("://{role}@"), 1);
 
-    let output = capture_cli(&url, &["add", "orders", "--exchange", "shop"]);
-
-    client
-        .batch_execute(&format!("DROP OWNED BY {role}"))
-        .await
-        .expect("drop owned");
-    admin
-        .batch_execute(&format!("DROP ROLE {role}"))
-        .await
-        .expect("drop role");
+    let output = capture_cli(&role.url(&db), &["add", "orders", "--exchange", "shop"]).await;
     assert_fails_in_one_line(
         &output,
-        &format!("role {role} cannot read table orders (it needs SELECT and TRIGGER"),
+        &format!(
+            "role {} cannot read table orders (it needs SELECT and TRIGGER",
+            role.name
+        ),
     );
 }
 
 #[tokio::test]
 async fn the_apps_own_role_needs_no_rights_on_the_outbox() {
+    let role = TestRole::create("capture_app").await;
     let db = TestDb::with_outbox().await;
     let client = db.connect().await;
     create_orders(&client).await;
-    let role = unique_name("capture_app");
-    let admin = connect(&admin_url()).await;
-    admin
-        .batch_execute(&format!("CREATE ROLE {role}"))
-        .await
-        .expect("create role");
     client
         .batch_execute(&format!(
-            "GRANT SELECT, INSERT, UPDATE ON orders TO {role}; \
-             SELECT outbox.capture('orders', 'shop'); \
-             SET ROLE {role}"
+            "GRANT SELECT, INSERT, UPDATE ON orders TO {0}; \
+             SELECT outbox.capture('orders', 'shop')",
+            role.name
         ))
         .await
-        .expect("capture, then become the app");
-    let written = client
-        .batch_execute(
-            "INSERT INTO orders VALUES (1, 'zhang', 'noodles', 1); \
-             UPDATE orders SET num = 2",
-        )
-        .await;
-    let denied = client
-        .query_one("SELECT count(*) FROM outbox.messages", &[])
-        .await;
-    client
-        .batch_execute(&format!("RESET ROLE; DROP OWNED BY {role}"))
+        .expect("grant and capture");
+
+    let app = connect(&role.url(&db)).await;
+    app.batch_execute(
+        "INSERT INTO orders VALUES (1, 'zhang', 'noodles', 1); \
+         UPDATE orders SET num = 2",
+    )
+    .await
+    .expect("the app's writes work as before");
+    app.query_one("SELECT count(*) FROM outbox.messages", &[])
         .await
-        .expect("reset role");
+        .expect_err("the app role cannot read the outbox");
     let queued: i64 = client
         .query_one("SELECT count(*) FROM outbox.messages", &[])
         .await
         .expect("count")
         .get(0);
-    admin
-        .batch_execute(&format!("DROP ROLE {role}"))
-        .await
-        .expect("drop role");
-    written.expect("the app's writes work as before");
-    assert!(denied.is_err(), "the app role cannot read the outbox");
     assert_eq!(queued, 2, "its changes were captured");
 }

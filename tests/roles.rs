@@ -10,39 +10,6 @@ use outbox_tests::relay::{RunningRelay, relay_command, test_settings};
 use outbox_tests::*;
 use tokio_postgres::Client;
 
-/// A login role that exists for one test; declare it before the databases
-/// it is granted on, so it is dropped after them.
-struct TestRole {
-    name: String,
-}
-
-impl TestRole {
-    async fn create(prefix: &str) -> TestRole {
-        let name = unique_name(prefix);
-        connect(&admin_url())
-            .await
-            .batch_execute(&format!("CREATE ROLE {name} LOGIN PASSWORD 'test'"))
-            .await
-            .expect("create role");
-        TestRole { name }
-    }
-
-    /// `db`'s URL with this role as the user.
-    fn url(&self, db: &TestDb) -> String {
-        let host_and_path = db
-            .url
-            .split_once('@')
-            .map_or(db.url.as_str(), |(_, rest)| rest);
-        format!("postgres://{}:test@{host_and_path}", self.name)
-    }
-}
-
-impl Drop for TestRole {
-    fn drop(&mut self) {
-        cleanup(format!("DROP ROLE IF EXISTS {}", self.name));
-    }
-}
-
 /// Runs `sql` and expects PostgreSQL to refuse it for lack of privilege.
 async fn refused(client: &Client, sql: &str) {
     let error = client

@@ -74,6 +74,39 @@ impl Drop for TestDb {
     }
 }
 
+/// A login role that exists for one test; declare it before the databases
+/// it is granted on, so it is dropped after them.
+pub struct TestRole {
+    pub name: String,
+}
+
+impl TestRole {
+    pub async fn create(prefix: &str) -> TestRole {
+        let name = unique_name(prefix);
+        connect(&admin_url())
+            .await
+            .batch_execute(&format!("CREATE ROLE {name} LOGIN PASSWORD 'test'"))
+            .await
+            .expect("create role");
+        TestRole { name }
+    }
+
+    /// `db`'s URL with this role as the user.
+    pub fn url(&self, db: &TestDb) -> String {
+        let host_and_path = db
+            .url
+            .split_once('@')
+            .map_or(db.url.as_str(), |(_, rest)| rest);
+        format!("postgres://{}:test@{host_and_path}", self.name)
+    }
+}
+
+impl Drop for TestRole {
+    fn drop(&mut self) {
+        cleanup(format!("DROP ROLE IF EXISTS {}", self.name));
+    }
+}
+
 /// Runs `sql` as the admin from a `Drop`, ignoring failure. Drop runs
 /// outside async code; a short-lived thread with its own runtime does the
 /// cleanup without blocking the test's runtime.
