@@ -4,6 +4,8 @@
 
 use clap::{Parser, Subcommand};
 
+use outbox_relay::telemetry::LogFormat;
+
 use crate::config::Settings;
 
 #[derive(Debug, Parser)]
@@ -18,6 +20,16 @@ pub struct Cli {
 
     #[command(flatten)]
     pub settings: Settings,
+
+    /// Log lines as human-readable `text` or one JSON object per line.
+    #[arg(
+        long,
+        global = true,
+        env = "DISPATCH_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Clone, Copy, Subcommand)]

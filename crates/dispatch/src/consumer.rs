@@ -20,11 +20,13 @@ use futures::StreamExt;
 use outbox_relay::backoff::Backoff;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::broker::Broker;
 use crate::handler::Handler;
 use crate::health::Health;
 use crate::inbox::Inbox;
+use crate::meters::Meters;
 use crate::topology::Topology;
 use crate::worker::{self, Outcome, Shared};
 
@@ -92,6 +94,7 @@ pub async fn run<H: Handler>(
         inbox,
         config,
         health,
+        meters: Meters::new(),
         shutdown,
     });
     let config = &shared.config;
@@ -148,12 +151,14 @@ async fn session<H: Handler>(shared: &Arc<Shared<H>>, broker: Broker) -> Ended {
     let publisher = broker.publisher();
     let mut workers = JoinSet::new();
     let ended = loop {
-        metrics::gauge!("dispatch_in_flight").set(workers.len() as f64);
+        shared.meters.in_flight.set(workers.len() as f64);
         tokio::select! {
             _ = shared.shutdown.cancelled() => break Ended::Shutdown,
             next = deliveries.next() => match next {
                 Some(Ok(delivery)) => {
-                    workers.spawn(worker::process(shared.clone(), publisher.clone(), delivery));
+                    let span = worker::span(&delivery);
+                    let work = worker::process(shared.clone(), publisher.clone(), delivery);
+                    workers.spawn(work.instrument(span));
                 }
                 Some(Err(error)) => break Ended::Lost(error.to_string()),
                 None => break Ended::Lost("the broker cancelled the consumer".into()),
@@ -181,7 +186,7 @@ async fn session<H: Handler>(shared: &Arc<Shared<H>>, broker: Broker) -> Ended {
     }
     workers.abort_all();
     while workers.join_next().await.is_some() {}
-    metrics::gauge!("dispatch_in_flight").set(0.0);
+    shared.meters.in_flight.set(0.0);
     broker.close().await;
     ended
 }

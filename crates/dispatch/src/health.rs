@@ -15,6 +15,8 @@ struct Flags {
 
 impl Default for Health {
     fn default() -> Health {
+        metrics::gauge!("dispatch_consuming").set(0.0);
+        metrics::gauge!("dispatch_database_available").set(1.0);
         Health(Arc::new(Flags {
             broker: AtomicBool::new(false),
             // Proven at start (the pool connects once before anything runs).

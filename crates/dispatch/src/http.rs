@@ -2,16 +2,14 @@
 //! process answers), `/readyz` (consuming, and the database answers) and
 //! `/metrics` (Prometheus text format).
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use deadpool_postgres::Pool;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +33,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/deliveries/{order_id}", get(delivery))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
-        .route("/metrics", get(render_metrics))
+        .route("/metrics", get(outbox_relay::endpoint::metrics))
         .with_state(state)
 }
 
@@ -50,7 +48,7 @@ pub async fn serve(
         async move {
             let mut tick = tokio::time::interval(METRICS_UPKEEP);
             while shutdown.run_until_cancelled(tick.tick()).await.is_some() {
-                prometheus().run_upkeep();
+                outbox_relay::telemetry::upkeep();
             }
         }
     });
@@ -59,18 +57,6 @@ pub async fn serve(
         .await?;
     let _ = upkeep.await;
     Ok(())
-}
-
-/// The process-wide Prometheus recorder, installed on first use. When some
-/// other recorder was installed first (a test process running a relay
-/// too), `/metrics` shows an empty page rather than failing.
-pub fn prometheus() -> &'static PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
-        PrometheusBuilder::new()
-            .install_recorder()
-            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle())
-    })
 }
 
 fn error(status: StatusCode, reason: String) -> Response {
@@ -118,12 +104,4 @@ async fn ready(State(state): State<ApiState>) -> Response {
             "the dispatch database does not answer".into(),
         ),
     }
-}
-
-async fn render_metrics() -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        prometheus().render(),
-    )
-        .into_response()
 }

@@ -18,6 +18,7 @@ pub mod handler;
 pub mod health;
 pub mod http;
 pub mod inbox;
+pub mod meters;
 pub mod migrate;
 pub mod service;
 pub mod topology;

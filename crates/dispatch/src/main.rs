@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    outbox_relay::telemetry::init();
+    outbox_relay::telemetry::init_with(cli.log_format);
     match try_main(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -29,7 +29,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     // Before anything records: metrics sent to no recorder are lost.
-    http::prometheus();
+    outbox_relay::telemetry::prometheus();
     let target = config.database()?;
     // One connection per concurrent handler, and two for the HTTP API.
     let pool = outbox_relay::db::pool(&target, usize::from(config.consumer.prefetch) + 2).await?;

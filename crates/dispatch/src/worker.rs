@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Pool;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
+use lapin::types::AMQPValue;
 use outbox_relay::backoff::Backoff;
+use outbox_relay::traceparent;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -30,6 +32,7 @@ use crate::consumer::ConsumerConfig;
 use crate::handler::{Handler, HandlerError, Incoming};
 use crate::health::Health;
 use crate::inbox::{Handled, Inbox};
+use crate::meters::{Meters, Settled};
 
 /// What the workers of all sessions share.
 pub struct Shared<H> {
@@ -38,6 +41,7 @@ pub struct Shared<H> {
     pub inbox: Inbox,
     pub config: ConsumerConfig,
     pub health: Health,
+    pub meters: Meters,
     pub shutdown: CancellationToken,
 }
 
@@ -55,16 +59,20 @@ pub async fn process<H: Handler>(
     publisher: Publisher,
     delivery: Delivery,
 ) -> Outcome {
+    shared.meters.received.increment(1);
     let deliveries = delivery_number(&delivery);
     let max = shared.config.max_deliveries;
+    let meters = &shared.meters;
     let message = match incoming(&delivery, deliveries) {
         Ok(message) => message,
-        Err(reason) => return dead_letter(&publisher, &delivery, deliveries, &reason).await,
+        Err(reason) => {
+            return dead_letter(&publisher, &delivery, deliveries, &reason, meters).await;
+        }
     };
     if deliveries > max {
         // A quorum queue counted redeliveries: the consumer died handling it.
         let reason = format!("delivered {deliveries} times, more than the limit of {max}");
-        return dead_letter(&publisher, &delivery, deliveries, &reason).await;
+        return dead_letter(&publisher, &delivery, deliveries, &reason, meters).await;
     }
     let mut outage = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
@@ -73,22 +81,24 @@ pub async fn process<H: Handler>(
             .inbox
             .handle(&shared.pool, &shared.handler, &message)
             .await;
-        metrics::histogram!("dispatch_handle_seconds").record(started.elapsed().as_secs_f64());
+        meters
+            .handle_seconds
+            .record(started.elapsed().as_secs_f64());
         let reason = match result {
             Ok(handled) => {
                 shared.health.database_up();
                 let outcome = match handled {
-                    Handled::Committed => "processed",
-                    Handled::Duplicate => "duplicate",
+                    Handled::Committed => Settled::Processed,
+                    Handled::Duplicate => Settled::Duplicate,
                 };
-                return ack(&delivery, outcome).await;
+                return ack(&delivery, outcome, meters).await;
             }
             Err(HandlerError::Poison(reason)) => {
-                return dead_letter(&publisher, &delivery, deliveries, &reason).await;
+                return dead_letter(&publisher, &delivery, deliveries, &reason, meters).await;
             }
             Err(HandlerError::Transient(reason)) if deliveries >= max => {
                 let reason = format!("failed on delivery {deliveries} of {max}: {reason}");
-                return dead_letter(&publisher, &delivery, deliveries, &reason).await;
+                return dead_letter(&publisher, &delivery, deliveries, &reason, meters).await;
             }
             Err(HandlerError::Transient(reason)) => {
                 let delay = retry_delay(&shared.config, deliveries);
@@ -100,7 +110,7 @@ pub async fn process<H: Handler>(
                     "transient failure; retrying later"
                 );
                 return match publisher.retry(&delivery, deliveries, delay, &reason).await {
-                    Ok(()) => ack(&delivery, "retried").await,
+                    Ok(()) => ack(&delivery, Settled::Retried, meters).await,
                     Err(error) => Outcome::BrokerFailed(error),
                 };
             }
@@ -110,12 +120,35 @@ pub async fn process<H: Handler>(
         tokio::select! {
             _ = shared.shutdown.cancelled() => {
                 // Unacked: the broker redelivers it when the channel closes.
-                metrics::counter!("dispatch_messages_total", "outcome" => "given_back").increment(1);
+                meters.settled(Settled::GivenBack).increment(1);
+                tracing::debug!(outcome = Settled::GivenBack.label(), "message settled");
                 return Outcome::Settled;
             }
             _ = tokio::time::sleep(outage.next_delay()) => {}
         }
     }
+}
+
+/// The span every log line about this delivery is in: its message id and,
+/// when the publisher sent a valid W3C `traceparent` header (the relay
+/// copies it from the outbox row), the trace id and the header itself.
+pub fn span(delivery: &Delivery) -> tracing::Span {
+    let properties = &delivery.properties;
+    let message_id = properties.message_id().as_ref().map(|id| id.as_str());
+    let traceparent = properties.headers().as_ref().and_then(|headers| {
+        match headers.inner().get(traceparent::HEADER)? {
+            AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes()).ok(),
+            AMQPValue::ShortString(text) => Some(text.as_str()),
+            _ => None,
+        }
+    });
+    let trace_id = traceparent.and_then(traceparent::trace_id);
+    tracing::info_span!(
+        "message",
+        message_id,
+        trace_id,
+        traceparent = trace_id.and(traceparent)
+    )
 }
 
 /// The delivery as a handler sees it; `Err` (a reason) makes it poison.
@@ -151,6 +184,7 @@ async fn dead_letter(
     delivery: &Delivery,
     deliveries: u32,
     reason: &str,
+    meters: &Meters,
 ) -> Outcome {
     tracing::warn!(
         message_id = delivery.properties.message_id().as_ref().map_or("", |m| m.as_str()),
@@ -159,15 +193,16 @@ async fn dead_letter(
         "dead-lettering message"
     );
     match publisher.dead_letter(delivery, deliveries, reason).await {
-        Ok(()) => ack(delivery, "dead_lettered").await,
+        Ok(()) => ack(delivery, Settled::DeadLettered, meters).await,
         Err(error) => Outcome::BrokerFailed(error),
     }
 }
 
-async fn ack(delivery: &Delivery, outcome: &'static str) -> Outcome {
+async fn ack(delivery: &Delivery, outcome: Settled, meters: &Meters) -> Outcome {
     match delivery.acker.ack(BasicAckOptions::default()).await {
         Ok(true) => {
-            metrics::counter!("dispatch_messages_total", "outcome" => outcome).increment(1);
+            meters.settled(outcome).increment(1);
+            tracing::debug!(outcome = outcome.label(), "message settled");
             Outcome::Settled
         }
         // The channel closed under us: the broker redelivers the message,

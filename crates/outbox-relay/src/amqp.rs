@@ -18,6 +18,7 @@ use lapin::{
 use serde_json::Value;
 
 use crate::db::redact;
+use crate::meters::Fault;
 use crate::store::Claimed;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,7 +51,7 @@ pub enum Outcome {
     Confirmed,
     /// The message's own fault (nack, unroutable, oversized, no exchange):
     /// counts as an attempt.
-    Rejected(String),
+    Rejected(Fault, String),
     /// The connection or channel failed: not the message's fault.
     Lost(String),
 }
@@ -95,16 +96,19 @@ impl Broker {
     /// confirm. `Err` means the connection failed, not the message.
     pub async fn publish(&mut self, row: &Claimed, max_payload: u32) -> Result<Pending, String> {
         if row.payload.len() > max_payload as usize {
-            return Ok(Pending::Done(Outcome::Rejected(format!(
-                "payload is {} bytes, more than OUTBOX_MAX_PAYLOAD_BYTES {max_payload}",
-                row.payload.len()
-            ))));
+            return Ok(Pending::Done(Outcome::Rejected(
+                Fault::Oversized,
+                format!(
+                    "payload is {} bytes, more than OUTBOX_MAX_PAYLOAD_BYTES {max_payload}",
+                    row.payload.len()
+                ),
+            )));
         }
         if !self.exchange_exists(&row.exchange).await? {
-            return Ok(Pending::Done(Outcome::Rejected(format!(
-                "exchange `{}` does not exist",
-                row.exchange
-            ))));
+            return Ok(Pending::Done(Outcome::Rejected(
+                Fault::NoExchange,
+                format!("exchange `{}` does not exist", row.exchange),
+            )));
         }
         let confirm = self
             .channel
@@ -184,11 +188,16 @@ impl Pending {
             // lapin reports an unroutable mandatory publish as an Ack that
             // carries the returned message.
             Ok(Confirmation::Ack(None)) => Outcome::Confirmed,
-            Ok(Confirmation::Ack(Some(returned))) => Outcome::Rejected(format!(
-                "unroutable: returned by the broker ({} {})",
-                returned.reply_code, returned.reply_text
-            )),
-            Ok(Confirmation::Nack(_)) => Outcome::Rejected("nacked by the broker".into()),
+            Ok(Confirmation::Ack(Some(returned))) => Outcome::Rejected(
+                Fault::Returned,
+                format!(
+                    "unroutable: returned by the broker ({} {})",
+                    returned.reply_code, returned.reply_text
+                ),
+            ),
+            Ok(Confirmation::Nack(_)) => {
+                Outcome::Rejected(Fault::Nacked, "nacked by the broker".into())
+            }
             Ok(Confirmation::NotRequested) => {
                 Outcome::Lost("channel is not in confirm mode".into())
             }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::Settings;
+use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -16,6 +17,16 @@ use crate::config::Settings;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+
+    /// Log lines as human-readable `text` or one JSON object per line.
+    #[arg(
+        long,
+        global = true,
+        env = "OUTBOX_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Subcommand)]

@@ -2,6 +2,7 @@
 //! optional TOML file (`--config`), in that order of precedence, validated
 //! once before anything connects.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::alert::AlertConfig;
 
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9100);
 
 /// Every setting, each optional so the layers can be merged. The field doc
 /// comments are the `--help` text.
@@ -118,7 +120,7 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alert_email_from: Option<String>,
 
-    /// Serve Prometheus metrics over HTTP on this address, e.g. `127.0.0.1:9100`.
+    /// Serve `/metrics` (Prometheus), `/healthz` and `/readyz` on this address; `off` to disable [default: 127.0.0.1:9100].
     #[arg(long, env = "OUTBOX_METRICS_ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<String>,
@@ -155,7 +157,11 @@ pub struct Config {
     pub max_payload_bytes: u32,
     pub shutdown_timeout: Duration,
     pub alert: AlertConfig,
-    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None` when `off`.
+    pub metrics_addr: Option<SocketAddr>,
+    /// False when `metrics_addr` is the default: then an address in use (a
+    /// second relay on the host) is a warning, not a reason to stop.
+    pub metrics_addr_given: bool,
 }
 
 /// Environment variables the relay reads; any other `OUTBOX_*` is a typo.
@@ -182,6 +188,7 @@ const KNOWN_ENV: &[&str] = &[
     "OUTBOX_ALERT_EMAIL_TO",
     "OUTBOX_ALERT_EMAIL_FROM",
     "OUTBOX_METRICS_ADDR",
+    "OUTBOX_LOG_FORMAT",
 ];
 
 /// Rejects `OUTBOX_*` variables that no setting reads (a typo would
@@ -277,14 +284,14 @@ impl Settings {
                     })
                     .unwrap_or_default(),
             },
-            metrics_addr: self
-                .metrics_addr
-                .map(|addr| {
-                    addr.parse().map_err(|_| {
-                        anyhow::anyhow!("OUTBOX_METRICS_ADDR `{addr}` is not host:port")
-                    })
-                })
-                .transpose()?,
+            metrics_addr: match self.metrics_addr.as_deref() {
+                None => Some(DEFAULT_METRICS_ADDR),
+                Some("off") => None,
+                Some(addr) => Some(addr.parse().map_err(|_| {
+                    anyhow::anyhow!("OUTBOX_METRICS_ADDR `{addr}` is not host:port or `off`")
+                })?),
+            },
+            metrics_addr_given: self.metrics_addr.is_some(),
         };
         if config.retry_max < config.retry_base {
             bail!("OUTBOX_RETRY_MAX_MS must be at least OUTBOX_RETRY_BASE_MS");
@@ -333,6 +340,25 @@ mod tests {
         assert!(config.sweep_interval <= Duration::from_secs(1));
         assert_eq!(config.retention, Duration::from_secs(3600));
         assert_eq!(config.amqp_url, DEFAULT_AMQP_URL);
+        assert_eq!(config.metrics_addr, Some(DEFAULT_METRICS_ADDR));
+        assert!(!config.metrics_addr_given);
+    }
+
+    #[test]
+    fn metrics_can_be_turned_off_or_moved() {
+        for (text, expected) in [("off", None), ("0.0.0.0:9200", Some("0.0.0.0:9200"))] {
+            let config = Settings {
+                metrics_addr: Some(text.into()),
+                ..base()
+            }
+            .validate()
+            .expect(text);
+            assert_eq!(
+                config.metrics_addr.map(|a| a.to_string()).as_deref(),
+                expected
+            );
+            assert!(config.metrics_addr_given);
+        }
     }
 
     #[test]

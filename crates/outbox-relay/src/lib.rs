@@ -10,15 +10,18 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod db;
+pub mod endpoint;
 pub mod listener;
 pub mod maintenance;
 pub mod marker;
+pub mod meters;
 pub mod migrate;
 pub mod pg_tls;
 pub mod relay;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod traceparent;
 
 pub use config::{Config, Settings};
 pub use relay::run;

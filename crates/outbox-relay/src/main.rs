@@ -4,7 +4,6 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
 use outbox_relay::cli::{Cli, Command, RunArgs};
 use outbox_relay::config::{self, Settings};
@@ -13,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    outbox_relay::telemetry::init();
+    outbox_relay::telemetry::init_with(cli.log_format);
     match try_main(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -43,10 +42,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => Settings::default(),
     };
     let config = args.settings.over(file)?.validate()?;
-    if let Some(addr) = config.metrics_addr {
-        outbox_relay::telemetry::serve_metrics(addr)
-            .with_context(|| format!("cannot serve metrics on {addr}"))?;
-    }
     let shutdown = CancellationToken::new();
     outbox_relay::shutdown::cancel_on_signal(shutdown.clone());
     outbox_relay::relay::run(config, shutdown).await

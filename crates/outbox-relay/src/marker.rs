@@ -13,7 +13,9 @@ use tokio::task::JoinHandle;
 use crate::alert::{Alerter, DeadLetter};
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::meters::Meters;
 use crate::store::{Claimed, Retried, Store};
+use crate::traceparent;
 
 /// Most outcomes recorded by one round of statements.
 const MAX_BATCH: usize = 1000;
@@ -36,7 +38,13 @@ pub struct Marker {
 }
 
 impl Marker {
-    pub fn spawn(store: Store, config: &Config, alerter: Alerter, database: String) -> Marker {
+    pub fn spawn(
+        store: Store,
+        config: &Config,
+        alerter: Alerter,
+        database: String,
+        meters: Meters,
+    ) -> Marker {
         let (sender, receiver) = mpsc::unbounded_channel();
         let unsettled = Arc::new(watch::Sender::new(0));
         let worker = Worker {
@@ -48,6 +56,7 @@ impl Marker {
             retry_base: config.retry_base,
             retry_max: config.retry_max,
             unsettled: unsettled.clone(),
+            meters,
         };
         let task = tokio::spawn(worker.run(receiver));
         Marker {
@@ -96,6 +105,7 @@ struct Worker {
     retry_base: Duration,
     retry_max: Duration,
     unsettled: Arc<watch::Sender<usize>>,
+    meters: Meters,
 }
 
 impl Worker {
@@ -153,17 +163,17 @@ impl Worker {
             .store
             .retry(row.id, error, delay, self.max_attempts)
             .await?;
-        metrics::counter!("outbox_publish_failures_total").increment(1);
         match retried {
             Retried::Later => tracing::warn!(
                 message_id = %row.message_id,
+                trace_id = traceparent::from_json(&row.headers),
                 attempt = row.attempts + 1,
                 retry_in_ms = delay.as_millis() as u64,
                 error,
                 "publish failed; will retry"
             ),
             Retried::Dead => {
-                metrics::counter!("outbox_dead_letters_total").increment(1);
+                self.meters.dead_letters.increment(1);
                 let dead = DeadLetter {
                     message_id: row.message_id,
                     exchange: row.exchange.clone(),

@@ -25,7 +25,9 @@ use crate::db::{self, PgTarget};
 use crate::listener::{Listener, Woken};
 use crate::maintenance;
 use crate::marker::{Mark, Marker};
+use crate::meters::{Fault, Health, Meters, Wake};
 use crate::store::{Claimed, Store};
+use crate::{endpoint, telemetry};
 
 /// A writer whose wake-up probe ran while we drained sent no NOTIFY and
 /// commits a moment later (one WAL flush). After a drain that found work the
@@ -50,13 +52,33 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let relay_id = relay_id();
     let target = db::parse_url(&config.database_url, config.database_ca_file.as_deref())?;
     let alerter = Alerter::new(&config.alert).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if config.metrics_addr.is_some() {
+        // Before any handle is registered: those made earlier record nothing.
+        telemetry::prometheus();
+    }
+    let meters = Meters::new();
+    let health = Health::new();
+    // Up before connecting, so `/healthz` answers and `/readyz` says what
+    // is missing while the servers are still being reached.
+    let endpoint_stop = CancellationToken::new();
+    let endpoint = start_endpoint(&config, &health, &endpoint_stop).await?;
     let store = Store::connect(&target, &relay_id).await?;
+    health.database(true);
     let broker =
         Broker::connect(&config.amqp_url, config.amqp_ca_file.as_deref(), &relay_id).await?;
-    let marker = Marker::spawn(store.clone(), &config, alerter, target.describe());
+    health.broker(true);
+    let marker = Marker::spawn(
+        store.clone(),
+        &config,
+        alerter,
+        target.describe(),
+        meters.clone(),
+    );
     let upkeep = tokio::spawn(maintenance::run(
         store.clone(),
         config.retention,
+        meters.clone(),
+        health.clone(),
         shutdown.clone(),
     ));
     tracing::info!(
@@ -76,12 +98,44 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         in_flight: FuturesUnordered::new(),
         in_flight_ids: HashSet::new(),
         outage_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
+        meters,
+        health,
     };
     relay.run(&shutdown).await;
     relay.stop().await;
     let _ = upkeep.await;
+    endpoint_stop.cancel();
+    if let Some(task) = endpoint {
+        let _ = task.await;
+    }
     tracing::info!(relay = %relay_id, "relay stopped");
     Ok(())
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` unless turned off. The
+/// default address being taken (a second relay on the host) only warns.
+async fn start_endpoint(
+    config: &Config,
+    health: &Health,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(addr) = config.metrics_addr else {
+        return Ok(None);
+    };
+    match endpoint::start(addr, health.clone(), stop.clone()).await {
+        Ok((bound, task)) => {
+            tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+            Ok(Some(task))
+        }
+        Err(error) if !config.metrics_addr_given => {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "no metrics endpoint; set OUTBOX_METRICS_ADDR to a free address"
+            );
+            Ok(None)
+        }
+        Err(error) => Err(error),
+    }
 }
 
 struct Relay {
@@ -98,6 +152,8 @@ struct Relay {
     /// Their ids, to give back the leases of confirms that never come.
     in_flight_ids: HashSet<i64>,
     outage_backoff: Backoff,
+    meters: Meters,
+    health: Health,
 }
 
 impl Relay {
@@ -124,10 +180,18 @@ impl Relay {
                 _ = shutdown.cancelled() => return,
                 woken = wait_for_wake(self.listener.as_mut(), wait) => woken,
             };
+            let cause = match woken {
+                _ if reconnected => Wake::Reconnect,
+                Woken::Notified => Wake::Notify,
+                Woken::Lost => Wake::Reconnect,
+                Woken::TimedOut if recheck.is_some() => Wake::Recheck,
+                Woken::TimedOut => Wake::Sweep,
+            };
             match woken {
                 Woken::Lost => {
                     tracing::warn!("wake-up listener lost; reconnecting");
                     self.listener = None;
+                    self.health.listener(false);
                 }
                 Woken::TimedOut
                     if !reconnected && recheck.is_none() && Instant::now() < next_sweep =>
@@ -146,6 +210,7 @@ impl Relay {
             }
             match self.drain(shutdown).await {
                 Ok(claimed) => {
+                    self.meters.wakeup(cause, claimed).increment(1);
                     self.outage_backoff.reset();
                     recheck = next_recheck(recheck, claimed, self.config.mode);
                 }
@@ -162,6 +227,7 @@ impl Relay {
         match Listener::connect(&self.target).await {
             Ok(listener) => {
                 self.listener = Some(listener);
+                self.health.listener(true);
                 true
             }
             Err(error) => {
@@ -178,6 +244,7 @@ impl Relay {
         {
             tracing::warn!("wake-up listener did not answer its probe; reconnecting");
             self.listener = None;
+            self.health.listener(false);
         }
     }
 
@@ -189,12 +256,14 @@ impl Relay {
         {
             tracing::warn!(%error, "wake-up listener failed; reconnecting");
             self.listener = None;
+            self.health.listener(false);
         }
         let result = self.pump(shutdown).await;
         if let Some(listener) = &mut self.listener
             && listener.end_drain().await.is_err()
         {
             self.listener = None;
+            self.health.listener(false);
         }
         result
     }
@@ -220,6 +289,8 @@ impl Relay {
                     )
                     .await
                     .map_err(Outage::Database)?;
+                self.health.database(true);
+                self.meters.claim_batch.record(rows.len() as f64);
                 exhausted = rows.len() < limit;
                 claimed_any |= !rows.is_empty();
                 self.publish_all(rows).await?;
@@ -250,6 +321,7 @@ impl Relay {
             while let Some(Some((row, outcome))) = self.in_flight.next().now_or_never() {
                 self.settle(row, outcome)?;
             }
+            self.meters.in_flight.set(self.in_flight.len() as f64);
         }
     }
 
@@ -270,11 +342,12 @@ impl Relay {
                 Err(error) => {
                     let unpublished = std::iter::once(row.id).chain(rows.map(|r| r.id)).collect();
                     self.marker.send(Mark::Release(unpublished));
+                    self.meters.failure(Fault::ConnectionLost).increment(1);
                     return Err(Outage::Broker(error));
                 }
             }
         }
-        metrics::gauge!("outbox_in_flight").set(self.in_flight.len() as f64);
+        self.meters.in_flight.set(self.in_flight.len() as f64);
         Ok(())
     }
 
@@ -282,15 +355,15 @@ impl Relay {
         self.in_flight_ids.remove(&row.id);
         match outcome {
             Outcome::Confirmed => {
-                metrics::counter!("outbox_published_total").increment(1);
+                self.meters.published.increment(1);
                 if let Ok(age) = row.created_at.elapsed() {
-                    metrics::histogram!("outbox_enqueue_to_confirm_seconds")
-                        .record(age.as_secs_f64());
+                    self.meters.enqueue_to_confirm.record(age.as_secs_f64());
                 }
                 self.marker.send(Mark::Published(row.id));
                 Ok(())
             }
-            Outcome::Rejected(error) => {
+            Outcome::Rejected(fault, error) => {
+                self.meters.failure(fault).increment(1);
                 self.marker.send(Mark::Failed {
                     row: Box::new(row),
                     error,
@@ -298,6 +371,7 @@ impl Relay {
                 Ok(())
             }
             Outcome::Lost(error) => {
+                self.meters.failure(Fault::ConnectionLost).increment(1);
                 self.marker.send(Mark::Release(vec![row.id]));
                 Err(Outage::Broker(error))
             }
@@ -314,6 +388,7 @@ impl Relay {
             let _ = self.settle(row, outcome);
         }
         self.in_flight = FuturesUnordered::new();
+        self.meters.in_flight.set(0.0);
         let unanswered: Vec<i64> = self.in_flight_ids.drain().collect();
         if !unanswered.is_empty() {
             self.marker.send(Mark::Release(unanswered));
@@ -336,6 +411,7 @@ impl Relay {
         .map_err(|e| Outage::Broker(format!("{e:#}")))?;
         tracing::info!("connected to RabbitMQ");
         self.broker = Some(broker);
+        self.health.broker(true);
         Ok(())
     }
 
@@ -349,13 +425,16 @@ impl Relay {
         let delay = self.outage_backoff.next_delay();
         match &outage {
             Outage::Broker(error) => {
+                self.health.broker(false);
+                self.meters.broker_outages.increment(1);
                 tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "RabbitMQ unavailable; pausing")
             }
             Outage::Database(error) => {
+                self.health.database(false);
+                self.meters.database_outages.increment(1);
                 tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "PostgreSQL unavailable; pausing")
             }
         }
-        metrics::counter!("outbox_outages_total").increment(1);
         tokio::select! {
             _ = shutdown.cancelled() => {}
             _ = tokio::time::sleep(delay) => {}

@@ -36,6 +36,20 @@ pub enum Retried {
     Gone,
 }
 
+/// What the gauges show; see [`Store::stats`].
+#[derive(Debug, Clone, Copy)]
+pub struct Stats {
+    /// Rows waiting to be published (counted up to [`PENDING_COUNT_CAP`]).
+    pub pending: i64,
+    pub oldest_pending: Duration,
+    pub dead: i64,
+    /// `pg_notification_queue_usage()`: the cluster's NOTIFY queue, 0 to 1.
+    pub notification_queue_usage: f64,
+}
+
+/// Counting a huge backlog every few seconds would cost more than it tells.
+pub const PENDING_COUNT_CAP: i64 = 1_000_000;
+
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
@@ -69,6 +83,19 @@ RETURNING m.id, m.message_id, m.exchange, m.routing_key, m.payload, m.content_ty
 const MARK_PUBLISHED: &str = "UPDATE outbox.messages \
      SET published_at = now(), locked_by = NULL, locked_until = NULL \
      WHERE id = ANY($1) AND published_at IS NULL";
+
+/// Pending rows and the oldest one come from the pending-rows index (the
+/// lowest pending id, not a min(created_at) over the whole backlog), dead
+/// ones from the dead-rows index (V4).
+const STATS: &str = "SELECT \
+     (SELECT count(*) FROM (SELECT 1 FROM outbox.messages \
+         WHERE published_at IS NULL AND dead_at IS NULL LIMIT $1) backlog), \
+     coalesce(extract(epoch FROM now() - ( \
+         SELECT created_at FROM outbox.messages \
+         WHERE published_at IS NULL AND dead_at IS NULL \
+         ORDER BY id LIMIT 1)), 0)::float8, \
+     (SELECT count(*) FROM outbox.messages WHERE dead_at IS NOT NULL), \
+     pg_notification_queue_usage()";
 
 /// With a retention of zero, a confirmed row has no further use.
 const DELETE_PUBLISHED: &str = "DELETE FROM outbox.messages WHERE id = ANY($1)";
@@ -239,22 +266,23 @@ impl Store {
         Ok(deleted.len() as u64)
     }
 
-    /// Age of the oldest pending row, for the lag gauge.
-    pub async fn oldest_pending_age(&self) -> Result<Duration, String> {
+    /// The gauges read from the database, in one round trip.
+    pub async fn stats(&self) -> Result<Stats, String> {
         let client = self.client().await?;
-        let row = client
-            .query_one(
-                // The lowest pending id, found on the pending-rows index; a
-                // min(created_at) would scan the whole backlog.
-                "SELECT coalesce(extract(epoch FROM now() - ( \
-                     SELECT created_at FROM outbox.messages \
-                     WHERE published_at IS NULL AND dead_at IS NULL \
-                     ORDER BY id LIMIT 1)), 0)::float8",
-                &[],
-            )
+        let rows = client
+            .query_typed(STATS, &[(&PENDING_COUNT_CAP, Type::INT8)])
             .await
             .map_err(|e| outbox::error_line(&e))?;
-        Ok(Duration::from_secs_f64(row.get::<_, f64>(0).max(0.0)))
+        let row = rows.first().ok_or("the gauges query returned no row")?;
+        let stats = || -> Result<Stats, tokio_postgres::Error> {
+            Ok(Stats {
+                pending: row.try_get(0)?,
+                oldest_pending: Duration::from_secs_f64(row.try_get::<_, f64>(1)?.max(0.0)),
+                dead: row.try_get(2)?,
+                notification_queue_usage: row.try_get(3)?,
+            })
+        };
+        stats().map_err(|e| outbox::error_line(&e))
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, String> {

@@ -1,0 +1,237 @@
+//! The relay's metrics, registered once at start so the publish path
+//! only touches ready handles (a `counter!` by name hashes its key on every
+//! call). README § Metrics lists each with its meaning and the alert to set.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+
+/// Why a publish did not end in a confirm; the `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The broker nacked it (e.g. a queue with `x-overflow: reject-publish` is full).
+    Nacked,
+    /// Unroutable: the broker returned the mandatory publish.
+    Returned,
+    /// Its exchange does not exist.
+    NoExchange,
+    /// Its payload is over `OUTBOX_MAX_PAYLOAD_BYTES`.
+    Oversized,
+    /// The connection or channel failed before the confirm (not the
+    /// message's fault: no attempt is counted, the row is published again).
+    ConnectionLost,
+}
+
+impl Fault {
+    const ALL: [Fault; 5] = [
+        Fault::Nacked,
+        Fault::Returned,
+        Fault::NoExchange,
+        Fault::Oversized,
+        Fault::ConnectionLost,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Fault::Nacked => "nack",
+            Fault::Returned => "returned",
+            Fault::NoExchange => "no_exchange",
+            Fault::Oversized => "oversized",
+            Fault::ConnectionLost => "connection_lost",
+        }
+    }
+}
+
+/// What started a drain; the `cause` label of `outbox_wakeups_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// A NOTIFY from a committing writer.
+    Notify,
+    /// The periodic sweep.
+    Sweep,
+    /// A quick re-check after a drain that found work (see `relay`).
+    Recheck,
+    /// The listener (re)connected, or was lost: drain whatever was missed.
+    Reconnect,
+}
+
+impl Wake {
+    const ALL: [Wake; 4] = [Wake::Notify, Wake::Sweep, Wake::Recheck, Wake::Reconnect];
+
+    fn label(self) -> &'static str {
+        match self {
+            Wake::Notify => "notify",
+            Wake::Sweep => "sweep",
+            Wake::Recheck => "recheck",
+            Wake::Reconnect => "reconnect",
+        }
+    }
+}
+
+/// Handles to every metric; cheap to clone (each is an `Arc`).
+#[derive(Clone)]
+pub struct Meters {
+    pub published: Counter,
+    failures: [Counter; Fault::ALL.len()],
+    pub dead_letters: Counter,
+    /// `[cause][found_work]`
+    wakeups: [[Counter; 2]; Wake::ALL.len()],
+    pub broker_outages: Counter,
+    pub database_outages: Counter,
+    pub retention_deleted: Counter,
+    pub in_flight: Gauge,
+    pub pending: Gauge,
+    pub oldest_pending: Gauge,
+    pub dead_messages: Gauge,
+    pub notification_queue_usage: Gauge,
+    pub claim_batch: Histogram,
+    pub enqueue_to_confirm: Histogram,
+}
+
+impl Meters {
+    /// Registers with the installed recorder (see `telemetry::prometheus`);
+    /// without one every handle is a no-op.
+    pub fn new() -> Meters {
+        Meters {
+            published: counter!("outbox_published_total"),
+            failures: Fault::ALL
+                .map(|f| counter!("outbox_publish_failures_total", "reason" => f.label())),
+            dead_letters: counter!("outbox_dead_letters_total"),
+            wakeups: Wake::ALL.map(|w| {
+                ["false", "true"].map(|found| {
+                    counter!("outbox_wakeups_total", "cause" => w.label(), "found_work" => found)
+                })
+            }),
+            broker_outages: counter!("outbox_outages_total", "server" => "rabbitmq"),
+            database_outages: counter!("outbox_outages_total", "server" => "postgresql"),
+            retention_deleted: counter!("outbox_retention_deleted_total"),
+            in_flight: gauge!("outbox_in_flight"),
+            pending: gauge!("outbox_pending_messages"),
+            oldest_pending: gauge!("outbox_oldest_pending_seconds"),
+            dead_messages: gauge!("outbox_dead_messages"),
+            notification_queue_usage: gauge!("outbox_notification_queue_usage"),
+            claim_batch: histogram!("outbox_claim_batch_size"),
+            enqueue_to_confirm: histogram!("outbox_enqueue_to_confirm_seconds"),
+        }
+    }
+
+    pub fn failure(&self, fault: Fault) -> &Counter {
+        &self.failures[fault as usize]
+    }
+
+    pub fn wakeup(&self, cause: Wake, found_work: bool) -> &Counter {
+        &self.wakeups[cause as usize][usize::from(found_work)]
+    }
+}
+
+impl Default for Meters {
+    fn default() -> Meters {
+        Meters::new()
+    }
+}
+
+/// Whether the relay's servers are reachable, for `/readyz` and the
+/// `outbox_*_connected` gauges. Set by whoever last talked to the server:
+/// the drain (every sweep at least) and the upkeep task (every 5 s).
+#[derive(Clone)]
+pub struct Health(Arc<Links>);
+
+struct Links {
+    database: Link,
+    broker: Link,
+    listener: Link,
+}
+
+struct Link {
+    up: AtomicBool,
+    gauge: Gauge,
+}
+
+impl Link {
+    fn new(name: &'static str) -> Link {
+        let gauge = gauge!(name);
+        gauge.set(0.0);
+        Link {
+            up: AtomicBool::new(false),
+            gauge,
+        }
+    }
+
+    fn set(&self, up: bool) {
+        if self.up.swap(up, Ordering::Relaxed) != up {
+            self.gauge.set(f64::from(u8::from(up)));
+        }
+    }
+}
+
+impl Health {
+    /// Everything down until proven up (registers the gauges: create it
+    /// after the recorder, like [`Meters`]).
+    pub fn new() -> Health {
+        Health(Arc::new(Links {
+            database: Link::new("outbox_database_connected"),
+            broker: Link::new("outbox_broker_connected"),
+            listener: Link::new("outbox_listener_connected"),
+        }))
+    }
+
+    pub fn database(&self, up: bool) {
+        self.0.database.set(up);
+    }
+
+    pub fn broker(&self, up: bool) {
+        self.0.broker.set(up);
+    }
+
+    /// The wake-up listener; not needed for readiness (the sweep covers it).
+    pub fn listener(&self, up: bool) {
+        self.0.listener.set(up);
+    }
+
+    /// `Err` names what is down.
+    pub fn ready(&self) -> Result<(), &'static str> {
+        let links = &self.0;
+        match (
+            links.database.up.load(Ordering::Relaxed),
+            links.broker.up.load(Ordering::Relaxed),
+        ) {
+            (true, true) => Ok(()),
+            (false, true) => Err("PostgreSQL is not connected"),
+            (true, false) => Err("RabbitMQ is not connected"),
+            (false, false) => Err("PostgreSQL and RabbitMQ are not connected"),
+        }
+    }
+}
+
+impl Default for Health {
+    fn default() -> Health {
+        Health::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_with_both_servers() {
+        let health = Health::new();
+        assert!(health.ready().is_err());
+        health.database(true);
+        assert_eq!(health.ready(), Err("RabbitMQ is not connected"));
+        health.broker(true);
+        health.listener(false);
+        assert_eq!(health.ready(), Ok(()));
+        health.database(false);
+        assert_eq!(health.ready(), Err("PostgreSQL is not connected"));
+    }
+
+    #[test]
+    fn labels_are_distinct() {
+        let faults: std::collections::HashSet<_> = Fault::ALL.iter().map(|f| f.label()).collect();
+        assert_eq!(faults.len(), Fault::ALL.len());
+        assert!(Fault::ALL.iter().enumerate().all(|(i, f)| *f as usize == i));
+        assert!(Wake::ALL.iter().enumerate().all(|(i, w)| *w as usize == i));
+    }
+}
