@@ -11,4 +11,5 @@ mod migrate;
 mod orders;
 mod relay;
 mod roles;
+mod telemetry;
 mod wake;

@@ -95,6 +95,13 @@ impl RunningDispatch {
 
 /// `dispatch` as a child process with `settings`' names and `env` on top.
 pub fn spawn_dispatch_process(settings: &Settings, env: &[(&str, &str)]) -> Child {
+    dispatch_command(settings, env)
+        .spawn()
+        .expect("spawn dispatch")
+}
+
+/// The command [`spawn_dispatch_process`] runs, to adjust before spawning.
+pub fn dispatch_command(settings: &Settings, env: &[(&str, &str)]) -> Command {
     let topology = topology(settings);
     let mut command = Command::new(workspace_binary("dispatch"));
     command
@@ -112,7 +119,7 @@ pub fn spawn_dispatch_process(settings: &Settings, env: &[(&str, &str)]) -> Chil
     for (name, value) in env {
         command.env(name, value);
     }
-    command.spawn().expect("spawn dispatch")
+    command
 }
 
 /// Closes the broker connection named `name` (as a broker restart or a

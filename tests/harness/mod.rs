@@ -8,6 +8,8 @@
 pub mod broker;
 pub mod dispatch;
 pub mod http;
+pub mod observe;
+pub mod proxy;
 pub mod receivers;
 pub mod relay;
 

@@ -20,6 +20,8 @@ pub fn test_settings(db: &TestDb) -> Settings {
         retry_max_ms: Some(400),
         lease_ms: Some(5_000),
         shutdown_timeout_ms: Some(5_000),
+        // A free port each: tests run side by side.
+        metrics_addr: Some("127.0.0.1:0".into()),
         ..Settings::default()
     }
 }
@@ -51,18 +53,24 @@ impl RunningRelay {
 
 /// `outbox-relay run` as a child process, with `env` on top of the test settings.
 pub fn spawn_relay_process(db: &TestDb, env: &[(&str, &str)]) -> Child {
+    relay_command(db, env).spawn().expect("spawn outbox-relay")
+}
+
+/// The command [`spawn_relay_process`] runs, to adjust before spawning.
+pub fn relay_command(db: &TestDb, env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(workspace_binary("outbox-relay"));
     command
         .arg("run")
         .env("OUTBOX_DATABASE_URL", &db.url)
         .env("OUTBOX_AMQP_URL", amqp_url())
         .env("OUTBOX_SWEEP_INTERVAL_MS", "200")
+        .env("OUTBOX_METRICS_ADDR", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     for (name, value) in env {
         command.env(name, value);
     }
-    command.spawn().expect("spawn outbox-relay")
+    command
 }
 
 /// `outbox-relay ARGS` (an operator command) on the database at `url`.

@@ -22,6 +22,7 @@ use crate::meters::Fault;
 use crate::store::Claimed;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an exchange checked to exist is trusted before checking again.
 const EXCHANGE_CACHE_TTL: Duration = Duration::from_secs(60);
 
@@ -167,8 +168,10 @@ impl Broker {
         }
     }
 
+    /// Bounded: a broker that stopped answering must not hold up shutdown.
     pub async fn close(&self) {
-        let _ = self.connection.close(200, "relay stopping".into()).await;
+        let close = self.connection.close(200, "relay stopping".into());
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
     }
 }
 

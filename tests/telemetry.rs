@@ -1,0 +1,398 @@
+//! What an operator sees, from outside the processes: each relay metric
+//! moves when its event happens, `/readyz` follows the broker and the
+//! database, log lines are JSON with `--log-format json`, and a W3C
+//! `traceparent` in an outbox row reaches the AMQP headers and the
+//! consumer's log. Relays and consumers run as child processes, so every
+//! scrape shows one process's own numbers.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, ExchangeKind};
+use outbox_tests::broker::{Topology, connect as connect_broker};
+use outbox_tests::dispatch::{
+    PATIENCE, Publisher, count, dispatch_command, test_settings as dispatch_settings,
+    wait_for_consumers, wait_until,
+};
+use outbox_tests::observe::{Logged, Scrape, logged_address, wait_for_metric};
+use outbox_tests::proxy::Proxy;
+use outbox_tests::relay::{RunningRelay, relay_command, test_settings as relay_settings};
+use outbox_tests::*;
+use serde_json::{Value, json};
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+/// A relay child process logging JSON; returns it and its endpoint address.
+async fn start_relay(db: &TestDb, env: &[(&str, &str)]) -> (Logged, String) {
+    let mut command = relay_command(db, env);
+    command.arg("--log-format").arg("json");
+    let relay = Logged::spawn(command);
+    let addr = logged_address(&relay, "serving /metrics, /healthz and /readyz", "addr").await;
+    (relay, addr)
+}
+
+async fn get(addr: &str, path: &str) -> (u16, String) {
+    http::request(addr, "GET", path, None).await
+}
+
+async fn enqueue(client: &Client, exchange: &str, routing_key: &str, payload: &Value) -> Uuid {
+    client
+        .query_one(
+            "SELECT outbox.enqueue($1, $2, $3::jsonb)",
+            &[&exchange, &routing_key, payload],
+        )
+        .await
+        .expect("enqueue")
+        .get(0)
+}
+
+/// An exchange whose only queue is full and rejects publishes: the broker
+/// nacks every message sent to it.
+async fn nacking_exchange(channel: &Channel) -> String {
+    let exchange = unique_name("test_nack_ex");
+    let queue = unique_name("test_nack_q");
+    let auto_delete = ExchangeDeclareOptions {
+        auto_delete: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            auto_delete,
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare exchange");
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    arguments.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    arguments.insert("x-expires".into(), AMQPValue::LongInt(300_000));
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            arguments,
+        )
+        .await
+        .expect("declare queue");
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    exchange
+}
+
+#[tokio::test]
+async fn relay_metrics_move_with_their_events_and_logs_are_json() {
+    let db = TestDb::with_outbox().await;
+    let good = Topology::fanout().await;
+    let routed = Topology::new(ExchangeKind::Direct, "bound").await;
+    let nacking = nacking_exchange(&good.channel).await;
+    let client = db.connect().await;
+    let env = [
+        ("OUTBOX_MAX_ATTEMPTS", "1"),
+        ("OUTBOX_MAX_PAYLOAD_BYTES", "100"),
+        ("OUTBOX_SWEEP_INTERVAL_MS", "500"),
+        ("OUTBOX_RETENTION", "1s"),
+    ];
+    let (relay, addr) = start_relay(&db, &env).await;
+    let addr = addr.as_str();
+
+    assert_eq!(get(addr, "/healthz").await.0, 200);
+    wait_until("the relay is ready", || async {
+        get(addr, "/readyz").await.0 == 200
+    })
+    .await;
+    wait_for_metric(addr, "outbox_listener_connected", &[], |v| v == 1.0).await;
+    let scrape = Scrape::of(addr).await;
+    assert_eq!(scrape.value("outbox_database_connected", &[]), 1.0);
+    assert_eq!(scrape.value("outbox_broker_connected", &[]), 1.0);
+    assert_eq!(scrape.value("outbox_published_total", &[]), 0.0);
+
+    // Published: a transaction of five wakes the idle relay by NOTIFY.
+    let tx_client = db.connect().await;
+    tx_client.batch_execute("BEGIN").await.expect("begin");
+    for seq in 0..5 {
+        enqueue(&tx_client, &good.exchange, "", &json!({ "seq": seq })).await;
+    }
+    tx_client.batch_execute("COMMIT").await.expect("commit");
+    wait_for_metric(addr, "outbox_published_total", &[], |n| n == 5.0).await;
+    let scrape = Scrape::of(addr).await;
+    assert!(scrape.value("outbox_wakeups_total", &[("cause", "notify")]) >= 1.0);
+    assert_eq!(
+        scrape.value("outbox_enqueue_to_confirm_seconds_count", &[]),
+        5.0
+    );
+    assert!(
+        scrape.value(
+            "outbox_enqueue_to_confirm_seconds_bucket",
+            &[("le", "+Inf")]
+        ) >= 5.0
+    );
+    assert_eq!(good.receive(5, PATIENCE).await.len(), 5);
+
+    // One failure of each kind; with one attempt allowed, each dies.
+    enqueue(&client, &routed.exchange, "nowhere", &json!({})).await;
+    enqueue(&client, &unique_name("missing_ex"), "", &json!({})).await;
+    enqueue(
+        &client,
+        &good.exchange,
+        "",
+        &json!({ "pad": "x".repeat(200) }),
+    )
+    .await;
+    enqueue(&client, &nacking, "", &json!({})).await;
+    for reason in ["returned", "no_exchange", "oversized", "nack"] {
+        let labels = [("reason", reason)];
+        wait_for_metric(addr, "outbox_publish_failures_total", &labels, |n| n == 1.0).await;
+    }
+    wait_for_metric(addr, "outbox_dead_letters_total", &[], |n| n == 4.0).await;
+    wait_for_metric(addr, "outbox_dead_messages", &[], |n| n == 4.0).await;
+    let connection_lost = [("reason", "connection_lost")];
+    assert_eq!(
+        Scrape::of(addr)
+            .await
+            .value("outbox_publish_failures_total", &connection_lost),
+        0.0
+    );
+
+    // A row due in a second: no wake-up covers it, the sweep finds it.
+    client
+        .execute(
+            "INSERT INTO outbox.messages (exchange, routing_key, payload, next_attempt_at) \
+             VALUES ($1, '', '{}', now() + interval '1 second')",
+            &[&good.exchange],
+        )
+        .await
+        .expect("insert a row due later");
+    let swept = [("cause", "sweep"), ("found_work", "true")];
+    wait_for_metric(addr, "outbox_wakeups_total", &swept, |n| n >= 1.0).await;
+    wait_for_metric(addr, "outbox_published_total", &[], |n| n == 6.0).await;
+
+    // Backlog and lag: a row enqueued an hour ago, not due for another.
+    client
+        .execute(
+            "INSERT INTO outbox.messages (exchange, routing_key, payload, created_at, next_attempt_at) \
+             VALUES ($1, '', '{}', now() - interval '1 hour', now() + interval '1 hour')",
+            &[&good.exchange],
+        )
+        .await
+        .expect("insert a waiting row");
+    wait_for_metric(addr, "outbox_pending_messages", &[], |n| n == 1.0).await;
+    wait_for_metric(addr, "outbox_oldest_pending_seconds", &[], |s| s >= 3600.0).await;
+    // Retention (1 s here) deletes the six published rows.
+    wait_for_metric(addr, "outbox_retention_deleted_total", &[], |n| n == 6.0).await;
+
+    let scrape = Scrape::of(addr).await;
+    // Every row claimed once: 5 + 4 + 1; claims that found nothing count too.
+    assert_eq!(scrape.value("outbox_claim_batch_size_sum", &[]), 10.0);
+    assert!(scrape.value("outbox_claim_batch_size_count", &[]) >= 3.0);
+    assert_eq!(scrape.value("outbox_in_flight", &[]), 0.0);
+    let usage = scrape.value("outbox_notification_queue_usage", &[]);
+    assert!((0.0..1.0).contains(&usage), "{usage}");
+    assert_eq!(scrape.value("outbox_outages_total", &[]), 0.0);
+
+    let lines = relay.json_lines();
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["level"].is_string() && l["timestamp"].is_string())
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["level"] == "ERROR"
+                && l["message"].as_str().is_some_and(|m| m.contains("dead"))),
+        "dead letters are logged as errors"
+    );
+    assert_eq!(relay.terminate().await, Some(0));
+}
+
+#[tokio::test]
+async fn relay_readyz_follows_the_broker_and_the_database() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let amqp = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let (relay, addr) = start_relay(&db, &[("OUTBOX_AMQP_URL", &amqp)]).await;
+    let addr = addr.as_str();
+    let ready = || async { get(addr, "/readyz").await };
+    wait_until("ready", || async { ready().await.0 == 200 }).await;
+
+    proxy.cut();
+    wait_until("not ready without RabbitMQ", || async {
+        let (status, body) = ready().await;
+        status == 503 && body.contains("RabbitMQ")
+    })
+    .await;
+    let scrape = Scrape::of(addr).await;
+    assert_eq!(scrape.value("outbox_broker_connected", &[]), 0.0);
+    assert!(scrape.value("outbox_outages_total", &[("server", "rabbitmq")]) >= 1.0);
+    assert_eq!(get(addr, "/healthz").await.0, 200, "alive all the same");
+    proxy.restore();
+    wait_until("ready again", || async { ready().await.0 == 200 }).await;
+    wait_for_metric(addr, "outbox_broker_connected", &[], |v| v == 1.0).await;
+    enqueue(&db.connect().await, &topology.exchange, "", &json!({})).await;
+    assert_eq!(topology.receive(1, PATIENCE).await.len(), 1);
+
+    // Only this test's database refuses connections; its backends go.
+    let admin = connect(&admin_url()).await;
+    let name = &db.name;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} ALLOW_CONNECTIONS false; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+        ))
+        .await
+        .expect("make the database unavailable");
+    wait_until("not ready without PostgreSQL", || async {
+        let (status, body) = ready().await;
+        status == 503 && body.contains("PostgreSQL")
+    })
+    .await;
+    let scrape = Scrape::of(addr).await;
+    assert_eq!(scrape.value("outbox_database_connected", &[]), 0.0);
+    assert!(scrape.value("outbox_outages_total", &[("server", "postgresql")]) >= 1.0);
+    admin
+        .batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+        .await
+        .expect("restore the database");
+    wait_until("ready again", || async { ready().await.0 == 200 }).await;
+    assert_eq!(relay.terminate().await, Some(0));
+}
+
+/// Outbox row headers ─► AMQP headers ─► the consumer's log span, and the
+/// consumer's counters for each way a message can end.
+#[tokio::test]
+async fn traceparent_reaches_the_consumer_log_and_its_counters_move() {
+    let outbox_db = TestDb::with_outbox().await;
+    let dispatch_db = TestDb::empty().await;
+    let settings = dispatch_settings(&dispatch_db);
+    let names = outbox_tests::dispatch::topology(&settings);
+    let env = [
+        ("DISPATCH_LOG_FORMAT", "json"),
+        ("RUST_LOG", "info,dispatch=debug"),
+        ("DISPATCH_MAX_DELIVERIES", "3"),
+        ("DISPATCH_RETRY_BASE_MS", "50"),
+    ];
+    let consumer = Logged::spawn(dispatch_command(&settings, &env));
+    let http = logged_address(&consumer, "database ready, HTTP API listening", "http").await;
+    let http = http.as_str();
+    wait_for_consumers(&names.queue, 1).await;
+    // A copy of what the relay publishes, to read its headers.
+    let broker = connect_broker().await;
+    let tap = unique_name("test_tap_q");
+    let channel = broker.create_channel().await.expect("channel");
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-expires".into(), AMQPValue::LongInt(300_000));
+    channel
+        .queue_declare(
+            tap.as_str().into(),
+            QueueDeclareOptions::default(),
+            arguments,
+        )
+        .await
+        .expect("declare tap");
+    channel
+        .queue_bind(
+            tap.as_str().into(),
+            names.exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind tap");
+    let relay = RunningRelay::start(relay_settings(&outbox_db)).await;
+
+    let order = json!({"orderId": 7, "userName": "zhang", "context": "noodles", "num": 1});
+    let message_id: Uuid = outbox_db
+        .connect()
+        .await
+        .query_one(
+            "SELECT outbox.enqueue($1, '', $2::jsonb, $3::jsonb)",
+            &[
+                &names.exchange,
+                &order,
+                &json!({ "traceparent": TRACEPARENT }),
+            ],
+        )
+        .await
+        .expect("enqueue")
+        .get(0);
+    let reader = Topology {
+        exchange: names.exchange.clone(),
+        queue: tap,
+        connection: broker,
+        channel,
+    };
+    let copy = reader.receive(1, PATIENCE).await;
+    let headers = copy[0].properties.headers().as_ref().expect("headers");
+    assert_eq!(
+        headers.inner().get("traceparent"),
+        Some(&AMQPValue::LongString(TRACEPARENT.into()))
+    );
+    let line = consumer
+        .wait_for_line("the trace id", |line| {
+            line["span"]["trace_id"] == TRACE_ID && line["outcome"] == "processed"
+        })
+        .await;
+    assert_eq!(line["span"]["message_id"], json!(message_id.to_string()));
+    assert_eq!(line["span"]["traceparent"], TRACEPARENT);
+    relay.stop().await;
+
+    // The same message again, a poison one, and one that keeps failing.
+    dispatch_db
+        .connect()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION dispatch.flaky() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.order_id = 666 THEN \
+                 RAISE EXCEPTION 'order 666 conflicts' USING ERRCODE = 'serialization_failure'; \
+             END IF; RETURN NEW; END $$; \
+             CREATE TRIGGER flaky BEFORE INSERT ON dispatch.deliveries \
+             FOR EACH ROW EXECUTE FUNCTION dispatch.flaky()",
+        )
+        .await
+        .expect("flaky trigger");
+    let publisher = Publisher::new(&names.exchange).await;
+    publisher.order_as(7, message_id).await;
+    publisher
+        .raw(b"not an order", lapin::BasicProperties::default())
+        .await;
+    publisher.order(666).await;
+    let outcomes = [
+        ("processed", 1.0),
+        ("duplicate", 1.0),
+        ("retried", 2.0),
+        ("dead_lettered", 2.0),
+    ];
+    for (outcome, expected) in outcomes {
+        let labels = [("outcome", outcome)];
+        wait_for_metric(http, "dispatch_messages_total", &labels, |n| n == expected).await;
+    }
+    // Received: 4 messages, two of them redelivered from the retry queue.
+    let scrape = Scrape::of(http).await;
+    assert_eq!(scrape.value("dispatch_received_total", &[]), 6.0);
+    assert_eq!(scrape.value("dispatch_handle_seconds_count", &[]), 5.0);
+    assert_eq!(scrape.value("dispatch_consuming", &[]), 1.0);
+    assert_eq!(scrape.value("dispatch_database_available", &[]), 1.0);
+    assert_eq!(
+        count(&dispatch_db, "SELECT count(*) FROM dispatch.deliveries").await,
+        1
+    );
+    assert!(consumer.json_lines().iter().all(|l| l["level"].is_string()));
+    assert_eq!(consumer.terminate().await, Some(0));
+}
