@@ -13,7 +13,7 @@ use outbox_tests::dispatch::{
     PATIENCE, Publisher, count, dispatch_command, test_settings as dispatch_settings,
     wait_for_consumers, wait_until,
 };
-use outbox_tests::observe::{Logged, Scrape, logged_address, wait_for_metric};
+use outbox_tests::observe::{Logged, Scrape, documented_metrics, logged_address, wait_for_metric};
 use outbox_tests::proxy::Proxy;
 use outbox_tests::relay::{RunningRelay, relay_command, test_settings as relay_settings};
 use outbox_tests::*;
@@ -203,6 +203,11 @@ async fn relay_metrics_move_with_their_events_and_logs_are_json() {
     let usage = scrape.value("outbox_notification_queue_usage", &[]);
     assert!((0.0..1.0).contains(&usage), "{usage}");
     assert_eq!(scrape.value("outbox_outages_total", &[]), 0.0);
+    let documented = documented_metrics("outbox_");
+    assert!(documented.len() >= 15, "{documented:?}");
+    for name in &documented {
+        assert!(scrape.has(name), "{name} is documented but not served");
+    }
 
     let lines = relay.json_lines();
     assert!(
@@ -389,6 +394,9 @@ async fn traceparent_reaches_the_consumer_log_and_its_counters_move() {
     assert_eq!(scrape.value("dispatch_handle_seconds_count", &[]), 5.0);
     assert_eq!(scrape.value("dispatch_consuming", &[]), 1.0);
     assert_eq!(scrape.value("dispatch_database_available", &[]), 1.0);
+    for name in documented_metrics("dispatch_") {
+        assert!(scrape.has(&name), "{name} is documented but not served");
+    }
     assert_eq!(
         count(&dispatch_db, "SELECT count(*) FROM dispatch.deliveries").await,
         1

@@ -1,7 +1,7 @@
 //! Watching a child process as an operator would: its JSON log lines
 //! (stderr, `--log-format json`) and its Prometheus page.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -152,4 +152,50 @@ pub async fn wait_for_metric(
         Scrape::of(addr).await.sum(name, labels).is_some_and(&holds)
     })
     .await;
+}
+
+/// The metric names starting with `prefix` (`outbox_`, `dispatch_`) in
+/// `text`; histogram series (`_bucket`, `_sum`, `_count`) by their base name.
+pub fn metric_names(text: &str, prefix: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(prefix) {
+        let preceded = rest[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+            .unwrap_or(tail.len());
+        if !preceded {
+            let name = &tail[..end];
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name);
+            names.insert(base.to_string());
+        }
+        rest = &tail[end.max(1)..];
+    }
+    names
+}
+
+/// The metrics README § "Metrics, health and logs" documents.
+pub fn documented_metrics(prefix: &str) -> BTreeSet<String> {
+    let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
+    let text = std::fs::read_to_string(readme).expect("read README.md");
+    let start = text
+        .find("## Metrics, health and logs")
+        .expect("README has a metrics section");
+    let section = &text[start..];
+    let end = section[3..].find("\n## ").map_or(section.len(), |i| i + 3);
+    metric_names(&section[..end], prefix)
+}
+
+impl Scrape {
+    /// Whether `name` is on the page (a histogram by its `_count`).
+    pub fn has(&self, name: &str) -> bool {
+        self.sum(name, &[]).is_some() || self.sum(&format!("{name}_count"), &[]).is_some()
+    }
 }
