@@ -5,6 +5,23 @@ use std::process::Command;
 
 use outbox_tests::*;
 
+/// Every migration in `sql/outbox`, in version order (`V1__outbox`, ...):
+/// what a fresh database gets.
+fn outbox_migrations() -> Vec<String> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../sql/outbox");
+    let mut names: Vec<(u32, String)> = std::fs::read_dir(dir)
+        .expect("read sql/outbox")
+        .filter_map(|entry| {
+            let name = entry.ok()?.file_name().into_string().ok()?;
+            let stem = name.strip_suffix(".sql")?.to_string();
+            let version = stem.strip_prefix('V')?.split_once("__")?.0.parse().ok()?;
+            Some((version, stem))
+        })
+        .collect();
+    names.sort();
+    names.into_iter().map(|(_, stem)| stem).collect()
+}
+
 async fn outbox_tables(db: &TestDb) -> Vec<String> {
     let client = db.connect().await;
     client
@@ -26,7 +43,7 @@ async fn migrating_an_empty_database_twice_applies_once() {
     let mut client = db.connect().await;
 
     let first = outbox::migrate(&mut client).await.expect("first migrate");
-    assert_eq!(first, ["V1__outbox", "V2__capture", "V3__roles"]);
+    assert_eq!(first, outbox_migrations());
     let second = outbox::migrate(&mut client).await.expect("second migrate");
     assert!(second.is_empty(), "second run applied {second:?}");
 
@@ -50,10 +67,7 @@ async fn concurrent_migrations_both_succeed() {
     let (ra, rb) = tokio::join!(outbox::migrate(&mut a), outbox::migrate(&mut b));
     let mut applied = [ra.expect("a"), rb.expect("b")];
     applied.sort();
-    assert_eq!(
-        applied,
-        [vec![], vec!["V1__outbox", "V2__capture", "V3__roles"]]
-    );
+    assert_eq!(applied, [vec![], outbox_migrations()]);
 }
 
 #[tokio::test]
@@ -65,14 +79,14 @@ async fn psql_installs_the_same_schema_and_migrate_then_adopts_it() {
     let db = TestDb::empty().await;
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../sql/outbox");
     for _ in 0..2 {
-        let status = Command::new("psql")
-            .args([&db.url, "-q", "-v", "ON_ERROR_STOP=1"])
-            .args(["-f", &format!("{dir}/V1__outbox.sql")])
-            .args(["-f", &format!("{dir}/V2__capture.sql")])
-            .args(["-f", &format!("{dir}/V3__roles.sql")])
-            .status()
-            .expect("run psql");
-        assert!(status.success(), "psql -f failed");
+        for migration in outbox_migrations() {
+            let sql = format!("{dir}/{migration}.sql");
+            let status = Command::new("psql")
+                .args([&db.url, "-q", "-v", "ON_ERROR_STOP=1", "-f", &sql])
+                .status()
+                .expect("run psql");
+            assert!(status.success(), "psql -f {sql} failed");
+        }
     }
     let client = db.connect().await;
     let id: uuid::Uuid = client
@@ -86,7 +100,7 @@ async fn psql_installs_the_same_schema_and_migrate_then_adopts_it() {
     let applied = outbox::migrate(&mut client)
         .await
         .expect("migrate after psql");
-    assert_eq!(applied, ["V1__outbox", "V2__capture", "V3__roles"]);
+    assert_eq!(applied, outbox_migrations());
     let kept: i64 = client
         .query_one(
             "SELECT count(*) FROM outbox.messages WHERE message_id = $1",
