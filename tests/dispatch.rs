@@ -359,13 +359,7 @@ async fn dispatch_waits_out_an_unavailable_database() {
 
     let admin = connect(&admin_url()).await;
     let name = &fixture.db.name;
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {name} ALLOW_CONNECTIONS false; \
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
-        ))
-        .await
-        .expect("make the database unavailable");
+    fixture.db.refuse_connections().await;
     let backends = format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{name}'");
     wait_until("its connections are gone", || async {
         let row = admin.query_one(&backends, &[]).await.expect("count");
@@ -394,10 +388,7 @@ async fn dispatch_waits_out_an_unavailable_database() {
     assert_eq!(ready(&names.dead_letter_queue).await, 0);
     assert_eq!(ready(&names.retry_queue).await, 0, "an outage is no retry");
 
-    admin
-        .batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
-        .await
-        .expect("restore the database");
+    fixture.db.allow_connections().await;
     fixture.wait_for_deliveries(i64::from(ORDERS) + 1).await;
     assert_eq!(fixture.consumer.get("/readyz").await.0, 200);
     let dead_letter_queue = fixture.names.dead_letter_queue.clone();
@@ -486,18 +477,7 @@ async fn dispatch_reconnects_when_its_broker_connection_is_cut() {
 /// the others land.
 async fn dead_letters_a_message_that_keeps_failing(queue_type: &str) {
     let db = dispatch_db().await;
-    db.connect()
-        .await
-        .batch_execute(
-            "CREATE FUNCTION dispatch.flaky() RETURNS trigger LANGUAGE plpgsql AS $$ \
-             BEGIN IF NEW.order_id = 666 THEN \
-                 RAISE EXCEPTION 'order 666 conflicts' USING ERRCODE = 'serialization_failure'; \
-             END IF; RETURN NEW; END $$; \
-             CREATE TRIGGER flaky BEFORE INSERT ON dispatch.deliveries \
-             FOR EACH ROW EXECUTE FUNCTION dispatch.flaky()",
-        )
-        .await
-        .expect("flaky trigger");
+    fail_order_666(&db).await;
     let mut settings = test_settings(&db);
     settings.queue_type = Some(queue_type.into());
     let fixture = Fixture::start_with(db, settings).await;

@@ -10,8 +10,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 use outbox_tests::broker::{Topology, connect as connect_broker};
 use outbox_tests::dispatch::{
-    PATIENCE, Publisher, count, dispatch_command, test_settings as dispatch_settings,
-    wait_for_consumers, wait_until,
+    PATIENCE, Publisher, count, dispatch_command, fail_order_666,
+    test_settings as dispatch_settings, wait_for_consumers, wait_until,
 };
 use outbox_tests::observe::{Logged, Scrape, documented_metrics, logged_address, wait_for_metric};
 use outbox_tests::proxy::Proxy;
@@ -48,11 +48,35 @@ async fn enqueue(client: &Client, exchange: &str, routing_key: &str, payload: &V
         .get(0)
 }
 
+/// A new queue (it expires unused) with `arguments`, bound to `exchange`.
+async fn bound_queue(channel: &Channel, exchange: &str, mut arguments: FieldTable) -> String {
+    let queue = unique_name("test_q");
+    arguments.insert("x-expires".into(), AMQPValue::LongInt(300_000));
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            arguments,
+        )
+        .await
+        .expect("declare queue");
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    queue
+}
+
 /// An exchange whose only queue is full and rejects publishes: the broker
 /// nacks every message sent to it.
 async fn nacking_exchange(channel: &Channel) -> String {
     let exchange = unique_name("test_nack_ex");
-    let queue = unique_name("test_nack_q");
     let auto_delete = ExchangeDeclareOptions {
         auto_delete: true,
         ..ExchangeDeclareOptions::default()
@@ -72,25 +96,7 @@ async fn nacking_exchange(channel: &Channel) -> String {
         "x-overflow".into(),
         AMQPValue::LongString("reject-publish".into()),
     );
-    arguments.insert("x-expires".into(), AMQPValue::LongInt(300_000));
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions::default(),
-            arguments,
-        )
-        .await
-        .expect("declare queue");
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
+    bound_queue(channel, &exchange, arguments).await;
     exchange
 }
 
@@ -261,15 +267,7 @@ async fn relay_readyz_follows_the_broker_and_the_database() {
     assert_eq!(topology.receive(1, PATIENCE).await.len(), 1);
 
     // Only this test's database refuses connections; its backends go.
-    let admin = connect(&admin_url()).await;
-    let name = &db.name;
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {name} ALLOW_CONNECTIONS false; \
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
-        ))
-        .await
-        .expect("make the database unavailable");
+    db.refuse_connections().await;
     wait_until("not ready without PostgreSQL", || async {
         let (status, body) = ready().await;
         status == 503 && body.contains("PostgreSQL")
@@ -278,10 +276,7 @@ async fn relay_readyz_follows_the_broker_and_the_database() {
     let scrape = Scrape::of(addr).await;
     assert_eq!(scrape.value("outbox_database_connected", &[]), 0.0);
     assert!(scrape.value("outbox_outages_total", &[("server", "postgresql")]) >= 1.0);
-    admin
-        .batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
-        .await
-        .expect("restore the database");
+    db.allow_connections().await;
     wait_until("ready again", || async { ready().await.0 == 200 }).await;
     assert_eq!(relay.terminate().await, Some(0));
 }
@@ -306,28 +301,8 @@ async fn traceparent_reaches_the_consumer_log_and_its_counters_move() {
     wait_for_consumers(&names.queue, 1).await;
     // A copy of what the relay publishes, to read its headers.
     let broker = connect_broker().await;
-    let tap = unique_name("test_tap_q");
     let channel = broker.create_channel().await.expect("channel");
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-expires".into(), AMQPValue::LongInt(300_000));
-    channel
-        .queue_declare(
-            tap.as_str().into(),
-            QueueDeclareOptions::default(),
-            arguments,
-        )
-        .await
-        .expect("declare tap");
-    channel
-        .queue_bind(
-            tap.as_str().into(),
-            names.exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind tap");
+    let tap = bound_queue(&channel, &names.exchange, FieldTable::default()).await;
     let relay = RunningRelay::start(relay_settings(&outbox_db)).await;
 
     let order = json!({"orderId": 7, "userName": "zhang", "context": "noodles", "num": 1});
@@ -367,19 +342,7 @@ async fn traceparent_reaches_the_consumer_log_and_its_counters_move() {
     relay.stop().await;
 
     // The same message again, a poison one, and one that keeps failing.
-    dispatch_db
-        .connect()
-        .await
-        .batch_execute(
-            "CREATE FUNCTION dispatch.flaky() RETURNS trigger LANGUAGE plpgsql AS $$ \
-             BEGIN IF NEW.order_id = 666 THEN \
-                 RAISE EXCEPTION 'order 666 conflicts' USING ERRCODE = 'serialization_failure'; \
-             END IF; RETURN NEW; END $$; \
-             CREATE TRIGGER flaky BEFORE INSERT ON dispatch.deliveries \
-             FOR EACH ROW EXECUTE FUNCTION dispatch.flaky()",
-        )
-        .await
-        .expect("flaky trigger");
+    fail_order_666(&dispatch_db).await;
     let publisher = Publisher::new(&names.exchange).await;
     publisher.order_as(7, message_id).await;
     publisher

@@ -160,6 +160,23 @@ where
     }
 }
 
+/// Makes every insert of order 666 into `dispatch.deliveries` fail with a
+/// serialization failure: a message the consumer retries, then dead-letters.
+pub async fn fail_order_666(db: &TestDb) {
+    db.connect()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION dispatch.flaky() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.order_id = 666 THEN \
+                 RAISE EXCEPTION 'order 666 conflicts' USING ERRCODE = 'serialization_failure'; \
+             END IF; RETURN NEW; END $$; \
+             CREATE TRIGGER flaky BEFORE INSERT ON dispatch.deliveries \
+             FOR EACH ROW EXECUTE FUNCTION dispatch.flaky()",
+        )
+        .await
+        .expect("flaky trigger");
+}
+
 /// `SELECT count(*) ...` on `db`.
 pub async fn count(db: &TestDb, sql: &str) -> i64 {
     db.connect()

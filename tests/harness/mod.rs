@@ -65,6 +65,37 @@ impl TestDb {
     pub async fn connect(&self) -> Client {
         connect(&self.url).await
     }
+
+    /// Takes this database (only) away, as an outage would: new connections
+    /// are refused and the open ones terminated (separate statements: in
+    /// one implicit transaction, the terminated clients could reconnect
+    /// before the ALTER commits).
+    pub async fn refuse_connections(&self) {
+        let name = &self.name;
+        let admin = connect(&admin_url()).await;
+        admin
+            .batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
+            .await
+            .expect("refuse connections");
+        admin
+            .batch_execute(&format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+            ))
+            .await
+            .expect("terminate connections");
+    }
+
+    /// Ends [`TestDb::refuse_connections`].
+    pub async fn allow_connections(&self) {
+        connect(&admin_url())
+            .await
+            .batch_execute(&format!(
+                "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+                self.name
+            ))
+            .await
+            .expect("restore the database");
+    }
 }
 
 impl Drop for TestDb {
