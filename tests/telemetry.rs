@@ -15,7 +15,7 @@ use outbox_tests::dispatch::{
 };
 use outbox_tests::observe::{Logged, Scrape, documented_metrics, logged_address, wait_for_metric};
 use outbox_tests::proxy::Proxy;
-use outbox_tests::relay::{RunningRelay, relay_command, test_settings as relay_settings};
+use outbox_tests::relay::{RunningRelay, relay_run_command, test_settings as relay_settings};
 use outbox_tests::*;
 use serde_json::{Value, json};
 use tokio_postgres::Client;
@@ -26,7 +26,7 @@ const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
 /// A relay child process logging JSON; returns it and its endpoint address.
 async fn start_relay(db: &TestDb, env: &[(&str, &str)]) -> (Logged, String) {
-    let mut command = relay_command(db, env);
+    let mut command = relay_run_command(db, env);
     command.arg("--log-format").arg("json");
     let relay = Logged::spawn(command);
     let addr = logged_address(&relay, "serving /metrics, /healthz and /readyz", "addr").await;

@@ -53,11 +53,13 @@ impl RunningRelay {
 
 /// `outbox-relay run` as a child process, with `env` on top of the test settings.
 pub fn spawn_relay_process(db: &TestDb, env: &[(&str, &str)]) -> Child {
-    relay_command(db, env).spawn().expect("spawn outbox-relay")
+    relay_run_command(db, env)
+        .spawn()
+        .expect("spawn outbox-relay")
 }
 
 /// The command [`spawn_relay_process`] runs, to adjust before spawning.
-pub fn relay_command(db: &TestDb, env: &[(&str, &str)]) -> Command {
+pub fn relay_run_command(db: &TestDb, env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(workspace_binary("outbox-relay"));
     command
         .arg("run")
