@@ -219,8 +219,13 @@ async fn relay_metrics_move_with_their_events_and_logs_are_json() {
     assert_eq!(scrape.value("outbox_outages_total", &[]), 0.0);
     let documented = documented_metrics("outbox_");
     assert!(documented.len() >= 15, "{documented:?}");
+    let (_, page) = get(addr, "/metrics").await;
     for name in &documented {
         assert!(scrape.has(name), "{name} is documented but not served");
+        assert!(
+            page.contains(&format!("# HELP {name} ")),
+            "{name} has no HELP"
+        );
     }
 
     let lines = relay.json_lines();

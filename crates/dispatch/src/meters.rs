@@ -52,6 +52,7 @@ pub struct Meters {
 impl Meters {
     /// Registers with the installed recorder; without one, all are no-ops.
     pub fn new() -> Meters {
+        describe();
         Meters {
             received: counter!("dispatch_received_total"),
             settled: Settled::ALL
@@ -64,6 +65,30 @@ impl Meters {
     pub fn settled(&self, outcome: Settled) -> &Counter {
         &self.settled[outcome as usize]
     }
+}
+
+/// `# HELP` lines, so `/metrics` explains itself (README has the alerts).
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "dispatch_received_total",
+        "Deliveries received, redeliveries included."
+    );
+    describe_counter!(
+        "dispatch_messages_total",
+        "How deliveries ended: processed, duplicate, retried, dead_lettered, given_back."
+    );
+    describe_histogram!(
+        "dispatch_handle_seconds",
+        metrics::Unit::Seconds,
+        "One transaction: inbox row and handler."
+    );
+    describe_gauge!("dispatch_in_flight", "Deliveries in hand.");
+    describe_gauge!("dispatch_consuming", "1 while subscribed to the queue.");
+    describe_gauge!(
+        "dispatch_database_available",
+        "1 while the dispatch database answers."
+    );
 }
 
 impl Default for Meters {

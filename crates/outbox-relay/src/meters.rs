@@ -93,6 +93,7 @@ impl Meters {
     /// Registers with the installed recorder (see `telemetry::prometheus`);
     /// without one every handle is a no-op.
     pub fn new() -> Meters {
+        describe();
         Meters {
             published: counter!("outbox_published_total"),
             failures: Fault::ALL
@@ -123,6 +124,61 @@ impl Meters {
     pub fn wakeup(&self, cause: Wake, found_work: bool) -> &Counter {
         &self.wakeups[cause as usize][usize::from(found_work)]
     }
+}
+
+/// `# HELP` lines, so `/metrics` explains itself (README has the alerts).
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!("outbox_published_total", "Publishes the broker confirmed.");
+    describe_counter!(
+        "outbox_publish_failures_total",
+        "Failed publishes by reason; all but connection_lost count an attempt."
+    );
+    describe_counter!(
+        "outbox_dead_letters_total",
+        "Messages this relay declared dead (out of attempts)."
+    );
+    describe_counter!(
+        "outbox_wakeups_total",
+        "Drains by what started them, and whether they found work."
+    );
+    describe_counter!(
+        "outbox_outages_total",
+        "Pauses because PostgreSQL or RabbitMQ was lost."
+    );
+    describe_counter!(
+        "outbox_retention_deleted_total",
+        "Published rows deleted by retention."
+    );
+    describe_gauge!("outbox_in_flight", "Publishes awaiting a broker confirm.");
+    describe_gauge!(
+        "outbox_pending_messages",
+        "Messages waiting to be published (counted up to 1,000,000)."
+    );
+    describe_gauge!(
+        "outbox_oldest_pending_seconds",
+        "Age of the oldest message waiting to be published: the lag."
+    );
+    describe_gauge!("outbox_dead_messages", "Rows in outbox.dead_letters.");
+    describe_gauge!(
+        "outbox_notification_queue_usage",
+        "pg_notification_queue_usage() of the cluster, 0 to 1."
+    );
+    describe_gauge!("outbox_database_connected", "1 while PostgreSQL answers.");
+    describe_gauge!("outbox_broker_connected", "1 while RabbitMQ is connected.");
+    describe_gauge!(
+        "outbox_listener_connected",
+        "1 while the LISTEN connection for wake-ups is up."
+    );
+    describe_histogram!(
+        "outbox_claim_batch_size",
+        "Rows per claim query (0: found nothing)."
+    );
+    describe_histogram!(
+        "outbox_enqueue_to_confirm_seconds",
+        metrics::Unit::Seconds,
+        "From the enqueuing transaction's now() to the broker's confirm."
+    );
 }
 
 impl Default for Meters {
