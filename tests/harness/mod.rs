@@ -5,10 +5,12 @@
 //! `TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`)
 //! names a role that may create databases; `TEST_AMQP_URL` the broker.
 
+pub mod books;
 pub mod broker;
 pub mod dispatch;
 pub mod http;
 pub mod observe;
+pub mod pipeline;
 pub mod proxy;
 pub mod receivers;
 pub mod relay;

@@ -23,6 +23,10 @@ use crate::store::Claimed;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Frame bytes kept for everything in a content header but the headers
+/// (frame and class fields, message id, content type of at most 255 bytes,
+/// delivery mode, timestamp).
+const PROPERTIES_ROOM: usize = 1024;
 /// How long an exchange checked to exist is trusted before checking again.
 const EXCHANGE_CACHE_TTL: Duration = Duration::from_secs(60);
 
@@ -105,6 +109,9 @@ impl Broker {
                 ),
             )));
         }
+        if let Some(problem) = header_problem(&row.headers, self.header_budget()) {
+            return Ok(Pending::Done(Outcome::Rejected(Fault::BadHeaders, problem)));
+        }
         if !self.exchange_exists(&row.exchange).await? {
             return Ok(Pending::Done(Outcome::Rejected(
                 Fault::NoExchange,
@@ -126,6 +133,15 @@ impl Broker {
             .await
             .map_err(|e| e.to_string())?;
         Ok(Pending::Confirm(confirm))
+    }
+
+    /// Bytes the encoded headers may take: the content header must fit in
+    /// one frame, and the other properties and the framing need some room.
+    fn header_budget(&self) -> usize {
+        match self.connection.configuration().frame_max() {
+            0 => usize::MAX,
+            frame_max => (frame_max as usize).saturating_sub(PROPERTIES_ROOM),
+        }
     }
 
     async fn exchange_exists(&mut self, exchange: &str) -> Result<bool, String> {
@@ -238,6 +254,58 @@ pub fn field_table(headers: &Value) -> FieldTable {
     table
 }
 
+/// Why `headers` cannot be sent, if they cannot. AMQP field names are short
+/// strings (at most 255 bytes): lapin would write a longer one with a
+/// truncated length, a malformed frame on which the broker closes the whole
+/// connection, so the row would fail every publish in flight and come back
+/// forever. A content header must also fit in one frame. Both are the
+/// message's fault, so they count as attempts.
+pub fn header_problem(headers: &Value, budget: usize) -> Option<String> {
+    if let Some(name) = long_field_name(headers) {
+        let shown: String = name.chars().take(40).collect();
+        return Some(format!(
+            "header name `{shown}…` is {} bytes; AMQP allows 255",
+            name.len()
+        ));
+    }
+    let size = encoded_size(headers);
+    (size > budget).then(|| {
+        format!("headers take {size} bytes encoded, more than the {budget} a frame leaves them")
+    })
+}
+
+fn long_field_name(value: &Value) -> Option<&str> {
+    match value {
+        Value::Object(map) => map.iter().find_map(|(name, inner)| {
+            if name.len() > 255 {
+                Some(name.as_str())
+            } else {
+                long_field_name(inner)
+            }
+        }),
+        Value::Array(items) => items.iter().find_map(long_field_name),
+        _ => None,
+    }
+}
+
+/// Bytes `value` takes as an AMQP field value (type tag included), as
+/// [`amqp_value`] converts it.
+fn encoded_size(value: &Value) -> usize {
+    1 + match value {
+        Value::Null => 0,
+        Value::Bool(_) => 1,
+        Value::Number(_) => 8,
+        Value::String(s) => 4 + s.len(),
+        Value::Array(items) => 4 + items.iter().map(encoded_size).sum::<usize>(),
+        Value::Object(map) => {
+            4 + map
+                .iter()
+                .map(|(name, inner)| 1 + name.len() + encoded_size(inner))
+                .sum::<usize>()
+        }
+    }
+}
+
 fn amqp_value(value: &Value) -> AMQPValue {
     match value {
         Value::Null => AMQPValue::Void,
@@ -267,6 +335,18 @@ mod tests {
         assert_eq!(inner.get("b"), Some(&AMQPValue::LongString("x".into())));
         assert!(matches!(inner.get("c"), Some(AMQPValue::FieldArray(_))));
         assert!(matches!(inner.get("d"), Some(AMQPValue::FieldTable(_))));
+    }
+
+    #[test]
+    fn headers_that_cannot_be_framed_are_the_messages_fault() {
+        let fine = serde_json::json!({"tenant": "acme", "n": [1, 2]});
+        assert_eq!(header_problem(&fine, 1000), None);
+        let long_name = serde_json::json!({"outer": {"k".repeat(256): 1}});
+        let problem = header_problem(&long_name, 1_000_000).expect("name too long");
+        assert!(problem.contains("256 bytes"), "{problem}");
+        let big = serde_json::json!({"blob": "x".repeat(5000)});
+        let problem = header_problem(&big, 4096).expect("too big");
+        assert!(problem.contains("more than the 4096"), "{problem}");
     }
 
     #[test]

@@ -18,17 +18,21 @@ pub enum Fault {
     NoExchange,
     /// Its payload is over `OUTBOX_MAX_PAYLOAD_BYTES`.
     Oversized,
+    /// Its headers cannot be framed: a field name over 255 bytes, or more
+    /// than a frame holds.
+    BadHeaders,
     /// The connection or channel failed before the confirm (not the
     /// message's fault: no attempt is counted, the row is published again).
     ConnectionLost,
 }
 
 impl Fault {
-    const ALL: [Fault; 5] = [
+    const ALL: [Fault; 6] = [
         Fault::Nacked,
         Fault::Returned,
         Fault::NoExchange,
         Fault::Oversized,
+        Fault::BadHeaders,
         Fault::ConnectionLost,
     ];
 
@@ -38,6 +42,7 @@ impl Fault {
             Fault::Returned => "returned",
             Fault::NoExchange => "no_exchange",
             Fault::Oversized => "oversized",
+            Fault::BadHeaders => "bad_headers",
             Fault::ConnectionLost => "connection_lost",
         }
     }

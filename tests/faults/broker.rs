@@ -1,0 +1,61 @@
+//! Scenario 3: RabbitMQ closes every connection, repeatedly; and,
+//! separately, RabbitMQ is stopped and started again. Both disturb every
+//! user of the shared broker, hence `serial_*`.
+
+use std::process::Command;
+use std::time::Duration;
+
+use outbox_tests::books::{Expected, settle_and_check, start_load};
+use outbox_tests::pipeline::Pipeline;
+
+fn rabbitmqctl(args: &[&str]) {
+    let output = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("run rabbitmqctl");
+    assert!(output.status.success(), "rabbitmqctl {args:?}: {output:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_faults_broker_closes_every_connection() {
+    let mut pipeline = Pipeline::start(1, &[], &[]).await;
+    let load = start_load(&pipeline.app.url, &pipeline.names.exchange);
+    let mut closes = 0;
+    while !load.is_finished() {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        rabbitmqctl(&["close_all_connections", "fault suite: every connection cut"]);
+        closes += 1;
+    }
+    let load = load.await.expect("load");
+    assert!(closes >= 3, "only {closes} cuts");
+    settle_and_check(
+        &mut pipeline,
+        &load,
+        &Expected::default(),
+        "3a. RabbitMQ closes every connection",
+        &format!("{closes} cuts of all connections"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_faults_broker_stopped_and_started() {
+    let mut pipeline = Pipeline::start(1, &[], &[]).await;
+    let load = start_load(&pipeline.app.url, &pipeline.names.exchange);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stopped = std::time::Instant::now();
+    rabbitmqctl(&["stop_app"]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    rabbitmqctl(&["start_app"]);
+    rabbitmqctl(&["await_startup"]);
+    let down = stopped.elapsed();
+    let load = load.await.expect("load");
+    settle_and_check(
+        &mut pipeline,
+        &load,
+        &Expected::default(),
+        "3b. RabbitMQ stopped and started",
+        &format!("1 stop/start, {:.1} s down", down.as_secs_f64()),
+    )
+    .await;
+}

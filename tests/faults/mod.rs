@@ -1,0 +1,14 @@
+//! The fault suite (issue 7): the whole pipeline (order writes → relay →
+//! RabbitMQ → dispatch consumer → dispatch database) under 10,000 orders
+//! at a steady rate while a fault repeats, then the books (harness
+//! `books`). Scenarios that stop the broker or close every broker
+//! connection are `serial_*`; the rest fault only their own processes and
+//! databases and run alongside other tests.
+
+mod bad_input;
+mod broker;
+mod consumer;
+mod database;
+mod long_transaction;
+mod poison;
+mod relays;

@@ -1,0 +1,210 @@
+//! The whole pipeline for fault scenarios: an order database with the
+//! outbox, relays and a dispatch consumer as child processes (so they can
+//! be SIGKILLed), the dispatch database, and an audit queue bound to the
+//! dispatch exchange that records what the broker routed, in order.
+
+use std::net::TcpListener;
+use std::process::Child;
+use std::time::Duration;
+
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+
+use crate::broker::connect;
+use crate::dispatch::{spawn_dispatch_process, test_settings, topology, wait_for_consumers};
+use crate::relay::spawn_relay_process;
+use crate::{TestDb, unique_name};
+
+/// Relay settings for the scenarios: a short lease, so rows leased by a
+/// killed relay come back quickly, and few attempts for unroutable rows.
+pub const RELAY_ENV: &[(&str, &str)] = &[
+    ("OUTBOX_LEASE_MS", "2000"),
+    ("OUTBOX_MAX_ATTEMPTS", "3"),
+    ("OUTBOX_RETRY_BASE_MS", "50"),
+    ("OUTBOX_RETRY_MAX_MS", "400"),
+    ("RUST_LOG", "error"),
+];
+
+pub struct Pipeline {
+    /// The order service's database: `orders` and the outbox.
+    pub app: TestDb,
+    pub dispatch_db: TestDb,
+    pub dispatch: ::dispatch::Settings,
+    pub names: ::dispatch::Topology,
+    /// Bound to the dispatch exchange: every routed copy, in broker order.
+    pub audit_queue: String,
+    pub relays: Vec<Child>,
+    pub consumer: Child,
+    /// The consumer's HTTP API (`/readyz`).
+    pub consumer_http: String,
+    relay_env: Vec<(String, String)>,
+    consumer_env: Vec<(String, String)>,
+}
+
+impl Pipeline {
+    /// Starts `relays` relays (with [`RELAY_ENV`] and `relay_env` on top)
+    /// and one consumer (`consumer_env` on top of the test settings).
+    pub async fn start(
+        relays: usize,
+        relay_env: &[(&str, &str)],
+        consumer_env: &[(&str, &str)],
+    ) -> Pipeline {
+        let app = TestDb::empty().await;
+        let target = outbox_relay::db::parse_url(&app.url, None).expect("app url");
+        orders::migrate(&target).await.expect("migrate orders");
+        let dispatch_db = TestDb::empty().await;
+        let dispatch = test_settings(&dispatch_db);
+        let names = topology(&dispatch);
+        let owned = |env: &[(&str, &str)]| -> Vec<(String, String)> {
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let mut relay_env_all = owned(RELAY_ENV);
+        relay_env_all.extend(owned(relay_env));
+        let consumer_http = free_address();
+        let mut consumer_env_all = owned(&[
+            ("DISPATCH_MAX_DELIVERIES", "3"),
+            ("DISPATCH_RETRY_BASE_MS", "50"),
+            ("DISPATCH_RETRY_MAX_MS", "200"),
+            ("DISPATCH_PREFETCH", "32"),
+            ("RUST_LOG", "error"),
+        ]);
+        consumer_env_all.extend(owned(consumer_env));
+        consumer_env_all.push(("DISPATCH_HTTP_ADDR".into(), consumer_http.clone()));
+        let mut pipeline = Pipeline {
+            app,
+            dispatch_db,
+            consumer: spawn_dispatch_process(&dispatch, &borrowed(&consumer_env_all)),
+            dispatch,
+            names,
+            audit_queue: unique_name("audit_q"),
+            relays: Vec::new(),
+            consumer_http,
+            relay_env: relay_env_all,
+            consumer_env: consumer_env_all,
+        };
+        wait_for_consumers(&pipeline.names.queue, 1).await;
+        pipeline.declare_audit_queue().await;
+        for _ in 0..relays {
+            let relay = pipeline.spawn_relay();
+            pipeline.relays.push(relay);
+        }
+        pipeline
+    }
+
+    pub fn spawn_relay(&self) -> Child {
+        spawn_relay_process(&self.app, &borrowed(&self.relay_env))
+    }
+
+    /// SIGKILLs relay `index` and starts a new one in its place.
+    pub fn kill_and_restart_relay(&mut self, index: usize) {
+        kill(&mut self.relays[index]);
+        self.relays[index] = self.spawn_relay();
+    }
+
+    /// SIGKILLs the consumer, deliveries in hand, and starts a new one.
+    pub fn kill_and_restart_consumer(&mut self) {
+        kill(&mut self.consumer);
+        self.consumer = spawn_dispatch_process(&self.dispatch, &borrowed(&self.consumer_env));
+    }
+
+    async fn declare_audit_queue(&self) {
+        let connection = connect().await;
+        let channel = connection.create_channel().await.expect("channel");
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-expires".into(), AMQPValue::LongInt(300_000));
+        channel
+            .queue_declare(
+                self.audit_queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                arguments,
+            )
+            .await
+            .expect("declare audit queue");
+        channel
+            .queue_bind(
+                self.audit_queue.as_str().into(),
+                self.names.exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind audit queue");
+        let _ = connection.close(200, "done".into()).await;
+    }
+
+    /// Every child still running, the consumer ready: the health check
+    /// after a scenario (a probe message through the whole pipeline is the
+    /// other half, in `books`).
+    pub async fn assert_healthy(&mut self) {
+        for relay in &mut self.relays {
+            assert!(
+                matches!(relay.try_wait(), Ok(None)),
+                "a relay exited: {:?}",
+                relay.try_wait()
+            );
+        }
+        assert!(
+            matches!(self.consumer.try_wait(), Ok(None)),
+            "the consumer exited: {:?}",
+            self.consumer.try_wait()
+        );
+        crate::dispatch::wait_until("the consumer is ready", || async {
+            crate::http::request(&self.consumer_http, "GET", "/readyz", None)
+                .await
+                .0
+                == 200
+        })
+        .await;
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        for relay in &mut self.relays {
+            kill(relay);
+        }
+        kill(&mut self.consumer);
+    }
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn borrowed(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// A local port nobody listens on right now.
+fn free_address() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").to_string()
+}
+
+/// Waits `total` in steps, calling `fault` every `every` until `until`
+/// resolves; returns how often the fault ran.
+pub async fn repeat_until<F>(
+    every: Duration,
+    until: &tokio::task::JoinHandle<crate::books::Load>,
+    mut fault: F,
+) -> u32
+where
+    F: FnMut(),
+{
+    let mut injected = 0;
+    loop {
+        tokio::time::sleep(every).await;
+        if until.is_finished() {
+            return injected;
+        }
+        fault();
+        injected += 1;
+    }
+}
