@@ -7,8 +7,9 @@ use outbox_tests::pipeline::{Pipeline, repeat_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_consumer_sigkilled_with_deliveries_unacked() {
-    // A large prefetch: each kill drops many deliveries in hand.
-    let mut pipeline = Pipeline::start(1, &[], &[("DISPATCH_PREFETCH", "200")]).await;
+    // A large prefetch (each kill drops many deliveries in hand), within
+    // PostgreSQL's 100 connections: the pool has prefetch + 2.
+    let mut pipeline = Pipeline::start(1, &[], &[("DISPATCH_PREFETCH", "40")]).await;
     let load = start_load(&pipeline.app.url, &pipeline.names.exchange);
     let kills = repeat_until(Duration::from_secs(2), &load, || {
         pipeline.kill_and_restart_consumer()

@@ -22,7 +22,7 @@ use crate::pipeline::Pipeline;
 
 /// Messages per scenario, and the steady rate they are written at.
 pub const MESSAGES: i64 = 10_000;
-pub const RATE_PER_SEC: u64 = 1_000;
+pub const RATE_PER_SEC: u64 = 400;
 /// Half the orders carry one of this many ordering keys.
 const KEYS: i64 = 64;
 const WRITERS: i64 = 4;
@@ -36,6 +36,7 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(180);
 #[derive(Debug, Default)]
 pub struct Load {
     pub orders: HashMap<i64, Uuid>,
+    pub started_at: Option<Instant>,
     pub finished_at: Option<Instant>,
 }
 
@@ -72,7 +73,10 @@ pub fn start_load(app_url: &str, exchange: &str) -> JoinHandle<Load> {
         })
         .collect();
     tokio::spawn(async move {
-        let mut load = Load::default();
+        let mut load = Load {
+            started_at: Some(started),
+            ..Load::default()
+        };
         for writer in writers {
             load.orders.extend(writer.await.expect("writer"));
         }
@@ -122,6 +126,9 @@ pub struct Books {
     /// Copies the broker routed beyond one per message (republished after
     /// a crash between confirm and mark; the inbox absorbs them).
     pub extra_copies: usize,
+    /// How long the load took (it is paced, so it stretches only when the
+    /// machine cannot keep up).
+    pub load: Duration,
     pub settle: Duration,
 }
 
@@ -204,6 +211,9 @@ pub async fn settle_and_check(
         lost,
         duplicated,
         extra_copies,
+        load: load
+            .started_at
+            .map_or(Duration::ZERO, |started| finished.duration_since(started)),
         settle,
     };
     report(scenario, load.orders.len(), faults, &books);
@@ -333,7 +343,8 @@ pub async fn scalar(client: &Client, sql: &str) -> i64 {
 /// One table row on stderr, and in `$FAULT_REPORT` when set.
 fn report(scenario: &str, messages: usize, faults: &str, books: &Books) {
     let line = format!(
-        "| {scenario} | {messages} | {faults} | {} | {} | {:.1} s | {} |",
+        "| {scenario} | {messages} in {:.1} s | {faults} | {} | {} | {:.1} s | {} |",
+        books.load.as_secs_f64(),
         books.lost,
         books.duplicated,
         books.settle.as_secs_f64(),

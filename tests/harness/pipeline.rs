@@ -67,7 +67,7 @@ impl Pipeline {
             ("DISPATCH_MAX_DELIVERIES", "3"),
             ("DISPATCH_RETRY_BASE_MS", "50"),
             ("DISPATCH_RETRY_MAX_MS", "200"),
-            ("DISPATCH_PREFETCH", "32"),
+            ("DISPATCH_PREFETCH", "16"),
             ("RUST_LOG", "error"),
         ]);
         consumer_env_all.extend(owned(consumer_env));
