@@ -18,6 +18,9 @@ use outbox_tests::{unique_name, workspace_binary};
 use serde_json::json;
 use uuid::Uuid;
 
+/// Environment variables (values as raw bytes) and what is wrong with them.
+type Case<'a> = (&'a [(&'a str, &'a [u8])], &'a str);
+
 /// Runs `binary args` with `env`; it must fail with exit code 1 (not a
 /// panic's 101, not clap's usage error for a value we meant to validate
 /// ourselves) and say why in its first stderr line.
@@ -63,7 +66,7 @@ fn must_refuse(binary: &str, args: &[&str], env: &[(&str, &[u8])], why: &str) {
 #[test]
 fn faults_bad_configuration_is_refused_in_one_line() {
     let db = "postgres://postgres@127.0.0.1:5432/postgres".as_bytes();
-    let relay: &[(&[(&str, &[u8])], &str)] = &[
+    let relay: &[Case] = &[
         (
             &[("OUTBOX_DATABASE_URL", b"not a url")],
             "garbage database URL",
@@ -177,7 +180,7 @@ fn faults_bad_configuration_is_refused_in_one_line() {
     let _ = std::fs::remove_dir_all(&dir);
 
     let long_queue = "q".repeat(300);
-    let dispatch: &[(&[(&str, &[u8])], &str)] = &[
+    let dispatch: &[Case] = &[
         (
             &[("DISPATCH_DATABASE_URL", b"not a url")],
             "garbage database URL",
@@ -447,10 +450,10 @@ async fn faults_bad_messages_get_an_error_or_a_dead_letter_and_block_nothing() {
     for delivery in &dead_lettered {
         let reason = header(delivery, "x-dispatch-error").expect("a reason");
         assert!(!reason.is_empty());
-        if let Some(id) = delivery.properties.message_id().as_ref() {
-            if let Ok(id) = Uuid::parse_str(id.as_str()) {
-                with_id.insert(id);
-            }
+        if let Some(id) = delivery.properties.message_id().as_ref()
+            && let Ok(id) = Uuid::parse_str(id.as_str())
+        {
+            with_id.insert(id);
         }
     }
     assert_eq!(with_id, poison);
