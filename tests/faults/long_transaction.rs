@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use outbox_tests::books::{Expected, load_client, settle_and_check, start_load};
+use outbox_tests::books::{Expected, load_client, record, settle_and_check, start_load};
 use outbox_tests::pipeline::Pipeline;
 use serde_json::json;
 

@@ -350,6 +350,12 @@ fn report(scenario: &str, messages: usize, faults: &str, books: &Books) {
         books.settle.as_secs_f64(),
         books.extra_copies
     );
+    record(&line);
+}
+
+/// A line on stderr, and in `$FAULT_REPORT` when set (the closing note's
+/// figures come from there).
+pub fn record(line: &str) {
     eprintln!("{line}");
     if let Ok(path) = std::env::var("FAULT_REPORT")
         && let Ok(mut file) = std::fs::OpenOptions::new()
