@@ -71,9 +71,10 @@ async fn faults_long_transaction_commits_after_several_sweeps() {
             .get(0);
         worst = worst.max(published.duration_since(at).unwrap_or_default());
     }
-    eprintln!(
-        "8. commit -> published, worst of {LONG_TRANSACTIONS}: {worst:?} (sweep {SWEEP_MS} ms); {books:?}"
-    );
+    record(&format!(
+        "8. commit -> published, worst of {LONG_TRANSACTIONS}: {} ms (sweep {SWEEP_MS} ms); {books:?}",
+        worst.as_millis()
+    ));
     // One sweep interval, plus room for the publish, its confirm and the
     // mark on a loaded machine.
     assert!(
