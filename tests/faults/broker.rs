@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use outbox_tests::books::{Expected, settle_and_check, start_load};
-use outbox_tests::pipeline::Pipeline;
+use outbox_tests::pipeline::{Pipeline, under_repeated_fault};
 
 fn rabbitmqctl(args: &[&str]) {
     let output = Command::new("rabbitmqctl")
@@ -19,21 +19,12 @@ fn rabbitmqctl(args: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serial_faults_broker_closes_every_connection() {
     let mut pipeline = Pipeline::start(1, &[], &[]).await;
-    let load = start_load(&pipeline.app.url, &pipeline.names.exchange);
-    let mut closes = 0;
-    while !load.is_finished() {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        rabbitmqctl(&["close_all_connections", "fault suite: every connection cut"]);
-        closes += 1;
-    }
-    let load = load.await.expect("load");
-    assert!(closes >= 3, "only {closes} cuts");
-    settle_and_check(
+    under_repeated_fault(
         &mut pipeline,
-        &load,
-        &Expected::default(),
+        Duration::from_millis(1500),
         "3a. RabbitMQ closes every connection",
-        &format!("{closes} cuts of all connections"),
+        "cuts of all connections",
+        |_| rabbitmqctl(&["close_all_connections", "fault suite: every connection cut"]),
     )
     .await;
 }

@@ -2,27 +2,19 @@
 
 use std::time::Duration;
 
-use outbox_tests::books::{Expected, settle_and_check, start_load};
-use outbox_tests::pipeline::{Pipeline, repeat_until};
+use outbox_tests::pipeline::{Pipeline, under_repeated_fault};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_consumer_sigkilled_with_deliveries_unacked() {
     // A large prefetch (each kill drops many deliveries in hand), within
     // PostgreSQL's 100 connections: the pool has prefetch + 2.
     let mut pipeline = Pipeline::start(1, &[], &[("DISPATCH_PREFETCH", "40")]).await;
-    let load = start_load(&pipeline.app.url, &pipeline.names.exchange);
-    let kills = repeat_until(Duration::from_secs(2), &load, || {
-        pipeline.kill_and_restart_consumer()
-    })
-    .await;
-    let load = load.await.expect("load");
-    assert!(kills >= 3, "only {kills} kills");
-    settle_and_check(
+    under_repeated_fault(
         &mut pipeline,
-        &load,
-        &Expected::default(),
+        Duration::from_secs(2),
         "6. consumer SIGKILLed, deliveries unacked",
-        &format!("{kills} SIGKILLs"),
+        "SIGKILLs",
+        Pipeline::kill_and_restart_consumer,
     )
     .await;
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 
+use crate::books::{Books, Expected, settle_and_check, start_load};
 use crate::broker::connect;
 use crate::dispatch::{spawn_dispatch_process, test_settings, topology, wait_for_consumers};
 use crate::relay::spawn_relay_process;
@@ -188,23 +189,30 @@ fn free_address() -> String {
     listener.local_addr().expect("addr").to_string()
 }
 
-/// Waits `total` in steps, calling `fault` every `every` until `until`
-/// resolves; returns how often the fault ran.
-pub async fn repeat_until<F>(
+/// The common scenario: the load runs while `fault` strikes every `every`
+/// (at least three times), then the books. `faults` names one strike.
+pub async fn under_repeated_fault<F>(
+    pipeline: &mut Pipeline,
     every: Duration,
-    until: &tokio::task::JoinHandle<crate::books::Load>,
+    scenario: &str,
+    faults: &str,
     mut fault: F,
-) -> u32
+) -> Books
 where
-    F: FnMut(),
+    F: FnMut(&mut Pipeline),
 {
-    let mut injected = 0;
+    let load = start_load(&pipeline.app.url, &pipeline.names.exchange);
+    let mut strikes = 0;
     loop {
         tokio::time::sleep(every).await;
-        if until.is_finished() {
-            return injected;
+        if load.is_finished() {
+            break;
         }
-        fault();
-        injected += 1;
+        fault(pipeline);
+        strikes += 1;
     }
+    let load = load.await.expect("load");
+    assert!(strikes >= 3, "{scenario}: only {strikes} {faults}");
+    let faults = format!("{strikes} {faults}");
+    settle_and_check(pipeline, &load, &Expected::default(), scenario, &faults).await
 }
