@@ -7,6 +7,8 @@
 use std::time::Duration;
 
 use outbox_tests::books::{Expected, LOAD_APP_NAME, settle_and_check, start_load};
+use outbox_tests::dispatch::wait_until;
+use outbox_tests::http::request;
 use outbox_tests::pipeline::Pipeline;
 use outbox_tests::{admin_url, connect};
 
@@ -55,7 +57,9 @@ async fn faults_dispatch_database_refuses_connections_for_ten_seconds() {
     let admin = connect(&admin_url()).await;
     let name = pipeline.dispatch_db.name.clone();
     let load = start_load(&pipeline.app.url, &pipeline.names.exchange);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Late in the load, so the outage ends about when the load does and
+    // the settle time shows the consumer's catch-up.
+    tokio::time::sleep(Duration::from_secs(15)).await;
     admin
         .batch_execute(&format!(
             "ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false; \
@@ -63,14 +67,25 @@ async fn faults_dispatch_database_refuses_connections_for_ten_seconds() {
         ))
         .await
         .expect("refuse connections");
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    let refused = std::time::Instant::now();
+    wait_until("the consumer says it is not ready", || async {
+        request(&pipeline.consumer_http, "GET", "/readyz", None)
+            .await
+            .0
+            == 503
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(refused.elapsed())).await;
     admin
         .batch_execute(&format!(
             "ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true"
         ))
         .await
         .expect("allow connections");
-    let load = load.await.expect("load");
+    let outage_over = std::time::Instant::now();
+    let mut load = load.await.expect("load");
+    // Settling is timed from the end of the load or of the outage, whichever is later.
+    load.finished_at = load.finished_at.max(Some(outage_over));
     settle_and_check(
         &mut pipeline,
         &load,
