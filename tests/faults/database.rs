@@ -54,19 +54,11 @@ async fn faults_postgres_terminates_relay_and_consumer_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_dispatch_database_refuses_connections_for_ten_seconds() {
     let mut pipeline = Pipeline::start(1, &[], &[]).await;
-    let admin = connect(&admin_url()).await;
-    let name = pipeline.dispatch_db.name.clone();
     let load = start_load(&pipeline.app.url, &pipeline.names.exchange);
     // Late in the load, so the outage ends about when the load does and
     // the settle time shows the consumer's catch-up.
     tokio::time::sleep(Duration::from_secs(15)).await;
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false; \
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
-        ))
-        .await
-        .expect("refuse connections");
+    pipeline.dispatch_db.refuse_connections().await;
     let refused = std::time::Instant::now();
     wait_until("the consumer says it is not ready", || async {
         request(&pipeline.consumer_http, "GET", "/readyz", None)
@@ -76,12 +68,7 @@ async fn faults_dispatch_database_refuses_connections_for_ten_seconds() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(refused.elapsed())).await;
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true"
-        ))
-        .await
-        .expect("allow connections");
+    pipeline.dispatch_db.allow_connections().await;
     let outage_over = std::time::Instant::now();
     let mut load = load.await.expect("load");
     // Settling is timed from the end of the load or of the outage, whichever is later.
