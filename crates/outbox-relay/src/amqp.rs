@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use lapin::message::BasicReturnMessage;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::tcp::OwnedTLSConfig;
@@ -52,7 +53,9 @@ pub struct Broker {
 /// What the broker said about one publish.
 #[derive(Debug)]
 pub enum Outcome {
-    /// Acked and not returned: safe to mark published.
+    /// Acked. Safe to mark published only once no return can be its own
+    /// (see [`Returned`]): the relay holds acked rows until every confirm
+    /// in flight has answered.
     Confirmed,
     /// The message's own fault (nack, unroutable, oversized, no exchange):
     /// counts as an attempt.
@@ -197,30 +200,52 @@ pub enum Pending {
     Confirm(PublisherConfirm),
 }
 
+/// A message the broker returned as unroutable, named by its message_id.
+///
+/// lapin queues each basic.return and hands it to whichever confirm it
+/// resolves next, not to the publish it belongs to: with a multiple ack
+/// (or an ack of an earlier publish arriving after the return) an
+/// unroutable row's confirm looks like a clean ack while a routed row's
+/// carries the return. Trusting that marked unroutable rows published
+/// (lost) and charged attempts to good ones. So a return is matched to its
+/// row by message_id; the broker sends it before the ack of its publish,
+/// so once every confirm in flight has answered, every return is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Returned {
+    pub message_id: String,
+    pub reason: String,
+}
+
 impl Pending {
-    pub async fn outcome(self) -> Outcome {
+    /// The outcome of this publish, and the returned message (anyone's)
+    /// that lapin attached to its confirm.
+    pub async fn outcome(self) -> (Outcome, Option<Returned>) {
         let confirm = match self {
-            Pending::Done(outcome) => return outcome,
+            Pending::Done(outcome) => return (outcome, None),
             Pending::Confirm(confirm) => confirm,
         };
-        match confirm.await {
-            // lapin reports an unroutable mandatory publish as an Ack that
-            // carries the returned message.
-            Ok(Confirmation::Ack(None)) => Outcome::Confirmed,
-            Ok(Confirmation::Ack(Some(returned))) => Outcome::Rejected(
-                Fault::Returned,
-                format!(
-                    "unroutable: returned by the broker ({} {})",
-                    returned.reply_code, returned.reply_text
-                ),
+        let returned = |message: BasicReturnMessage| Returned {
+            message_id: message
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+            reason: format!(
+                "unroutable: returned by the broker ({} {})",
+                message.reply_code, message.reply_text
             ),
-            Ok(Confirmation::Nack(_)) => {
-                Outcome::Rejected(Fault::Nacked, "nacked by the broker".into())
-            }
+        };
+        match confirm.await {
+            Ok(Confirmation::Ack(message)) => (Outcome::Confirmed, message.map(returned)),
+            Ok(Confirmation::Nack(message)) => (
+                Outcome::Rejected(Fault::Nacked, "nacked by the broker".into()),
+                message.map(returned),
+            ),
             Ok(Confirmation::NotRequested) => {
-                Outcome::Lost("channel is not in confirm mode".into())
+                (Outcome::Lost("channel is not in confirm mode".into()), None)
             }
-            Err(error) => Outcome::Lost(error.to_string()),
+            Err(error) => (Outcome::Lost(error.to_string()), None),
         }
     }
 }

@@ -8,7 +8,7 @@
 //! An outage of the broker or the database gives leases back, waits with
 //! backoff and reconnects; it never counts as a message's attempt.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::alert::Alerter;
-use crate::amqp::{Broker, Outcome};
+use crate::amqp::{Broker, Outcome, Returned};
 use crate::backoff::Backoff;
 use crate::config::{Config, Mode};
 use crate::db::{self, PgTarget};
@@ -37,7 +37,7 @@ const IDLE_RECHECKS: [Duration; 2] = [Duration::from_millis(3), Duration::from_m
 /// How often an idle listener's connection is proven alive.
 const PROBE_INTERVAL: Duration = Duration::from_secs(10);
 
-type InFlight = FuturesUnordered<BoxFuture<'static, (Claimed, Outcome)>>;
+type InFlight = FuturesUnordered<BoxFuture<'static, (Claimed, Outcome, Option<Returned>)>>;
 
 /// Why a drain stopped early.
 #[derive(Debug)]
@@ -97,6 +97,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         marker,
         in_flight: FuturesUnordered::new(),
         in_flight_ids: HashSet::new(),
+        acked: Vec::new(),
+        returned: HashMap::new(),
+        confirms_lost: false,
         outage_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
         meters,
         health,
@@ -151,6 +154,13 @@ struct Relay {
     in_flight: InFlight,
     /// Their ids, to give back the leases of confirms that never come.
     in_flight_ids: HashSet<i64>,
+    /// Acked rows, held until every confirm in flight has answered: only
+    /// then is it known which of them the broker returned (see `Returned`).
+    acked: Vec<Claimed>,
+    /// Returns seen on confirms since the last such point, by message_id.
+    returned: HashMap<String, String>,
+    /// A confirm was lost with its connection: returns may never be seen.
+    confirms_lost: bool,
     outage_backoff: Backoff,
     meters: Meters,
     health: Health,
@@ -278,7 +288,9 @@ impl Relay {
                 return Ok(claimed_any);
             }
             let free = window - self.in_flight.len();
-            if !exhausted && free >= refill_at {
+            // Held acked rows are settled only when nothing is in flight, so
+            // stop refilling after a window of them and let the pipe drain.
+            if !exhausted && free >= refill_at && self.acked.len() < window {
                 let limit = free.min(self.config.batch_size as usize);
                 let rows = self
                     .store
@@ -315,11 +327,14 @@ impl Relay {
                 _ = shutdown.cancelled() => return Ok(claimed_any),
                 settled = self.in_flight.next() => settled,
             };
-            if let Some((row, outcome)) = settled {
-                self.settle(row, outcome)?;
+            if let Some((row, outcome, returned)) = settled {
+                self.settle(row, outcome, returned)?;
             }
-            while let Some(Some((row, outcome))) = self.in_flight.next().now_or_never() {
-                self.settle(row, outcome)?;
+            while let Some(Some((row, outcome, returned))) = self.in_flight.next().now_or_never() {
+                self.settle(row, outcome, returned)?;
+            }
+            if self.in_flight.is_empty() {
+                self.settle_acked();
             }
             self.meters.in_flight.set(self.in_flight.len() as f64);
         }
@@ -336,8 +351,13 @@ impl Relay {
             match published {
                 Ok(pending) => {
                     self.in_flight_ids.insert(row.id);
-                    self.in_flight
-                        .push(async move { (row, pending.outcome().await) }.boxed());
+                    self.in_flight.push(
+                        async move {
+                            let (outcome, returned) = pending.outcome().await;
+                            (row, outcome, returned)
+                        }
+                        .boxed(),
+                    );
                 }
                 Err(error) => {
                     let unpublished = std::iter::once(row.id).chain(rows.map(|r| r.id)).collect();
@@ -351,15 +371,19 @@ impl Relay {
         Ok(())
     }
 
-    fn settle(&mut self, row: Claimed, outcome: Outcome) -> Result<(), Outage> {
+    fn settle(
+        &mut self,
+        row: Claimed,
+        outcome: Outcome,
+        returned: Option<Returned>,
+    ) -> Result<(), Outage> {
         self.in_flight_ids.remove(&row.id);
+        if let Some(returned) = returned {
+            self.returned.insert(returned.message_id, returned.reason);
+        }
         match outcome {
             Outcome::Confirmed => {
-                self.meters.published.increment(1);
-                if let Ok(age) = row.created_at.elapsed() {
-                    self.meters.enqueue_to_confirm.record(age.as_secs_f64());
-                }
-                self.marker.send(Mark::Published(row.id));
+                self.acked.push(row);
                 Ok(())
             }
             Outcome::Rejected(fault, error) => {
@@ -371,6 +395,7 @@ impl Relay {
                 Ok(())
             }
             Outcome::Lost(error) => {
+                self.confirms_lost = true;
                 self.meters.failure(Fault::ConnectionLost).increment(1);
                 self.marker.send(Mark::Release(vec![row.id]));
                 Err(Outage::Broker(error))
@@ -378,18 +403,52 @@ impl Relay {
         }
     }
 
+    /// Nothing is in flight, so every return has been seen: held acked
+    /// rows that were returned failed (an attempt), the others are published.
+    fn settle_acked(&mut self) {
+        for row in std::mem::take(&mut self.acked) {
+            match self.returned.remove(&row.message_id.to_string()) {
+                Some(reason) => {
+                    self.meters.failure(Fault::Returned).increment(1);
+                    self.marker.send(Mark::Failed {
+                        row: Box::new(row),
+                        error: reason,
+                    });
+                }
+                None => {
+                    self.meters.published.increment(1);
+                    if let Ok(age) = row.created_at.elapsed() {
+                        self.meters.enqueue_to_confirm.record(age.as_secs_f64());
+                    }
+                    self.marker.send(Mark::Published(row.id));
+                }
+            }
+        }
+        self.returned.clear();
+    }
+
     /// Waits up to `limit` for in-flight confirms, settles what answered
-    /// (a lost one is released by `settle`) and releases the rest.
+    /// (a lost one is released by `settle`) and releases the rest. Held
+    /// acked rows are settled when every confirm answered; after a lost
+    /// one their returns may never come, so they are released and
+    /// published again (at least once: the consumer deduplicates).
     async fn settle_in_flight(&mut self, limit: Duration) {
         let deadline = Instant::now() + limit;
-        while let Ok(Some((row, outcome))) =
+        while let Ok(Some((row, outcome, returned))) =
             tokio::time::timeout_at(deadline, self.in_flight.next()).await
         {
-            let _ = self.settle(row, outcome);
+            let _ = self.settle(row, outcome, returned);
         }
         self.in_flight = FuturesUnordered::new();
         self.meters.in_flight.set(0.0);
-        let unanswered: Vec<i64> = self.in_flight_ids.drain().collect();
+        let mut unanswered: Vec<i64> = self.in_flight_ids.drain().collect();
+        if unanswered.is_empty() && !self.confirms_lost {
+            self.settle_acked();
+        } else {
+            unanswered.extend(self.acked.drain(..).map(|row| row.id));
+            self.returned.clear();
+        }
+        self.confirms_lost = false;
         if !unanswered.is_empty() {
             self.marker.send(Mark::Release(unanswered));
         }
