@@ -421,3 +421,158 @@ async fn the_apps_own_role_needs_no_rights_on_the_outbox() {
         .get(0);
     assert_eq!(queued, 2, "its changes were captured");
 }
+
+/// The generated function runs with rights of its own: a table owner's
+/// cast (run when the trigger turns a column into text) must not run as
+/// the outbox's owner.
+#[tokio::test]
+async fn a_table_owners_cast_runs_without_the_outbox_owners_rights() {
+    let owner = TestRole::create("capture_owner").await;
+    let db = TestDb::with_outbox().await;
+    let admin = db.connect().await;
+    admin
+        .batch_execute(&format!("CREATE SCHEMA shop AUTHORIZATION {}", owner.name))
+        .await
+        .expect("the owner's schema");
+    let as_owner = connect(&owner.url(&db)).await;
+    as_owner
+        .batch_execute(
+            "CREATE TYPE shop.tag AS (v int); \
+             CREATE FUNCTION shop.tag_text(shop.tag) RETURNS text LANGUAGE sql \
+             AS $$ SELECT current_user::text $$; \
+             CREATE CAST (shop.tag AS text) WITH FUNCTION shop.tag_text(shop.tag); \
+             CREATE TABLE shop.items (id int, tag shop.tag)",
+        )
+        .await
+        .expect("a type with a cast of the owner's");
+    admin
+        .batch_execute("SELECT outbox.capture('shop.items', 'shop', routing_key => '{tag}')")
+        .await
+        .expect("capture");
+    as_owner
+        .batch_execute("INSERT INTO shop.items VALUES (1, ROW(1))")
+        .await
+        .expect("the owner's write");
+    let ran_as: String = admin
+        .query_one("SELECT routing_key FROM outbox.messages", &[])
+        .await
+        .expect("the message")
+        .get(0);
+    assert_eq!(ran_as, "outbox_capture", "the cast ran as {ran_as}");
+}
+
+#[tokio::test]
+async fn templates_may_contain_a_dollar_quote_tag() {
+    let db = TestDb::with_outbox().await;
+    let client = db.connect().await;
+    create_orders(&client).await;
+    client
+        .batch_execute(
+            "SELECT outbox.capture('orders', 'shop', routing_key => 'o.$capture$.{op}', \
+             ordering_key => '$capture$ {id}'); \
+             INSERT INTO orders VALUES (1, 'zhang', 'noodles', 1)",
+        )
+        .await
+        .expect("capture and write");
+    let row = client
+        .query_one("SELECT routing_key, ordering_key FROM outbox.messages", &[])
+        .await
+        .expect("the message");
+    assert_eq!(row.get::<_, String>(0), "o.$capture$.insert");
+    assert_eq!(row.get::<_, String>(1), "$capture$ 1");
+}
+
+/// The `table` header of the message a write to `table` queues.
+async fn captured_as(client: &Client, table: &str) -> String {
+    client
+        .batch_execute(&format!(
+            "DELETE FROM outbox.messages; INSERT INTO {table} VALUES (1)"
+        ))
+        .await
+        .expect("write");
+    client
+        .query_one("SELECT headers ->> 'table' FROM outbox.messages", &[])
+        .await
+        .expect("one message")
+        .get(0)
+}
+
+/// The name of the function `table`'s capture trigger calls.
+async fn capture_function(client: &Client, table: &str) -> String {
+    client
+        .query_one(
+            "SELECT tgfoid::regproc::text FROM pg_trigger \
+             WHERE tgrelid = $1::text::regclass AND tgname = 'outbox_capture'",
+            &[&table],
+        )
+        .await
+        .expect("the trigger")
+        .get(0)
+}
+
+/// After a dump and restore, tables get new oids, so capture_<oid> may name
+/// the function another table's trigger calls.
+#[tokio::test]
+async fn a_capture_never_rewrites_another_tables_function() {
+    let db = TestDb::with_outbox().await;
+    let client = db.connect().await;
+    client
+        .batch_execute(
+            "CREATE TABLE a (id int); CREATE TABLE b (id int); \
+             SELECT outbox.capture('a', 'shop'); SELECT outbox.capture('b', 'shop')",
+        )
+        .await
+        .expect("two captures");
+    let (fa, fb) = (
+        capture_function(&client, "a").await,
+        capture_function(&client, "b").await,
+    );
+    // The oids swapped: each trigger calls the function named after the
+    // other table.
+    client
+        .batch_execute(&format!(
+            "ALTER FUNCTION {fa}() RENAME TO swapping; \
+             ALTER FUNCTION {fb}() RENAME TO {name_a}; \
+             ALTER FUNCTION outbox.swapping() RENAME TO {name_b}",
+            name_a = fa.trim_start_matches("outbox."),
+            name_b = fb.trim_start_matches("outbox."),
+        ))
+        .await
+        .expect("rename as a restore would");
+    client
+        .batch_execute("SELECT outbox.capture('a', 'shop', routing_key => 'a.{op}')")
+        .await
+        .expect("change a's capture");
+    assert_eq!(captured_as(&client, "b").await, "public.b", "b's untouched");
+    assert_eq!(captured_as(&client, "a").await, "public.a");
+
+    // Both triggers call one function: capturing b again separates them,
+    // even with the same options, and removing b leaves a's in place.
+    let fa = capture_function(&client, "a").await;
+    client
+        .batch_execute(&format!(
+            "SELECT outbox.capture('b', 'shop', routing_key => 'a.{{op}}'); \
+             CREATE OR REPLACE TRIGGER outbox_capture AFTER INSERT OR UPDATE OR DELETE ON b \
+             FOR EACH ROW EXECUTE FUNCTION {fa}()"
+        ))
+        .await
+        .expect("share a's function");
+    let changed: bool = client
+        .query_one(
+            "SELECT outbox.capture('b', 'shop', routing_key => 'a.{op}')",
+            &[],
+        )
+        .await
+        .expect("capture b again")
+        .get(0);
+    assert!(changed, "b's trigger called a's function");
+    assert_eq!(captured_as(&client, "b").await, "public.b");
+    client
+        .batch_execute(&format!(
+            "CREATE OR REPLACE TRIGGER outbox_capture AFTER INSERT OR UPDATE OR DELETE ON b \
+             FOR EACH ROW EXECUTE FUNCTION {fa}(); SELECT outbox.capture_remove('b')"
+        ))
+        .await
+        .expect("remove b while it shares a's function");
+    assert_eq!(captured_as(&client, "a").await, "public.a", "a's still there");
+}
