@@ -339,3 +339,60 @@ async fn reconcile_finds_a_message_deleted_from_the_inbox_and_replay_repairs_it(
     relay.stop().await;
     consumer.stop().await;
 }
+
+/// An empty window is refused; a window that retention may have cut is
+/// still checked, with a warning on stderr and in the output.
+#[tokio::test]
+async fn reconcile_refuses_an_empty_window_and_warns_when_retention_cut_it() {
+    let orders_db = TestDb::with_outbox().await;
+    let dispatch_db = TestDb::empty().await;
+    ::dispatch::migrate(&mut dispatch_db.connect().await)
+        .await
+        .expect("migrate dispatch");
+    let reconcile = async |window: &[&str]| {
+        let mut args = vec!["reconcile", "--dispatch-database-url", &dispatch_db.url];
+        args.extend(window);
+        relay_command(&orders_db.url, &args).await
+    };
+
+    let out = reconcile(&["--since", "1m", "--until", "2m"]).await;
+    out.expect_code(1);
+    assert!(out.stderr.contains("must be before --until"), "{out:#?}");
+
+    let out = reconcile(&["--until", "0"]).await;
+    assert!(out.expect_code(0).contains("0 of 0"), "{out:#?}");
+    for text in [&out.stderr, &out.stdout] {
+        assert!(text.contains("no published message is kept"), "{out:#?}");
+    }
+
+    // One message published 10 minutes ago, kept; the consumer has it.
+    let client = orders_db.connect().await;
+    let id = enqueue(&client, "shop", "", 1, None).await[0];
+    client
+        .execute(
+            "UPDATE outbox.messages SET published_at = now() - interval '10 minutes'",
+            &[],
+        )
+        .await
+        .expect("published");
+    dispatch_db
+        .connect()
+        .await
+        .execute("INSERT INTO dispatch.inbox (message_id) VALUES ($1)", &[&id])
+        .await
+        .expect("processed");
+    let out = reconcile(&["--since", "1h", "--until", "0"]).await;
+    assert!(out.expect_code(0).contains("0 of 1"), "{out:#?}");
+    for text in [&out.stderr, &out.stdout] {
+        assert!(
+            text.contains("the oldest published message still kept is from"),
+            "{out:#?}"
+        );
+    }
+    let out = reconcile(&["--since", "20m", "--until", "0", "--json"]).await;
+    let report: Value = serde_json::from_str(out.expect_code(0)).expect("json");
+    assert!(report["warning"].is_string(), "{report}");
+    let out = reconcile(&["--since", "5m", "--until", "0"]).await;
+    assert!(out.expect_code(0).contains("0 of 0"), "{out:#?}");
+    assert!(!out.stderr.contains("warning"), "{out:#?}");
+}

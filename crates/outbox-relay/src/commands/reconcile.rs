@@ -72,6 +72,9 @@ pub struct Report {
     /// Published messages in the window (still kept: see `OUTBOX_RETENTION`).
     pub checked: usize,
     pub unprocessed: Vec<Unprocessed>,
+    /// Set when retention may have deleted part of the window: a clean
+    /// report then covers only the rows still kept.
+    pub warning: Option<String>,
 }
 
 const PUBLISHED: &str = "SELECT id, message_id, exchange, routing_key, published_at \
@@ -79,8 +82,15 @@ const PUBLISHED: &str = "SELECT id, message_id, exchange, routing_key, published
      WHERE published_at >= $1 AND published_at < $2 AND ($3::text IS NULL OR exchange = $3) \
      ORDER BY id";
 
+/// Retention deletes published rows oldest first, so what is kept starts here.
+const OLDEST_KEPT: &str =
+    "SELECT min(published_at) FROM outbox.messages WHERE published_at IS NOT NULL";
+
 pub async fn run(args: ReconcileArgs) -> anyhow::Result<()> {
     let report = reconcile(&args).await?;
+    if let Some(warning) = &report.warning {
+        eprintln!("warning: {warning}");
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -97,6 +107,9 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<()> {
             report.since,
             report.until
         );
+        if let Some(warning) = &report.warning {
+            println!("not checked: {warning}");
+        }
         if let Some(first) = report.unprocessed.first() {
             let ids: Vec<String> = report
                 .unprocessed
@@ -135,6 +148,32 @@ pub async fn reconcile(args: &ReconcileArgs) -> anyhow::Result<Report> {
     let consumer = db::connect(&consumer_target).await?;
     let since = args.since.resolve(&outbox).await?;
     let until = args.until.resolve(&outbox).await?;
+    if since >= until {
+        anyhow::bail!(
+            "--since ({}) must be before --until ({}): the window is empty",
+            format_time(since),
+            format_time(until)
+        );
+    }
+    let oldest: Option<SystemTime> = outbox
+        .query_one(OLDEST_KEPT, &[])
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(query_error("read the oldest published message"))?;
+    let warning = match oldest {
+        None => Some(
+            "no published message is kept (OUTBOX_RETENTION deletes them; 0 deletes them \
+             once published), so there was nothing to check"
+                .to_string(),
+        ),
+        Some(oldest) if oldest > since => Some(format!(
+            "the window starts at {} but the oldest published message still kept is from {}: \
+             anything published before was deleted by retention (OUTBOX_RETENTION) or never existed",
+            format_time(since),
+            format_time(oldest)
+        )),
+        Some(_) => None,
+    };
     let rows = outbox
         .query_typed(
             PUBLISHED,
@@ -186,6 +225,7 @@ pub async fn reconcile(args: &ReconcileArgs) -> anyhow::Result<Report> {
         until: format_time(until),
         checked,
         unprocessed,
+        warning,
     })
 }
 
