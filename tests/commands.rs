@@ -396,3 +396,39 @@ async fn reconcile_refuses_an_empty_window_and_warns_when_retention_cut_it() {
     assert!(out.expect_code(0).contains("0 of 0"), "{out:#?}");
     assert!(!out.stderr.contains("warning"), "{out:#?}");
 }
+
+/// A replayed row's lag counts from the replay, not from its first
+/// enqueue hours ago (or the lag alert would page); created_at and the id
+/// stay as they were.
+#[tokio::test]
+async fn replayed_rows_count_their_lag_from_the_replay() {
+    let db = TestDb::with_outbox().await;
+    let client = db.connect().await;
+    let id = enqueue(&client, "shop", "", 1, Some("order-7")).await[0];
+    client
+        .batch_execute(
+            "UPDATE outbox.messages SET created_at = now() - interval '2 hours', \
+             published_at = now() - interval '2 hours'",
+        )
+        .await
+        .expect("published two hours ago");
+    relay_command(&db.url, &["replay", "--id", &id.to_string()])
+        .await
+        .expect_code(0);
+
+    let out = relay_command(&db.url, &["status", "--json"]).await;
+    let status: Value = serde_json::from_str(out.expect_code(0)).expect("json");
+    let lag = status["oldest_pending_seconds"].as_f64().expect("lag");
+    assert!(lag < 3600.0, "lag {lag}s counts from the first enqueue");
+    let row = client
+        .query_one(
+            "SELECT now() - created_at > interval '1 hour', \
+                    extract(epoch FROM age)::float8 < 3600 \
+             FROM outbox.pending WHERE message_id = $1",
+            &[&id],
+        )
+        .await
+        .expect("pending again");
+    assert!(row.get::<_, bool>(0), "created_at keeps the first enqueue");
+    assert!(row.get::<_, bool>(1), "outbox.pending's age counts from the replay");
+}

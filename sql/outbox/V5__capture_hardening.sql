@@ -312,3 +312,21 @@ JOIN pg_namespace pn ON pn.oid = p.pronamespace
 CROSS JOIN LATERAL (SELECT obj_description(p.oid, 'pg_proc')::jsonb AS o) AS options
 WHERE t.tgname = 'outbox_capture' AND NOT t.tgisinternal
   AND pn.nspname = 'outbox' AND p.proname ~ '^capture_[0-9]+(_[0-9]+)?$';
+
+-- Replay (`outbox-relay replay`) hands published rows back to the relays.
+-- Their created_at is when they were first enqueued, hours ago perhaps, and
+-- the lag (outbox_oldest_pending_seconds, `status`, outbox.pending's age)
+-- and the enqueue-to-confirm histogram measured from it, so a replay paged
+-- the lag alert and skewed the histogram. Replay now stamps replayed_at and
+-- those measure from coalesce(replayed_at, created_at): how long the row
+-- has been waiting this time. created_at keeps the first enqueue, and ids,
+-- so per-key order, are untouched. (In this file because V5 is the only
+-- number allocated to this change.)
+ALTER TABLE outbox.messages ADD COLUMN IF NOT EXISTS replayed_at timestamptz;
+
+CREATE OR REPLACE VIEW outbox.pending AS
+SELECT id, message_id, exchange, routing_key, ordering_key, content_type,
+       created_at, now() - coalesce(replayed_at, created_at) AS age, attempts,
+       next_attempt_at, last_error, locked_by, locked_until, replayed_at
+FROM outbox.messages
+WHERE published_at IS NULL AND dead_at IS NULL;

@@ -417,7 +417,7 @@ impl Relay {
                 }
                 None => {
                     self.meters.published.increment(1);
-                    if let Ok(age) = row.created_at.elapsed() {
+                    if let Ok(age) = row.pending_since.elapsed() {
                         self.meters.enqueue_to_confirm.record(age.as_secs_f64());
                     }
                     self.marker.send(Mark::Published(row.id));

@@ -22,7 +22,8 @@ pub struct Claimed {
     pub headers: Value,
     pub ordering_key: Option<String>,
     pub attempts: i32,
-    pub created_at: SystemTime,
+    /// When the row became pending: its enqueue, or its last replay (V5).
+    pub pending_since: SystemTime,
 }
 
 /// Result of recording a failed attempt.
@@ -78,7 +79,7 @@ UPDATE outbox.messages m
 SET locked_by = $2, locked_until = now() + $4 * interval '1 millisecond'
 FROM picked WHERE m.id = picked.id
 RETURNING m.id, m.message_id, m.exchange, m.routing_key, m.payload, m.content_type,
-          m.headers, m.ordering_key, m.attempts, m.created_at";
+          m.headers, m.ordering_key, m.attempts, coalesce(m.replayed_at, m.created_at)";
 
 const MARK_PUBLISHED: &str = "UPDATE outbox.messages \
      SET published_at = now(), locked_by = NULL, locked_until = NULL \
@@ -91,7 +92,7 @@ const STATS: &str = "SELECT \
      (SELECT count(*) FROM (SELECT 1 FROM outbox.messages \
          WHERE published_at IS NULL AND dead_at IS NULL LIMIT $1) backlog), \
      coalesce(extract(epoch FROM now() - ( \
-         SELECT created_at FROM outbox.messages \
+         SELECT coalesce(replayed_at, created_at) FROM outbox.messages \
          WHERE published_at IS NULL AND dead_at IS NULL \
          ORDER BY id LIMIT 1)), 0)::float8, \
      (SELECT count(*) FROM outbox.messages WHERE dead_at IS NOT NULL), \
@@ -183,7 +184,7 @@ impl Store {
                     headers: row.try_get(6)?,
                     ordering_key: row.try_get(7)?,
                     attempts: row.try_get(8)?,
-                    created_at: row.try_get(9)?,
+                    pending_since: row.try_get(9)?,
                 })
             })
             .collect::<Result<Vec<_>, tokio_postgres::Error>>()

@@ -63,7 +63,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     } else {
         format!(
             "UPDATE outbox.messages SET published_at = NULL, attempts = 0, last_error = NULL, \
-                 next_attempt_at = now(), locked_by = NULL, locked_until = NULL \
+                 next_attempt_at = now(), locked_by = NULL, locked_until = NULL, replayed_at = now() \
              WHERE {MATCH} RETURNING id, message_id"
         )
     };

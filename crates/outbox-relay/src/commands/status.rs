@@ -32,7 +32,7 @@ pub struct Counts {
     /// Confirmed rows still kept (see `OUTBOX_RETENTION`).
     pub published: i64,
     pub dead: i64,
-    /// Seconds since the oldest pending row was enqueued; 0 when none.
+    /// Seconds since the oldest pending row was enqueued (or replayed); 0 when none.
     pub oldest_pending_seconds: f64,
 }
 
@@ -64,7 +64,7 @@ SELECT exchange,
        count(*) FILTER (WHERE published_at IS NULL AND dead_at IS NULL AND attempts > 0),
        count(*) FILTER (WHERE published_at IS NOT NULL),
        count(*) FILTER (WHERE published_at IS NULL AND dead_at IS NOT NULL),
-       coalesce(extract(epoch FROM now() - min(created_at)
+       coalesce(extract(epoch FROM now() - min(coalesce(replayed_at, created_at))
                 FILTER (WHERE published_at IS NULL AND dead_at IS NULL)), 0)::float8
 FROM outbox.messages
 GROUP BY exchange
