@@ -9,6 +9,10 @@
 CREATE ROLE orders LOGIN PASSWORD 'orders';
 -- The relay: schema `outbox` only, granted by outbox.grant_relay().
 CREATE ROLE outbox_relay LOGIN PASSWORD 'outbox_relay';
+-- Owns the functions outbox.capture generates (INSERT into outbox.messages
+-- only, sql/outbox/V5); `orders` hands them to it.
+CREATE ROLE outbox_capture NOLOGIN;
+GRANT outbox_capture TO orders;
 -- Owns schema `dispatch`: runs `dispatch migrate` and nothing else.
 CREATE ROLE dispatch_owner LOGIN PASSWORD 'dispatch_owner';
 -- The consumer: its own tables only, granted by dispatch.grant_consumer().
