@@ -574,5 +574,9 @@ async fn a_capture_never_rewrites_another_tables_function() {
         ))
         .await
         .expect("remove b while it shares a's function");
-    assert_eq!(captured_as(&client, "a").await, "public.a", "a's still there");
+    assert_eq!(
+        captured_as(&client, "a").await,
+        "public.a",
+        "a's still there"
+    );
 }

@@ -378,7 +378,10 @@ async fn reconcile_refuses_an_empty_window_and_warns_when_retention_cut_it() {
     dispatch_db
         .connect()
         .await
-        .execute("INSERT INTO dispatch.inbox (message_id) VALUES ($1)", &[&id])
+        .execute(
+            "INSERT INTO dispatch.inbox (message_id) VALUES ($1)",
+            &[&id],
+        )
         .await
         .expect("processed");
     let out = reconcile(&["--since", "1h", "--until", "0"]).await;
@@ -430,5 +433,8 @@ async fn replayed_rows_count_their_lag_from_the_replay() {
         .await
         .expect("pending again");
     assert!(row.get::<_, bool>(0), "created_at keeps the first enqueue");
-    assert!(row.get::<_, bool>(1), "outbox.pending's age counts from the replay");
+    assert!(
+        row.get::<_, bool>(1),
+        "outbox.pending's age counts from the replay"
+    );
 }
