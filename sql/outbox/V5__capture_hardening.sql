@@ -324,9 +324,10 @@ WHERE t.tgname = 'outbox_capture' AND NOT t.tgisinternal
 -- number allocated to this change.)
 ALTER TABLE outbox.messages ADD COLUMN IF NOT EXISTS replayed_at timestamptz;
 
+-- The same columns as V1's (so V1 may run again, as psql installs do).
 CREATE OR REPLACE VIEW outbox.pending AS
 SELECT id, message_id, exchange, routing_key, ordering_key, content_type,
        created_at, now() - coalesce(replayed_at, created_at) AS age, attempts,
-       next_attempt_at, last_error, locked_by, locked_until, replayed_at
+       next_attempt_at, last_error, locked_by, locked_until
 FROM outbox.messages
 WHERE published_at IS NULL AND dead_at IS NULL;
