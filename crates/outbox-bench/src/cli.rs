@@ -1,6 +1,8 @@
 //! Flags. Every measuring subcommand takes the same connection flags and
 //! works in its own database, exchange and queue, so runs never share state.
 
+use std::path::PathBuf;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
@@ -17,9 +19,14 @@ pub enum Command {
     /// and time it until every row is confirmed; then time a bare lapin
     /// publish-and-confirm loop of N messages for comparison.
     Drain(DrainArgs),
-    /// Latency at a steady write rate: commit → consumer received, and the
-    /// relay's own enqueue → confirm histogram, per wake-up mode.
+    /// Latency at a steady write rate: commit → consumer received, commit →
+    /// delivery row committed by the dispatch consumer, and the relay's own
+    /// enqueue → confirm, per wake-up mode and for a bare NOTIFY bridge.
     Latency(LatencyArgs),
+    /// A long steady run with the relay and the dispatch consumer as child
+    /// processes: lag (oldest pending age), their resident memory, and
+    /// latency over time.
+    Soak(SoakArgs),
     /// The write-path cost of the wake-up trigger. For now this runs
     /// `scripts/write-path-bench.sh` (pgbench, interleaved on/off pairs) from
     /// the source checkout, passing every argument through; see
@@ -87,13 +94,45 @@ pub struct LatencyArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     pub writers: u32,
 
-    /// `all` runs notify, then poll with a 1000 ms sweep, then poll with 5000 ms.
+    /// `all` runs the relay in notify mode, the bare NOTIFY → publish
+    /// bridge, then the relay in poll mode with a 1000 ms and a 5000 ms sweep.
     #[arg(long, value_enum, default_value_t = ModeChoice::All)]
     pub mode: ModeChoice,
 
     /// The relay's sweep interval for `--mode notify|poll` [default: 1000].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub sweep_ms: Option<u64>,
+
+    /// SVG of the latency percentiles; `-` for none.
+    #[arg(long, default_value = "bench-results/latency.svg")]
+    pub plot: PathBuf,
+
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Args)]
+pub struct SoakArgs {
+    /// Messages per second, all writers together.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+
+    /// Seconds of writing.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(2..))]
+    pub duration: u64,
+
+    /// Writer tasks, each with its own connection.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub writers: u32,
+
+    /// Seconds per row of the printed timeline (the JSON and the plot have
+    /// every second).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub every: u64,
+
+    /// SVG of the timeline; `-` for none.
+    #[arg(long, default_value = "bench-results/soak.svg")]
+    pub plot: PathBuf,
 
     #[command(flatten)]
     pub common: Common,
@@ -104,4 +143,5 @@ pub enum ModeChoice {
     All,
     Notify,
     Poll,
+    Bridge,
 }

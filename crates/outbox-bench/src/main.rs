@@ -7,13 +7,20 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+mod bridge;
 mod capture;
 mod cli;
 mod drain;
 mod latency;
+mod observe;
+mod plot;
+mod processes;
+mod progress;
 mod report;
 mod setup;
+mod soak;
 mod write_path;
+mod writers;
 
 use cli::{Cli, Command};
 
@@ -42,6 +49,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Drain(args) => drain::run(args).await?,
         Command::Latency(args) => latency::run(args).await?,
+        Command::Soak(args) => soak::run(args).await?,
         Command::WritePath { args } => return write_path::run(&args),
     }
     Ok(ExitCode::SUCCESS)

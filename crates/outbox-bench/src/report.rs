@@ -5,6 +5,7 @@ use serde_json::{Value, json};
 
 use crate::drain::DrainResult;
 use crate::latency::LatencyResult;
+use crate::soak::{Sample, SoakResult};
 
 /// A table of text cells: the first column left-aligned, the rest right-aligned.
 pub struct Table {
@@ -176,17 +177,20 @@ pub fn print_latency(results: &[LatencyResult], as_json: bool) {
         let rows: Vec<Value> = results
             .iter()
             .map(|r| {
+                let [received, delivered, confirm] = r.percentiles();
                 json!({
-                    "mode": r.mode,
-                    "sweep_ms": r.sweep_ms,
-                    "rate": r.rate,
-                    "seconds": r.seconds,
-                    "writers": r.writers,
+                    "publisher": r.publisher.name(),
+                    "sweep_ms": r.publisher.sweep_ms(),
+                    "rate": r.load.rate,
+                    "seconds": r.load.duration.as_secs(),
+                    "writers": r.load.writers,
                     "sent": r.sent,
                     "received": r.received,
+                    "delivered": r.delivered,
                     "duplicates": r.duplicates,
-                    "commit_to_received": r.commit_to_received.to_json(),
-                    "enqueue_to_confirm": r.enqueue_to_confirm.to_json(),
+                    "commit_to_received": received.to_json(),
+                    "commit_to_delivered": delivered.to_json(),
+                    "enqueue_to_confirm": confirm.to_json(),
                 })
             })
             .collect();
@@ -195,46 +199,156 @@ pub fn print_latency(results: &[LatencyResult], as_json: bool) {
     }
     if let Some(first) = results.first() {
         println!(
-            "latency: {} msgs/s for {} s per mode, {} writers; {}",
-            first.rate,
-            first.seconds,
-            first.writers,
+            "latency: {} msgs/s for {} s per publisher, {} writers; {}",
+            first.load.rate,
+            first.load.duration.as_secs(),
+            first.load.writers,
             machine()
         );
     }
     println!(
-        "in ms; recv = commit → consumer received; confirm = enqueue → broker confirm (the relay's histogram)"
+        "in ms from the writer's commit; received = bench consumer got it; \
+         delivered = dispatch committed its delivery row; confirm = the relay's enqueue → broker confirm"
     );
     let mut table = Table::new(&[
-        "mode",
-        "sweep ms",
+        "publisher",
+        "sweep",
         "sent",
-        "received",
+        "recv'd",
+        "deliv'd",
         "dups",
-        "recv p50",
-        "p90",
-        "p99",
-        "p99.9",
-        "max",
-        "confirm p50",
+        "",
+        "p50",
         "p90",
         "p99",
         "p99.9",
         "max",
     ]);
     for r in results {
+        let names = ["received", "delivered", "confirm"];
+        for (i, (name, percentiles)) in names.into_iter().zip(r.percentiles()).enumerate() {
+            let mut cells = if i == 0 {
+                vec![
+                    r.publisher.name().to_string(),
+                    r.publisher
+                        .sweep_ms()
+                        .map_or("-".into(), |ms| format!("{ms} ms")),
+                    r.sent.to_string(),
+                    r.received.to_string(),
+                    r.delivered.to_string(),
+                    r.duplicates.to_string(),
+                ]
+            } else {
+                vec![String::new(); 6]
+            };
+            cells.push(name.to_string());
+            cells.extend(percentiles.cells());
+            table.row(cells);
+        }
+    }
+    print!("{}", table.render());
+}
+
+pub fn print_soak(result: &SoakResult, every: u64, as_json: bool) {
+    let mib = |bytes: Option<u64>| bytes.map(|b| b as f64 / 1_048_576.0);
+    let peak = |pick: fn(&Sample) -> Option<u64>| result.samples.iter().filter_map(pick).max();
+    let max_lag = result.samples.iter().map(|s| s.lag_s).fold(0.0, f64::max);
+    if as_json {
+        let samples: Vec<Value> = result
+            .samples
+            .iter()
+            .map(|s| {
+                json!({
+                    "second": s.second, "pending": s.pending, "lag_s": s.lag_s,
+                    "relay_rss_mib": mib(s.relay_rss), "dispatch_rss_mib": mib(s.dispatch_rss),
+                    "sent": s.sent,
+                    "commit_to_received": s.received.map(Percentiles::to_json),
+                    "commit_to_delivered": s.delivered.map(Percentiles::to_json),
+                })
+            })
+            .collect();
+        let value = json!({
+            "rate": result.load.rate, "seconds": result.load.duration.as_secs(),
+            "writers": result.load.writers, "sent": result.sent, "received": result.received,
+            "delivered": result.delivered, "duplicates": result.duplicates,
+            "settle_seconds": result.settle_seconds, "max_lag_s": max_lag,
+            "peak_relay_rss_mib": mib(peak(|s| s.relay_rss)),
+            "peak_dispatch_rss_mib": mib(peak(|s| s.dispatch_rss)),
+            "commit_to_received": result.commit_to_received.to_json(),
+            "commit_to_delivered": result.commit_to_delivered.to_json(),
+            "samples": samples,
+        });
+        println!("{value:#}");
+        return;
+    }
+    println!(
+        "soak: {} msgs/s for {} s, {} writers; {}",
+        result.load.rate,
+        result.load.duration.as_secs(),
+        result.load.writers,
+        machine()
+    );
+    let mut table = Table::new(&[
+        "second",
+        "sent/s",
+        "pending",
+        "lag ms",
+        "relay MiB",
+        "dispatch MiB",
+        "deliv p50",
+        "p99",
+        "max",
+    ]);
+    for window in result.samples.chunks(every.max(1) as usize) {
+        let Some(last) = window.last() else { continue };
+        let sent: u64 = window.iter().map(|s| s.sent).sum();
+        // The window's worst second: a trend in the tail is what a soak is for.
+        let worst = window
+            .iter()
+            .filter_map(|s| s.delivered)
+            .max_by(|a, b| a.p99.total_cmp(&b.p99));
         let mut cells = vec![
-            r.mode.to_string(),
-            r.sweep_ms.to_string(),
-            r.sent.to_string(),
-            r.received.to_string(),
-            r.duplicates.to_string(),
+            last.second.to_string(),
+            format!("{:.0}", sent as f64 / window.len() as f64),
+            window
+                .iter()
+                .map(|s| s.pending)
+                .max()
+                .unwrap_or(0)
+                .to_string(),
+            millis(window.iter().map(|s| s.lag_s).fold(0.0, f64::max) * 1000.0),
+            mib(last.relay_rss).map_or("-".into(), |m| format!("{m:.1}")),
+            mib(last.dispatch_rss).map_or("-".into(), |m| format!("{m:.1}")),
         ];
-        cells.extend(r.commit_to_received.cells());
-        cells.extend(r.enqueue_to_confirm.cells());
+        match worst {
+            Some(p) => cells.extend([millis(p.p50), millis(p.p99), millis(p.max)]),
+            None => cells.extend(["-".to_string(), "-".into(), "-".into()]),
+        }
         table.row(cells);
     }
     print!("{}", table.render());
+    println!(
+        "sent {}, received {}, delivered {}, duplicates {}; settled {:.1} s after writing stopped; \
+         max lag {} ms; peak RSS relay {} MiB, dispatch {} MiB",
+        result.sent,
+        result.received,
+        result.delivered,
+        result.duplicates,
+        result.settle_seconds,
+        millis(max_lag * 1000.0),
+        mib(peak(|s| s.relay_rss)).map_or("-".into(), |m| format!("{m:.1}")),
+        mib(peak(|s| s.dispatch_rss)).map_or("-".into(), |m| format!("{m:.1}")),
+    );
+    let mut overall = Table::new(&["commit →", "p50", "p90", "p99", "p99.9", "max"]);
+    for (name, percentiles) in [
+        ("received", result.commit_to_received),
+        ("delivered", result.commit_to_delivered),
+    ] {
+        let mut cells = vec![name.to_string()];
+        cells.extend(percentiles.cells());
+        overall.row(cells);
+    }
+    print!("{}", overall.render());
 }
 
 #[cfg(test)]

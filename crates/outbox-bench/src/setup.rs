@@ -1,9 +1,10 @@
 //! What a run needs and leaves nothing of: a fresh database with the outbox
-//! schema, a fanout exchange with a durable queue bound to it (the queue
-//! expires on its own should a run die before deleting it), and relays
-//! started in this process.
+//! schema, a fresh dispatch database, a fanout exchange with a durable queue
+//! bound to it (the queue expires on its own should a run die before
+//! deleting it; so do the dispatch consumer's queues), and relays started in
+//! this process.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use lapin::options::{
@@ -20,18 +21,25 @@ use uuid::Uuid;
 use outbox_relay::db::with_dbname;
 
 use crate::cli::Common;
+use crate::processes::Process;
 
 const AMQP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// An unused queue is deleted by RabbitMQ after this long.
 const QUEUE_EXPIRES_MS: i32 = 300_000;
 const RELAY_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+const CHILD_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One run's database and broker names.
 pub struct Fixture {
     pub db_url: String,
+    /// The dispatch consumer's database, with the bench's delivery trigger.
+    pub dispatch_db_url: String,
     pub amqp_url: String,
     pub exchange: String,
+    /// The bench's own queue on `exchange`.
     pub queue: String,
+    /// The dispatch consumer's queue on `exchange`.
+    pub dispatch_queue: String,
     /// Keeps the declaring connection for purges and counts.
     channel: Channel,
     connection: Connection,
@@ -45,24 +53,38 @@ pub async fn with_fixture<T>(
     body: impl AsyncFnOnce(&Fixture) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
     let id = Uuid::new_v4().simple().to_string();
-    let db_name = format!("outbox_bench_{id}");
+    let db_names = [
+        format!("outbox_bench_{id}"),
+        format!("outbox_bench_{id}_dispatch"),
+    ];
     let admin = connect(&common.postgres_url).await?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db_name}"))
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot create a database: {}", outbox::error_line(&e)))?;
-    let db_url = with_dbname(&common.postgres_url, &db_name);
+    for db_name in &db_names {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db_name}"))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot create a database: {}", outbox::error_line(&e)))?;
+    }
+    let db_url = with_dbname(&common.postgres_url, &db_names[0]);
+    let dispatch_db_url = with_dbname(&common.postgres_url, &db_names[1]);
 
     let result = async {
         let mut client = connect(&db_url).await?;
         outbox::migrate(&mut client).await?;
+        dispatch::migrate::run(&outbox_relay::db::parse_url(&dispatch_db_url, None)?).await?;
+        connect(&dispatch_db_url)
+            .await?
+            .batch_execute(crate::observe::DELIVERED_TRIGGER)
+            .await
+            .map_err(|e| anyhow::anyhow!("delivery trigger: {}", outbox::error_line(&e)))?;
         let connection = connect_amqp(&common.amqp_url).await?;
         let channel = connection.create_channel().await?;
         let fixture = Fixture {
             db_url: db_url.clone(),
+            dispatch_db_url,
             amqp_url: common.amqp_url.clone(),
             exchange: format!("outbox_bench_ex_{id}"),
             queue: format!("outbox_bench_q_{id}"),
+            dispatch_queue: format!("outbox_bench_dispatch_{id}"),
             channel,
             connection,
         };
@@ -78,13 +100,17 @@ pub async fn with_fixture<T>(
     }
     .await;
 
-    if common.keep {
-        eprintln!("kept database {db_name}");
-    } else {
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot drop {db_name}: {}", outbox::error_line(&e)))?;
+    for db_name in &db_names {
+        if common.keep {
+            eprintln!("kept database {db_name}");
+        } else {
+            admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot drop {db_name}: {}", outbox::error_line(&e))
+                })?;
+        }
     }
     result
 }
@@ -99,8 +125,10 @@ impl Fixture {
             .exchange_declare(
                 self.exchange.as_str().into(),
                 ExchangeKind::Fanout,
-                // Gone with its last binding, i.e. when the queue goes.
+                // Gone with its last binding, i.e. when the queues go; the
+                // dispatch consumer declares it alike.
                 ExchangeDeclareOptions {
+                    durable: true,
                     auto_delete: true,
                     ..ExchangeDeclareOptions::default()
                 },
@@ -132,6 +160,51 @@ impl Fixture {
             .await
             .context("cannot bind the bench queue")?;
         Ok(())
+    }
+
+    /// Starts the dispatch consumer (the `dispatch` binary) on this
+    /// fixture's exchange and database; returns once it consumes.
+    pub async fn start_dispatch(&self) -> anyhow::Result<Process> {
+        let expires = QUEUE_EXPIRES_MS.to_string();
+        let mut dispatch = Process::spawn(
+            "dispatch",
+            &[],
+            &[
+                ("DISPATCH_DATABASE_URL", &self.dispatch_db_url),
+                ("DISPATCH_AMQP_URL", &self.amqp_url),
+                ("DISPATCH_EXCHANGE", &self.exchange),
+                ("DISPATCH_QUEUE", &self.dispatch_queue),
+                ("DISPATCH_QUEUE_EXPIRES_MS", &expires),
+                ("DISPATCH_HTTP_ADDR", "127.0.0.1:0"),
+            ],
+        )?;
+        let deadline = Instant::now() + CHILD_START_TIMEOUT;
+        while self.consumers(&self.dispatch_queue).await < 1 {
+            dispatch.check_running()?;
+            if Instant::now() > deadline {
+                bail!("the dispatch consumer did not start consuming within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(dispatch)
+    }
+
+    /// Consumers of `queue`; 0 while it does not exist.
+    async fn consumers(&self, queue: &str) -> u32 {
+        // A missing queue closes the channel that asked: use a throwaway one.
+        let Ok(channel) = self.connection.create_channel().await else {
+            return 0;
+        };
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let consumers = channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            .map_or(0, |queue| queue.consumer_count());
+        let _ = channel.close(200, "counted".into()).await;
+        consumers
     }
 
     /// Messages ready in the queue.

@@ -1,0 +1,237 @@
+//! SVG plots (plotters, SVG backend only: no font or image libraries).
+//! - latency: percentile curves, one per publisher, on log-log axes (the
+//!   x axis is 1/(1-q), so 90, 99, 99.9 are evenly spaced);
+//! - soak: latency, lag and resident memory against time.
+
+use std::path::Path;
+
+use anyhow::anyhow;
+use hdrhistogram::Histogram as Hdr;
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use crate::latency::LatencyResult;
+use crate::soak::{Sample, SoakResult};
+
+const COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+/// The x axis ends at the 99.99th percentile.
+const MAX_X: f64 = 10_000.0;
+/// Points per decade of the x axis.
+const STEPS_PER_DECADE: u32 = 10;
+
+type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+/// One named line of (x, y) points.
+type Line = (String, Vec<(f64, f64)>);
+
+/// Percentile curves of commit → received and commit → delivered.
+pub fn latency(path: &Path, results: &[LatencyResult]) -> anyhow::Result<()> {
+    let root = SVGBackend::new(path, (1280, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(failed)?;
+    let panels = root.split_evenly((1, 2));
+    let curves = |pick: fn(&LatencyResult) -> &Hdr<u64>| -> Vec<Line> {
+        results
+            .iter()
+            .filter(|r| !pick(r).is_empty())
+            .map(|r| (label(r), percentile_curve(pick(r))))
+            .collect()
+    };
+    percentile_panel(
+        &panels[0],
+        "commit → consumer received",
+        &curves(|r| &r.commit_to_received),
+    )?;
+    percentile_panel(
+        &panels[1],
+        "commit → delivery row committed",
+        &curves(|r| &r.commit_to_delivered),
+    )?;
+    root.present().map_err(failed)
+}
+
+fn label(result: &LatencyResult) -> String {
+    match result.publisher.sweep_ms() {
+        Some(ms) => format!("{} ({ms} ms sweep)", result.publisher.name()),
+        None => result.publisher.name().to_string(),
+    }
+}
+
+/// (1/(1-q), milliseconds) for q from 0 to 0.9999.
+fn percentile_curve(histogram: &Hdr<u64>) -> Vec<(f64, f64)> {
+    let decades = MAX_X.log10() as u32;
+    (0..=decades * STEPS_PER_DECADE)
+        .map(|step| {
+            let x = 10f64.powf(f64::from(step) / f64::from(STEPS_PER_DECADE));
+            let quantile = 1.0 - 1.0 / x;
+            (x, histogram.value_at_quantile(quantile) as f64 / 1000.0)
+        })
+        .collect()
+}
+
+fn percentile_panel(area: &Area<'_>, title: &str, lines: &[Line]) -> anyhow::Result<()> {
+    let all = lines
+        .iter()
+        .flat_map(|(_, points)| points.iter().map(|p| p.1));
+    let top = all.fold(1.0_f64, f64::max) * 1.5;
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((1.0..MAX_X).log_scale(), (0.05..top).log_scale())
+        .map_err(failed)?;
+    chart
+        .configure_mesh()
+        .x_desc("percentile")
+        .y_desc("ms")
+        .x_label_formatter(&|x| trim(100.0 - 100.0 / x))
+        .draw()
+        .map_err(failed)?;
+    draw_lines(&mut chart, lines)
+}
+
+/// Latency, lag and memory of a soak run against seconds.
+pub fn soak(path: &Path, result: &SoakResult) -> anyhow::Result<()> {
+    let root = SVGBackend::new(path, (1280, 960)).into_drawing_area();
+    root.fill(&WHITE).map_err(failed)?;
+    let panels = root.split_evenly((3, 1));
+    let series = |pick: &dyn Fn(&Sample) -> Option<f64>| -> Vec<(f64, f64)> {
+        result
+            .samples
+            .iter()
+            .filter_map(|s| pick(s).map(|y| (s.second as f64, y)))
+            .collect()
+    };
+    let latency = vec![
+        (
+            "delivered p50".to_string(),
+            series(&|s| s.delivered.map(|p| p.p50)),
+        ),
+        (
+            "delivered p99".to_string(),
+            series(&|s| s.delivered.map(|p| p.p99)),
+        ),
+        (
+            "received p50".to_string(),
+            series(&|s| s.received.map(|p| p.p50)),
+        ),
+        (
+            "received p99".to_string(),
+            series(&|s| s.received.map(|p| p.p99)),
+        ),
+    ];
+    let lag = vec![(
+        "oldest pending age".to_string(),
+        series(&|s| Some(s.lag_s * 1000.0)),
+    )];
+    let mib = |bytes: Option<u64>| bytes.map(|b| b as f64 / 1_048_576.0);
+    let memory = vec![
+        ("relay".to_string(), series(&|s| mib(s.relay_rss))),
+        ("dispatch".to_string(), series(&|s| mib(s.dispatch_rss))),
+    ];
+    let title = format!(
+        "soak: {} msgs/s, {} writers",
+        result.load.rate, result.load.writers
+    );
+    time_panel(
+        &panels[0],
+        &format!("{title}: commit → (ms), per second of commit"),
+        "ms",
+        &latency,
+    )?;
+    time_panel(&panels[1], "lag: age of the oldest pending row", "ms", &lag)?;
+    time_panel(&panels[2], "resident memory", "MiB", &memory)?;
+    root.present().map_err(failed)
+}
+
+fn time_panel(area: &Area<'_>, title: &str, unit: &str, lines: &[Line]) -> anyhow::Result<()> {
+    let points = || lines.iter().flat_map(|(_, points)| points.iter());
+    let right = points().map(|p| p.0).fold(1.0_f64, f64::max);
+    let top = points().map(|p| p.1).fold(0.0_f64, f64::max).max(1.0) * 1.1;
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..right, 0.0..top)
+        .map_err(failed)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc(unit)
+        .draw()
+        .map_err(failed)?;
+    draw_lines(&mut chart, lines)
+}
+
+fn draw_lines<'a, X, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    lines: &[Line],
+) -> anyhow::Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    for (i, (name, points)) in lines.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().copied(),
+                color.stroke_width(2),
+            ))
+            .map_err(failed)?
+            .label(name.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(failed)
+}
+
+/// "99.9" rather than "99.90000000000001".
+fn trim(percent: f64) -> String {
+    let text = format!("{percent:.3}");
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+fn failed(error: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("cannot draw the plot: {error}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_labels_are_short() {
+        assert_eq!(trim(100.0 - 100.0 / 1000.0), "99.9");
+        assert_eq!(trim(0.0), "0");
+        assert_eq!(trim(90.0), "90");
+    }
+
+    #[test]
+    fn curve_climbs_to_the_tail() {
+        let mut histogram = crate::report::new_histogram().expect("valid bounds");
+        for micros in 1..=10_000 {
+            histogram.saturating_record(micros);
+        }
+        let curve = percentile_curve(&histogram);
+        assert_eq!(curve.len(), 41);
+        assert!((curve[0].1 - 0.001).abs() < 1e-6, "{:?}", curve[0]);
+        // 1/(1-q) = 10 is the 90th percentile: 9 ms of 10.
+        assert!((curve[10].1 - 9.0).abs() < 0.05, "{:?}", curve[10]);
+        assert!(curve.windows(2).all(|w| w[0].1 <= w[1].1));
+    }
+}

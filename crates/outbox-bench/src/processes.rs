@@ -1,0 +1,89 @@
+//! The relay and the dispatch consumer as child processes, built next to
+//! this binary: a child has its own resident memory to read, and runs
+//! exactly what a user deploys.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::process::{Child, Command};
+
+/// Both children log warnings only; their info lines would bury the bench's.
+const CHILD_LOG_FILTER: &str = "warn,lapin=off";
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A child process that is killed if the bench stops without [`Process::stop`].
+pub struct Process {
+    name: &'static str,
+    child: Child,
+}
+
+impl Process {
+    /// Starts binary `name` (found next to this one) with `env` on top of ours.
+    pub fn spawn(name: &'static str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let path = sibling_binary(name)?;
+        let child = Command::new(&path)
+            .args(args)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", CHILD_LOG_FILTER)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", path.display()))?;
+        Ok(Process { name, child })
+    }
+
+    /// Resident memory in bytes (Linux: `VmRSS` of `/proc/PID/status`).
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()?)).ok()?;
+        let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
+    /// Fails when the child has exited on its own.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        match self.child.try_wait()? {
+            None => Ok(()),
+            Some(status) => bail!("{} exited on its own ({status})", self.name),
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let Some(pid) = self.child.id() else {
+            bail!("{} had already exited", self.name);
+        };
+        // No signal crate needed for one signal: kill(1) is everywhere.
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .context("cannot run kill")?;
+        if !sent.success() {
+            bail!("cannot signal {} (pid {pid})", self.name);
+        }
+        let status = tokio::time::timeout(STOP_TIMEOUT, self.child.wait())
+            .await
+            .with_context(|| format!("{} did not stop within 30 s", self.name))??;
+        if !status.success() {
+            bail!("{} stopped with {status}", self.name);
+        }
+        Ok(())
+    }
+}
+
+/// `name` in the directory of this executable: `cargo build --release`
+/// puts every binary of the workspace there.
+fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate this executable")?;
+    let path = exe.with_file_name(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: build every binary first (cargo build --release --workspace --bins)",
+            path.display()
+        );
+    }
+    Ok(path)
+}

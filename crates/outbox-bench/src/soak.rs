@@ -1,0 +1,227 @@
+//! `soak`: a long steady run with the relay and the dispatch consumer as
+//! child processes (`outbox-relay run`, `dispatch`), as deployed. Every
+//! second it samples the lag (age of the oldest pending row, and how many
+//! are pending) and both children's resident memory; afterwards it splits
+//! commit → received and commit → delivered latency by the second of the
+//! commit, so a slow leak or a growing backlog shows as a trend.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use hdrhistogram::Histogram as Hdr;
+use tokio::time::Instant;
+use tokio_postgres::Client;
+
+use crate::cli::SoakArgs;
+use crate::observe::{Arrivals, Consumer, Delivered};
+use crate::processes::Process;
+use crate::report::Percentiles;
+use crate::setup::{self, Fixture};
+use crate::writers::{self, Load, Sent, Target};
+
+const LAG: &str = "SELECT count(*), \
+     coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 \
+     FROM outbox.messages WHERE published_at IS NULL AND dead_at IS NULL";
+/// How long the pipeline may take to catch up once writing stopped.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(120);
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One second of the run.
+#[derive(Debug, Clone, Default)]
+pub struct Sample {
+    /// Seconds since writing started.
+    pub second: u64,
+    pub pending: i64,
+    /// Age of the oldest pending row, in seconds.
+    pub lag_s: f64,
+    pub relay_rss: Option<u64>,
+    pub dispatch_rss: Option<u64>,
+    /// Messages committed during this second, and their latencies.
+    pub sent: u64,
+    pub received: Option<Percentiles>,
+    pub delivered: Option<Percentiles>,
+}
+
+pub struct SoakResult {
+    pub load: Load,
+    pub sent: usize,
+    pub received: usize,
+    pub delivered: usize,
+    pub duplicates: u64,
+    pub settle_seconds: f64,
+    pub commit_to_received: Percentiles,
+    pub commit_to_delivered: Percentiles,
+    pub samples: Vec<Sample>,
+}
+
+pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
+    if !(args.rate.is_finite() && args.rate > 0.0) {
+        bail!("--rate must be a positive number of messages per second");
+    }
+    let load = Load {
+        rate: args.rate,
+        writers: args.writers,
+        duration: Duration::from_secs(args.duration),
+    };
+    let result =
+        setup::with_fixture(&args.common, async |fixture| measure(fixture, load).await).await?;
+    crate::report::print_soak(&result, args.every, args.common.json);
+    crate::latency::write_plot(&args.plot, |path| crate::plot::soak(path, &result))
+}
+
+/// The running pipeline and what the bench samples of it.
+struct Pipeline {
+    relay: Process,
+    dispatch: Process,
+    monitor: Client,
+    samples: Vec<Sample>,
+}
+
+impl Pipeline {
+    async fn sample(&mut self, second: u64) -> anyhow::Result<()> {
+        self.relay.check_running()?;
+        self.dispatch.check_running()?;
+        let row = self
+            .monitor
+            .query_one(LAG, &[])
+            .await
+            .map_err(|e| anyhow::anyhow!("lag query: {}", outbox::error_line(&e)))?;
+        self.samples.push(Sample {
+            second,
+            pending: row.try_get(0)?,
+            lag_s: row.try_get(1)?,
+            relay_rss: self.relay.rss_bytes(),
+            dispatch_rss: self.dispatch.rss_bytes(),
+            ..Sample::default()
+        });
+        Ok(())
+    }
+}
+
+async fn measure(fixture: &Fixture, load: Load) -> anyhow::Result<SoakResult> {
+    let consumer = Consumer::start(fixture).await?;
+    let delivered = Delivered::start(&fixture.dispatch_db_url).await?;
+    let dispatch = fixture.start_dispatch().await?;
+    let relay = Process::spawn(
+        "outbox-relay",
+        &["run"],
+        &[
+            ("OUTBOX_DATABASE_URL", &fixture.db_url),
+            ("OUTBOX_AMQP_URL", &fixture.amqp_url),
+            ("OUTBOX_METRICS_ADDR", "127.0.0.1:0"),
+        ],
+    )?;
+    let mut pipeline = Pipeline {
+        relay,
+        dispatch,
+        monitor: fixture.connect_db().await?,
+        samples: Vec::new(),
+    };
+    let outcome = async {
+        // One message end to end: both children are up and connected.
+        let client = fixture.connect_db().await?;
+        writers::send(&client, Target::Outbox, &fixture.exchange, 1).await?;
+        let started = Instant::now();
+        while delivered.arrivals.count() == 0 {
+            pipeline.relay.check_running()?;
+            if started.elapsed() > START_TIMEOUT {
+                bail!("the first message was not delivered within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        delivered.arrivals.take();
+        consumer.arrivals.take();
+
+        let bar = crate::progress::bar(load.duration.as_secs(), "soak");
+        let (sent, start) = writers::write(fixture, Target::Outbox, load, async |elapsed| {
+            pipeline.sample(elapsed.round() as u64).await?;
+            bar.inc(1);
+            bar.set_message(format!(
+                "{} pending",
+                pipeline.samples.last().map_or(0, |s| s.pending)
+            ));
+            Ok(())
+        })
+        .await?;
+        bar.finish_and_clear();
+
+        let writing_ended = Instant::now();
+        let mut next_sample = writing_ended;
+        while delivered.arrivals.count() < sent.len() {
+            if writing_ended.elapsed() > SETTLE_TIMEOUT {
+                break;
+            }
+            if Instant::now() >= next_sample {
+                pipeline
+                    .sample(start.elapsed().as_secs_f64().round() as u64)
+                    .await?;
+                next_sample += Duration::from_secs(1);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok::<_, anyhow::Error>((sent, start, writing_ended.elapsed().as_secs_f64()))
+    }
+    .await;
+    let relay_stopped = pipeline.relay.stop().await;
+    let dispatch_stopped = pipeline.dispatch.stop().await;
+    let received = consumer.stop().await;
+    let delivered = delivered.stop();
+    let (sent, start, settle_seconds) = outcome?;
+    relay_stopped.context("relay")?;
+    dispatch_stopped.context("dispatch")?;
+
+    let mut samples = pipeline.samples;
+    split_by_second(&mut samples, &sent, start, &received, &delivered)?;
+    Ok(SoakResult {
+        load,
+        sent: sent.len(),
+        received: received.first.len(),
+        delivered: delivered.first.len(),
+        duplicates: received.duplicates,
+        settle_seconds,
+        commit_to_received: Percentiles::of(&crate::latency::since_commit(&sent, &received)?),
+        commit_to_delivered: Percentiles::of(&crate::latency::since_commit(&sent, &delivered)?),
+        samples,
+    })
+}
+
+/// Fills each sample's latency from the messages committed in its second.
+fn split_by_second(
+    samples: &mut [Sample],
+    sent: &[Sent],
+    start: Instant,
+    received: &Arrivals,
+    delivered: &Arrivals,
+) -> anyhow::Result<()> {
+    let seconds = samples.iter().map(|s| s.second + 1).max().unwrap_or(0) as usize;
+    let mut buckets: Vec<(u64, Hdr<u64>, Hdr<u64>)> = Vec::with_capacity(seconds);
+    for _ in 0..seconds {
+        buckets.push((
+            0,
+            crate::report::new_histogram()?,
+            crate::report::new_histogram()?,
+        ));
+    }
+    for (id, committed) in sent {
+        // Second n holds the commits of (n-1, n]: the sample taken at n saw them.
+        let second = committed.saturating_duration_since(start).as_secs() as usize + 1;
+        let Some((count, to_received, to_delivered)) = buckets.get_mut(second) else {
+            continue;
+        };
+        *count += 1;
+        for (arrivals, histogram) in [(received, to_received), (delivered, to_delivered)] {
+            if let Some(arrived) = arrivals.first.get(id) {
+                let micros = arrived.saturating_duration_since(*committed).as_micros();
+                histogram.saturating_record(micros as u64);
+            }
+        }
+    }
+    for sample in samples {
+        if let Some((count, to_received, to_delivered)) = buckets.get(sample.second as usize) {
+            sample.sent = *count;
+            sample.received = (!to_received.is_empty()).then(|| Percentiles::of(to_received));
+            sample.delivered = (!to_delivered.is_empty()).then(|| Percentiles::of(to_delivered));
+        }
+    }
+    Ok(())
+}
