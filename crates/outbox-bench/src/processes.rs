@@ -12,6 +12,8 @@ use tokio::process::{Child, Command};
 /// Both children log warnings only; their info lines would bury the bench's.
 const CHILD_LOG_FILTER: &str = "warn,lapin=off";
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// `sysconf(_SC_CLK_TCK)`: 100 on every Linux the bench targets.
+const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
 
 /// A child process that is killed if the bench stops without [`Process::stop`].
 pub struct Process {
@@ -41,6 +43,17 @@ impl Process {
         let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
         let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kib * 1024)
+    }
+
+    /// CPU time used so far, user plus system, in seconds (Linux:
+    /// `/proc/PID/stat`, in clock ticks of 1/100 s).
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()?)).ok()?;
+        // The command name may hold spaces: fields count from its `)`.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+        // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after `)`.
+        Some((ticks(11)? + ticks(12)?) as f64 / CLOCK_TICKS_PER_SECOND)
     }
 
     /// Fails when the child has exited on its own.

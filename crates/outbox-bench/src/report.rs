@@ -261,6 +261,7 @@ pub fn print_soak(result: &SoakResult, every: u64, as_json: bool) {
                 json!({
                     "second": s.second, "pending": s.pending, "lag_s": s.lag_s,
                     "relay_rss_mib": mib(s.relay_rss), "dispatch_rss_mib": mib(s.dispatch_rss),
+                    "relay_cpu_s": s.relay_cpu, "dispatch_cpu_s": s.dispatch_cpu,
                     "sent": s.sent,
                     "commit_to_received": s.received.map(Percentiles::to_json),
                     "commit_to_delivered": s.delivered.map(Percentiles::to_json),
@@ -274,6 +275,8 @@ pub fn print_soak(result: &SoakResult, every: u64, as_json: bool) {
             "settle_seconds": result.settle_seconds, "max_lag_s": max_lag,
             "peak_relay_rss_mib": mib(peak(|s| s.relay_rss)),
             "peak_dispatch_rss_mib": mib(peak(|s| s.dispatch_rss)),
+            "relay_cpu_us_per_msg": cpu_per_message(result, |s| s.relay_cpu),
+            "dispatch_cpu_us_per_msg": cpu_per_message(result, |s| s.dispatch_cpu),
             "commit_to_received": result.commit_to_received.to_json(),
             "commit_to_delivered": result.commit_to_delivered.to_json(),
             "samples": samples,
@@ -339,6 +342,13 @@ pub fn print_soak(result: &SoakResult, every: u64, as_json: bool) {
         mib(peak(|s| s.relay_rss)).map_or("-".into(), |m| format!("{m:.1}")),
         mib(peak(|s| s.dispatch_rss)).map_or("-".into(), |m| format!("{m:.1}")),
     );
+    let per_message =
+        |pick| cpu_per_message(result, pick).map_or("-".into(), |us| format!("{us:.0}"));
+    println!(
+        "CPU per message: relay {} µs, dispatch {} µs",
+        per_message(|s| s.relay_cpu),
+        per_message(|s| s.dispatch_cpu)
+    );
     let mut overall = Table::new(&["commit →", "p50", "p90", "p99", "p99.9", "max"]);
     for (name, percentiles) in [
         ("received", result.commit_to_received),
@@ -349,6 +359,14 @@ pub fn print_soak(result: &SoakResult, every: u64, as_json: bool) {
         overall.row(cells);
     }
     print!("{}", overall.render());
+}
+
+/// A child's CPU microseconds per message sent, from its first sample to
+/// its last (start-up excluded, the tail of the settling included).
+fn cpu_per_message(result: &SoakResult, pick: fn(&Sample) -> Option<f64>) -> Option<f64> {
+    let first = result.samples.first().and_then(pick)?;
+    let last = result.samples.last().and_then(pick)?;
+    (result.sent > 0).then(|| (last - first) * 1e6 / result.sent as f64)
 }
 
 #[cfg(test)]

@@ -36,6 +36,9 @@ pub struct Sample {
     pub lag_s: f64,
     pub relay_rss: Option<u64>,
     pub dispatch_rss: Option<u64>,
+    /// CPU seconds used since the child started.
+    pub relay_cpu: Option<f64>,
+    pub dispatch_cpu: Option<f64>,
     /// Messages committed during this second, and their latencies.
     pub sent: u64,
     pub received: Option<Percentiles>,
@@ -92,6 +95,8 @@ impl Pipeline {
             lag_s: row.try_get(1)?,
             relay_rss: self.relay.rss_bytes(),
             dispatch_rss: self.dispatch.rss_bytes(),
+            relay_cpu: self.relay.cpu_seconds(),
+            dispatch_cpu: self.dispatch.cpu_seconds(),
             ..Sample::default()
         });
         Ok(())

@@ -34,6 +34,9 @@ use crate::{endpoint, telemetry};
 /// relay claims again after each of these delays; the sweep catches
 /// anything slower.
 const IDLE_RECHECKS: [Duration; 2] = [Duration::from_millis(3), Duration::from_millis(25)];
+/// While confirms or marks are outstanding, how often the relay claims
+/// again for rows committed meanwhile.
+const REFILL_POLL: Duration = Duration::from_millis(1);
 /// How often an idle listener's connection is proven alive.
 const PROBE_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -261,14 +264,28 @@ impl Relay {
     /// Publishes until nothing is claimable; true when it claimed anything.
     async fn drain(&mut self, shutdown: &CancellationToken) -> Result<bool, Outage> {
         self.ensure_broker().await?;
-        if let Some(listener) = &mut self.listener
-            && let Err(error) = listener.begin_drain().await
-        {
+        // The first claim need not wait for the drain lock: a writer that
+        // probed before we hold it has notified (we drain again), one that
+        // probes after is covered by the claims and re-checks that follow.
+        // Saves a round trip on every wake-up.
+        let first_limit = self.config.max_in_flight.min(self.config.batch_size);
+        let (began, first) = tokio::join!(
+            begin_drain(self.listener.as_mut()),
+            self.store.claim(
+                first_limit,
+                self.config.lease,
+                self.config.block_on_dead_head
+            )
+        );
+        if let Err(error) = began {
             tracing::warn!(%error, "wake-up listener failed; reconnecting");
             self.listener = None;
             self.health.listener(false);
         }
-        let result = self.pump(shutdown).await;
+        let result = match first {
+            Ok(rows) => self.pump(rows, first_limit as usize, shutdown).await,
+            Err(error) => Err(Outage::Database(error)),
+        };
         if let Some(listener) = &mut self.listener
             && listener.end_drain().await.is_err()
         {
@@ -278,11 +295,19 @@ impl Relay {
         result
     }
 
-    async fn pump(&mut self, shutdown: &CancellationToken) -> Result<bool, Outage> {
+    /// Publishes `first` (claimed with `first_limit`), then claims and
+    /// publishes until nothing is claimable and everything has settled.
+    async fn pump(
+        &mut self,
+        first: Vec<Claimed>,
+        first_limit: usize,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, Outage> {
         let window = self.config.max_in_flight as usize;
         let refill_at = (window.min(self.config.batch_size as usize) / 4).max(1);
-        let mut claimed_any = false;
-        let mut exhausted = false;
+        let mut claimed_any = !first.is_empty();
+        let mut exhausted = first.len() < first_limit;
+        self.publish_all(first).await?;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(claimed_any);
@@ -319,13 +344,23 @@ impl Relay {
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(claimed_any),
                     _ = self.marker.settled() => {}
+                    _ = tokio::time::sleep(REFILL_POLL) => {}
                 }
                 exhausted = false;
                 continue;
             }
+            // Writers skip NOTIFY while we drain: rows they commit while
+            // confirms are outstanding are found by claiming again every
+            // REFILL_POLL, not after the confirms (a confirm takes a broker
+            // fsync, several milliseconds under load).
+            let refill = tokio::time::sleep(REFILL_POLL);
             let settled = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(claimed_any),
                 settled = self.in_flight.next() => settled,
+                _ = refill, if exhausted => {
+                    exhausted = false;
+                    continue;
+                }
             };
             if let Some((row, outcome, returned)) = settled {
                 self.settle(row, outcome, returned)?;
@@ -525,6 +560,13 @@ fn next_recheck(current: Option<usize>, claimed: bool, mode: Mode) -> Option<usi
         (true, _) => Some(0),
         (false, Some(step)) if step + 1 < IDLE_RECHECKS.len() => Some(step + 1),
         (false, _) => None,
+    }
+}
+
+async fn begin_drain(listener: Option<&mut Listener>) -> Result<(), String> {
+    match listener {
+        Some(listener) => listener.begin_drain().await,
+        None => Ok(()),
     }
 }
 
