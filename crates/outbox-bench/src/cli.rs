@@ -27,15 +27,10 @@ pub enum Command {
     /// processes: lag (oldest pending age), their resident memory, and
     /// latency over time.
     Soak(SoakArgs),
-    /// The write-path cost of the wake-up trigger. For now this runs
-    /// `scripts/write-path-bench.sh` (pgbench, interleaved on/off pairs) from
-    /// the source checkout, passing every argument through; see
-    /// `outbox-bench write-path --help`.
-    #[command(disable_help_flag = true)]
-    WritePath {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    /// The write-path cost of the wake-up trigger: pgbench runs the order +
+    /// enqueue transaction with no trigger, with ours (a relay draining)
+    /// and with a naive per-row pg_notify trigger, in interleaved pairs.
+    WritePath(WritePathArgs),
 }
 
 /// Where to run and what to leave behind.
@@ -136,6 +131,33 @@ pub struct SoakArgs {
 
     #[command(flatten)]
     pub common: Common,
+}
+
+#[derive(Debug, Args)]
+pub struct WritePathArgs {
+    /// pgbench clients.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub clients: u32,
+
+    /// Seconds per run (each pair is two runs, plus the naive run).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub duration: u32,
+
+    /// Interleaved pairs; the verdict is the median ratio.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pairs: u32,
+
+    /// Drain with the script's SQL stand-in instead of the real relay.
+    #[arg(long)]
+    pub stand_in: bool,
+
+    /// Also write the summary as JSON to this file.
+    #[arg(long = "json")]
+    pub json_file: Option<PathBuf>,
+
+    /// Passed on to scripts/write-path-bench.sh (after `--`; see its header).
+    #[arg(last = true)]
+    pub script_args: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -50,7 +50,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Drain(args) => drain::run(args).await?,
         Command::Latency(args) => latency::run(args).await?,
         Command::Soak(args) => soak::run(args).await?,
-        Command::WritePath { args } => return write_path::run(&args),
+        Command::WritePath(args) => return write_path::run(&args),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -139,35 +139,60 @@ pub fn soak(path: &Path, result: &SoakResult) -> anyhow::Result<()> {
         "soak: {} msgs/s, {} writers",
         result.load.rate, result.load.writers
     );
+    let latency_title = format!("{title}: commit → … (ms, log scale), by second of commit");
+    time_panel(&panels[0], &latency_title, "ms", &latency, true)?;
     time_panel(
-        &panels[0],
-        &format!("{title}: commit → (ms), per second of commit"),
+        &panels[1],
+        "lag: age of the oldest pending row",
         "ms",
-        &latency,
+        &lag,
+        false,
     )?;
-    time_panel(&panels[1], "lag: age of the oldest pending row", "ms", &lag)?;
-    time_panel(&panels[2], "resident memory", "MiB", &memory)?;
+    time_panel(&panels[2], "resident memory", "MiB", &memory, false)?;
     root.present().map_err(failed)
 }
 
-fn time_panel(area: &Area<'_>, title: &str, unit: &str, lines: &[Line]) -> anyhow::Result<()> {
+/// Lines against seconds; latencies spread over decades read better with
+/// `log_y`.
+fn time_panel(
+    area: &Area<'_>,
+    title: &str,
+    unit: &str,
+    lines: &[Line],
+    log_y: bool,
+) -> anyhow::Result<()> {
     let points = || lines.iter().flat_map(|(_, points)| points.iter());
     let right = points().map(|p| p.0).fold(1.0_f64, f64::max);
     let top = points().map(|p| p.1).fold(0.0_f64, f64::max).max(1.0) * 1.1;
-    let mut chart = ChartBuilder::on(area)
+    let mut builder = ChartBuilder::on(area);
+    builder
         .caption(title, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(35)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..right, 0.0..top)
-        .map_err(failed)?;
-    chart
-        .configure_mesh()
-        .x_desc("seconds")
-        .y_desc(unit)
-        .draw()
-        .map_err(failed)?;
-    draw_lines(&mut chart, lines)
+        .y_label_area_size(60);
+    if log_y {
+        let mut chart = builder
+            .build_cartesian_2d(0.0..right, (0.1..top * 2.0).log_scale())
+            .map_err(failed)?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds")
+            .y_desc(unit)
+            .draw()
+            .map_err(failed)?;
+        draw_lines(&mut chart, lines)
+    } else {
+        let mut chart = builder
+            .build_cartesian_2d(0.0..right, 0.0..top)
+            .map_err(failed)?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds")
+            .y_desc(unit)
+            .draw()
+            .map_err(failed)?;
+        draw_lines(&mut chart, lines)
+    }
 }
 
 fn draw_lines<'a, X, Y>(
