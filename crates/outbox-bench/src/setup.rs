@@ -70,9 +70,9 @@ pub async fn with_fixture<T>(
     let result = async {
         let mut client = connect(&db_url).await?;
         outbox::migrate(&mut client).await?;
-        dispatch::migrate::run(&outbox_relay::db::parse_url(&dispatch_db_url, None)?).await?;
-        connect(&dispatch_db_url)
-            .await?
+        let mut dispatch_client = connect(&dispatch_db_url).await?;
+        dispatch::migrate(&mut dispatch_client).await?;
+        dispatch_client
             .batch_execute(crate::observe::DELIVERED_TRIGGER)
             .await
             .map_err(|e| anyhow::anyhow!("delivery trigger: {}", outbox::error_line(&e)))?;
