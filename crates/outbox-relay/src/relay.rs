@@ -65,7 +65,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // is missing while the servers are still being reached.
     let endpoint_stop = CancellationToken::new();
     let endpoint = start_endpoint(&config, &health, &endpoint_stop).await?;
-    let store = Store::connect(&target, &relay_id).await?;
+    let store = Store::connect(&target, &relay_id)
+        .await?
+        .prepare_claims(config.mode == Mode::Notify);
     health.database(true);
     let broker =
         Broker::connect(&config.amqp_url, config.amqp_ca_file.as_deref(), &relay_id).await?;

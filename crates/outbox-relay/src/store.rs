@@ -55,6 +55,8 @@ pub const PENDING_COUNT_CAP: i64 = 1_000_000;
 pub struct Store {
     pool: Pool,
     relay_id: String,
+    /// Claim with a prepared statement (see [`Store::prepare_claims`]).
+    prepared_claims: bool,
 }
 
 /// Pending rows in id order, skipping leased ones and, for an ordering key,
@@ -80,6 +82,8 @@ SET locked_by = $2, locked_until = now() + $4 * interval '1 millisecond'
 FROM picked WHERE m.id = picked.id
 RETURNING m.id, m.message_id, m.exchange, m.routing_key, m.payload, m.content_type,
           m.headers, m.ordering_key, m.attempts, coalesce(m.replayed_at, m.created_at)";
+
+const CLAIM_TYPES: [Type; 4] = [Type::INT8, Type::TEXT, Type::BOOL, Type::FLOAT8];
 
 const MARK_PUBLISHED: &str = "UPDATE outbox.messages \
      SET published_at = now(), locked_by = NULL, locked_until = NULL \
@@ -136,6 +140,7 @@ impl Store {
         let store = Store {
             pool: db::pool(&target, 4).await?,
             relay_id: relay_id.to_string(),
+            prepared_claims: false,
         };
         let client = store.client().await.map_err(|e| anyhow::anyhow!(e))?;
         let installed: bool = client
@@ -151,6 +156,16 @@ impl Store {
         Ok(store)
     }
 
+    /// Claims through a statement prepared once per connection: no planning
+    /// on the wake-up path (about 0.2 ms a claim here). Only where every
+    /// connection is a session of its own: a pooler in transaction mode
+    /// (PgBouncer before 1.21) loses prepared statements, and such set-ups
+    /// run in poll mode, so notify mode turns this on.
+    pub fn prepare_claims(mut self, prepared: bool) -> Store {
+        self.prepared_claims = prepared;
+        self
+    }
+
     pub async fn claim(
         &self,
         limit: u32,
@@ -159,18 +174,32 @@ impl Store {
     ) -> Result<Vec<Claimed>, String> {
         let client = self.client().await?;
         let lease_ms = lease.as_millis() as f64;
-        let rows = client
-            .query_typed(
-                CLAIM,
-                &[
-                    (&i64::from(limit), Type::INT8),
-                    (&self.relay_id, Type::TEXT),
-                    (&block_on_dead_head, Type::BOOL),
-                    (&lease_ms, Type::FLOAT8),
-                ],
-            )
-            .await
-            .map_err(|e| outbox::error_line(&e))?;
+        let limit = i64::from(limit);
+        let rows = if self.prepared_claims {
+            let statement = client
+                .prepare_typed_cached(CLAIM, &CLAIM_TYPES)
+                .await
+                .map_err(|e| outbox::error_line(&e))?;
+            client
+                .query(
+                    &statement,
+                    &[&limit, &self.relay_id, &block_on_dead_head, &lease_ms],
+                )
+                .await
+        } else {
+            client
+                .query_typed(
+                    CLAIM,
+                    &[
+                        (&limit, Type::INT8),
+                        (&self.relay_id, Type::TEXT),
+                        (&block_on_dead_head, Type::BOOL),
+                        (&lease_ms, Type::FLOAT8),
+                    ],
+                )
+                .await
+        }
+        .map_err(|e| outbox::error_line(&e))?;
         let mut claimed = rows
             .iter()
             .map(|row| {
