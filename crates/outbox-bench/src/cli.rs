@@ -37,8 +37,11 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct Common {
     /// PostgreSQL URL of a role that may create databases; each run creates
-    /// its own database there and drops it at the end.
-    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
+    /// its own database there and drops it at the end. Plain TCP by default,
+    /// as for a relay next to its database and for the bench's own
+    /// connections (which never use TLS); `sslmode=require` measures the
+    /// relay and the consumer over TLS.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable")]
     pub postgres_url: String,
 
     /// RabbitMQ URL; each run declares its own exchange and queue.

@@ -256,7 +256,9 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn start(settings: outbox_relay::Settings) -> anyhow::Result<Relay> {
+    pub fn start(mut settings: outbox_relay::Settings) -> anyhow::Result<Relay> {
+        // The bench's own recorder captures what it needs; no endpoint.
+        settings.metrics_addr.get_or_insert_with(|| "off".into());
         let config = settings.validate()?;
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(outbox_relay::run(config, shutdown.clone()));
