@@ -41,7 +41,10 @@ pub struct Common {
     /// as for a relay next to its database and for the bench's own
     /// connections (which never use TLS); `sslmode=require` measures the
     /// relay and the consumer over TLS.
-    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable")]
+    #[arg(
+        long,
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
+    )]
     pub postgres_url: String,
 
     /// RabbitMQ URL; each run declares its own exchange and queue.

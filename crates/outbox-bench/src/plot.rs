@@ -152,8 +152,8 @@ pub fn soak(path: &Path, result: &SoakResult) -> anyhow::Result<()> {
     root.present().map_err(failed)
 }
 
-/// Lines against seconds; latencies spread over decades read better with
-/// `log_y`.
+/// Lines against seconds. Latencies spread over decades read better with
+/// `log_y`: the lines are drawn as log10 of their values, labelled back.
 fn time_panel(
     area: &Area<'_>,
     title: &str,
@@ -161,38 +161,57 @@ fn time_panel(
     lines: &[Line],
     log_y: bool,
 ) -> anyhow::Result<()> {
+    let scaled: Vec<Line>;
+    let lines = if log_y {
+        let log = |(x, y): &(f64, f64)| (*x, y.max(0.01).log10());
+        scaled = lines
+            .iter()
+            .map(|(name, points)| (name.clone(), points.iter().map(log).collect()))
+            .collect();
+        &scaled
+    } else {
+        lines
+    };
     let points = || lines.iter().flat_map(|(_, points)| points.iter());
     let right = points().map(|p| p.0).fold(1.0_f64, f64::max);
-    let top = points().map(|p| p.1).fold(0.0_f64, f64::max).max(1.0) * 1.1;
-    let mut builder = ChartBuilder::on(area);
-    builder
+    let (bottom, top) = if log_y {
+        let low = points()
+            .map(|p| p.1)
+            .fold(f64::MAX, f64::min)
+            .min(0.0)
+            .floor();
+        (
+            low,
+            points().map(|p| p.1).fold(0.0_f64, f64::max).ceil() + 0.2,
+        )
+    } else {
+        (
+            0.0,
+            points().map(|p| p.1).fold(0.0_f64, f64::max).max(1.0) * 1.1,
+        )
+    };
+    let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(35)
-        .y_label_area_size(60);
-    if log_y {
-        let mut chart = builder
-            .build_cartesian_2d(0.0..right, (0.1..top * 2.0).log_scale())
-            .map_err(failed)?;
-        chart
-            .configure_mesh()
-            .x_desc("seconds")
-            .y_desc(unit)
-            .draw()
-            .map_err(failed)?;
-        draw_lines(&mut chart, lines)
-    } else {
-        let mut chart = builder
-            .build_cartesian_2d(0.0..right, 0.0..top)
-            .map_err(failed)?;
-        chart
-            .configure_mesh()
-            .x_desc("seconds")
-            .y_desc(unit)
-            .draw()
-            .map_err(failed)?;
-        draw_lines(&mut chart, lines)
-    }
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..right, bottom..top)
+        .map_err(failed)?;
+    let label = |y: &f64| {
+        if log_y {
+            crate::report::millis(10f64.powf(*y))
+        } else {
+            format!("{y:.1}")
+        }
+    };
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc(unit)
+        .y_label_formatter(&label)
+        .draw()
+        .map_err(failed)?;
+    draw_lines(&mut chart, lines)
 }
 
 fn draw_lines<'a, X, Y>(
