@@ -6,7 +6,7 @@
 #
 #   scripts/bench.sh [OUTPUT_DIR]
 #
-# About 12 minutes on a 2-core machine. Figures are only worth comparing when
+# About 10 minutes on a 2-core machine. Figures are only worth comparing when
 # nothing else runs: the tables print the load average at the start of each run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +29,7 @@ once latency-1000 latency --rate 1000 --duration 20 --writers 8 --plot "$out/lat
 once latency-one-in-flight-relay latency --rate 20 --writers 1 --duration 20 --mode notify --plot -
 once latency-one-in-flight-bridge latency --rate 20 --writers 1 --duration 20 --mode bridge --plot -
 once drain drain --backlog 100000 --window 256 --batch 500
-once soak-5000 soak --rate 5000 --duration 60 --writers 16 --every 5 --plot "$out/soak-5000.svg"
-once soak-1000 soak --rate 1000 --duration 120 --writers 8 --every 10 --plot "$out/soak-1000.svg"
+once soak-5000 soak --rate 5000 --duration 30 --writers 16 --every 5 --plot "$out/soak-5000.svg"
+once soak-1000 soak --rate 1000 --duration 60 --writers 8 --every 10 --plot "$out/soak-1000.svg"
 once write-path write-path --clients 32 --duration 8 --pairs 5 --json "$out/write-path.json"
 echo "results in $out/"

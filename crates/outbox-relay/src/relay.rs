@@ -37,6 +37,8 @@ const IDLE_RECHECKS: [Duration; 2] = [Duration::from_millis(3), Duration::from_m
 /// While confirms or marks are outstanding, how often the relay claims
 /// again for rows committed meanwhile.
 const REFILL_POLL: Duration = Duration::from_millis(1);
+/// How many windows of acked rows may wait for the pipe to drain.
+const HELD_WINDOWS: usize = 8;
 /// How often an idle listener's connection is proven alive.
 const PROBE_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -316,8 +318,11 @@ impl Relay {
             }
             let free = window - self.in_flight.len();
             // Held acked rows are settled only when nothing is in flight, so
-            // stop refilling after a window of them and let the pipe drain.
-            if !exhausted && free >= refill_at && self.acked.len() < window {
+            // stop refilling after HELD_WINDOWS windows of them and let the
+            // pipe drain: one bubble of a confirm's round trip per that
+            // many messages (after every window, it cost a backlog drain
+            // about a tenth of its rate).
+            if !exhausted && free >= refill_at && self.acked.len() < window * HELD_WINDOWS {
                 let limit = free.min(self.config.batch_size as usize);
                 let rows = self
                     .store
@@ -410,7 +415,7 @@ impl Relay {
 
     fn settle(
         &mut self,
-        row: Claimed,
+        mut row: Claimed,
         outcome: Outcome,
         returned: Option<Returned>,
     ) -> Result<(), Outage> {
@@ -420,6 +425,9 @@ impl Relay {
         }
         match outcome {
             Outcome::Confirmed => {
+                // Held rows are only marked: their payloads can go now, so
+                // holding many costs little memory.
+                row.payload = Vec::new();
                 self.acked.push(row);
                 Ok(())
             }
