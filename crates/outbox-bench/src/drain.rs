@@ -103,6 +103,7 @@ async fn drain_with_relay(
     let started = Instant::now();
     let mut relay = Relay::start(settings)?;
     let mut last_progress = Instant::now();
+    let bar = crate::progress::bar(u64::from(args.backlog), "drain: relay");
     loop {
         tokio::time::sleep(POLL_INTERVAL).await;
         relay.check_running().await?;
@@ -123,15 +124,11 @@ async fn drain_with_relay(
             last_progress = Instant::now();
             // The queue depth costs the database nothing (a count(*) of
             // pending rows would compete with the relay's claims).
-            eprintln!(
-                "drain: relay {:5.1} s, {} of {} in the queue",
-                started.elapsed().as_secs_f64(),
-                fixture.queued().await?,
-                args.backlog
-            );
+            bar.set_position(u64::from(fixture.queued().await?));
         }
     }
     let seconds = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
     relay.stop().await?;
     let dead: i64 = client
         .query_one(
@@ -159,6 +156,7 @@ async fn bare_publish(fixture: &Fixture, args: &DrainArgs) -> anyhow::Result<f64
     let mut in_flight = FuturesUnordered::new();
     let started = Instant::now();
     let mut last_progress = Instant::now();
+    let bar = crate::progress::bar(u64::from(args.backlog), "drain: bare lapin");
     for published in 0..args.backlog {
         if in_flight.len() >= window
             && let Some(confirmation) = in_flight.next().await
@@ -185,17 +183,14 @@ async fn bare_publish(fixture: &Fixture, args: &DrainArgs) -> anyhow::Result<f64
         in_flight.push(confirm);
         if last_progress.elapsed() >= PROGRESS_INTERVAL {
             last_progress = Instant::now();
-            eprintln!(
-                "drain: bare  {:5.1} s, {published} of {} published",
-                started.elapsed().as_secs_f64(),
-                args.backlog
-            );
+            bar.set_position(u64::from(published));
         }
     }
     while let Some(confirmation) = in_flight.next().await {
         check(confirmation)?;
     }
     let seconds = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
     let _ = connection.close(200, "bench done".into()).await;
     Ok(seconds)
 }

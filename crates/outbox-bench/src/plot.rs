@@ -93,7 +93,8 @@ fn percentile_panel(area: &Area<'_>, title: &str, lines: &[Line]) -> anyhow::Res
         .x_label_formatter(&|x| trim(100.0 - 100.0 / x))
         .draw()
         .map_err(failed)?;
-    draw_lines(&mut chart, lines)
+    // Percentile curves rise to the right: the lower right is free.
+    draw_lines(&mut chart, lines, SeriesLabelPosition::LowerRight)
 }
 
 /// Latency, lag and memory of a soak run against seconds.
@@ -211,12 +212,13 @@ fn time_panel(
         .y_label_formatter(&label)
         .draw()
         .map_err(failed)?;
-    draw_lines(&mut chart, lines)
+    draw_lines(&mut chart, lines, SeriesLabelPosition::UpperLeft)
 }
 
 fn draw_lines<'a, X, Y>(
     chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
     lines: &[Line],
+    legend: SeriesLabelPosition,
 ) -> anyhow::Result<()>
 where
     X: Ranged<ValueType = f64>,
@@ -237,7 +239,7 @@ where
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(legend)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()

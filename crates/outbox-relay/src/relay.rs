@@ -207,8 +207,7 @@ impl Relay {
             match woken {
                 Woken::Lost => {
                     tracing::warn!("wake-up listener lost; reconnecting");
-                    self.listener = None;
-                    self.health.listener(false);
+                    self.drop_listener();
                 }
                 Woken::TimedOut
                     if !reconnected && recheck.is_none() && Instant::now() < next_sweep =>
@@ -260,58 +259,25 @@ impl Relay {
             && (listener.is_closed() || !listener.probe().await)
         {
             tracing::warn!("wake-up listener did not answer its probe; reconnecting");
-            self.listener = None;
-            self.health.listener(false);
+            self.drop_listener();
         }
     }
 
     /// Publishes until nothing is claimable; true when it claimed anything.
     async fn drain(&mut self, shutdown: &CancellationToken) -> Result<bool, Outage> {
         self.ensure_broker().await?;
-        // The first claim need not wait for the drain lock: a writer that
-        // probed before we hold it has notified (we drain again), one that
-        // probes after is covered by the claims and re-checks that follow.
-        // Saves a round trip on every wake-up.
-        let first_limit = self.config.max_in_flight.min(self.config.batch_size);
-        let (began, first) = tokio::join!(
-            begin_drain(self.listener.as_mut()),
-            self.store.claim(
-                first_limit,
-                self.config.lease,
-                self.config.block_on_dead_head
-            )
-        );
-        if let Err(error) = began {
-            tracing::warn!(%error, "wake-up listener failed; reconnecting");
-            self.listener = None;
-            self.health.listener(false);
-        }
-        let result = match first {
-            Ok(rows) => self.pump(rows, first_limit as usize, shutdown).await,
-            Err(error) => Err(Outage::Database(error)),
-        };
-        if let Some(listener) = &mut self.listener
-            && listener.end_drain().await.is_err()
-        {
-            self.listener = None;
-            self.health.listener(false);
-        }
+        let result = self.pump(shutdown).await;
+        self.release_drain_lock().await;
         result
     }
 
-    /// Publishes `first` (claimed with `first_limit`), then claims and
-    /// publishes until nothing is claimable and everything has settled.
-    async fn pump(
-        &mut self,
-        first: Vec<Claimed>,
-        first_limit: usize,
-        shutdown: &CancellationToken,
-    ) -> Result<bool, Outage> {
+    /// Claims and publishes until nothing is claimable and everything has
+    /// settled.
+    async fn pump(&mut self, shutdown: &CancellationToken) -> Result<bool, Outage> {
         let window = self.config.max_in_flight as usize;
         let refill_at = (window.min(self.config.batch_size as usize) / 4).max(1);
-        let mut claimed_any = !first.is_empty();
-        let mut exhausted = first.len() < first_limit;
-        self.publish_all(first).await?;
+        let mut claimed_any = false;
+        let mut exhausted = false;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(claimed_any);
@@ -324,17 +290,7 @@ impl Relay {
             // about a tenth of its rate).
             if !exhausted && free >= refill_at && self.acked.len() < window * HELD_WINDOWS {
                 let limit = free.min(self.config.batch_size as usize);
-                let rows = self
-                    .store
-                    .claim(
-                        limit as u32,
-                        self.config.lease,
-                        self.config.block_on_dead_head,
-                    )
-                    .await
-                    .map_err(Outage::Database)?;
-                self.health.database(true);
-                self.meters.claim_batch.record(rows.len() as f64);
+                let rows = self.claim_draining(limit).await?;
                 exhausted = rows.len() < limit;
                 claimed_any |= !rows.is_empty();
                 self.publish_all(rows).await?;
@@ -356,19 +312,33 @@ impl Relay {
                 exhausted = false;
                 continue;
             }
-            // Writers skip NOTIFY while we drain: rows they commit while
-            // confirms are outstanding are found by claiming again every
-            // REFILL_POLL, not after the confirms (a confirm takes a broker
-            // fsync, several milliseconds under load).
-            let refill = tokio::time::sleep(REFILL_POLL);
-            let settled = tokio::select! {
+            // Nothing left to claim while confirms are out: give the drain
+            // lock back, so a writer committing now sends a wake-up and its
+            // row goes out at once instead of after the confirms (a broker
+            // fsync, milliseconds under load). Claiming again every
+            // REFILL_POLL covers a writer that probed while we held it.
+            if exhausted {
+                self.release_drain_lock().await;
+            }
+            let mut settled = None;
+            let woken = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(claimed_any),
-                settled = self.in_flight.next() => settled,
-                _ = refill, if exhausted => {
-                    exhausted = false;
-                    continue;
+                answered = self.in_flight.next() => {
+                    settled = answered;
+                    None
+                }
+                woken = wait_for_wake(self.listener.as_mut(), REFILL_POLL), if exhausted => {
+                    Some(woken)
                 }
             };
+            if let Some(woken) = woken {
+                if woken == Woken::Lost {
+                    tracing::warn!("wake-up listener lost; reconnecting");
+                    self.drop_listener();
+                }
+                exhausted = false;
+                continue;
+            }
             if let Some((row, outcome, returned)) = settled {
                 self.settle(row, outcome, returned)?;
             }
@@ -380,6 +350,44 @@ impl Relay {
             }
             self.meters.in_flight.set(self.in_flight.len() as f64);
         }
+    }
+
+    /// Claims up to `limit` rows, taking the drain lock alongside (a no-op
+    /// while held): a writer that probed before we hold it has notified (we
+    /// drain again), one that probes after is covered by the claims and
+    /// re-checks that follow. Saves a round trip on every wake-up.
+    async fn claim_draining(&mut self, limit: usize) -> Result<Vec<Claimed>, Outage> {
+        let (began, rows) = tokio::join!(
+            begin_drain(self.listener.as_mut()),
+            self.store.claim(
+                limit as u32,
+                self.config.lease,
+                self.config.block_on_dead_head
+            )
+        );
+        if let Err(error) = began {
+            tracing::warn!(%error, "wake-up listener failed; reconnecting");
+            self.drop_listener();
+        }
+        let rows = rows.map_err(Outage::Database)?;
+        self.health.database(true);
+        self.meters.claim_batch.record(rows.len() as f64);
+        Ok(rows)
+    }
+
+    /// Ends the drain on the listener (a no-op when not draining).
+    async fn release_drain_lock(&mut self) {
+        if let Some(listener) = &mut self.listener
+            && listener.end_drain().await.is_err()
+        {
+            self.drop_listener();
+        }
+    }
+
+    /// Forgets a failed listener; the main loop connects a new one.
+    fn drop_listener(&mut self) {
+        self.listener = None;
+        self.health.listener(false);
     }
 
     async fn publish_all(&mut self, rows: Vec<Claimed>) -> Result<(), Outage> {
