@@ -312,33 +312,20 @@ impl Relay {
                 exhausted = false;
                 continue;
             }
-            // Nothing left to claim while confirms are out: give the drain
-            // lock back, so a writer committing now sends a wake-up and its
-            // row goes out at once instead of after the confirms (a broker
-            // fsync, milliseconds under load). Claiming again every
-            // REFILL_POLL covers a writer that probed while we held it.
-            if exhausted {
-                self.release_drain_lock().await;
-            }
-            let mut settled = None;
-            let woken = tokio::select! {
+            // Writers skip NOTIFY while we drain: rows they commit while
+            // confirms are outstanding are found by claiming again every
+            // REFILL_POLL, not after the confirms (a broker fsync, several
+            // milliseconds under load). Giving the lock back here instead,
+            // so that they wake us, measured 0.89 of the no-trigger tps on
+            // the write path (0.96 holding it) for 0.2 ms off the p50.
+            let settled = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(claimed_any),
-                answered = self.in_flight.next() => {
-                    settled = answered;
-                    None
-                }
-                woken = wait_for_wake(self.listener.as_mut(), REFILL_POLL), if exhausted => {
-                    Some(woken)
+                settled = self.in_flight.next() => settled,
+                _ = tokio::time::sleep(REFILL_POLL), if exhausted => {
+                    exhausted = false;
+                    continue;
                 }
             };
-            if let Some(woken) = woken {
-                if woken == Woken::Lost {
-                    tracing::warn!("wake-up listener lost; reconnecting");
-                    self.drop_listener();
-                }
-                exhausted = false;
-                continue;
-            }
             if let Some((row, outcome, returned)) = settled {
                 self.settle(row, outcome, returned)?;
             }
