@@ -187,6 +187,12 @@ async fn dead_letters_are_listed_shown_requeued_and_discarded() {
     )
     .await;
     assert_eq!(fresh, 2, "requeue resets attempts");
+    let restamped = count(
+        &db,
+        "SELECT count(*) FROM outbox.messages WHERE replayed_at IS NOT NULL",
+    )
+    .await;
+    assert_eq!(restamped, 2, "requeue restarts the lag clock");
     assert_eq!(
         count(&db, "SELECT count(*) FROM outbox.messages").await,
         2,
