@@ -257,10 +257,8 @@ async fn measure(
 pub fn since_commit(sent: &[Sent], arrivals: &Arrivals) -> anyhow::Result<Hdr<u64>> {
     let mut histogram = crate::report::new_histogram()?;
     for (id, committed) in sent {
-        if let Some(arrived) = arrivals.first.get(id) {
-            // An arrival before the writer saw its commit return counts as 0.
-            let micros = arrived.saturating_duration_since(*committed).as_micros();
-            histogram.saturating_record(micros as u64);
+        if let Some(micros) = arrivals.micros_since(id, *committed) {
+            histogram.saturating_record(micros);
         }
     }
     Ok(histogram)

@@ -43,6 +43,13 @@ pub struct Arrivals {
 }
 
 impl Arrivals {
+    /// Microseconds from `committed` to the first arrival of `id`, if it
+    /// arrived; an arrival before the writer saw its commit return counts as 0.
+    pub fn micros_since(&self, id: &Uuid, committed: Instant) -> Option<u64> {
+        let arrived = self.first.get(id)?;
+        Some(arrived.saturating_duration_since(committed).as_micros() as u64)
+    }
+
     fn note(&mut self, id: Uuid, at: Instant) {
         match self.first.entry(id) {
             Entry::Vacant(first) => {
@@ -101,8 +108,16 @@ impl Consumer {
         let arrivals = Shared::default();
         let sink = arrivals.clone();
         let task = tokio::spawn(async move {
-            while let Some(Ok(delivery)) = deliveries.next().await {
+            while let Some(next) = deliveries.next().await {
                 let arrived = Instant::now();
+                let delivery = match next {
+                    Ok(delivery) => delivery,
+                    Err(error) => {
+                        // The report then shows fewer received than sent.
+                        tracing::warn!("bench consumer stopped: {error}");
+                        break;
+                    }
+                };
                 let id = delivery
                     .properties
                     .message_id()
@@ -147,8 +162,15 @@ impl Delivered {
         let sink = arrivals.clone();
         let task = tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(Ok(message)) = messages.next().await {
+            while let Some(next) = messages.next().await {
                 let arrived = Instant::now();
+                let message = match next {
+                    Ok(message) => message,
+                    Err(error) => {
+                        tracing::warn!("delivery listener stopped: {error}");
+                        break;
+                    }
+                };
                 if let AsyncMessage::Notification(notification) = message
                     && let Ok(id) = notification.payload().parse::<Uuid>()
                 {

@@ -215,9 +215,8 @@ fn split_by_second(
         };
         *count += 1;
         for (arrivals, histogram) in [(received, to_received), (delivered, to_delivered)] {
-            if let Some(arrived) = arrivals.first.get(id) {
-                let micros = arrived.saturating_duration_since(*committed).as_micros();
-                histogram.saturating_record(micros as u64);
+            if let Some(micros) = arrivals.micros_since(id, *committed) {
+                histogram.saturating_record(micros);
             }
         }
     }

@@ -447,7 +447,13 @@ impl Relay {
     /// rows that were returned failed (an attempt), the others are published.
     fn settle_acked(&mut self) {
         for row in std::mem::take(&mut self.acked) {
-            match self.returned.remove(&row.message_id.to_string()) {
+            // Returns are rare: no key to build for the common case.
+            let returned = if self.returned.is_empty() {
+                None
+            } else {
+                self.returned.remove(&row.message_id.to_string())
+            };
+            match returned {
                 Some(reason) => {
                     self.meters.failure(Fault::Returned).increment(1);
                     self.marker.send(Mark::Failed {
