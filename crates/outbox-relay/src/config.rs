@@ -95,6 +95,16 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_payload_bytes: Option<u32>,
 
+    /// Milliseconds a publish may wait for its broker confirm before its row is retried; below the lease [default: 10000].
+    #[arg(long, env = "OUTBOX_CONFIRM_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confirm_timeout_ms: Option<u64>,
+
+    /// Payload bytes claimed and awaiting confirms at once: bounds the relay's memory by bytes, not rows [default: 33554432].
+    #[arg(long, env = "OUTBOX_MAX_IN_FLIGHT_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_in_flight_bytes: Option<u64>,
+
     /// Milliseconds to wait for in-flight confirms at shutdown [default: 10000].
     #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -155,6 +165,12 @@ pub struct Config {
     pub retention: Duration,
     pub block_on_dead_head: bool,
     pub max_payload_bytes: u32,
+    /// A confirm not back by then retries its row (an attempt): a queue
+    /// that stopped answering must not hold the whole window.
+    pub confirm_timeout: Duration,
+    /// Payload bytes claimed or unconfirmed at once (a row larger than
+    /// this is still claimed, alone).
+    pub max_in_flight_bytes: u64,
     pub shutdown_timeout: Duration,
     pub alert: AlertConfig,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None` when `off`.
@@ -182,6 +198,8 @@ const KNOWN_ENV: &[&str] = &[
     "OUTBOX_RETENTION",
     "OUTBOX_BLOCK_ON_DEAD_HEAD",
     "OUTBOX_MAX_PAYLOAD_BYTES",
+    "OUTBOX_CONFIRM_TIMEOUT_MS",
+    "OUTBOX_MAX_IN_FLIGHT_BYTES",
     "OUTBOX_SHUTDOWN_TIMEOUT_MS",
     "OUTBOX_ALERT_WEBHOOK_URL",
     "OUTBOX_ALERT_SMTP_URL",
@@ -267,6 +285,8 @@ impl Settings {
                 self.max_payload_bytes,
                 16 << 20,
             )?,
+            confirm_timeout: millis("OUTBOX_CONFIRM_TIMEOUT_MS", self.confirm_timeout_ms, 10_000)?,
+            max_in_flight_bytes: self.max_in_flight_bytes.unwrap_or(32 << 20).max(1),
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms.unwrap_or(10_000)),
             alert: AlertConfig {
                 webhook_url: self.alert_webhook_url,
