@@ -102,7 +102,29 @@ impl Broker {
 
     /// Publishes `row` (mandatory, persistent) and returns the pending
     /// confirm. `Err` means the connection failed, not the message.
-    pub async fn publish(&mut self, row: &Claimed, max_payload: u32) -> Result<Pending, String> {
+    /// `broker_max` is the broker's `max_message_size` once learned (see
+    /// [`ChannelFault`]).
+    pub async fn publish(
+        &mut self,
+        row: &Claimed,
+        max_payload: u32,
+        broker_max: Option<u64>,
+    ) -> Result<Pending, String> {
+        if let Some(problem) = &row.problem {
+            return Ok(Pending::Done(Outcome::Rejected(
+                Fault::BadHeaders,
+                problem.clone(),
+            )));
+        }
+        if let Some(max) = broker_max.filter(|max| row.payload.len() as u64 > *max) {
+            return Ok(Pending::Done(Outcome::Rejected(
+                Fault::Oversized,
+                format!(
+                    "payload is {} bytes, more than the broker's max_message_size {max}",
+                    row.payload.len()
+                ),
+            )));
+        }
         if row.payload.len() > max_payload as usize {
             return Ok(Pending::Done(Outcome::Rejected(
                 Fault::Oversized,
@@ -148,9 +170,10 @@ impl Broker {
     }
 
     async fn exchange_exists(&mut self, exchange: &str) -> Result<bool, String> {
-        // The default exchange and the amq.* ones always exist (and may not
-        // be declared, even passively).
-        if exchange.is_empty() || exchange.starts_with("amq.") {
+        // The default exchange always exists (and may not be declared, even
+        // passively). `amq.*` names are checked like any other: only the
+        // broker's own exist, and a missing one closes the channel.
+        if exchange.is_empty() {
             return Ok(true);
         }
         if let Some(checked) = self.known_exchanges.get(exchange)
@@ -191,6 +214,42 @@ impl Broker {
     pub async fn close(&self) {
         let close = self.connection.close(200, "relay stopping".into());
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+    }
+
+    /// Forgets that `exchange` exists: the channel just closed saying it
+    /// does not.
+    pub fn forget_exchange(&mut self, exchange: &str) {
+        self.known_exchanges.remove(exchange);
+    }
+}
+
+/// A channel closed by the broker because of one message, not an outage:
+/// the relay reconnects at once, learns, and the message alone fails when
+/// it is claimed again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelFault {
+    /// PRECONDITION_FAILED: the message was over the broker's
+    /// `max_message_size` (not told at connect; learned here).
+    TooLarge { broker_max: u64 },
+    /// NOT_FOUND: an exchange deleted after it was checked.
+    NoExchange(String),
+}
+
+impl ChannelFault {
+    /// Reads it from a lapin error's text, e.g. `PRECONDITION_FAILED -
+    /// message size 9 is larger than configured max size 8` or
+    /// `NOT_FOUND - no exchange 'x' in vhost '/'`.
+    pub fn from_error(error: &str) -> Option<ChannelFault> {
+        if let Some((_, after)) = error.split_once("larger than configured max size ") {
+            let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+            return digits
+                .parse()
+                .ok()
+                .map(|broker_max| ChannelFault::TooLarge { broker_max });
+        }
+        let (_, after) = error.split_once("no exchange '")?;
+        let (name, _) = after.rsplit_once("' in vhost")?;
+        Some(ChannelFault::NoExchange(name.to_string()))
     }
 }
 
@@ -372,6 +431,21 @@ mod tests {
         let big = serde_json::json!({"blob": "x".repeat(5000)});
         let problem = header_problem(&big, 4096).expect("too big");
         assert!(problem.contains("more than the 4096"), "{problem}");
+    }
+
+    #[test]
+    fn channel_faults_are_read_from_the_brokers_words() {
+        assert_eq!(
+            ChannelFault::from_error(
+                "protocol error: AMQP soft error: PRECONDITION-FAILED: message size 134217729 is larger than configured max size 134217728"
+            ),
+            Some(ChannelFault::TooLarge { broker_max: 134217728 })
+        );
+        assert_eq!(
+            ChannelFault::from_error("NOT_FOUND - no exchange 'amq.it's' in vhost '/'"),
+            Some(ChannelFault::NoExchange("amq.it's".into()))
+        );
+        assert_eq!(ChannelFault::from_error("connection reset by peer"), None);
     }
 
     #[test]

@@ -285,7 +285,13 @@ impl Settings {
                 self.max_payload_bytes,
                 16 << 20,
             )?,
-            confirm_timeout: millis("OUTBOX_CONFIRM_TIMEOUT_MS", self.confirm_timeout_ms, 10_000)?,
+            // A confirm must be able to come back, and its row be marked,
+            // within the lease: by default the smaller of 10 s and half the lease.
+            confirm_timeout: millis(
+                "OUTBOX_CONFIRM_TIMEOUT_MS",
+                self.confirm_timeout_ms,
+                self.lease_ms.unwrap_or(30_000).div_ceil(2).min(10_000),
+            )?,
             max_in_flight_bytes: self.max_in_flight_bytes.unwrap_or(32 << 20).max(1),
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms.unwrap_or(10_000)),
             alert: AlertConfig {
@@ -320,6 +326,9 @@ impl Settings {
             bail!(
                 "OUTBOX_LEASE_MS must be more than 1000: a lease shorter than a publish round trip lets relays steal each other's rows"
             );
+        }
+        if config.confirm_timeout >= config.lease {
+            bail!("OUTBOX_CONFIRM_TIMEOUT_MS must be less than OUTBOX_LEASE_MS");
         }
         crate::db::parse_url(&config.database_url, config.database_ca_file.as_deref())?;
         crate::amqp::check_url(&config.amqp_url)?;

@@ -22,6 +22,7 @@ pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 pub mod traceparent;
+pub(crate) mod window;
 
 pub use config::{Config, Settings};
 pub use relay::run;

@@ -1,6 +1,12 @@
 //! The wake-up listener: a dedicated connection (never a pooled one) that
 //! LISTENs on `outbox_wake` and holds the drain lock while the relay drains,
 //! which is what keeps writers from notifying a busy relay.
+//!
+//! No other session can stall it: every lock it takes is tried or bounded
+//! by `lock_timeout`, and the drain lock is a transaction lock of a
+//! transaction the server ends when the relay stops talking
+//! (`idle_in_transaction_session_timeout`): a relay frozen mid-drain gives
+//! the lock back, and writers wake the other relays again.
 
 use std::time::Duration;
 
@@ -10,10 +16,23 @@ use tokio_postgres::{AsyncMessage, Client};
 
 use crate::db::PgTarget;
 
-/// How long `begin_drain` waits for writers that are sending a wake-up
-/// right now (they hold the lock exclusively through their commit).
-const DRAIN_LOCK_TIMEOUT_MS: u32 = 200;
+/// How long announcing waits for the listener lock (a writer that found
+/// no listener holds it exclusively through its commit).
+const LOCK_TIMEOUT_MS: u32 = 200;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A drain's transaction is ended by the server after this long without a
+/// word from the relay, which talks every [`KEEP_DRAINING_EVERY`].
+const DRAIN_IDLE_TIMEOUT_MS: u32 = 5_000;
+pub const KEEP_DRAINING_EVERY: Duration = Duration::from_secs(1);
+/// What listening relays call themselves, so that the sweep can tell
+/// their hold on the wake-up locks from anyone else's.
+pub const APPLICATION_NAME: &str = "outbox-relay";
+
+const BEGIN_DRAIN: &str = "BEGIN; SELECT pg_try_advisory_xact_lock_shared(1869968482, 1)";
+/// Commits the drain's transaction and starts another: the transaction
+/// never grows old, and the lock is tried again if it was taken.
+const KEEP_DRAINING: &str =
+    "COMMIT; BEGIN; SELECT pg_try_advisory_xact_lock_shared(1869968482, 1)";
 
 /// Why `wait` returned.
 #[derive(Debug, PartialEq, Eq)]
@@ -27,7 +46,13 @@ pub enum Woken {
 pub struct Listener {
     client: Client,
     wakes: mpsc::UnboundedReceiver<()>,
+    /// In a drain's transaction.
     draining: bool,
+    /// The drain lock is held (false while someone holds it exclusively:
+    /// then writers keep notifying, which is harmless).
+    holds_drain_lock: bool,
+    /// Holds the listener lock, so writers know someone listens.
+    announced: bool,
 }
 
 impl Listener {
@@ -59,18 +84,48 @@ impl Listener {
                 }
             }
         });
+        // The timeouts first: nothing below may wait on another session.
         client
             .batch_execute(&format!(
-                "LISTEN {}; SELECT outbox.announce_listener(); SET lock_timeout = {DRAIN_LOCK_TIMEOUT_MS}",
+                "SET lock_timeout = {LOCK_TIMEOUT_MS}; \
+                 SET idle_in_transaction_session_timeout = {DRAIN_IDLE_TIMEOUT_MS}; \
+                 SET application_name = '{APPLICATION_NAME}'; LISTEN {}",
                 outbox::WAKE_CHANNEL
             ))
             .await
             .map_err(|e| outbox::error_line(&e))?;
-        Ok(Listener {
+        let mut listener = Listener {
             client,
             wakes,
             draining: false,
-        })
+            holds_drain_lock: false,
+            announced: false,
+        };
+        listener.announce().await?;
+        Ok(listener)
+    }
+
+    /// Takes the listener lock (shared among relays). Another session
+    /// holding it exclusively only makes writers notify: listen anyway,
+    /// and try again at the next probe.
+    async fn announce(&mut self) -> Result<(), String> {
+        let announce = self.client.batch_execute("SELECT outbox.announce_listener()");
+        match tokio::time::timeout(PROBE_TIMEOUT, announce)
+            .await
+            .map_err(|_| "wake-up listener did not answer".to_string())?
+        {
+            Ok(()) => {
+                self.announced = true;
+                Ok(())
+            }
+            Err(error) if is_lock_timeout(&error) => {
+                tracing::warn!(
+                    "another session holds the listener lock (1869968482, 2) exclusively; listening without it"
+                );
+                Ok(())
+            }
+            Err(error) => Err(outbox::error_line(&error)),
+        }
     }
 
     /// Waits up to `timeout` for a wake-up; several queued ones count once.
@@ -84,31 +139,36 @@ impl Listener {
         woken
     }
 
-    /// Takes the drain lock (shared among relays) so committing writers skip
-    /// NOTIFY. If a writer holds it longer than the lock timeout (say a
-    /// transaction that fired the trigger early with SET CONSTRAINTS
-    /// IMMEDIATE), drain without it: writers then keep notifying, nothing
-    /// else changes.
+    /// Opens a drain: a transaction holding the drain lock (shared among
+    /// relays) so committing writers skip NOTIFY. The lock is only tried:
+    /// a writer sending a wake-up right now holds it exclusively (as does
+    /// a transaction that fired the trigger early), and waiting for it
+    /// would delay the drain; without it writers keep notifying.
     pub async fn begin_drain(&mut self) -> Result<(), String> {
         if self.draining {
             return Ok(());
         }
-        let begin = self.client.batch_execute("SELECT outbox.begin_drain()");
-        match tokio::time::timeout(PROBE_TIMEOUT, begin)
+        self.draining = true;
+        self.try_drain_lock(BEGIN_DRAIN).await
+    }
+
+    /// Keeps a long drain's transaction young (see [`KEEP_DRAINING_EVERY`]).
+    pub async fn keep_draining(&mut self) -> Result<(), String> {
+        if !self.draining {
+            return Ok(());
+        }
+        self.try_drain_lock(KEEP_DRAINING).await
+    }
+
+    async fn try_drain_lock(&mut self, sql: &str) -> Result<(), String> {
+        let answer = tokio::time::timeout(PROBE_TIMEOUT, self.client.simple_query(sql))
             .await
             .map_err(|_| "wake-up listener did not answer".to_string())?
-        {
-            Ok(()) => {
-                self.draining = true;
-                Ok(())
-            }
-            Err(error)
-                if error.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
-            {
-                Ok(())
-            }
-            Err(error) => Err(outbox::error_line(&error)),
-        }
+            .map_err(|e| outbox::error_line(&e))?;
+        self.holds_drain_lock = answer.iter().any(|message| {
+            matches!(message, tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some("t"))
+        });
+        Ok(())
     }
 
     pub async fn end_drain(&mut self) -> Result<(), String> {
@@ -116,15 +176,20 @@ impl Listener {
             return Ok(());
         }
         self.draining = false;
-        let end = self.client.batch_execute("SELECT outbox.end_drain()");
+        self.holds_drain_lock = false;
+        let end = self.client.batch_execute("COMMIT");
         tokio::time::timeout(PROBE_TIMEOUT, end)
             .await
             .map_err(|_| "wake-up listener did not answer".to_string())?
             .map_err(|e| outbox::error_line(&e))
     }
 
-    /// A round trip, to find a connection that died without a word.
-    pub async fn probe(&self) -> bool {
+    /// A round trip, to find a connection that died without a word; also
+    /// announces a listener that could not yet.
+    pub async fn probe(&mut self) -> bool {
+        if !self.announced {
+            return self.announce().await.is_ok();
+        }
         matches!(
             tokio::time::timeout(PROBE_TIMEOUT, self.client.batch_execute("SELECT 1")).await,
             Ok(Ok(()))
@@ -134,4 +199,8 @@ impl Listener {
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
     }
+}
+
+fn is_lock_timeout(error: &tokio_postgres::Error) -> bool {
+    error.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
 }

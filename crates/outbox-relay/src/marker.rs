@@ -1,7 +1,11 @@
 //! Recording outcomes off the publish path: confirmed rows are marked in
 //! batches, failed ones get an attempt and a backoff (or die and escalate),
 //! and leases are given back after an outage. A database outage here only
-//! delays the bookkeeping: the marker retries until it succeeds.
+//! delays the bookkeeping: the marker retries until it succeeds. A
+//! statement the server refuses (a trigger of another role's, a row lock
+//! held past the lock timeout) is retried row by row, so one row's problem
+//! never stalls the others: a row that still fails is logged, counted and
+//! left to its lease (it is published again, the consumer deduplicates).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,17 +18,30 @@ use crate::alert::{Alerter, DeadLetter};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::meters::Meters;
-use crate::store::{Claimed, Retried, Store};
+use crate::store::{Claimed, Retried, Store, StoreError};
 use crate::traceparent;
 
 /// Most outcomes recorded by one round of statements.
 const MAX_BATCH: usize = 1000;
 
+/// A row as the marker fences it: its id and lease token.
+pub type Held = (i64, String);
+
 #[derive(Debug)]
 pub enum Mark {
-    Published(i64),
+    Published(Held),
     Failed { row: Box<Claimed>, error: String },
-    Release(Vec<i64>),
+    Release(Vec<Held>),
+}
+
+impl Mark {
+    /// How many rows it settles.
+    fn rows(&self) -> usize {
+        match self {
+            Mark::Release(rows) => rows.len(),
+            _ => 1,
+        }
+    }
 }
 
 /// The relay's handle: queue outcomes, and learn when all are recorded.
@@ -120,24 +137,69 @@ impl Worker {
             }
             let count = batch.len();
             let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-            while let Err(error) = self.record(&batch).await {
-                let delay = backoff.next_delay();
-                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot record publish outcomes");
-                tokio::time::sleep(delay).await;
+            loop {
+                match self.record(&batch).await {
+                    Ok(()) => break,
+                    Err(StoreError::Refused(error)) => {
+                        tracing::warn!(%error, "recording outcomes failed; retrying row by row");
+                        self.record_one_by_one(&batch).await;
+                        break;
+                    }
+                    Err(StoreError::Unavailable(error)) => {
+                        let delay = backoff.next_delay();
+                        tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot record publish outcomes");
+                        tokio::time::sleep(delay).await;
+                    }
+                }
             }
             self.unsettled.send_modify(|n| *n -= count);
         }
     }
 
+    /// After a refused batch: each mark alone, one row at a time, waiting
+    /// out outages, giving up on rows the server refuses.
+    async fn record_one_by_one(&self, batch: &[Mark]) {
+        let singles = batch.iter().flat_map(|mark| match mark {
+            Mark::Release(rows) => rows.iter().map(|r| Mark::Release(vec![r.clone()])).collect(),
+            Mark::Published(row) => vec![Mark::Published(row.clone())],
+            Mark::Failed { row, error } => vec![Mark::Failed {
+                row: row.clone(),
+                error: error.clone(),
+            }],
+        });
+        for single in singles {
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+            loop {
+                match self.record(std::slice::from_ref(&single)).await {
+                    Ok(()) => break,
+                    Err(StoreError::Refused(error)) => {
+                        self.meters.mark_failures.increment(single.rows() as u64);
+                        tracing::error!(
+                            %error,
+                            row = ?held_ids(&single),
+                            "cannot record this row's outcome; its lease will expire and it will be published again"
+                        );
+                        break;
+                    }
+                    Err(StoreError::Unavailable(error)) => {
+                        let delay = backoff.next_delay();
+                        tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot record publish outcomes");
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        }
+    }
+
     /// Every statement here is idempotent, so a batch can be replayed whole
     /// after a failure part-way.
-    async fn record(&self, batch: &[Mark]) -> Result<(), String> {
+    async fn record(&self, batch: &[Mark]) -> Result<(), StoreError> {
         let mut published = Vec::new();
         let mut released = Vec::new();
         for mark in batch {
             match mark {
-                Mark::Published(id) => published.push(*id),
-                Mark::Release(ids) => released.extend_from_slice(ids),
+                Mark::Published(row) => published.push(row.clone()),
+                Mark::Release(rows) => released.extend_from_slice(rows),
                 Mark::Failed { .. } => {}
             }
         }
@@ -157,11 +219,11 @@ impl Worker {
         Ok(())
     }
 
-    async fn fail(&self, row: &Claimed, error: &str) -> Result<(), String> {
+    async fn fail(&self, row: &Claimed, error: &str) -> Result<(), StoreError> {
         let delay = retry_delay(self.retry_base, self.retry_max, row.attempts);
         let retried = self
             .store
-            .retry(row.id, error, delay, self.max_attempts)
+            .retry(row, error, delay, self.max_attempts)
             .await?;
         match retried {
             Retried::Later => tracing::warn!(
@@ -192,6 +254,15 @@ impl Worker {
             Retried::Gone => {}
         }
         Ok(())
+    }
+}
+
+/// The ids a mark settles, for the log.
+fn held_ids(mark: &Mark) -> Vec<i64> {
+    match mark {
+        Mark::Published((id, _)) => vec![*id],
+        Mark::Failed { row, .. } => vec![row.id],
+        Mark::Release(rows) => rows.iter().map(|(id, _)| *id).collect(),
     }
 }
 

@@ -21,18 +21,22 @@ pub enum Fault {
     /// Its headers cannot be framed: a field name over 255 bytes, or more
     /// than a frame holds.
     BadHeaders,
+    /// No confirm within `OUTBOX_CONFIRM_TIMEOUT_MS` (a queue that stopped
+    /// answering): counts an attempt, the row is retried later.
+    ConfirmTimeout,
     /// The connection or channel failed before the confirm (not the
     /// message's fault: no attempt is counted, the row is published again).
     ConnectionLost,
 }
 
 impl Fault {
-    const ALL: [Fault; 6] = [
+    const ALL: [Fault; 7] = [
         Fault::Nacked,
         Fault::Returned,
         Fault::NoExchange,
         Fault::Oversized,
         Fault::BadHeaders,
+        Fault::ConfirmTimeout,
         Fault::ConnectionLost,
     ];
 
@@ -43,6 +47,7 @@ impl Fault {
             Fault::NoExchange => "no_exchange",
             Fault::Oversized => "oversized",
             Fault::BadHeaders => "bad_headers",
+            Fault::ConfirmTimeout => "confirm_timeout",
             Fault::ConnectionLost => "connection_lost",
         }
     }
@@ -86,6 +91,11 @@ pub struct Meters {
     pub database_outages: Counter,
     pub retention_deleted: Counter,
     pub in_flight: Gauge,
+    pub in_flight_bytes: Gauge,
+    /// Outcomes the database refused to record, row by row.
+    pub mark_failures: Counter,
+    /// Sessions other than listening relays holding the wake-up locks.
+    pub wake_lock_foreign_holders: Gauge,
     pub pending: Gauge,
     pub oldest_pending: Gauge,
     pub dead_messages: Gauge,
@@ -113,6 +123,9 @@ impl Meters {
             database_outages: counter!("outbox_outages_total", "server" => "postgresql"),
             retention_deleted: counter!("outbox_retention_deleted_total"),
             in_flight: gauge!("outbox_in_flight"),
+            in_flight_bytes: gauge!("outbox_in_flight_bytes"),
+            mark_failures: counter!("outbox_mark_failures_total"),
+            wake_lock_foreign_holders: gauge!("outbox_wake_lock_foreign_holders"),
             pending: gauge!("outbox_pending_messages"),
             oldest_pending: gauge!("outbox_oldest_pending_seconds"),
             dead_messages: gauge!("outbox_dead_messages"),
@@ -156,6 +169,18 @@ fn describe() {
         "Published rows deleted by retention."
     );
     describe_gauge!("outbox_in_flight", "Publishes awaiting a broker confirm.");
+    describe_gauge!(
+        "outbox_in_flight_bytes",
+        "Payload bytes of the publishes awaiting a broker confirm."
+    );
+    describe_counter!(
+        "outbox_mark_failures_total",
+        "Outcomes PostgreSQL refused to record for a row (its lease expires, it is published again)."
+    );
+    describe_gauge!(
+        "outbox_wake_lock_foreign_holders",
+        "Sessions that are not listening relays holding the wake-up advisory locks (wake-ups suppressed: the relay polls fast)."
+    );
     describe_gauge!(
         "outbox_pending_messages",
         "Messages waiting to be published (counted up to 1,000,000)."

@@ -8,25 +8,25 @@
 //! An outage of the broker or the database gives leases back, waits with
 //! backoff and reconnects; it never counts as a message's attempt.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
-use futures::FutureExt;
-use futures::future::BoxFuture;
-use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::alert::Alerter;
-use crate::amqp::{Broker, Outcome, Returned};
+use crate::amqp::{Broker, ChannelFault, Outcome, Returned};
 use crate::backoff::Backoff;
 use crate::config::{Config, Mode};
 use crate::db::{self, PgTarget};
-use crate::listener::{Listener, Woken};
+use crate::listener::{self, Listener, Woken};
 use crate::maintenance;
 use crate::marker::{Mark, Marker};
 use crate::meters::{Fault, Health, Meters, Wake};
-use crate::store::{Claimed, Store};
+use crate::store::{Claimed, Store, WakeLockHolder};
+use crate::window::{Settled, Window};
 use crate::{endpoint, telemetry};
 
 /// A writer whose wake-up probe ran while we drained sent no NOTIFY and
@@ -37,12 +37,14 @@ const IDLE_RECHECKS: [Duration; 2] = [Duration::from_millis(3), Duration::from_m
 /// While confirms or marks are outstanding, how often the relay claims
 /// again for rows committed meanwhile.
 const REFILL_POLL: Duration = Duration::from_millis(1);
-/// How many windows of acked rows may wait for the pipe to drain.
-const HELD_WINDOWS: usize = 8;
 /// How often an idle listener's connection is proven alive.
 const PROBE_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the relay claims while another session holds the wake-up
+/// locks (writers' wake-ups may not come).
+const FAST_POLL: Duration = Duration::from_millis(10);
 
-type InFlight = FuturesUnordered<BoxFuture<'static, (Claimed, Outcome, Option<Returned>)>>;
+/// A publish's confirm, as the window polls it.
+type Confirming = Pin<Box<dyn Future<Output = (Outcome, Option<Returned>)> + Send>>;
 
 /// Why a drain stopped early.
 #[derive(Debug)]
@@ -96,17 +98,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     );
 
     let mut relay = Relay {
+        window: Window::new(config.confirm_timeout),
         config,
         target,
         store,
         broker: Some(broker),
+        broker_max: None,
         listener: None,
+        last_kept_draining: Instant::now(),
+        wake_lock_suspects: HashSet::new(),
+        wake_locks_held: false,
         marker,
-        in_flight: FuturesUnordered::new(),
-        in_flight_ids: HashSet::new(),
-        acked: Vec::new(),
-        returned: HashMap::new(),
-        confirms_lost: false,
         outage_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
         meters,
         health,
@@ -154,20 +156,20 @@ struct Relay {
     store: Store,
     /// `None` while reconnecting after a broker outage.
     broker: Option<Broker>,
+    /// The broker's `max_message_size`, once a channel closed over it.
+    broker_max: Option<u64>,
     /// `None` in poll mode, and while reconnecting.
     listener: Option<Listener>,
+    /// When the drain's transaction on the listener was last kept alive.
+    last_kept_draining: Instant,
+    /// Foreign holders of the wake-up locks seen at the last sweep: one
+    /// seen at two sweeps in a row is not a writer mid-commit.
+    wake_lock_suspects: HashSet<WakeLockHolder>,
+    /// Wake-ups may be suppressed: claim every FAST_POLL meanwhile.
+    wake_locks_held: bool,
     marker: Marker,
     /// Published rows awaiting their confirm; at most `max_in_flight`.
-    in_flight: InFlight,
-    /// Their ids, to give back the leases of confirms that never come.
-    in_flight_ids: HashSet<i64>,
-    /// Acked rows, held until every confirm in flight has answered: only
-    /// then is it known which of them the broker returned (see `Returned`).
-    acked: Vec<Claimed>,
-    /// Returns seen on confirms since the last such point, by message_id.
-    returned: HashMap<String, String>,
-    /// A confirm was lost with its connection: returns may never be seen.
-    confirms_lost: bool,
+    window: Window<Confirming>,
     outage_backoff: Backoff,
     meters: Meters,
     health: Health,
@@ -188,6 +190,8 @@ impl Relay {
                 Duration::ZERO
             } else if let Some(step) = recheck {
                 IDLE_RECHECKS[step]
+            } else if self.wake_locks_held {
+                FAST_POLL
             } else {
                 next_sweep
                     .saturating_duration_since(now)
@@ -210,7 +214,10 @@ impl Relay {
                     self.drop_listener();
                 }
                 Woken::TimedOut
-                    if !reconnected && recheck.is_none() && Instant::now() < next_sweep =>
+                    if !reconnected
+                        && recheck.is_none()
+                        && !self.wake_locks_held
+                        && Instant::now() < next_sweep =>
                 {
                     // Only the probe timer fired.
                     if last_probe.elapsed() >= PROBE_INTERVAL {
@@ -223,6 +230,9 @@ impl Relay {
             }
             if Instant::now() >= next_sweep {
                 next_sweep = Instant::now() + self.config.sweep_interval;
+                if self.config.mode == Mode::Notify {
+                    self.check_wake_locks().await;
+                }
             }
             match self.drain(shutdown).await {
                 Ok(claimed) => {
@@ -254,8 +264,43 @@ impl Relay {
         }
     }
 
+    /// Another session holding the wake-up locks (a transaction that fired
+    /// the trigger early and runs long, or anyone's on purpose) makes
+    /// writers skip their NOTIFY. That cannot be prevented (advisory locks
+    /// are anyone's), so it is found at each sweep, logged, metered, and
+    /// met by claiming every FAST_POLL until it ends.
+    async fn check_wake_locks(&mut self) {
+        let holders: HashSet<WakeLockHolder> =
+            match self.store.wake_lock_holders(listener::APPLICATION_NAME).await {
+                Ok(holders) => holders.into_iter().collect(),
+                Err(error) => {
+                    tracing::debug!(%error, "cannot read the wake-up locks' holders");
+                    return;
+                }
+            };
+        let lasting: Vec<&WakeLockHolder> =
+            holders.intersection(&self.wake_lock_suspects).collect();
+        let held = !lasting.is_empty();
+        if held && !self.wake_locks_held {
+            for holder in &lasting {
+                tracing::warn!(
+                    pid = holder.pid,
+                    role = %holder.role,
+                    lock = holder.lock,
+                    mode = %holder.mode,
+                    "another session holds a wake-up lock: writers may skip their wake-ups; claiming every 10 ms until it lets go"
+                );
+            }
+        } else if !held && self.wake_locks_held {
+            tracing::info!("the wake-up locks are free again");
+        }
+        self.meters.wake_lock_foreign_holders.set(lasting.len() as f64);
+        self.wake_locks_held = held;
+        self.wake_lock_suspects = holders;
+    }
+
     async fn probe_listener(&mut self) {
-        if let Some(listener) = &self.listener
+        if let Some(listener) = &mut self.listener
             && (listener.is_closed() || !listener.probe().await)
         {
             tracing::warn!("wake-up listener did not answer its probe; reconnecting");
@@ -282,21 +327,22 @@ impl Relay {
             if shutdown.is_cancelled() {
                 return Ok(claimed_any);
             }
-            let free = window - self.in_flight.len();
-            // Held acked rows are settled only when nothing is in flight, so
-            // stop refilling after HELD_WINDOWS windows of them and let the
-            // pipe drain: one bubble of a confirm's round trip per that
-            // many messages (after every window, it cost a backlog drain
-            // about a tenth of its rate).
-            if !exhausted && free >= refill_at && self.acked.len() < window * HELD_WINDOWS {
+            self.keep_draining().await;
+            let free = window - self.window.in_flight();
+            let bytes_free = self
+                .config
+                .max_in_flight_bytes
+                .saturating_sub(self.window.bytes());
+            if !exhausted && free >= refill_at && bytes_free > 0 {
                 let limit = free.min(self.config.batch_size as usize);
-                let rows = self.claim_draining(limit).await?;
-                exhausted = rows.len() < limit;
+                let claimed_at = Instant::now();
+                let (rows, nothing_more) = self.claim_draining(limit, bytes_free).await?;
+                exhausted = nothing_more;
                 claimed_any |= !rows.is_empty();
-                self.publish_all(rows).await?;
+                self.publish_all(rows, claimed_at).await?;
             }
-            if self.in_flight.is_empty() {
-                if !exhausted {
+            if self.window.is_empty() {
+                if !exhausted && bytes_free > 0 {
                     continue;
                 }
                 if self.marker.unsettled() == 0 {
@@ -320,34 +366,48 @@ impl Relay {
             // the write path (0.96 holding it) for 0.2 ms off the p50.
             let settled = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(claimed_any),
-                settled = self.in_flight.next() => settled,
+                settled = self.window.settled() => settled,
                 _ = tokio::time::sleep(REFILL_POLL), if exhausted => {
                     exhausted = false;
                     continue;
                 }
             };
-            if let Some((row, outcome, returned)) = settled {
-                self.settle(row, outcome, returned)?;
-            }
-            while let Some(Some((row, outcome, returned))) = self.in_flight.next().now_or_never() {
-                self.settle(row, outcome, returned)?;
-            }
-            if self.in_flight.is_empty() {
-                self.settle_acked();
-            }
-            self.meters.in_flight.set(self.in_flight.len() as f64);
+            self.settle(settled)?;
+            self.meters.in_flight.set(self.window.in_flight() as f64);
+            self.meters.in_flight_bytes.set(self.window.bytes() as f64);
         }
     }
 
-    /// Claims up to `limit` rows, taking the drain lock alongside (a no-op
-    /// while held): a writer that probed before we hold it has notified (we
-    /// drain again), one that probes after is covered by the claims and
-    /// re-checks that follow. Saves a round trip on every wake-up.
-    async fn claim_draining(&mut self, limit: usize) -> Result<Vec<Claimed>, Outage> {
-        let (began, rows) = tokio::join!(
+    /// Keeps the drain's transaction on the listener alive: the server
+    /// ends one that stays silent (a frozen relay), freeing the drain lock.
+    async fn keep_draining(&mut self) {
+        if self.last_kept_draining.elapsed() < listener::KEEP_DRAINING_EVERY {
+            return;
+        }
+        self.last_kept_draining = Instant::now();
+        if let Some(listener) = &mut self.listener
+            && let Err(error) = listener.keep_draining().await
+        {
+            tracing::warn!(%error, "wake-up listener failed; reconnecting");
+            self.drop_listener();
+        }
+    }
+
+    /// Claims up to `limit` rows and `bytes` of payload, taking the drain
+    /// lock alongside (a no-op while held): a writer that probed before we
+    /// hold it has notified (we drain again), one that probes after is
+    /// covered by the claims and re-checks that follow. Saves a round trip
+    /// on every wake-up. Also says whether nothing more is claimable.
+    async fn claim_draining(
+        &mut self,
+        limit: usize,
+        bytes: u64,
+    ) -> Result<(Vec<Claimed>, bool), Outage> {
+        let (began, claim) = tokio::join!(
             begin_drain(self.listener.as_mut()),
             self.store.claim(
                 limit as u32,
+                bytes,
                 self.config.lease,
                 self.config.block_on_dead_head
             )
@@ -356,10 +416,10 @@ impl Relay {
             tracing::warn!(%error, "wake-up listener failed; reconnecting");
             self.drop_listener();
         }
-        let rows = rows.map_err(Outage::Database)?;
+        let claim = claim.map_err(|e| Outage::Database(e.to_string()))?;
         self.health.database(true);
-        self.meters.claim_batch.record(rows.len() as f64);
-        Ok(rows)
+        self.meters.claim_batch.record(claim.rows.len() as f64);
+        Ok((claim.rows, claim.exhausted))
     }
 
     /// Ends the drain on the listener (a no-op when not draining).
@@ -377,127 +437,94 @@ impl Relay {
         self.health.listener(false);
     }
 
-    async fn publish_all(&mut self, rows: Vec<Claimed>) -> Result<(), Outage> {
+    /// Publishes a claim's rows in id order. A row is published only while
+    /// its confirm can still come back before its lease runs out: a relay
+    /// frozen past its lease (say SIGSTOP) must not publish, after another
+    /// relay took its rows over, a key's head behind its successors.
+    async fn publish_all(&mut self, rows: Vec<Claimed>, claimed_at: Instant) -> Result<(), Outage> {
+        let publish_by = claimed_at + self.config.lease.saturating_sub(self.config.confirm_timeout);
         let max_payload = self.config.max_payload_bytes;
         let mut rows = rows.into_iter();
         while let Some(row) = rows.next() {
+            if Instant::now() >= publish_by {
+                let late: Vec<_> = std::iter::once(row).chain(rows).map(held).collect();
+                tracing::warn!(
+                    rows = late.len(),
+                    "claimed rows not published before their lease would run out; giving them back"
+                );
+                self.marker.send(Mark::Release(late));
+                return Ok(());
+            }
             let published = match self.broker.as_mut() {
-                Some(broker) => broker.publish(&row, max_payload).await,
+                Some(broker) => broker.publish(&row, max_payload, self.broker_max).await,
                 None => Err("not connected".into()),
             };
             match published {
-                Ok(pending) => {
-                    self.in_flight_ids.insert(row.id);
-                    self.in_flight.push(
-                        async move {
-                            let (outcome, returned) = pending.outcome().await;
-                            (row, outcome, returned)
-                        }
-                        .boxed(),
-                    );
-                }
+                Ok(pending) => self.window.push(row, Box::pin(pending.outcome())),
                 Err(error) => {
-                    let unpublished = std::iter::once(row.id).chain(rows.map(|r| r.id)).collect();
+                    let unpublished = std::iter::once(row).chain(rows).map(held).collect();
                     self.marker.send(Mark::Release(unpublished));
                     self.meters.failure(Fault::ConnectionLost).increment(1);
                     return Err(Outage::Broker(error));
                 }
             }
         }
-        self.meters.in_flight.set(self.in_flight.len() as f64);
+        self.meters.in_flight.set(self.window.in_flight() as f64);
+        self.meters.in_flight_bytes.set(self.window.bytes() as f64);
         Ok(())
     }
 
-    fn settle(
-        &mut self,
-        mut row: Claimed,
-        outcome: Outcome,
-        returned: Option<Returned>,
-    ) -> Result<(), Outage> {
-        self.in_flight_ids.remove(&row.id);
-        if let Some(returned) = returned {
-            self.returned.insert(returned.message_id, returned.reason);
-        }
-        match outcome {
-            Outcome::Confirmed => {
-                // Held rows are only marked: their payloads can go now, so
-                // holding many costs little memory.
-                row.payload = Vec::new();
-                self.acked.push(row);
-                Ok(())
-            }
-            Outcome::Rejected(fault, error) => {
-                self.meters.failure(fault).increment(1);
-                self.marker.send(Mark::Failed {
-                    row: Box::new(row),
-                    error,
-                });
-                Ok(())
-            }
-            Outcome::Lost(error) => {
-                self.confirms_lost = true;
-                self.meters.failure(Fault::ConnectionLost).increment(1);
-                self.marker.send(Mark::Release(vec![row.id]));
-                Err(Outage::Broker(error))
-            }
-        }
-    }
-
-    /// Nothing is in flight, so every return has been seen: held acked
-    /// rows that were returned failed (an attempt), the others are published.
-    fn settle_acked(&mut self) {
-        for row in std::mem::take(&mut self.acked) {
-            // Returns are rare: no key to build for the common case.
-            let returned = if self.returned.is_empty() {
-                None
-            } else {
-                self.returned.remove(&row.message_id.to_string())
-            };
-            match returned {
-                Some(reason) => {
-                    self.meters.failure(Fault::Returned).increment(1);
-                    self.marker.send(Mark::Failed {
-                        row: Box::new(row),
-                        error: reason,
-                    });
-                }
-                None => {
+    /// Hands settled rows to the marker. A lost confirm means the channel
+    /// is gone: the rest of the window is given back and the drain stops.
+    fn settle(&mut self, settled: Vec<Settled>) -> Result<(), Outage> {
+        let mut lost = None;
+        for row in settled {
+            match row {
+                Settled::Published(row) => {
                     self.meters.published.increment(1);
                     if let Ok(age) = row.pending_since.elapsed() {
                         self.meters.enqueue_to_confirm.record(age.as_secs_f64());
                     }
-                    self.marker.send(Mark::Published(row.id));
+                    self.marker.send(Mark::Published(held(row)));
+                }
+                Settled::Failed(row, fault, error) => {
+                    self.meters.failure(fault).increment(1);
+                    self.marker.send(Mark::Failed {
+                        row: Box::new(row),
+                        error,
+                    });
+                }
+                Settled::Lost(row, error) => {
+                    self.meters.failure(Fault::ConnectionLost).increment(1);
+                    self.marker.send(Mark::Release(vec![held(row)]));
+                    lost = Some(error);
                 }
             }
         }
-        self.returned.clear();
+        match lost {
+            Some(error) => Err(Outage::Broker(error)),
+            None => Ok(()),
+        }
     }
 
-    /// Waits up to `limit` for in-flight confirms, settles what answered
-    /// (a lost one is released by `settle`) and releases the rest. Held
-    /// acked rows are settled when every confirm answered; after a lost
-    /// one their returns may never come, so they are released and
-    /// published again (at least once: the consumer deduplicates).
+    /// Waits up to `limit` for the window to settle, then gives back what
+    /// has not (its outcome unknown: published again, at least once).
     async fn settle_in_flight(&mut self, limit: Duration) {
         let deadline = Instant::now() + limit;
-        while let Ok(Some((row, outcome, returned))) =
-            tokio::time::timeout_at(deadline, self.in_flight.next()).await
-        {
-            let _ = self.settle(row, outcome, returned);
+        while !self.window.is_empty() {
+            match tokio::time::timeout_at(deadline, self.window.settled()).await {
+                Ok(settled) => {
+                    let _ = self.settle(settled);
+                }
+                Err(_) => break,
+            }
         }
-        self.in_flight = FuturesUnordered::new();
-        self.meters.in_flight.set(0.0);
-        let mut unanswered: Vec<i64> = self.in_flight_ids.drain().collect();
-        if unanswered.is_empty() && !self.confirms_lost {
-            self.settle_acked();
-        } else {
-            unanswered.extend(self.acked.drain(..).map(|row| row.id));
-            self.returned.clear();
-        }
-        self.confirms_lost = false;
+        let unanswered: Vec<_> = self.window.abandon().into_iter().map(held).collect();
         if !unanswered.is_empty() {
             self.marker.send(Mark::Release(unanswered));
         }
+        self.meters.in_flight.set(0.0);
+        self.meters.in_flight_bytes.set(0.0);
     }
 
     async fn ensure_broker(&mut self) -> Result<(), Outage> {
@@ -521,10 +548,26 @@ impl Relay {
     }
 
     async fn wait_out(&mut self, outage: Outage, shutdown: &CancellationToken) {
-        if let Outage::Broker(_) = outage {
+        if let Outage::Broker(error) = &outage {
             self.settle_in_flight(Duration::from_secs(1)).await;
+            let fault = ChannelFault::from_error(error);
             if let Some(broker) = self.broker.take() {
-                broker.close().await;
+                if let Some(ChannelFault::NoExchange(exchange)) = &fault {
+                    let mut broker = broker;
+                    broker.forget_exchange(exchange);
+                    broker.close().await;
+                } else {
+                    broker.close().await;
+                }
+            }
+            if let Some(fault) = fault {
+                // One message's fault: reconnect now; claimed again, that
+                // message alone fails (the others are published again).
+                if let ChannelFault::TooLarge { broker_max } = fault {
+                    self.broker_max = Some(broker_max);
+                }
+                tracing::warn!(%error, "the broker closed the channel over one message; reconnecting");
+                return;
             }
         }
         let delay = self.outage_backoff.next_delay();
@@ -550,6 +593,8 @@ impl Relay {
     async fn stop(self) {
         let mut relay = self;
         let timeout = relay.config.shutdown_timeout;
+        // Confirms may take up to their deadline; the shutdown timeout
+        // bounds the wait.
         relay.settle_in_flight(timeout).await;
         if let Some(listener) = &mut relay.listener {
             let _ = listener.end_drain().await;
@@ -559,6 +604,11 @@ impl Relay {
             broker.close().await;
         }
     }
+}
+
+/// A row as the marker fences it.
+fn held(row: Claimed) -> (i64, String) {
+    (row.id, row.lease)
 }
 
 /// After a drain: start the re-checks when it found work, else move on to

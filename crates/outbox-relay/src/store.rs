@@ -1,6 +1,8 @@
 //! The relay's queries on `outbox.messages`: claim, mark, retry, release
 //! and retention, over a small connection pool.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::Pool;
@@ -15,15 +17,63 @@ use crate::db::{self, PgTarget};
 pub struct Claimed {
     pub id: i64,
     pub message_id: Uuid,
+    /// The lease token (`locked_by`): unique to the claim that took the
+    /// row, so a relay whose lease expired cannot settle the row after
+    /// another claim (its own included) took it over.
+    pub lease: String,
     pub exchange: String,
     pub routing_key: String,
     pub payload: Vec<u8>,
     pub content_type: String,
+    /// `{}` when the stored headers cannot be decoded (see `problem`).
     pub headers: Value,
+    /// Why this row cannot be published as stored (headers JSON that
+    /// serde cannot hold: a number beyond f64, nesting past its limit).
+    /// The row's own fault: an attempt, never a failed claim.
+    pub problem: Option<String>,
     pub ordering_key: Option<String>,
     pub attempts: i32,
     /// When the row became pending: its enqueue, or its last replay (V5).
     pub pending_since: SystemTime,
+}
+
+/// What one claim took.
+#[derive(Debug)]
+pub struct Claim {
+    pub rows: Vec<Claimed>,
+    /// Fewer rows were claimable than asked for (not merely cut by the
+    /// byte budget): nothing more to claim right now.
+    pub exhausted: bool,
+}
+
+/// Why a statement of the relay failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No connection, or the server is going away, busy or locked: wait
+    /// and try the same again.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The server refused this statement (a constraint, a trigger, bad
+    /// data): the same statement will fail again.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl StoreError {
+    fn from_postgres(error: &tokio_postgres::Error) -> StoreError {
+        let line = outbox::error_line(error);
+        match error.code().map(|code| code.code()) {
+            Some(code) if !is_transient(code) => StoreError::Refused(line),
+            _ => StoreError::Unavailable(line),
+        }
+    }
+}
+
+/// SQLSTATEs that say "not now" rather than "not this": connection
+/// (08), resources (53), operator intervention (57), serialization and
+/// deadlocks (40), lock timeouts (55P03).
+fn is_transient(code: &str) -> bool {
+    ["08", "53", "57", "40"].iter().any(|class| code.starts_with(class)) || code == "55P03"
 }
 
 /// Result of recording a failed attempt.
@@ -48,6 +98,9 @@ pub struct Stats {
     pub notification_queue_usage: f64,
 }
 
+/// How long a relay statement waits for a row lock before giving up.
+const LOCK_TIMEOUT_MS: u32 = 2_000;
+
 /// Counting a huge backlog every few seconds would cost more than it tells.
 pub const PENDING_COUNT_CAP: i64 = 1_000_000;
 
@@ -55,6 +108,8 @@ pub const PENDING_COUNT_CAP: i64 = 1_000_000;
 pub struct Store {
     pool: Pool,
     relay_id: String,
+    /// Claims made so far: the lease token's counter.
+    claims: Arc<AtomicU64>,
     /// Claim with a prepared statement (see [`Store::prepare_claims`]).
     prepared_claims: bool,
 }
@@ -62,9 +117,13 @@ pub struct Store {
 /// Pending rows in id order, skipping leased ones and, for an ordering key,
 /// any row with an earlier unpublished row of the same key (only the head
 /// of each key is claimable). $3 says whether a dead head blocks its key.
+/// $5 bounds the payload bytes taken (the first row is always taken):
+/// `octet_length` reads a TOASTed value's size without fetching it.
+/// Headers come as text and are parsed per row, so one row that serde
+/// cannot decode is that row's problem, not a failed claim.
 const CLAIM: &str = "
-WITH picked AS (
-    SELECT m.id FROM outbox.messages m
+WITH picked AS MATERIALIZED (
+    SELECT m.id, octet_length(m.payload)::int8 AS size FROM outbox.messages m
     WHERE m.published_at IS NULL AND m.dead_at IS NULL
       AND m.next_attempt_at <= now()
       AND (m.locked_until IS NULL OR m.locked_until < now())
@@ -76,18 +135,27 @@ WITH picked AS (
     ORDER BY m.id
     LIMIT $1
     FOR UPDATE SKIP LOCKED
+), within_budget AS (
+    SELECT id FROM (
+        SELECT id, sum(size) OVER (ORDER BY id) - size AS before FROM picked
+    ) running
+    WHERE before < $5
 )
 UPDATE outbox.messages m
 SET locked_by = $2, locked_until = now() + $4 * interval '1 millisecond'
-FROM picked WHERE m.id = picked.id
+FROM within_budget WHERE m.id = within_budget.id
 RETURNING m.id, m.message_id, m.exchange, m.routing_key, m.payload, m.content_type,
-          m.headers, m.ordering_key, m.attempts, coalesce(m.replayed_at, m.created_at)";
+          m.headers::text, m.ordering_key, m.attempts, coalesce(m.replayed_at, m.created_at),
+          (SELECT count(*) FROM picked)";
 
-const CLAIM_TYPES: [Type; 4] = [Type::INT8, Type::TEXT, Type::BOOL, Type::FLOAT8];
+const CLAIM_TYPES: [Type; 5] = [Type::INT8, Type::TEXT, Type::BOOL, Type::FLOAT8, Type::INT8];
 
-const MARK_PUBLISHED: &str = "UPDATE outbox.messages \
+/// Every state change is fenced on the lease token: only rows this
+/// relay's claim still holds change.
+const MARK_PUBLISHED: &str = "UPDATE outbox.messages m \
      SET published_at = now(), locked_by = NULL, locked_until = NULL \
-     WHERE id = ANY($1) AND published_at IS NULL";
+     FROM unnest($1::int8[], $2::text[]) AS held(id, lease) \
+     WHERE m.id = held.id AND m.locked_by = held.lease AND m.published_at IS NULL";
 
 /// Pending rows and the oldest one come from the pending-rows index (the
 /// lowest pending id, not a min(created_at) over the whole backlog), dead
@@ -103,24 +171,49 @@ const STATS: &str = "SELECT \
      pg_notification_queue_usage()";
 
 /// With a retention of zero, a confirmed row has no further use.
-const DELETE_PUBLISHED: &str = "DELETE FROM outbox.messages WHERE id = ANY($1)";
+const DELETE_PUBLISHED: &str = "DELETE FROM outbox.messages m \
+     USING unnest($1::int8[], $2::text[]) AS held(id, lease) \
+     WHERE m.id = held.id AND m.locked_by = held.lease";
 
 const RETRY: &str = "UPDATE outbox.messages \
      SET attempts = attempts + 1, last_error = $2, \
          next_attempt_at = now() + $3 * interval '1 millisecond', \
          dead_at = CASE WHEN attempts + 1 >= $4 THEN now() END, \
          locked_by = NULL, locked_until = NULL \
-     WHERE id = $1 AND published_at IS NULL AND dead_at IS NULL \
+     WHERE id = $1 AND locked_by = $5 AND published_at IS NULL AND dead_at IS NULL \
      RETURNING dead_at IS NOT NULL";
 
-const RELEASE: &str = "UPDATE outbox.messages SET locked_by = NULL, locked_until = NULL \
-     WHERE id = ANY($1) AND locked_by = $2 AND published_at IS NULL";
+const RELEASE: &str = "UPDATE outbox.messages m SET locked_by = NULL, locked_until = NULL \
+     FROM unnest($1::int8[], $2::text[]) AS held(id, lease) \
+     WHERE m.id = held.id AND m.locked_by = held.lease AND m.published_at IS NULL";
 
 const DELETE_OLD: &str = "DELETE FROM outbox.messages WHERE id IN ( \
      SELECT id FROM outbox.messages \
      WHERE published_at < now() - $1 * interval '1 millisecond' \
      ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
      RETURNING 1";
+
+/// Sessions holding a wake-up advisory lock (1869968482, 1 or 2) in this
+/// database that are not listening relays: an exclusive hold (a writer
+/// mid-commit, briefly; a transaction that fired the trigger early, or
+/// anyone, for long) or a shared one under another name.
+const WAKE_LOCK_HOLDERS: &str = "SELECT l.pid, l.objid::int8, l.mode, \
+     coalesce(a.usename::text, '?') FROM pg_locks l \
+     LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+     WHERE l.locktype = 'advisory' AND l.classid = 1869968482 AND l.objsubid = 2 \
+       AND l.objid IN (1, 2) AND l.granted \
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+       AND (l.mode = 'ExclusiveLock' OR coalesce(a.application_name, '') <> $1)";
+
+/// A session found holding a wake-up lock; see [`Store::wake_lock_holders`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WakeLockHolder {
+    pub pid: i32,
+    /// 1: the drain lock, 2: the listener lock.
+    pub lock: i64,
+    pub mode: String,
+    pub role: String,
+}
 
 impl Store {
     /// Builds the pool and takes one connection, so a wrong URL or a
@@ -132,14 +225,19 @@ impl Store {
         // message_id (consumers deduplicate), a lost attempt retries once
         // more. Two fsyncs per batch were the relay's throughput ceiling.
         let mut target = target.clone();
+        // No lock the relay waits on may stall it: another role holding a
+        // row lock (claims skip locked rows; marks wait) times out, and the
+        // marker sets that row aside.
+        let ours = format!("-c synchronous_commit=off -c lock_timeout={LOCK_TIMEOUT_MS}");
         let options = match target.config.get_options() {
-            Some(given) => format!("{given} -c synchronous_commit=off"),
-            None => "-c synchronous_commit=off".to_string(),
+            Some(given) => format!("{given} {ours}"),
+            None => ours,
         };
         target.config.options(&options);
         let store = Store {
             pool: db::pool(&target, 4).await?,
             relay_id: relay_id.to_string(),
+            claims: Arc::new(AtomicU64::new(0)),
             prepared_claims: false,
         };
         let client = store.client().await.map_err(|e| anyhow::anyhow!(e))?;
@@ -166,115 +264,144 @@ impl Store {
         self
     }
 
+    /// Claims up to `limit` rows holding at most `bytes` of payload
+    /// between them (the first row whatever its size), under a lease token
+    /// of their own.
     pub async fn claim(
         &self,
         limit: u32,
+        bytes: u64,
         lease: Duration,
         block_on_dead_head: bool,
-    ) -> Result<Vec<Claimed>, String> {
+    ) -> Result<Claim, StoreError> {
         let client = self.client().await?;
         let lease_ms = lease.as_millis() as f64;
         let limit = i64::from(limit);
+        let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+        let token = self.next_lease();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&limit, &token, &block_on_dead_head, &lease_ms, &bytes];
         let rows = if self.prepared_claims {
             let statement = client
                 .prepare_typed_cached(CLAIM, &CLAIM_TYPES)
                 .await
-                .map_err(|e| outbox::error_line(&e))?;
-            client
-                .query(
-                    &statement,
-                    &[&limit, &self.relay_id, &block_on_dead_head, &lease_ms],
-                )
-                .await
+                .map_err(|e| StoreError::from_postgres(&e))?;
+            client.query(&statement, &params).await
         } else {
-            client
-                .query_typed(
-                    CLAIM,
-                    &[
-                        (&limit, Type::INT8),
-                        (&self.relay_id, Type::TEXT),
-                        (&block_on_dead_head, Type::BOOL),
-                        (&lease_ms, Type::FLOAT8),
-                    ],
-                )
-                .await
+            let typed: Vec<_> = params.iter().copied().zip(CLAIM_TYPES).collect();
+            client.query_typed(CLAIM, &typed).await
         }
-        .map_err(|e| outbox::error_line(&e))?;
+        .map_err(|e| StoreError::from_postgres(&e))?;
         let mut claimed = rows
             .iter()
             .map(|row| {
+                let headers: String = row.try_get(6)?;
+                let (headers, problem) = match serde_json::from_str(&headers) {
+                    Ok(headers) => (headers, None),
+                    Err(error) => (
+                        Value::Object(Default::default()),
+                        Some(format!("headers cannot be decoded: {error}")),
+                    ),
+                };
                 Ok(Claimed {
                     id: row.try_get(0)?,
                     message_id: row.try_get(1)?,
+                    lease: token.clone(),
                     exchange: row.try_get(2)?,
                     routing_key: row.try_get(3)?,
                     payload: row.try_get(4)?,
                     content_type: row.try_get(5)?,
-                    headers: row.try_get(6)?,
+                    headers,
+                    problem,
                     ordering_key: row.try_get(7)?,
                     attempts: row.try_get(8)?,
                     pending_since: row.try_get(9)?,
                 })
             })
             .collect::<Result<Vec<_>, tokio_postgres::Error>>()
-            .map_err(|e| outbox::error_line(&e))?;
+            .map_err(|e| StoreError::from_postgres(&e))?;
         // UPDATE ... RETURNING does not keep the CTE's order.
         claimed.sort_unstable_by_key(|row| row.id);
-        Ok(claimed)
+        let found = match rows.first() {
+            Some(row) => row
+                .try_get::<_, i64>(10)
+                .map_err(|e| StoreError::from_postgres(&e))?,
+            None => 0,
+        };
+        Ok(Claim {
+            rows: claimed,
+            exhausted: found < limit,
+        })
     }
 
-    pub async fn mark_published(&self, ids: &[i64], delete: bool) -> Result<(), String> {
-        let client = self.client().await?;
+    /// `relay-id#n`: a fresh lease token per claim.
+    fn next_lease(&self) -> String {
+        let n = self.claims.fetch_add(1, Ordering::Relaxed);
+        format!("{}#{n}", self.relay_id)
+    }
+
+    /// Marks (or, with `delete`, deletes) rows still held under `leases`.
+    pub async fn mark_published(
+        &self,
+        held: &[(i64, String)],
+        delete: bool,
+    ) -> Result<(), StoreError> {
         let statement = if delete {
             DELETE_PUBLISHED
         } else {
             MARK_PUBLISHED
         };
-        client
-            .query_typed(statement, &[(&ids, Type::INT8_ARRAY)])
-            .await
-            .map_err(|e| outbox::error_line(&e))?;
-        Ok(())
+        self.execute_held(statement, held).await
     }
 
     pub async fn retry(
         &self,
-        id: i64,
+        row: &Claimed,
         error: &str,
         delay: Duration,
         max_attempts: u32,
-    ) -> Result<Retried, String> {
+    ) -> Result<Retried, StoreError> {
         let client = self.client().await?;
         let delay_ms = delay.as_millis() as f64;
+        // PostgreSQL text cannot hold NUL; a broker's text might.
+        let error = error.replace('\0', "");
         let row = client
             .query_typed(
                 RETRY,
                 &[
-                    (&id, Type::INT8),
+                    (&row.id, Type::INT8),
                     (&error, Type::TEXT),
                     (&delay_ms, Type::FLOAT8),
                     (&i64::from(max_attempts), Type::INT8),
+                    (&row.lease, Type::TEXT),
                 ],
             )
             .await
-            .map_err(|e| outbox::error_line(&e))?;
-        Ok(match row.first().map(|r| r.get::<_, bool>(0)) {
-            Some(true) => Retried::Dead,
-            Some(false) => Retried::Later,
+            .map_err(|e| StoreError::from_postgres(&e))?;
+        Ok(match row.first().map(|r| r.try_get::<_, bool>(0)) {
+            Some(Ok(true)) => Retried::Dead,
+            Some(Ok(false)) => Retried::Later,
+            Some(Err(e)) => return Err(StoreError::from_postgres(&e)),
             None => Retried::Gone,
         })
     }
 
     /// Gives leased rows back without counting an attempt.
-    pub async fn release(&self, ids: &[i64]) -> Result<(), String> {
+    pub async fn release(&self, held: &[(i64, String)]) -> Result<(), StoreError> {
+        self.execute_held(RELEASE, held).await
+    }
+
+    async fn execute_held(&self, statement: &str, held: &[(i64, String)]) -> Result<(), StoreError> {
         let client = self.client().await?;
+        let ids: Vec<i64> = held.iter().map(|(id, _)| *id).collect();
+        let leases: Vec<&str> = held.iter().map(|(_, lease)| lease.as_str()).collect();
         client
             .query_typed(
-                RELEASE,
-                &[(&ids, Type::INT8_ARRAY), (&self.relay_id, Type::TEXT)],
+                statement,
+                &[(&ids, Type::INT8_ARRAY), (&leases, Type::TEXT_ARRAY)],
             )
             .await
-            .map_err(|e| outbox::error_line(&e))?;
+            .map_err(|e| StoreError::from_postgres(&e))?;
         Ok(())
     }
 
@@ -283,7 +410,7 @@ impl Store {
         &self,
         retention: Duration,
         limit: i64,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, StoreError> {
         let client = self.client().await?;
         let retention_ms = retention.as_millis() as f64;
         let deleted = client
@@ -292,18 +419,44 @@ impl Store {
                 &[(&retention_ms, Type::FLOAT8), (&limit, Type::INT8)],
             )
             .await
-            .map_err(|e| outbox::error_line(&e))?;
+            .map_err(|e| StoreError::from_postgres(&e))?;
         Ok(deleted.len() as u64)
     }
 
+    /// Who else holds the wake-up locks (`relays_name`: what listening
+    /// relays call their sessions).
+    pub async fn wake_lock_holders(
+        &self,
+        relays_name: &str,
+    ) -> Result<Vec<WakeLockHolder>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query_typed(WAKE_LOCK_HOLDERS, &[(&relays_name, Type::TEXT)])
+            .await
+            .map_err(|e| StoreError::from_postgres(&e))?;
+        rows.iter()
+            .map(|row| {
+                Ok(WakeLockHolder {
+                    pid: row.try_get(0)?,
+                    lock: row.try_get(1)?,
+                    mode: row.try_get(2)?,
+                    role: row.try_get(3)?,
+                })
+            })
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(|e| StoreError::from_postgres(&e))
+    }
+
     /// The gauges read from the database, in one round trip.
-    pub async fn stats(&self) -> Result<Stats, String> {
+    pub async fn stats(&self) -> Result<Stats, StoreError> {
         let client = self.client().await?;
         let rows = client
             .query_typed(STATS, &[(&PENDING_COUNT_CAP, Type::INT8)])
             .await
-            .map_err(|e| outbox::error_line(&e))?;
-        let row = rows.first().ok_or("the gauges query returned no row")?;
+            .map_err(|e| StoreError::from_postgres(&e))?;
+        let row = rows
+            .first()
+            .ok_or_else(|| StoreError::Refused("the gauges query returned no row".into()))?;
         let stats = || -> Result<Stats, tokio_postgres::Error> {
             Ok(Stats {
                 pending: row.try_get(0)?,
@@ -312,10 +465,13 @@ impl Store {
                 notification_queue_usage: row.try_get(3)?,
             })
         };
-        stats().map_err(|e| outbox::error_line(&e))
+        stats().map_err(|e| StoreError::from_postgres(&e))
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, String> {
-        self.pool.get().await.map_err(|e| db::pool_error(&e))
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Unavailable(db::pool_error(&e)))
     }
 }
