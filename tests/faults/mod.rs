@@ -9,6 +9,7 @@ mod bad_input;
 mod broker;
 mod consumer;
 mod database;
+mod hostile;
 mod long_transaction;
 mod poison;
 mod relays;

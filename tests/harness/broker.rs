@@ -138,3 +138,30 @@ pub fn message_id(delivery: &Delivery) -> uuid::Uuid {
         .expect("delivery without message_id");
     id.as_str().parse().expect("message_id is a UUID")
 }
+
+/// Freezes `queue`'s process on the broker (`sys:suspend`): it stops
+/// answering, so publishes routed to it are never confirmed. Only the
+/// test's own queue is touched; [`resume_queue`] thaws it.
+pub fn suspend_queue(queue: &str) {
+    queue_process(queue, "suspend");
+}
+
+pub fn resume_queue(queue: &str) {
+    queue_process(queue, "resume");
+}
+
+fn queue_process(queue: &str, action: &str) {
+    let expression = format!(
+        "{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<\"/\">>, queue, <<\"{queue}\">>)), \
+         sys:{action}(amqqueue:get_pid(Q))."
+    );
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(["eval", &expression])
+        .output()
+        .expect("run rabbitmqctl");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl eval {action} {queue}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

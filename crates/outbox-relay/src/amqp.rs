@@ -439,7 +439,9 @@ mod tests {
             ChannelFault::from_error(
                 "protocol error: AMQP soft error: PRECONDITION-FAILED: message size 134217729 is larger than configured max size 134217728"
             ),
-            Some(ChannelFault::TooLarge { broker_max: 134217728 })
+            Some(ChannelFault::TooLarge {
+                broker_max: 134217728
+            })
         );
         assert_eq!(
             ChannelFault::from_error("NOT_FOUND - no exchange 'amq.it's' in vhost '/'"),

@@ -31,8 +31,7 @@ pub const APPLICATION_NAME: &str = "outbox-relay";
 const BEGIN_DRAIN: &str = "BEGIN; SELECT pg_try_advisory_xact_lock_shared(1869968482, 1)";
 /// Commits the drain's transaction and starts another: the transaction
 /// never grows old, and the lock is tried again if it was taken.
-const KEEP_DRAINING: &str =
-    "COMMIT; BEGIN; SELECT pg_try_advisory_xact_lock_shared(1869968482, 1)";
+const KEEP_DRAINING: &str = "COMMIT; BEGIN; SELECT pg_try_advisory_xact_lock_shared(1869968482, 1)";
 
 /// Why `wait` returned.
 #[derive(Debug, PartialEq, Eq)]
@@ -109,7 +108,9 @@ impl Listener {
     /// holding it exclusively only makes writers notify: listen anyway,
     /// and try again at the next probe.
     async fn announce(&mut self) -> Result<(), String> {
-        let announce = self.client.batch_execute("SELECT outbox.announce_listener()");
+        let announce = self
+            .client
+            .batch_execute("SELECT outbox.announce_listener()");
         match tokio::time::timeout(PROBE_TIMEOUT, announce)
             .await
             .map_err(|_| "wake-up listener did not answer".to_string())?

@@ -160,7 +160,10 @@ impl Worker {
     /// out outages, giving up on rows the server refuses.
     async fn record_one_by_one(&self, batch: &[Mark]) {
         let singles = batch.iter().flat_map(|mark| match mark {
-            Mark::Release(rows) => rows.iter().map(|r| Mark::Release(vec![r.clone()])).collect(),
+            Mark::Release(rows) => rows
+                .iter()
+                .map(|r| Mark::Release(vec![r.clone()]))
+                .collect(),
             Mark::Published(row) => vec![Mark::Published(row.clone())],
             Mark::Failed { row, error } => vec![Mark::Failed {
                 row: row.clone(),

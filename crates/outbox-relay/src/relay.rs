@@ -43,6 +43,9 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(10);
 /// locks (writers' wake-ups may not come).
 const FAST_POLL: Duration = Duration::from_millis(10);
 
+/// How often the relay looks for other sessions holding the wake-up locks.
+const WAKE_LOCK_CHECK: Duration = Duration::from_secs(1);
+
 /// A publish's confirm, as the window polls it.
 type Confirming = Pin<Box<dyn Future<Output = (Outcome, Option<Returned>)> + Send>>;
 
@@ -178,7 +181,8 @@ struct Relay {
 impl Relay {
     async fn run(&mut self, shutdown: &CancellationToken) {
         let mut next_sweep = Instant::now();
-        let mut last_probe = Instant::now();
+        let mut next_probe = Instant::now() + PROBE_INTERVAL;
+        let mut next_lock_check = Instant::now();
         // Index into IDLE_RECHECKS of the next re-check, if one is due.
         let mut recheck: Option<usize> = None;
         loop {
@@ -194,8 +198,9 @@ impl Relay {
                 FAST_POLL
             } else {
                 next_sweep
+                    .min(next_probe)
+                    .min(next_lock_check)
                     .saturating_duration_since(now)
-                    .min(PROBE_INTERVAL)
             };
             let woken = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -219,20 +224,25 @@ impl Relay {
                         && !self.wake_locks_held
                         && Instant::now() < next_sweep =>
                 {
-                    // Only the probe timer fired.
-                    if last_probe.elapsed() >= PROBE_INTERVAL {
-                        last_probe = Instant::now();
+                    // Only a housekeeping timer fired.
+                    if Instant::now() >= next_probe {
+                        next_probe = Instant::now() + PROBE_INTERVAL;
                         self.probe_listener().await;
+                    }
+                    if Instant::now() >= next_lock_check {
+                        next_lock_check = Instant::now() + WAKE_LOCK_CHECK;
+                        self.check_wake_locks().await;
                     }
                     continue;
                 }
                 _ => {}
             }
+            if Instant::now() >= next_lock_check {
+                next_lock_check = Instant::now() + WAKE_LOCK_CHECK;
+                self.check_wake_locks().await;
+            }
             if Instant::now() >= next_sweep {
                 next_sweep = Instant::now() + self.config.sweep_interval;
-                if self.config.mode == Mode::Notify {
-                    self.check_wake_locks().await;
-                }
             }
             match self.drain(shutdown).await {
                 Ok(claimed) => {
@@ -270,14 +280,20 @@ impl Relay {
     /// are anyone's), so it is found at each sweep, logged, metered, and
     /// met by claiming every FAST_POLL until it ends.
     async fn check_wake_locks(&mut self) {
-        let holders: HashSet<WakeLockHolder> =
-            match self.store.wake_lock_holders(listener::APPLICATION_NAME).await {
-                Ok(holders) => holders.into_iter().collect(),
-                Err(error) => {
-                    tracing::debug!(%error, "cannot read the wake-up locks' holders");
-                    return;
-                }
-            };
+        if self.config.mode == Mode::Poll {
+            return;
+        }
+        let holders: HashSet<WakeLockHolder> = match self
+            .store
+            .wake_lock_holders(listener::APPLICATION_NAME)
+            .await
+        {
+            Ok(holders) => holders.into_iter().collect(),
+            Err(error) => {
+                tracing::debug!(%error, "cannot read the wake-up locks' holders");
+                return;
+            }
+        };
         let lasting: Vec<&WakeLockHolder> =
             holders.intersection(&self.wake_lock_suspects).collect();
         let held = !lasting.is_empty();
@@ -294,7 +310,9 @@ impl Relay {
         } else if !held && self.wake_locks_held {
             tracing::info!("the wake-up locks are free again");
         }
-        self.meters.wake_lock_foreign_holders.set(lasting.len() as f64);
+        self.meters
+            .wake_lock_foreign_holders
+            .set(lasting.len() as f64);
         self.wake_locks_held = held;
         self.wake_lock_suspects = holders;
     }
@@ -442,7 +460,11 @@ impl Relay {
     /// frozen past its lease (say SIGSTOP) must not publish, after another
     /// relay took its rows over, a key's head behind its successors.
     async fn publish_all(&mut self, rows: Vec<Claimed>, claimed_at: Instant) -> Result<(), Outage> {
-        let publish_by = claimed_at + self.config.lease.saturating_sub(self.config.confirm_timeout);
+        let publish_by = claimed_at
+            + self
+                .config
+                .lease
+                .saturating_sub(self.config.confirm_timeout);
         let max_payload = self.config.max_payload_bytes;
         let mut rows = rows.into_iter();
         while let Some(row) = rows.next() {

@@ -49,12 +49,13 @@ pub struct Claim {
 /// Why a statement of the relay failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// No connection, or the server is going away, busy or locked: wait
-    /// and try the same again.
+    /// No connection, or the server is going away or out of resources:
+    /// wait and try the same again.
     #[error("{0}")]
     Unavailable(String),
     /// The server refused this statement (a constraint, a trigger, bad
-    /// data): the same statement will fail again.
+    /// data, a row lock another session holds past the lock timeout): the
+    /// same statement may well fail again.
     #[error("{0}")]
     Refused(String),
 }
@@ -69,11 +70,12 @@ impl StoreError {
     }
 }
 
-/// SQLSTATEs that say "not now" rather than "not this": connection
-/// (08), resources (53), operator intervention (57), serialization and
-/// deadlocks (40), lock timeouts (55P03).
+/// SQLSTATEs that say "not now, nor anything else": connection (08),
+/// resources (53), operator intervention (57: shutdown, cancel).
 fn is_transient(code: &str) -> bool {
-    ["08", "53", "57", "40"].iter().any(|class| code.starts_with(class)) || code == "55P03"
+    ["08", "53", "57"]
+        .iter()
+        .any(|class| code.starts_with(class))
 }
 
 /// Result of recording a failed attempt.
@@ -391,7 +393,11 @@ impl Store {
         self.execute_held(RELEASE, held).await
     }
 
-    async fn execute_held(&self, statement: &str, held: &[(i64, String)]) -> Result<(), StoreError> {
+    async fn execute_held(
+        &self,
+        statement: &str,
+        held: &[(i64, String)],
+    ) -> Result<(), StoreError> {
         let client = self.client().await?;
         let ids: Vec<i64> = held.iter().map(|(id, _)| *id).collect();
         let leases: Vec<&str> = held.iter().map(|(_, lease)| lease.as_str()).collect();

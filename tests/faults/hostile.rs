@@ -1,0 +1,626 @@
+//! A hostile user's rows, queues and roles (issue 13): each test here
+//! failed on the relay before its fix. A row's own problem is that row's
+//! attempt and then a dead letter; it never fails a claim, counts as an
+//! outage or re-publishes other rows. A stuck queue holds one slot, not
+//! the window. A frozen relay gives its rows and its locks back. No other
+//! session can stall the relay or silence the writers' wake-ups.
+
+use std::collections::{HashMap, HashSet};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use lapin::ExchangeKind;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use outbox_relay::Settings;
+use outbox_tests::broker::{Topology, message_id, resume_queue, suspend_queue};
+use outbox_tests::dispatch::count;
+use outbox_tests::relay::{RunningRelay, relay_run_command, test_settings};
+use outbox_tests::*;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+const ARRIVAL: Duration = Duration::from_secs(30);
+
+/// Thaws a suspended queue however the test ends: a frozen queue process
+/// would never expire on its own.
+struct Suspended(String);
+
+impl Suspended {
+    fn queue(queue: &str) -> Suspended {
+        suspend_queue(queue);
+        Suspended(queue.to_string())
+    }
+}
+
+impl Drop for Suspended {
+    fn drop(&mut self) {
+        resume_queue(&self.0);
+    }
+}
+
+/// A relay process, killed (and continued first, if stopped) on drop.
+struct RelayProcess(Child);
+
+impl RelayProcess {
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.0.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal}");
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn enqueue(client: &Client, exchange: &str, payload: &str, key: Option<&str>) -> Uuid {
+    client
+        .query_one(
+            "SELECT outbox.enqueue($1, '', $2::text::jsonb, '{}', $3)",
+            &[&exchange, &payload, &key],
+        )
+        .await
+        .expect("enqueue")
+        .get(0)
+}
+
+/// Waits until `sql` counts `expected`, failing after `limit`.
+async fn wait_for_count(db: &TestDb, sql: &str, expected: i64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let found = count(db, sql).await;
+        if found == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sql}: {found}, not {expected}, after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn distinct_ids(deliveries: &[lapin::message::Delivery]) -> HashSet<Uuid> {
+    deliveries.iter().map(message_id).collect()
+}
+
+#[tokio::test]
+async fn faults_undecodable_headers_fail_that_row_not_the_claim() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    let client = db.connect().await;
+    let ex = &topology.exchange;
+    // Valid jsonb that serde_json cannot hold: a number beyond f64, and
+    // nesting past its recursion limit; good rows on either side, so all
+    // four come in one claim.
+    enqueue(&client, ex, r#"{"n": 1}"#, None).await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO outbox.messages (exchange, payload, headers) VALUES \
+               ('{ex}', '\\x7b7d', '{{\"huge\": 1e400}}'), \
+               ('{ex}', '\\x7b7d', ('{{\"deep\": ' || repeat('[', 200) || repeat(']', 200) || '}}')::jsonb)"
+        ))
+        .await
+        .expect("insert undecodable headers");
+    enqueue(&client, ex, r#"{"n": 2}"#, None).await;
+
+    let relay = RunningRelay::start(Settings {
+        max_attempts: Some(2),
+        ..test_settings(&db)
+    })
+    .await;
+    let deliveries = topology.receive(2, ARRIVAL).await;
+    assert_eq!(deliveries.len(), 2, "the good rows are published");
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM outbox.messages WHERE dead_at IS NOT NULL \
+         AND last_error LIKE 'headers cannot be decoded%' AND attempts = 2",
+        2,
+        ARRIVAL,
+    )
+    .await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn faults_a_missing_amq_exchange_is_that_rows_fault_alone() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    // amq.* exchanges that exist keep working.
+    let routing_key = unique_name("rk");
+    topology
+        .channel
+        .queue_bind(
+            topology.queue.as_str().into(),
+            "amq.direct".into(),
+            routing_key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind to amq.direct");
+    let client = db.connect().await;
+    let missing = unique_name("amq.missing");
+    let mut expected = HashSet::new();
+    for n in 0..3 {
+        expected.insert(
+            enqueue(
+                &client,
+                &topology.exchange,
+                &format!("{{\"n\": {n}}}"),
+                None,
+            )
+            .await,
+        );
+    }
+    client
+        .execute("SELECT outbox.enqueue($1, '', '{}')", &[&missing])
+        .await
+        .expect("enqueue to a missing amq.* exchange");
+    for n in 3..6 {
+        expected.insert(
+            enqueue(
+                &client,
+                &topology.exchange,
+                &format!("{{\"n\": {n}}}"),
+                None,
+            )
+            .await,
+        );
+    }
+    let direct: Uuid = client
+        .query_one(
+            "SELECT outbox.enqueue('amq.direct', $1, '{}')",
+            &[&routing_key],
+        )
+        .await
+        .expect("enqueue to amq.direct")
+        .get(0);
+    expected.insert(direct);
+
+    let relay = RunningRelay::start(Settings {
+        max_attempts: Some(2),
+        ..test_settings(&db)
+    })
+    .await;
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM outbox.messages WHERE dead_at IS NOT NULL \
+         AND last_error LIKE '%does not exist%' AND attempts = 2",
+        1,
+        ARRIVAL,
+    )
+    .await;
+    let mut deliveries = topology.receive(expected.len(), ARRIVAL).await;
+    deliveries.extend(topology.receive(usize::MAX, Duration::from_secs(1)).await);
+    assert_eq!(distinct_ids(&deliveries), expected);
+    assert_eq!(
+        deliveries.len(),
+        expected.len(),
+        "no row is published again because of another's exchange"
+    );
+    relay.stop().await;
+}
+
+/// A fanout exchange whose one queue keeps at most two messages: big
+/// payloads are confirmed without the broker keeping them.
+async fn short_queue() -> (lapin::Connection, String) {
+    let connection = outbox_tests::broker::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    let exchange = unique_name("test_big_ex");
+    let queue = unique_name("test_big_q");
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare exchange");
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-expires".into(), AMQPValue::LongInt(300_000));
+    arguments.insert("x-max-length".into(), AMQPValue::LongInt(2));
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            arguments,
+        )
+        .await
+        .expect("declare queue");
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    (connection, exchange)
+}
+
+/// The peak resident memory of process `pid`, in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+#[tokio::test]
+async fn faults_big_payloads_are_bounded_by_bytes_not_rows() {
+    let db = TestDb::with_outbox().await;
+    let (_connection, exchange) = short_queue().await;
+    // 100 rows of 8 MiB (TOAST compresses them in the database, the relay
+    // sees them whole), with the relay's default settings.
+    db.connect()
+        .await
+        .execute(
+            "INSERT INTO outbox.messages (exchange, payload, content_type) \
+             SELECT $1, convert_to(repeat('x', 8388608), 'UTF8'), 'text/plain' \
+             FROM generate_series(1, 100)",
+            &[&exchange],
+        )
+        .await
+        .expect("insert big rows");
+    let relay = RelayProcess(
+        relay_run_command(&db, &[])
+            .spawn()
+            .expect("spawn outbox-relay"),
+    );
+    let pid = relay.0.id();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut peak: f64 = 0.0;
+    loop {
+        peak = peak.max(peak_rss_mib(pid));
+        let published = count(
+            &db,
+            "SELECT count(*) FROM outbox.messages WHERE published_at IS NOT NULL",
+        )
+        .await;
+        if published == 100 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{published} of 100 published");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    peak = peak.max(peak_rss_mib(pid));
+    println!("peak RSS publishing 100 rows of 8 MiB: {peak:.0} MiB");
+    assert!(peak < 256.0, "peak RSS {peak:.0} MiB");
+}
+
+#[tokio::test]
+async fn faults_a_payload_over_the_brokers_max_is_that_rows_fault() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    let client = db.connect().await;
+    let before = enqueue(&client, &topology.exchange, r#"{"n": 1}"#, None).await;
+    // RabbitMQ's max_message_size is 128 MiB by default; ours allows more.
+    client
+        .execute(
+            "INSERT INTO outbox.messages (exchange, payload, content_type) \
+             VALUES ($1, convert_to(repeat('x', 134217728 + 4096), 'UTF8'), 'text/plain')",
+            &[&topology.exchange],
+        )
+        .await
+        .expect("insert a huge row");
+    let after = enqueue(&client, &topology.exchange, r#"{"n": 2}"#, None).await;
+    let relay = RunningRelay::start(Settings {
+        max_attempts: Some(2),
+        max_payload_bytes: Some(256 << 20),
+        ..test_settings(&db)
+    })
+    .await;
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM outbox.messages WHERE dead_at IS NOT NULL \
+         AND last_error LIKE '%max_message_size%'",
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    let deliveries = topology.receive(2, ARRIVAL).await;
+    assert_eq!(distinct_ids(&deliveries), HashSet::from([before, after]));
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn faults_a_queue_that_stops_confirming_holds_only_its_own_rows() {
+    let db = TestDb::with_outbox().await;
+    let stuck = Topology::fanout().await;
+    let healthy = Topology::fanout().await;
+    let frozen = Suspended::queue(&stuck.queue);
+    let client = db.connect().await;
+    for n in 0..5 {
+        enqueue(&client, &stuck.exchange, &format!("{{\"n\": {n}}}"), None).await;
+    }
+    for n in 0..20 {
+        enqueue(&client, &healthy.exchange, &format!("{{\"n\": {n}}}"), None).await;
+    }
+    let relay = RunningRelay::start(Settings {
+        confirm_timeout_ms: Some(1_000),
+        max_attempts: Some(20),
+        ..test_settings(&db)
+    })
+    .await;
+    let healthy_published = format!(
+        "SELECT count(*) FROM outbox.messages WHERE exchange = '{}' AND published_at IS NOT NULL",
+        healthy.exchange
+    );
+    wait_for_count(&db, &healthy_published, 20, Duration::from_secs(5)).await;
+    wait_for_count(
+        &db,
+        &format!(
+            "SELECT count(*) FROM outbox.messages WHERE exchange = '{}' \
+             AND attempts >= 1 AND last_error LIKE 'no confirm%'",
+            stuck.exchange
+        ),
+        5,
+        Duration::from_secs(10),
+    )
+    .await;
+    drop(frozen);
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM outbox.messages WHERE published_at IS NOT NULL",
+        25,
+        ARRIVAL,
+    )
+    .await;
+    assert_eq!(distinct_ids(&stuck.receive(5, ARRIVAL).await).len(), 5);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn faults_a_frozen_relay_gives_the_drain_lock_back() {
+    let db = TestDb::with_outbox().await;
+    let stuck = Topology::fanout().await;
+    let healthy = Topology::fanout().await;
+    let _frozen = Suspended::queue(&stuck.queue);
+    let client = db.connect().await;
+    // The first relay publishes to the frozen queue and waits for its
+    // confirm, draining (holding the drain lock) when it is stopped.
+    let first = RelayProcess(
+        relay_run_command(
+            &db,
+            &[
+                ("OUTBOX_SWEEP_INTERVAL_MS", "60000"),
+                ("OUTBOX_CONFIRM_TIMEOUT_MS", "25000"),
+            ],
+        )
+        .spawn()
+        .expect("spawn outbox-relay"),
+    );
+    enqueue(&client, &stuck.exchange, "{}", None).await;
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM outbox.messages WHERE locked_by IS NOT NULL",
+        1,
+        ARRIVAL,
+    )
+    .await;
+    first.signal("-STOP");
+    // The server ends its silent drain transaction, and the lock with it.
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
+         AND classid = 1869968482 AND objid = 1 AND granted",
+        0,
+        Duration::from_secs(15),
+    )
+    .await;
+    // An idle second relay, which only a writer's wake-up moves (its sweep
+    // is a minute away), is woken again.
+    let second = RunningRelay::start(Settings {
+        sweep_interval_ms: Some(60_000),
+        ..test_settings(&db)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let woken = enqueue(&client, &healthy.exchange, "{}", None).await;
+    let deliveries = healthy.receive(1, Duration::from_secs(5)).await;
+    assert_eq!(distinct_ids(&deliveries), HashSet::from([woken]));
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn faults_a_relay_frozen_past_its_lease_keeps_key_order_and_publishes_at_most_twice() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    let settings = [
+        ("OUTBOX_LEASE_MS", "2000"),
+        ("OUTBOX_CONFIRM_TIMEOUT_MS", "1000"),
+        ("OUTBOX_SWEEP_INTERVAL_MS", "100"),
+    ];
+    let frozen = RelayProcess(relay_run_command(&db, &settings).spawn().expect("spawn"));
+    let _healthy = RelayProcess(relay_run_command(&db, &settings).spawn().expect("spawn"));
+    let writer = {
+        let client = db.connect().await;
+        let exchange = topology.exchange.clone();
+        tokio::spawn(async move {
+            let mut ids = HashMap::new();
+            for seq in 0..40 {
+                for key in 0..10 {
+                    let payload = format!("{{\"key\": {key}, \"seq\": {seq}}}");
+                    let key_text = format!("k{key}");
+                    let id = enqueue(&client, &exchange, &payload, Some(&key_text)).await;
+                    ids.insert(id, (key, seq));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            ids
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    frozen.signal("-STOP");
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    frozen.signal("-CONT");
+    let ids = writer.await.expect("writer");
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM outbox.messages WHERE published_at IS NULL",
+        0,
+        Duration::from_secs(60),
+    )
+    .await;
+    let mut deliveries = topology.receive(ids.len(), ARRIVAL).await;
+    deliveries.extend(topology.receive(usize::MAX, Duration::from_secs(2)).await);
+
+    let mut copies: HashMap<Uuid, usize> = HashMap::new();
+    let mut latest: HashMap<i32, i32> = HashMap::new();
+    let mut inversions = Vec::new();
+    for delivery in &deliveries {
+        let id = message_id(delivery);
+        *copies.entry(id).or_default() += 1;
+        let (key, seq) = ids[&id];
+        let latest = latest.entry(key).or_insert(seq);
+        if seq < *latest {
+            inversions.push((key, seq, *latest));
+        }
+        *latest = (*latest).max(seq);
+    }
+    assert_eq!(copies.len(), ids.len(), "every row arrived");
+    let most = copies.values().max().copied().unwrap_or(0);
+    println!(
+        "{} deliveries of {} rows, at most {most} copies, {} inversions",
+        deliveries.len(),
+        ids.len(),
+        inversions.len()
+    );
+    assert!(most <= 2, "a row arrived {most} times");
+    assert!(inversions.is_empty(), "key order broken: {inversions:?}");
+}
+
+#[tokio::test]
+async fn faults_another_session_holding_the_listener_lock_does_not_stall_the_relay() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    let hostile = db.connect().await;
+    hostile
+        .batch_execute("SELECT pg_advisory_lock(1869968482, 2)")
+        .await
+        .expect("take the listener lock");
+    let relay = RunningRelay::start(test_settings(&db)).await;
+    let client = db.connect().await;
+    let mut expected = HashSet::new();
+    for _ in 0..3 {
+        expected.insert(enqueue(&client, &topology.exchange, "{}", None).await);
+    }
+    let deliveries = topology.receive(3, Duration::from_secs(10)).await;
+    assert_eq!(distinct_ids(&deliveries), expected);
+    relay.stop().await;
+}
+
+/// Ten rows, each in its own transaction, must all arrive within `limit`.
+async fn writers_are_heard(db: &TestDb, topology: &Topology, limit: Duration) {
+    let client = db.connect().await;
+    let mut expected = HashSet::new();
+    for _ in 0..10 {
+        expected.insert(enqueue(&client, &topology.exchange, "{}", None).await);
+    }
+    let deliveries = topology.receive(10, limit).await;
+    assert_eq!(
+        distinct_ids(&deliveries).len(),
+        expected.len(),
+        "rows published while another session holds a wake-up lock"
+    );
+}
+
+#[tokio::test]
+async fn faults_a_held_wake_up_lock_does_not_silence_other_writers() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    // The sweep is a minute away: only wake-ups (or the relay's own
+    // fast polling) move rows within the test.
+    let relay = RunningRelay::start(Settings {
+        sweep_interval_ms: Some(60_000),
+        ..test_settings(&db)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A transaction that fired the wake-up trigger early and stays open
+    // holds the drain lock exclusively.
+    let mut early = db.connect().await;
+    let transaction = early.transaction().await.expect("begin");
+    transaction
+        .batch_execute(&format!(
+            "SET CONSTRAINTS ALL IMMEDIATE; SELECT outbox.enqueue('{}', '', '{{}}')",
+            topology.exchange
+        ))
+        .await
+        .expect("fire the wake-up early");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    writers_are_heard(&db, &topology, Duration::from_secs(3)).await;
+    transaction.commit().await.expect("commit");
+    assert_eq!(topology.receive(1, Duration::from_secs(5)).await.len(), 1);
+
+    // Another role pretending to drain (the drain lock, shared).
+    let pretender = db.connect().await;
+    pretender
+        .batch_execute("SELECT pg_advisory_lock_shared(1869968482, 1)")
+        .await
+        .expect("take the drain lock");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    writers_are_heard(&db, &topology, Duration::from_secs(3)).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn faults_an_outcome_the_database_refuses_stalls_no_other_row() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    let client = db.connect().await;
+    // The app's own trigger on the outbox refuses to let one row be marked.
+    client
+        .batch_execute(
+            "CREATE FUNCTION public.refuse_explode() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN RAISE EXCEPTION 'audit refuses %', NEW.id; END $$; \
+             CREATE TRIGGER refuse_explode BEFORE UPDATE ON outbox.messages FOR EACH ROW \
+             WHEN (NEW.routing_key = 'explode' AND NEW.published_at IS NOT NULL) \
+             EXECUTE FUNCTION public.refuse_explode()",
+        )
+        .await
+        .expect("install the trigger");
+    client
+        .batch_execute(&format!(
+            "BEGIN; \
+             SELECT outbox.enqueue('{ex}', '', '{{}}') FROM generate_series(1, 25); \
+             SELECT outbox.enqueue('{ex}', 'explode', '{{}}'); \
+             SELECT outbox.enqueue('{ex}', '', '{{}}') FROM generate_series(1, 25); \
+             COMMIT",
+            ex = topology.exchange
+        ))
+        .await
+        .expect("enqueue");
+    let relay = RunningRelay::start(test_settings(&db)).await;
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM outbox.messages WHERE published_at IS NOT NULL",
+        50,
+        Duration::from_secs(15),
+    )
+    .await;
+    relay.stop().await;
+}
