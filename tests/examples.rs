@@ -244,7 +244,7 @@ async fn python_consumer_applies_each_order_once_and_dead_letters_poison() {
         &dispatch_db,
         &exchange,
         &queue,
-        &["--max-messages", "5", "--idle-exit-seconds", "30"],
+        &["--max-messages", "5", "--idle-exit-seconds", "60"],
     )
     .spawn()
     .expect("spawn the consumer");
@@ -340,7 +340,7 @@ async fn python_consumer_applies_each_order_once_and_dead_letters_poison() {
         .await
         .expect("confirm duplicate");
 
-    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+    let status = tokio::time::timeout(Duration::from_secs(120), child.wait())
         .await
         .expect("the consumer did not stop after 5 deliveries")
         .expect("wait for the consumer");

@@ -7,6 +7,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 {
   flock 9 # one install at a time (tests may start several runs at once)
   stamp="$here/node_modules/.package-lock.installed"
+  command -v npm >/dev/null || "$here/../apt-install.sh" nodejs npm
   if ! cmp -s "$here/package-lock.json" "$stamp"; then
     (cd "$here" && npm ci --no-audit --no-fund --loglevel=error)
     cp "$here/package-lock.json" "$stamp"

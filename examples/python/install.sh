@@ -7,6 +7,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 {
   flock 9 # one install at a time (tests may start several runs at once)
   stamp="$here/.venv/requirements.installed"
+  # Debian's own python3 needs python3-venv for `-m venv`.
+  python3 -c 'import ensurepip, venv' 2>/dev/null || "$here/../apt-install.sh" python3-venv
   if ! cmp -s "$here/requirements.txt" "$stamp"; then
     rm -rf "$here/.venv"
     python3 -m venv "$here/.venv"
