@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/services.sh
+# The examples' own dependencies (JDBC driver, venvs, node_modules): cached.
+examples/install.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # Tests run the binaries (`workspace_binary`); `cargo test` builds only the

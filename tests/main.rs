@@ -7,6 +7,7 @@ mod commands;
 mod dispatch;
 mod docker;
 mod enqueue;
+mod examples;
 mod faults;
 mod migrate;
 mod orders;

@@ -1,0 +1,91 @@
+// The seed's OrderService.createOrder in Node.js (the pg package), with the outbox.
+//
+// The order row and its message commit in one transaction: outbox.enqueue
+// writes a row of outbox.messages, and outbox-relay publishes it to RabbitMQ
+// after the commit. A rolled-back order leaves no message behind.
+//
+//   DATABASE_URL=postgres://postgres@127.0.0.1:5432/shop node order_service.js [ORDER_ID] [--fail-after-enqueue]
+//
+// OUTBOX_EXCHANGE: where the message goes (default order_confirm_fanoutExchange).
+// Prints `order_id=N message_id=UUID` once the transaction has committed.
+
+import { randomInt } from 'node:crypto';
+import pg from 'pg';
+
+const CREATE_ORDERS = `CREATE TABLE IF NOT EXISTS orders (
+  id bigint PRIMARY KEY, user_name text NOT NULL, context text NOT NULL, num int NOT NULL)`;
+
+/** Thrown by --fail-after-enqueue: anything that fails after the enqueue. */
+class SimulatedFailure extends Error {
+  constructor(messageId) {
+    super('simulated failure after enqueue');
+    this.messageId = messageId;
+  }
+}
+
+/** One transaction: the order row and its outbox message. */
+export async function createOrder(client, order, exchange, { failAfterEnqueue = false } = {}) {
+  await client.query('BEGIN');
+  try {
+    await client.query(
+      'INSERT INTO orders (id, user_name, context, num) VALUES ($1, $2, $3, $4)',
+      [order.orderId, order.userName, order.context, order.num],
+    );
+    const { rows } = await client.query(
+      'SELECT outbox.enqueue($1, $2, $3::jsonb, $4::jsonb) AS message_id',
+      [exchange, '', JSON.stringify(order), JSON.stringify({ producer: 'examples/node' })],
+    );
+    const messageId = rows[0].message_id;
+    if (failAfterEnqueue) throw new SimulatedFailure(messageId);
+    await client.query('COMMIT');
+    return messageId;
+  } catch (error) {
+    await client.query('ROLLBACK');
+    throw error;
+  }
+}
+
+function fail(code, message) {
+  console.error(`examples/node: ${message}`);
+  process.exit(code);
+}
+
+async function main(args) {
+  let orderId = randomInt(1_000_000, 2 ** 31);
+  let failAfterEnqueue = false;
+  for (const arg of args) {
+    if (arg === '--fail-after-enqueue') failAfterEnqueue = true;
+    else if (/^[1-9][0-9]{0,14}$/.test(arg)) orderId = Number(arg);
+    else fail(2, 'usage: order_service.js [ORDER_ID] [--fail-after-enqueue]');
+  }
+  const url = process.env.DATABASE_URL;
+  if (!url) fail(2, 'DATABASE_URL is not set (e.g. postgres://postgres@127.0.0.1:5432/shop)');
+  const exchange = process.env.OUTBOX_EXCHANGE || 'order_confirm_fanoutExchange';
+  const order = { orderId, userName: '张三', context: '方便面', num: 1 };
+
+  const client = new pg.Client({ connectionString: url });
+  try {
+    await client.connect();
+    const { rows } = await client.query(
+      "SELECT to_regprocedure('outbox.enqueue(text, text, jsonb, jsonb, text)') IS NOT NULL AS installed",
+    );
+    if (!rows[0].installed) {
+      fail(1, 'the outbox schema is not installed in this database: run '
+        + '`outbox-relay migrate` or psql over sql/outbox/V*.sql first');
+    }
+    await client.query(CREATE_ORDERS);
+    const messageId = await createOrder(client, order, exchange, { failAfterEnqueue });
+    console.log(`order_id=${orderId} message_id=${messageId}`);
+  } catch (error) {
+    if (error instanceof SimulatedFailure) {
+      fail(3, `rolled back: order ${orderId} and message ${error.messageId} `
+        + 'were never committed (--fail-after-enqueue)');
+    }
+    if (error.code === '23505') fail(1, `order ${orderId} already exists: nothing was committed`);
+    fail(1, String(error.message || error).split('\n')[0]);
+  } finally {
+    await client.end().catch(() => {});
+  }
+}
+
+await main(process.argv.slice(2));

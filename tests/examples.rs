@@ -1,0 +1,418 @@
+//! The examples in other languages (`examples/`), run as a user would run
+//! them: each producer's `run.sh` against its own database with the outbox
+//! schema, and the Python consumer behind a real relay and RabbitMQ.
+//!
+//! `run.sh` installs what it lacks (scripts/test.sh installs everything
+//! first with `examples/install.sh`, so here that is a quick check).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use outbox_tests::broker::{Topology, message_id};
+use outbox_tests::relay::{RunningRelay, test_settings};
+use outbox_tests::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use uuid::Uuid;
+
+/// Long enough for a first run that installs (apt, pip, npm) on a new machine.
+const RUN_LIMIT: Duration = Duration::from_secs(300);
+
+fn example(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name)
+        .join("run.sh")
+}
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// `examples/<lang>/run.sh ARGS` with `DATABASE_URL` set to `url` (or unset).
+async fn run(lang: &str, url: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut command = Command::new(example(lang));
+    command.args(args).env_remove("DATABASE_URL");
+    if let Some(url) = url {
+        command.env("DATABASE_URL", url);
+    }
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = tokio::time::timeout(RUN_LIMIT, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("examples/{lang}/run.sh ran over {RUN_LIMIT:?}"))
+        .unwrap_or_else(|e| panic!("run examples/{lang}/run.sh: {e}"));
+    Run {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// The `order_id=N message_id=UUID` line a producer prints after its commit.
+fn enqueued(lang: &str, run: &Run) -> (i64, Uuid) {
+    assert_eq!(
+        run.code,
+        Some(0),
+        "examples/{lang} failed:\n{}{}",
+        run.stdout,
+        run.stderr
+    );
+    let fields: BTreeMap<&str, &str> = run
+        .stdout
+        .split_whitespace()
+        .filter_map(|field| field.split_once('='))
+        .collect();
+    let order_id = fields.get("order_id").and_then(|id| id.parse().ok());
+    let message_id = fields.get("message_id").and_then(|id| id.parse().ok());
+    match (order_id, message_id) {
+        (Some(order_id), Some(message_id)) => (order_id, message_id),
+        _ => panic!(
+            "examples/{lang} printed no order_id=N message_id=UUID: {:?}",
+            run.stdout
+        ),
+    }
+}
+
+async fn scalar(client: &tokio_postgres::Client, sql: &str, id: Uuid) -> i64 {
+    client
+        .query_one(sql, &[&id])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+/// What every producer must do: refuse without a database or a schema, in
+/// one line; commit the order and exactly one message together; leave
+/// neither when the transaction fails (a taken order id, or a failure
+/// after the enqueue).
+async fn producer_commits_order_and_message_together(lang: &str) {
+    let missing = run(lang, None, &[], &[]).await;
+    assert_ne!(missing.code, Some(0), "ran without DATABASE_URL");
+    assert!(
+        missing.stderr.contains("DATABASE_URL is not set"),
+        "{}",
+        missing.stderr
+    );
+
+    let bare = TestDb::empty().await;
+    let no_schema = run(lang, Some(&bare.url), &[], &[]).await;
+    assert_ne!(no_schema.code, Some(0), "ran without the outbox schema");
+    assert!(
+        no_schema
+            .stderr
+            .contains("the outbox schema is not installed"),
+        "{}",
+        no_schema.stderr
+    );
+    // One line of its own (a first run also shows what it installed).
+    let prefix = format!("examples/{lang}:");
+    assert_eq!(
+        no_schema
+            .stderr
+            .lines()
+            .filter(|line| line.starts_with(&prefix))
+            .count(),
+        1,
+        "{}",
+        no_schema.stderr
+    );
+
+    let db = TestDb::with_outbox().await;
+    let client = db.connect().await;
+    // A generated order id, then the seed's.
+    let (generated, first) = enqueued(lang, &run(lang, Some(&db.url), &[], &[]).await);
+    let (seed, second) = enqueued(lang, &run(lang, Some(&db.url), &["100001"], &[]).await);
+    assert_eq!(seed, 100001);
+    for (order_id, message_id) in [(generated, first), (seed, second)] {
+        let row = client
+            .query_one(
+                "SELECT exchange, routing_key, convert_from(payload, 'UTF8')::jsonb, headers
+                 FROM outbox.messages WHERE message_id = $1",
+                &[&message_id],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("examples/{lang}: message {message_id}: {e}"));
+        assert_eq!(row.get::<_, String>(0), "order_confirm_fanoutExchange");
+        assert_eq!(row.get::<_, String>(1), "");
+        let payload: serde_json::Value = row.get(2);
+        assert_eq!(
+            payload,
+            serde_json::json!({"orderId": order_id, "userName": "张三", "context": "方便面", "num": 1})
+        );
+        let headers: serde_json::Value = row.get(3);
+        assert_eq!(headers["producer"], format!("examples/{lang}"));
+        let order = client
+            .query_one(
+                "SELECT user_name, context, num FROM orders WHERE id = $1",
+                &[&order_id],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("examples/{lang}: order {order_id}: {e}"));
+        assert_eq!(order.get::<_, String>(0), "张三");
+        assert_eq!(order.get::<_, i32>(2), 1);
+    }
+
+    // The seed's id again: the INSERT fails, nothing is enqueued.
+    let taken = run(lang, Some(&db.url), &["100001"], &[]).await;
+    assert_eq!(taken.code, Some(1), "{}", taken.stderr);
+    assert!(taken.stderr.contains("already exists"), "{}", taken.stderr);
+
+    // Fails after the enqueue: the message it had written is rolled back.
+    let failed = run(
+        lang,
+        Some(&db.url),
+        &["100002", "--fail-after-enqueue"],
+        &[],
+    )
+    .await;
+    assert_eq!(failed.code, Some(3), "{}", failed.stderr);
+    let rolled_back: Uuid = failed
+        .stderr
+        .split_whitespace()
+        .find_map(|word| word.parse().ok())
+        .unwrap_or_else(|| panic!("no message id in {:?}", failed.stderr));
+    let sql = "SELECT count(*) FROM outbox.messages WHERE message_id = $1";
+    assert_eq!(scalar(&client, sql, rolled_back).await, 0);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM orders WHERE id = 100002").await,
+        0
+    );
+
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM outbox.messages").await,
+        2
+    );
+    assert_eq!(count(&client, "SELECT count(*) FROM orders").await, 2);
+}
+
+#[tokio::test]
+async fn java_example_commits_order_and_message_together() {
+    producer_commits_order_and_message_together("java").await;
+}
+
+#[tokio::test]
+async fn python_example_commits_order_and_message_together() {
+    producer_commits_order_and_message_together("python").await;
+}
+
+#[tokio::test]
+async fn node_example_commits_order_and_message_together() {
+    producer_commits_order_and_message_together("node").await;
+}
+
+/// The consumer on `exchange`/`queue`, writing into `db`.
+fn consumer(db: &TestDb, exchange: &str, queue: &str, extra: &[&str]) -> Command {
+    let mut command = Command::new(example("python-consumer"));
+    command
+        .args(["--amqp-url", &amqp_url(), "--exchange", exchange])
+        .args(["--queue", queue])
+        .args(extra)
+        .env("DATABASE_URL", &db.url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    command
+}
+
+/// Orders from all three producers go through the relay to the Python
+/// consumer, with a duplicate of one and a poison message at the head of
+/// the queue: each order has exactly one delivery, the duplicate changed
+/// nothing, the poison was dead-lettered and blocked nobody.
+#[tokio::test]
+async fn python_consumer_applies_each_order_once_and_dead_letters_poison() {
+    let orders_db = TestDb::with_outbox().await;
+    let dispatch_db = TestDb::empty().await;
+    let exchange = unique_name("examples_ex");
+    let queue = unique_name("examples_q");
+
+    let mut child = consumer(
+        &dispatch_db,
+        &exchange,
+        &queue,
+        &["--max-messages", "5", "--idle-exit-seconds", "60"],
+    )
+    .spawn()
+    .expect("spawn the consumer");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let ready = tokio::time::timeout(RUN_LIMIT, lines.next_line())
+        .await
+        .expect("the consumer never said it was consuming")
+        .expect("read the consumer's stdout");
+    assert_eq!(
+        ready.as_deref(),
+        Some(format!("consuming queue={queue} exchange={exchange}").as_str())
+    );
+
+    // The poison first: everything after it must still get through.
+    let broker = broker::connect().await;
+    let channel = broker.create_channel().await.expect("channel");
+    channel
+        .confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    let poison = Uuid::new_v4();
+    let properties = lapin::BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    channel
+        .basic_publish(
+            exchange.as_str().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            b"{\"orderId\": 1,",
+            properties
+                .clone()
+                .with_message_id(poison.to_string().into()),
+        )
+        .await
+        .expect("publish poison")
+        .await
+        .expect("confirm poison");
+
+    // One order from each producer, then the relay.
+    let mut messages = BTreeMap::new();
+    let mut by_lang = BTreeMap::new();
+    for (lang, order_id) in [("java", "100001"), ("node", "100002"), ("python", "100003")] {
+        let produced = run(
+            lang,
+            Some(&orders_db.url),
+            &[order_id],
+            &[("OUTBOX_EXCHANGE", &exchange)],
+        )
+        .await;
+        let (order_id, message_id) = enqueued(lang, &produced);
+        messages.insert(message_id, order_id);
+        by_lang.insert(lang, message_id);
+    }
+    let relay = RunningRelay::start(test_settings(&orders_db)).await;
+    let orders = orders_db.connect().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while count(
+        &orders,
+        "SELECT count(*) FROM outbox.messages WHERE published_at IS NULL",
+    )
+    .await
+        > 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay did not publish"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The node order's message again, as a relay that crashed between
+    // confirm and mark would publish it: same message_id, same body.
+    let duplicate = by_lang["node"];
+    let payload: Vec<u8> = orders
+        .query_one(
+            "SELECT payload FROM outbox.messages WHERE message_id = $1",
+            &[&duplicate],
+        )
+        .await
+        .expect("payload")
+        .get(0);
+    channel
+        .basic_publish(
+            exchange.as_str().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            &payload,
+            properties.with_message_id(duplicate.to_string().into()),
+        )
+        .await
+        .expect("publish duplicate")
+        .await
+        .expect("confirm duplicate");
+
+    let status = tokio::time::timeout(Duration::from_secs(120), child.wait())
+        .await
+        .expect("the consumer did not stop after 5 deliveries")
+        .expect("wait for the consumer");
+    let summary = lines.next_line().await.expect("read summary");
+    assert!(status.success(), "consumer exited {status}");
+    assert_eq!(
+        summary.as_deref(),
+        Some("processed=3 duplicates=1 rejected=1")
+    );
+    relay.stop().await;
+
+    // Effects exactly once, each made by its order's message.
+    let dispatch = dispatch_db.connect().await;
+    let deliveries: BTreeMap<Uuid, i64> = dispatch
+        .query("SELECT message_id, order_id FROM deliveries", &[])
+        .await
+        .expect("deliveries")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(deliveries, messages);
+    assert_eq!(count(&dispatch, "SELECT count(*) FROM deliveries").await, 3);
+    let inbox: BTreeSet<Uuid> = dispatch
+        .query("SELECT message_id FROM inbox", &[])
+        .await
+        .expect("inbox")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(inbox, messages.keys().copied().collect());
+
+    // The poison is in the dead-letter queue, and nothing else.
+    let connection = broker::connect().await;
+    let dead = Topology {
+        exchange: format!("{queue}.dlx"),
+        queue: format!("{queue}.dead"),
+        channel: connection.create_channel().await.expect("channel"),
+        connection,
+    };
+    let dead_lettered = dead.receive(2, Duration::from_secs(2)).await;
+    let ids: Vec<Uuid> = dead_lettered.iter().map(message_id).collect();
+    assert_eq!(ids, vec![poison]);
+
+    // Run again: the queue is empty (nothing was requeued), the consumer's
+    // tables are reused, and it stops when idle.
+    let again = consumer(
+        &dispatch_db,
+        &exchange,
+        &queue,
+        &["--idle-exit-seconds", "1"],
+    )
+    .output()
+    .await
+    .expect("run the consumer again");
+    assert!(again.status.success(), "consumer exited {}", again.status);
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout),
+        format!(
+            "consuming queue={queue} exchange={exchange}\nprocessed=0 duplicates=0 rejected=0\n"
+        )
+    );
+    assert_eq!(count(&dispatch, "SELECT count(*) FROM deliveries").await, 3);
+
+    // The consumer declares durable names: take them away.
+    for name in [&queue, &dead.queue] {
+        let _ = channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    for name in [&exchange, &dead.exchange] {
+        let _ = channel
+            .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+}
