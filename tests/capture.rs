@@ -796,3 +796,56 @@ async fn capture_without_createrole_says_what_an_admin_runs() {
         .await
         .expect_code(0);
 }
+
+/// A partitioned table's trigger is cloned onto its partitions, all
+/// calling one function: that is one capture, not a function shared with
+/// other tables. Capturing it again changes nothing, changing it leaves one
+/// function, owned by the table's role, and it is listed once.
+#[tokio::test]
+async fn a_partitioned_table_is_one_capture_with_one_function() {
+    let db = TestDb::with_outbox().await;
+    let client = db.connect().await;
+    client
+        .batch_execute(
+            "CREATE TABLE p (id int) PARTITION BY RANGE (id); \
+             CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (100); \
+             CREATE TABLE p2 PARTITION OF p FOR VALUES FROM (100) TO (200)",
+        )
+        .await
+        .expect("a partitioned table");
+    let capture = |routing_key: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query_one("SELECT outbox.capture('p', 'shop', $1)", &[&routing_key])
+                .await
+                .expect("capture")
+                .get::<_, bool>(0)
+        }
+    };
+    assert!(capture("{op}").await);
+    assert!(!capture("{op}").await, "the same capture again");
+    assert!(capture("p.{op}").await, "another routing key");
+    let functions: Vec<String> = client
+        .query(
+            "SELECT p.proowner::regrole::text FROM pg_proc p \
+             WHERE p.pronamespace = 'outbox'::regnamespace AND p.proname ~ '^capture_[0-9]'",
+            &[],
+        )
+        .await
+        .expect("functions")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(functions.len(), 1, "{functions:?}");
+    assert!(functions[0].starts_with("outbox_capture_"), "{functions:?}");
+    let listed: Vec<String> = client
+        .query("SELECT source FROM outbox.captures", &[])
+        .await
+        .expect("captures")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(listed, ["public.p"]);
+    assert_eq!(captured_as(&client, "p").await, "public.p");
+}

@@ -267,7 +267,8 @@ BEGIN
            obj_description(t.tgfoid, 'pg_proc') AS comment,
            (SELECT rolname FROM pg_roles WHERE oid = p.proowner) AS owner,
            EXISTS (SELECT 1 FROM pg_trigger o
-                   WHERE o.tgfoid = t.tgfoid AND o.tgrelid <> source) AS shared
+                   WHERE o.tgfoid = t.tgfoid AND o.tgrelid <> source
+                     AND o.tgparentid = 0) AS shared
     INTO existing
     FROM pg_trigger t
     JOIN pg_proc p ON p.oid = t.tgfoid
@@ -280,7 +281,11 @@ BEGIN
     END IF;
     -- In place only if the function is this table's alone, and its role's:
     -- after a dump and restore two tables' triggers may call one function,
-    -- and a capture V5 made is owned by the shared outbox_capture.
+    -- and a capture V5 made is owned by the shared outbox_capture. (The
+    -- triggers a partitioned table's trigger clones onto its partitions,
+    -- tgparentid <> 0, are its own: V5 took them for another table's, so
+    -- capturing a partitioned table again was never "in place" and left
+    -- its old function behind.)
     IF had_one AND existing.comment = options::text AND NOT existing.shared
        AND existing.owner = fn_owner THEN
         RETURN false;
@@ -288,7 +293,7 @@ BEGIN
     -- Never replace a function another table's trigger calls.
     WHILE EXISTS (SELECT 1 FROM pg_proc p JOIN pg_trigger o ON o.tgfoid = p.oid
                   WHERE p.pronamespace = 'outbox'::regnamespace AND p.proname = fn_name
-                    AND o.tgrelid <> source) LOOP
+                    AND o.tgrelid <> source AND o.tgparentid = 0) LOOP
         n := n + 1;
         fn_name := 'capture_' || source::oid || '_' || n;
     END LOOP;
@@ -400,10 +405,11 @@ BEGIN
         FROM pg_trigger tr
         JOIN pg_proc p ON p.oid = tr.tgfoid
         JOIN pg_namespace n ON n.oid = p.pronamespace
-        WHERE tr.tgname = 'outbox_capture' AND NOT tr.tgisinternal
+        WHERE tr.tgname = 'outbox_capture' AND NOT tr.tgisinternal AND tr.tgparentid = 0
           AND n.nspname = 'outbox' AND p.proname ~ '^capture_[0-9]+(_[0-9]+)?$'
           AND NOT EXISTS (SELECT 1 FROM pg_trigger o
-                          WHERE o.tgfoid = tr.tgfoid AND o.tgrelid <> tr.tgrelid)
+                          WHERE o.tgfoid = tr.tgfoid AND o.tgrelid <> tr.tgrelid
+                            AND o.tgparentid = 0)
     LOOP
         BEGIN
             fn_owner := outbox.capture_owner(t.source);
@@ -424,6 +430,26 @@ BEGIN
     END IF;
 END
 $$;
+
+-- What is captured, read from the triggers themselves: V5's columns, but
+-- a partitioned table once, not once more per partition.
+CREATE OR REPLACE VIEW outbox.captures AS
+SELECT format('%I.%I', tn.nspname, c.relname) AS source,
+       o ->> 'exchange' AS exchange,
+       o ->> 'routing_key' AS routing_key,
+       o ->> 'ordering_key' AS ordering_key,
+       ARRAY(SELECT jsonb_array_elements_text(o -> 'operations')) AS operations,
+       CASE WHEN jsonb_typeof(o -> 'columns') = 'array'
+            THEN ARRAY(SELECT jsonb_array_elements_text(o -> 'columns')) END AS columns,
+       t.tgenabled <> 'D' AS enabled
+FROM pg_trigger t
+JOIN pg_class c ON c.oid = t.tgrelid
+JOIN pg_namespace tn ON tn.oid = c.relnamespace
+JOIN pg_proc p ON p.oid = t.tgfoid
+JOIN pg_namespace pn ON pn.oid = p.pronamespace
+CROSS JOIN LATERAL (SELECT obj_description(p.oid, 'pg_proc')::jsonb AS o) AS options
+WHERE t.tgname = 'outbox_capture' AND NOT t.tgisinternal AND t.tgparentid = 0
+  AND pn.nspname = 'outbox' AND p.proname ~ '^capture_[0-9]+(_[0-9]+)?$';
 
 -- outbox_capture (V5) keeps rights here only while it owns a capture.
 DO $$
