@@ -9,8 +9,11 @@
 CREATE ROLE orders LOGIN PASSWORD 'orders';
 -- The relay: schema `outbox` only, granted by outbox.grant_relay().
 CREATE ROLE outbox_relay LOGIN PASSWORD 'outbox_relay';
--- Owns the functions outbox.capture generates (INSERT into outbox.messages
--- only, sql/outbox/V5); `orders` hands them to it.
+-- V5 had it own the functions outbox.capture generates; since V7 each
+-- captured table has a role of its own (outbox_capture_<db oid>_<table
+-- oid>), which `orders` cannot create (no CREATEROLE): the stack captures
+-- nothing, and `capture` prints the CREATE ROLE and GRANT to run here
+-- as the superuser if you add one (README "Capture").
 CREATE ROLE outbox_capture NOLOGIN;
 GRANT outbox_capture TO orders;
 -- Owns schema `dispatch`: runs `dispatch migrate` and nothing else.

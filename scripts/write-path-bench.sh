@@ -117,9 +117,23 @@ tps_from_log() { # pgbench log -> tps as a whole number
 # ---------------------------------------------------------------- set-up
 
 create_database() {
+  # A capture makes a role per captured table, named after the database's
+  # oid (sql/outbox/V7): roles outlive the database, so drop the last run's.
+  local old_oid
+  old_oid=$(psql -X -q -At -d postgres -c "SELECT oid FROM pg_database WHERE datname = '$DB'")
   psql -X -q -v ON_ERROR_STOP=1 -d postgres \
     -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" \
     -c "CREATE DATABASE $DB"
+  if [[ -n $old_oid ]]; then
+    psql -X -q -v ON_ERROR_STOP=1 -d postgres -c "DO \$\$
+      DECLARE r text;
+      BEGIN
+        FOR r IN SELECT rolname FROM pg_roles
+                 WHERE rolname LIKE 'outbox\_capture\_${old_oid}\_%' LOOP
+          EXECUTE format('DROP ROLE %I', r);
+        END LOOP;
+      END \$\$"
+  fi
   local migration
   for migration in $(printf '%s\n' sql/outbox/V*__*.sql | sort -V); do
     psql -X -q -v ON_ERROR_STOP=1 -d "$DB" -f "$migration" >/dev/null

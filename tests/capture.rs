@@ -424,7 +424,7 @@ async fn the_apps_own_role_needs_no_rights_on_the_outbox() {
 
 /// The generated function runs with rights of its own: a table owner's
 /// cast (run when the trigger turns a column into text) must not run as
-/// the outbox's owner.
+/// the outbox's owner, but as a role of the table's own.
 #[tokio::test]
 async fn a_table_owners_cast_runs_without_the_outbox_owners_rights() {
     let owner = TestRole::create("capture_owner").await;
@@ -458,7 +458,18 @@ async fn a_table_owners_cast_runs_without_the_outbox_owners_rights() {
         .await
         .expect("the message")
         .get(0);
-    assert_eq!(ran_as, "outbox_capture", "the cast ran as {ran_as}");
+    // The table's own role (V7), not the outbox owner, nor one shared by
+    // every captured table (V5's outbox_capture).
+    let table_role: String = admin
+        .query_one(
+            "SELECT format('outbox_capture_%s_%s', d.oid, 'shop.items'::regclass::oid) \
+             FROM pg_database d WHERE d.datname = current_database()",
+            &[],
+        )
+        .await
+        .expect("the table's role")
+        .get(0);
+    assert_eq!(ran_as, table_role, "the cast ran as {ran_as}");
 }
 
 #[tokio::test]
@@ -579,4 +590,262 @@ async fn a_capture_never_rewrites_another_tables_function() {
         "public.a",
         "a's still there"
     );
+}
+
+/// `owner` (a role of its own) makes schema `schema` with a table
+/// `schema.items (id int, tag schema.tag)` whose `tag` turns into text by
+/// a cast of the owner's, so the owner's code runs inside the generated
+/// function; the admin captures the table with the tag as routing key.
+/// `body` is that code: PL/pgSQL returning text, which becomes the routing
+/// key of the captured message.
+async fn hostile_table(admin: &Client, owner: &TestRole, db: &TestDb, schema: &str, body: &str) {
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema} AUTHORIZATION {}",
+            owner.name
+        ))
+        .await
+        .expect("the owner's schema");
+    connect(&owner.url(db))
+        .await
+        .batch_execute(&format!(
+            "CREATE TYPE {schema}.tag AS (v int); \
+             CREATE FUNCTION {schema}.tag_text({schema}.tag) RETURNS text LANGUAGE plpgsql \
+             AS $body$ {body} $body$; \
+             CREATE CAST ({schema}.tag AS text) WITH FUNCTION {schema}.tag_text({schema}.tag); \
+             CREATE TABLE {schema}.items (id int, tag {schema}.tag)"
+        ))
+        .await
+        .expect("a type with a cast of the owner's");
+    admin
+        .batch_execute(&format!(
+            "SELECT outbox.capture('{schema}.items', 'shop', routing_key => '{{tag}}')"
+        ))
+        .await
+        .expect("capture");
+}
+
+/// Code a table owner slips into its capture (a cast run inside the
+/// generated function) runs with that function's owner's rights. Those
+/// must not reach another table's capture: with one owner for every
+/// capture function it could ALTER or DROP ... CASCADE them all.
+#[tokio::test]
+async fn a_table_owners_cast_cannot_touch_another_tables_capture() {
+    let owner_a = TestRole::create("capture_a").await;
+    let owner_b = TestRole::create("capture_b").await;
+    let db = TestDb::with_outbox().await;
+    let admin = db.connect().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA shop_b AUTHORIZATION {0}; \
+             CREATE TABLE shop_b.items (id int); ALTER TABLE shop_b.items OWNER TO {0}; \
+             SELECT outbox.capture('shop_b.items', 'shop')",
+            owner_b.name
+        ))
+        .await
+        .expect("b's captured table");
+    let fb = capture_function(&admin, "shop_b.items").await;
+    let attack = format!(
+        "DECLARE verdict text := ''; \
+         BEGIN \
+             BEGIN ALTER FUNCTION {fb}() SECURITY INVOKER; verdict := verdict || 'altered '; \
+             EXCEPTION WHEN OTHERS THEN verdict := verdict || 'alter ' || SQLSTATE || ' '; END; \
+             BEGIN COMMENT ON FUNCTION {fb}() IS 'mine'; verdict := verdict || 'commented '; \
+             EXCEPTION WHEN OTHERS THEN verdict := verdict || 'comment ' || SQLSTATE || ' '; END; \
+             BEGIN DROP FUNCTION {fb}() CASCADE; verdict := verdict || 'dropped'; \
+             EXCEPTION WHEN OTHERS THEN verdict := verdict || 'drop ' || SQLSTATE; END; \
+             RETURN verdict; \
+         END"
+    );
+    hostile_table(&admin, &owner_a, &db, "shop_a", &attack).await;
+
+    connect(&owner_a.url(&db))
+        .await
+        .batch_execute("INSERT INTO shop_a.items VALUES (1, ROW(1))")
+        .await
+        .expect("a's write");
+    let verdict: String = admin
+        .query_one("SELECT routing_key FROM outbox.messages", &[])
+        .await
+        .expect("a's message")
+        .get(0);
+    assert_eq!(verdict, "alter 42501 comment 42501 drop 42501");
+    assert_eq!(capture_function(&admin, "shop_b.items").await, fb);
+    let listed: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM outbox.captures WHERE source = 'shop_b.items'",
+            &[],
+        )
+        .await
+        .expect("captures")
+        .get(0);
+    assert_eq!(listed, 1, "b is still listed");
+    assert_eq!(
+        captured_as(&admin, "shop_b.items").await,
+        "shop_b.items",
+        "b's writes are still captured"
+    );
+}
+
+/// The capture path cannot set delivery state either: code running as
+/// the capture function's owner may insert a message, as the captured
+/// write does, but not one already published, dead or leased.
+#[tokio::test]
+async fn a_table_owners_cast_cannot_insert_delivery_state() {
+    let owner = TestRole::create("capture_state").await;
+    let db = TestDb::with_outbox().await;
+    let admin = db.connect().await;
+    let attack = "DECLARE verdict text := ''; col text; \
+         BEGIN \
+             FOREACH col IN ARRAY '{published_at,dead_at,locked_until,next_attempt_at,replayed_at,created_at}'::text[] LOOP \
+                 BEGIN \
+                     EXECUTE format('INSERT INTO outbox.messages (exchange, payload, ordering_key, %I) \
+                                     VALUES (''x'', '''', ''k'', ''infinity'')', col); \
+                     verdict := verdict || col || ' '; \
+                 EXCEPTION WHEN insufficient_privilege THEN NULL; END; \
+             END LOOP; \
+             INSERT INTO outbox.messages (exchange, payload) VALUES ('x', 'plain'); \
+             RETURN 'set: ' || verdict; \
+         END";
+    hostile_table(&admin, &owner, &db, "shop", attack).await;
+    connect(&owner.url(&db))
+        .await
+        .batch_execute("INSERT INTO shop.items VALUES (1, ROW(1))")
+        .await
+        .expect("the owner's write");
+    let verdict: String = admin
+        .query_one(
+            "SELECT routing_key FROM outbox.messages WHERE exchange = 'shop'",
+            &[],
+        )
+        .await
+        .expect("the captured message")
+        .get(0);
+    assert_eq!(verdict, "set: ", "the capture path set delivery state");
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM outbox.messages", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rows, 2, "the captured message and the cast's plain one");
+}
+
+/// An outbox owner without CREATEROLE cannot make the table's role: capture
+/// says in one line what an admin runs, and works once the admin did.
+#[tokio::test]
+async fn capture_without_createrole_says_what_an_admin_runs() {
+    let owner = TestRole::create("capture_plain").await;
+    let db = TestDb::empty().await;
+    let admin = db.connect().await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} OWNER TO {}",
+            db.name, owner.name
+        ))
+        .await
+        .expect("the owner's database");
+    let mut as_owner = connect(&owner.url(&db)).await;
+    outbox::migrate(&mut as_owner)
+        .await
+        .expect("migrate as the owner");
+    create_orders(&as_owner).await;
+
+    let output = capture_cli(&owner.url(&db), &["add", "orders", "--exchange", "shop"]).await;
+    assert_fails_in_one_line(&output, "which role");
+    let role = output
+        .stderr
+        .split("CREATE ROLE ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the role to create")
+        .to_string();
+    assert!(role.starts_with("outbox_capture_"), "{}", output.stderr);
+    assert!(
+        output
+            .stderr
+            .contains(&format!("GRANT {role} TO {}", owner.name)),
+        "{}",
+        output.stderr
+    );
+
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} NOLOGIN; GRANT {role} TO {}",
+            owner.name
+        ))
+        .await
+        .expect("the admin's step");
+    capture_cli(&owner.url(&db), &["add", "orders", "--exchange", "shop"])
+        .await
+        .expect_code(0);
+    as_owner
+        .batch_execute("INSERT INTO orders VALUES (1, 'zhang', 'noodles', 1)")
+        .await
+        .expect("a captured write");
+    let ran_as: String = admin
+        .query_one(
+            "SELECT p.proowner::regrole::text FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \
+             WHERE t.tgrelid = 'orders'::regclass",
+            &[],
+        )
+        .await
+        .expect("the function's owner")
+        .get(0);
+    assert_eq!(ran_as, role);
+    capture_cli(&owner.url(&db), &["remove", "orders"])
+        .await
+        .expect_code(0);
+}
+
+/// A partitioned table's trigger is cloned onto its partitions, all
+/// calling one function: that is one capture, not a function shared with
+/// other tables. Capturing it again changes nothing, changing it leaves one
+/// function, owned by the table's role, and it is listed once.
+#[tokio::test]
+async fn a_partitioned_table_is_one_capture_with_one_function() {
+    let db = TestDb::with_outbox().await;
+    let client = db.connect().await;
+    client
+        .batch_execute(
+            "CREATE TABLE p (id int) PARTITION BY RANGE (id); \
+             CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (100); \
+             CREATE TABLE p2 PARTITION OF p FOR VALUES FROM (100) TO (200)",
+        )
+        .await
+        .expect("a partitioned table");
+    let capture = |routing_key: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query_one("SELECT outbox.capture('p', 'shop', $1)", &[&routing_key])
+                .await
+                .expect("capture")
+                .get::<_, bool>(0)
+        }
+    };
+    assert!(capture("{op}").await);
+    assert!(!capture("{op}").await, "the same capture again");
+    assert!(capture("p.{op}").await, "another routing key");
+    let functions: Vec<String> = client
+        .query(
+            "SELECT p.proowner::regrole::text FROM pg_proc p \
+             WHERE p.pronamespace = 'outbox'::regnamespace AND p.proname ~ '^capture_[0-9]'",
+            &[],
+        )
+        .await
+        .expect("functions")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(functions.len(), 1, "{functions:?}");
+    assert!(functions[0].starts_with("outbox_capture_"), "{functions:?}");
+    let listed: Vec<String> = client
+        .query("SELECT source FROM outbox.captures", &[])
+        .await
+        .expect("captures")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(listed, ["public.p"]);
+    assert_eq!(captured_as(&client, "p").await, "public.p");
 }

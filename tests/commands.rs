@@ -444,3 +444,65 @@ async fn replayed_rows_count_their_lag_from_the_replay() {
         "outbox.pending's age counts from the replay"
     );
 }
+
+/// `enqueue_bytes` takes any bytes with any content type, so a dead letter
+/// may claim to be JSON and not be UTF-8 at all: the view, `dead list` and
+/// `dead show` must still show it (the payload as text only when it is
+/// text), and `status` and `outbox.pending` keep working beside it.
+#[tokio::test]
+async fn a_dead_letter_that_is_not_utf8_is_listed_and_shown() {
+    let db = TestDb::with_outbox().await;
+    let client = db.connect().await;
+    let ids: Vec<Uuid> = client
+        .query(
+            "SELECT outbox.enqueue_bytes('shop', 'rk', p, 'application/json') \
+             FROM unnest(ARRAY['\\xff00fe'::bytea, convert_to('{\"ok\": 1}', 'UTF8')]) AS p",
+            &[],
+        )
+        .await
+        .expect("enqueue")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    client
+        .batch_execute(
+            "UPDATE outbox.messages SET dead_at = now(), attempts = 5, last_error = 'nack'; \
+             SELECT outbox.enqueue('shop', 'rk', '{}')",
+        )
+        .await
+        .expect("dead, and one pending");
+
+    let rows = client
+        .query(
+            "SELECT message_id, payload_text FROM outbox.dead_letters ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("SELECT * FROM outbox.dead_letters");
+    let texts: Vec<(Uuid, Option<String>)> =
+        rows.iter().map(|row| (row.get(0), row.get(1))).collect();
+    assert_eq!(
+        texts,
+        vec![(ids[0], None), (ids[1], Some("{\"ok\": 1}".into()))]
+    );
+    client
+        .batch_execute("SELECT * FROM outbox.dead_letters; SELECT * FROM outbox.pending")
+        .await
+        .expect("both views, every column");
+
+    let out = relay_command(&db.url, &["dead", "list", "--json"]).await;
+    assert_eq!(out.expect_code(0).lines().count(), 2, "{out:#?}");
+    let out = relay_command(&db.url, &["dead", "show", &ids[0].to_string(), "--json"]).await;
+    let shown: Value = serde_json::from_str(out.expect_code(0)).expect("show json");
+    assert_eq!(shown["payload_bytes"], 3);
+    assert_eq!(shown["payload_text"], Value::Null);
+    let out = relay_command(&db.url, &["dead", "show", &ids[0].to_string()]).await;
+    assert!(
+        out.expect_code(0).contains("3 bytes, not UTF-8"),
+        "{out:#?}"
+    );
+    let out = relay_command(&db.url, &["status", "--json"]).await;
+    let status: Value = serde_json::from_str(out.expect_code(0)).expect("json");
+    assert_eq!(status["dead"], 2, "{status}");
+    assert_eq!(status["pending"], 1, "{status}");
+}

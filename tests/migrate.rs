@@ -172,3 +172,110 @@ async fn relay_migrate_reports_bad_input_in_one_line() {
         .await
         .expect("drop role");
 }
+
+/// An install from before V7 (psql, files up to V6) with a writer granted
+/// by V3's grant_writer and a table captured under V5's shared
+/// outbox_capture: `outbox-relay migrate` leaves the writer unable to set
+/// delivery state and the capture owned by a role of its table's own,
+/// and both keep working.
+#[tokio::test]
+async fn migrate_makes_writers_and_captures_of_older_installs_safe() {
+    if Command::new("psql").arg("--version").output().is_err() {
+        eprintln!("psql not installed: skipping");
+        return;
+    }
+    let writer_role = TestRole::create("writer").await;
+    let db = TestDb::empty().await;
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../sql/outbox");
+    for migration in outbox_migrations() {
+        if migration.as_str() >= "V7" {
+            break;
+        }
+        let sql = format!("{dir}/{migration}.sql");
+        let status = Command::new("psql")
+            .args([&db.url, "-q", "-v", "ON_ERROR_STOP=1", "-f", &sql])
+            .status()
+            .expect("run psql");
+        assert!(status.success(), "psql -f {sql} failed");
+    }
+    let owner = db.connect().await;
+    owner
+        .batch_execute(&format!(
+            "SELECT outbox.grant_writer('{}'); CREATE TABLE orders (id int); \
+             SELECT outbox.capture('orders', 'shop', ordering_key => '{{id}}')",
+            writer_role.name
+        ))
+        .await
+        .expect("a writer and a capture as V6 made them");
+    let function_owner = "SELECT p.proowner::regrole::text FROM pg_trigger t \
+         JOIN pg_proc p ON p.oid = t.tgfoid WHERE t.tgrelid = 'orders'::regclass";
+    let before: String = owner
+        .query_one(function_owner, &[])
+        .await
+        .expect("owner")
+        .get(0);
+    assert_eq!(before, "outbox_capture");
+
+    let migrated = relay_migrate(&db.url);
+    assert!(migrated.status.success(), "{migrated:?}");
+
+    let writer = connect(&writer_role.url(&db)).await;
+    let error = writer
+        .batch_execute(
+            "INSERT INTO outbox.messages (exchange, payload, published_at) VALUES ('x', '', now())",
+        )
+        .await
+        .expect_err("a writer sets published_at after migrate");
+    assert_eq!(error.code().map(|c| c.code()), Some("42501"), "{error}");
+    writer
+        .batch_execute(
+            "SELECT outbox.enqueue('x', '', '{}'); SELECT outbox.enqueue('x', '', '{}', '{}', 'k')",
+        )
+        .await
+        .expect("the writer still enqueues");
+
+    let after: String = owner
+        .query_one(function_owner, &[])
+        .await
+        .expect("owner")
+        .get(0);
+    assert!(
+        after.starts_with("outbox_capture_"),
+        "the capture still runs as {after}"
+    );
+    let shared_insert: bool = owner
+        .query_one(
+            "SELECT has_table_privilege('outbox_capture', 'outbox.messages', 'INSERT')",
+            &[],
+        )
+        .await
+        .expect("privilege")
+        .get(0);
+    assert!(!shared_insert, "outbox_capture keeps table-level INSERT");
+    owner
+        .batch_execute("INSERT INTO orders VALUES (1)")
+        .await
+        .expect("a captured write");
+    let captured: i64 = owner
+        .query_one(
+            "SELECT count(*) FROM outbox.messages WHERE headers ->> 'table' = 'public.orders'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(captured, 1, "the capture still captures");
+    owner
+        .batch_execute("SELECT outbox.capture_remove('orders')")
+        .await
+        .expect("remove");
+    let left: i64 = owner
+        .query_one(
+            "SELECT count(*) FROM pg_roles WHERE rolname = $1",
+            &[&after],
+        )
+        .await
+        .expect("roles")
+        .get(0);
+    assert_eq!(left, 0, "capture_remove drops the table's role");
+}

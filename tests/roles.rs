@@ -137,3 +137,102 @@ async fn dispatch_consumes_under_its_role_and_is_refused_anything_else() {
         refused(&as_consumer, sql).await;
     }
 }
+
+/// Delivery state belongs to the relay: a role under `grant_writer` may
+/// enqueue, but may not insert a row already published, dead, leased,
+/// retried or dated (a keyed row leased forever or dead blocks the app's
+/// later messages of that key), whether by INSERT, COPY or the functions.
+#[tokio::test]
+async fn a_writer_cannot_set_delivery_state_on_any_path() {
+    let writer_role = TestRole::create("writer").await;
+    let db = TestDb::with_outbox().await;
+    db.connect()
+        .await
+        .batch_execute(&format!(
+            "SELECT outbox.grant_writer('{}')",
+            writer_role.name
+        ))
+        .await
+        .expect("grant");
+    let writer = connect(&writer_role.url(&db)).await;
+
+    for (column, value) in [
+        ("published_at", "now()"),
+        ("dead_at", "now()"),
+        ("locked_by", "'me'"),
+        ("locked_until", "'infinity'"),
+        ("attempts", "99"),
+        ("next_attempt_at", "'infinity'"),
+        ("last_error", "'x'"),
+        ("replayed_at", "now()"),
+        ("created_at", "'2000-01-01'"),
+    ] {
+        refused(
+            &writer,
+            &format!(
+                "INSERT INTO outbox.messages (exchange, payload, ordering_key, {column}) \
+                 VALUES ('x', '', 'k', {value})"
+            ),
+        )
+        .await;
+    }
+    refused(
+        &writer,
+        "INSERT INTO outbox.messages (id, exchange, payload) OVERRIDING SYSTEM VALUE \
+         VALUES (1, 'x', '')",
+    )
+    .await;
+    for copy in [
+        "COPY outbox.messages FROM STDIN",
+        "COPY outbox.messages (exchange, payload, dead_at) FROM STDIN",
+    ] {
+        // A connection each: a refused COPY leaves tokio-postgres out of step.
+        let error = connect(&writer_role.url(&db))
+            .await
+            .copy_in::<_, &[u8]>(copy)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("`{copy}` was allowed"));
+        assert_eq!(
+            error.code().map(|c| c.code()),
+            Some("42501"),
+            "{copy}: {error}"
+        );
+    }
+
+    // What an app sets is still its own, on every path: the enqueue
+    // functions, INSERT (with an idempotency message_id) and COPY.
+    writer
+        .batch_execute(
+            "SELECT outbox.enqueue('x', 'rk', '{\"a\": 1}', ordering_key => 'k'); \
+             SELECT outbox.enqueue_bytes('x', 'rk', '\\xff'::bytea, 'application/octet-stream'); \
+             INSERT INTO outbox.messages \
+                 (message_id, exchange, routing_key, payload, content_type, headers, ordering_key) \
+             VALUES ('6d3c7a4e-0d7f-4c55-9f43-8b0f0a6c1e01', 'x', 'rk', '', 'text/plain', \
+                     '{\"h\": 1}', 'k') \
+             ON CONFLICT (message_id) DO NOTHING",
+        )
+        .await
+        .expect("enqueue as writer");
+    let sink = writer
+        .copy_in::<_, &[u8]>("COPY outbox.messages (exchange, payload, ordering_key) FROM STDIN")
+        .await
+        .expect("COPY the app's columns");
+    futures::pin_mut!(sink);
+    futures::SinkExt::send(&mut sink, &b"x\t\\\\x00\tk\n"[..])
+        .await
+        .expect("copy row");
+    assert_eq!(sink.finish().await.expect("copy done"), 1);
+    let fresh: i64 = db
+        .connect()
+        .await
+        .query_one(
+            "SELECT count(*) FROM outbox.messages WHERE attempts = 0 AND published_at IS NULL \
+             AND dead_at IS NULL AND locked_until IS NULL AND replayed_at IS NULL",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(fresh, 4, "every row the writer made is fresh and pending");
+}

@@ -102,10 +102,30 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        cleanup(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ));
+        let name = self.name.clone();
+        run_in_thread(async move {
+            let admin = connect(&admin_url()).await;
+            // Capture made a role per captured table (`outbox_capture_<database
+            // oid>_<table oid>`): roles belong to the cluster, so drop this
+            // database's once the database is gone.
+            let roles: Vec<String> = admin
+                .query(
+                    "SELECT quote_ident(r.rolname) FROM pg_roles r, pg_database d \
+                     WHERE d.datname = $1 AND r.rolname LIKE 'outbox\\_capture\\_' || d.oid || '\\_%'",
+                    &[&name],
+                )
+                .await
+                .map(|rows| rows.iter().map(|row| row.get(0)).collect())
+                .unwrap_or_default();
+            let _ = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
+            for role in roles {
+                let _ = admin
+                    .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
+                    .await;
+            }
+        });
     }
 }
 
@@ -146,15 +166,20 @@ impl Drop for TestRole {
 /// outside async code; a short-lived thread with its own runtime does the
 /// cleanup without blocking the test's runtime.
 pub fn cleanup(sql: String) {
+    run_in_thread(async move {
+        let admin = connect(&admin_url()).await;
+        let _ = admin.batch_execute(&sql).await;
+    });
+}
+
+/// Runs `work` to completion on a short-lived thread with its own runtime.
+fn run_in_thread(work: impl std::future::Future<Output = ()> + Send + 'static) {
     let cleanup = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
-        runtime.block_on(async {
-            let admin = connect(&admin_url()).await;
-            let _ = admin.batch_execute(&sql).await;
-        });
+        runtime.block_on(work);
     });
     let _ = cleanup.join();
 }
