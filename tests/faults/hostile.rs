@@ -646,3 +646,68 @@ async fn faults_an_outcome_the_database_refuses_stalls_no_other_row() {
     .await;
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn faults_a_relay_whose_lease_expired_cannot_settle_rows_taken_over() {
+    use outbox_relay::store::{Retried, Store};
+    let db = TestDb::with_outbox().await;
+    let client = db.connect().await;
+    enqueue(&client, "anywhere", "{}", None).await;
+    let target = outbox_relay::db::parse_url(&db.url, None).expect("url");
+    let late = Store::connect(&target, "late").await.expect("store");
+    let current = Store::connect(&target, "current").await.expect("store");
+    let lease = Duration::from_millis(200);
+    let stale = late
+        .claim(10, u64::MAX, lease, true)
+        .await
+        .expect("claim")
+        .rows;
+    assert_eq!(stale.len(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let taken = current
+        .claim(10, u64::MAX, Duration::from_secs(30), true)
+        .await
+        .expect("claim")
+        .rows;
+    assert_eq!(taken.len(), 1, "the expired lease is taken over");
+    // The late relay's release, failure and mark change nothing now.
+    let stale_row = &stale[0];
+    let held = [(stale_row.id, stale_row.lease.clone())];
+    late.release(&held).await.expect("release");
+    let retried = late
+        .retry(stale_row, "late failure", Duration::ZERO, 1)
+        .await
+        .expect("retry");
+    assert_eq!(retried, Retried::Gone);
+    late.mark_published(&held, false).await.expect("mark");
+    let row = client
+        .query_one(
+            "SELECT locked_by, attempts, dead_at IS NULL, published_at IS NULL FROM outbox.messages",
+            &[],
+        )
+        .await
+        .expect("row");
+    assert_eq!(
+        row.get::<_, Option<String>>(0),
+        Some(taken[0].lease.clone())
+    );
+    assert_eq!(
+        row.get::<_, i32>(1),
+        0,
+        "no attempt counted by the late relay"
+    );
+    assert!(row.get::<_, bool>(2) && row.get::<_, bool>(3));
+    // The current holder's mark applies.
+    current
+        .mark_published(&[(taken[0].id, taken[0].lease.clone())], false)
+        .await
+        .expect("mark");
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.messages WHERE published_at IS NOT NULL"
+        )
+        .await,
+        1
+    );
+}
