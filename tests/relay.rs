@@ -583,6 +583,23 @@ fn bad_configuration_exits_non_zero_with_one_clear_line() {
             vec![("OUTBOX_DATABASE_URL", "postgres://app:s3cret@h:port/x")],
             "PostgreSQL URL",
         ),
+        // A password with `/`, `?` or `@` unescaped, or a URL without `//`
+        // (which lapin's parser quotes whole).
+        (
+            vec![],
+            vec![("OUTBOX_AMQP_URL", "amqp://guest:s3cret/x@host/%2f")],
+            "invalid AMQP URL",
+        ),
+        (
+            vec![],
+            vec![("OUTBOX_AMQP_URL", "amqps://guest:s3cret?@host:99999/")],
+            "invalid AMQP URL",
+        ),
+        (
+            vec![],
+            vec![("OUTBOX_AMQP_URL", "amqp:guest:s3cret@host")],
+            "invalid AMQP URL",
+        ),
         (vec![], vec![("OUTBOX_MODE", "push")], "OUTBOX_MODE must be"),
         (
             vec!["--config", &config_arg],

@@ -143,7 +143,7 @@ impl Settings {
     pub fn validate(self) -> anyhow::Result<Config> {
         self.database()?;
         let amqp_url = self.amqp_url.unwrap_or_else(|| DEFAULT_AMQP_URL.into());
-        outbox_relay::amqp::check_url(&amqp_url)?;
+        outbox_relay::secrets::check_amqp_url(&amqp_url)?;
         let queue = name("DISPATCH_QUEUE", self.queue, DEFAULT_QUEUE)?;
         let defaults = Topology::named(DEFAULT_EXCHANGE, &queue);
         let topology = Topology {

@@ -322,7 +322,7 @@ impl Settings {
             );
         }
         crate::db::parse_url(&config.database_url, config.database_ca_file.as_deref())?;
-        crate::amqp::check_url(&config.amqp_url)?;
+        crate::secrets::check_amqp_url(&config.amqp_url)?;
         Ok(config)
     }
 }

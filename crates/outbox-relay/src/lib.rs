@@ -18,6 +18,7 @@ pub mod meters;
 pub mod migrate;
 pub mod pg_tls;
 pub mod relay;
+pub mod secrets;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
