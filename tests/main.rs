@@ -12,5 +12,6 @@ mod migrate;
 mod orders;
 mod relay;
 mod roles;
+mod secrets;
 mod telemetry;
 mod wake;
