@@ -141,7 +141,15 @@ impl Settings {
     }
 
     pub fn validate(self) -> anyhow::Result<Config> {
-        self.database()?;
+        let database = self.database()?;
+        let ca_file = self.database_ca_file.as_deref();
+        if let Some(line) = outbox_relay::pg_tls::unverified_warning(
+            database.ssl_mode,
+            ca_file,
+            "DISPATCH_DATABASE_CA_FILE",
+        ) {
+            tracing::warn!("{line}");
+        }
         let amqp_url = self.amqp_url.unwrap_or_else(|| DEFAULT_AMQP_URL.into());
         outbox_relay::secrets::check_amqp_url(&amqp_url)?;
         let queue = name("DISPATCH_QUEUE", self.queue, DEFAULT_QUEUE)?;

@@ -321,7 +321,14 @@ impl Settings {
                 "OUTBOX_LEASE_MS must be more than 1000: a lease shorter than a publish round trip lets relays steal each other's rows"
             );
         }
-        crate::db::parse_url(&config.database_url, config.database_ca_file.as_deref())?;
+        let target =
+            crate::db::parse_url(&config.database_url, config.database_ca_file.as_deref())?;
+        let ca_file = config.database_ca_file.as_deref();
+        if let Some(line) =
+            crate::pg_tls::unverified_warning(target.ssl_mode, ca_file, "OUTBOX_DATABASE_CA_FILE")
+        {
+            tracing::warn!("{line}");
+        }
         crate::secrets::check_amqp_url(&config.amqp_url)?;
         Ok(config)
     }

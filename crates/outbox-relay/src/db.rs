@@ -20,6 +20,8 @@ use crate::secrets::scrub;
 pub struct PgTarget {
     pub config: Config,
     pub tls: MakeRustlsConnect,
+    /// The `sslmode` asked for, stronger than `config`'s (see `pg_tls`).
+    pub ssl_mode: pg_tls::SslMode,
 }
 
 impl PgTarget {
@@ -47,7 +49,11 @@ pub fn parse_url(url: &str, ca_file: Option<&Path>) -> anyhow::Result<PgTarget> 
         config.application_name("outbox-relay");
     }
     let tls = pg_tls::connector(mode, ca_file).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(PgTarget { config, tls })
+    Ok(PgTarget {
+        config,
+        tls,
+        ssl_mode: mode,
+    })
 }
 
 /// Opens one connection and drives it on a background task.
