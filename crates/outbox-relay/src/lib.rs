@@ -11,6 +11,7 @@ pub mod commands;
 pub mod config;
 pub mod db;
 pub mod endpoint;
+pub mod limits;
 pub mod listener;
 pub mod maintenance;
 pub mod marker;
