@@ -2,6 +2,7 @@
 //! Everything here talks to the real PostgreSQL and RabbitMQ; the harness
 //! (`harness/`) gives each test its own database and broker names.
 
+mod alerts;
 mod capture;
 mod commands;
 mod dispatch;
@@ -13,5 +14,6 @@ mod migrate;
 mod orders;
 mod relay;
 mod roles;
+mod secrets;
 mod telemetry;
 mod wake;

@@ -583,7 +583,50 @@ fn bad_configuration_exits_non_zero_with_one_clear_line() {
             vec![("OUTBOX_DATABASE_URL", "postgres://app:s3cret@h:port/x")],
             "PostgreSQL URL",
         ),
+        // A password with `/`, `?` or `@` unescaped, or a URL without `//`
+        // (which lapin's parser quotes whole).
+        (
+            vec![],
+            vec![("OUTBOX_AMQP_URL", "amqp://guest:s3cret/x@host/%2f")],
+            "invalid AMQP URL",
+        ),
+        (
+            vec![],
+            vec![("OUTBOX_AMQP_URL", "amqps://guest:s3cret?@host:99999/")],
+            "invalid AMQP URL",
+        ),
+        (
+            vec![],
+            vec![("OUTBOX_AMQP_URL", "amqp:guest:s3cret@host")],
+            "invalid AMQP URL",
+        ),
         (vec![], vec![("OUTBOX_MODE", "push")], "OUTBOX_MODE must be"),
+        // Upper bounds: refused at start, not by every claim afterwards.
+        (
+            vec![],
+            vec![("OUTBOX_LEASE_MS", "18446744073709551615")],
+            "OUTBOX_LEASE_MS must be at most 86400000",
+        ),
+        (
+            vec!["--retry-max-ms", "99999999999"],
+            vec![],
+            "OUTBOX_RETRY_MAX_MS must be at most",
+        ),
+        (
+            vec![],
+            vec![("OUTBOX_RETENTION", "100000000y")],
+            "OUTBOX_RETENTION must be at most",
+        ),
+        (
+            vec![],
+            vec![("OUTBOX_MAX_PAYLOAD_BYTES", "536870913")],
+            "OUTBOX_MAX_PAYLOAD_BYTES must be at most 536870912",
+        ),
+        (
+            vec![],
+            vec![("OUTBOX_CONFIRM_TIMEOUT_MS", "30000")],
+            "OUTBOX_CONFIRM_TIMEOUT_MS must be less than OUTBOX_LEASE_MS",
+        ),
         (
             vec!["--config", &config_arg],
             vec![],

@@ -203,6 +203,13 @@ fn faults_bad_configuration_is_refused_in_one_line() {
         (
             &[
                 ("DISPATCH_DATABASE_URL", db),
+                ("DISPATCH_RETRY_MAX_MS", b"18446744073709551615"),
+            ],
+            "retry delay beyond any queue TTL",
+        ),
+        (
+            &[
+                ("DISPATCH_DATABASE_URL", db),
                 ("DISPATCH_PREFETCH", b"70000"),
             ],
             "prefetch over u16",

@@ -34,6 +34,11 @@ impl Logged {
         Logged { child, lines }
     }
 
+    /// Every line so far, as written.
+    pub fn lines(&self) -> Vec<String> {
+        lock(&self.lines).clone()
+    }
+
     /// Every line so far; each must be one JSON object.
     pub fn json_lines(&self) -> Vec<Value> {
         lock(&self.lines)

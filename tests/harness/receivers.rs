@@ -32,6 +32,22 @@ pub async fn http_receiver() -> (String, mpsc::UnboundedReceiver<serde_json::Val
     (format!("http://127.0.0.1:{port}/hook"), rx)
 }
 
+/// Starts an HTTP receiver that reads each request and never answers (a
+/// hung webhook). Returns its URL and a channel that yields `()` per request.
+pub async fn hung_http_receiver() -> (String, mpsc::UnboundedReceiver<()>) {
+    let (listener, port) = bind().await;
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = tx.send(());
+            // Kept open and silent until the test ends.
+            held.push(stream);
+        }
+    });
+    (format!("http://127.0.0.1:{port}/hook"), rx)
+}
+
 /// Reads one request, answers `200 OK` and closes (so no keep-alive to
 /// handle), and returns the body.
 async fn read_http_request(stream: TcpStream) -> std::io::Result<Vec<u8>> {

@@ -19,7 +19,7 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
     DefaultConnectionBuilder,
 };
-use outbox_relay::db::redact;
+use outbox_relay::secrets::{redact, scrub};
 
 use crate::topology::Topology;
 
@@ -67,8 +67,13 @@ impl Broker {
             });
         let target = redact(url);
         let connection = match tokio::time::timeout(CONNECT_TIMEOUT, builder.connect()).await {
-            Ok(connected) => connected
-                .map_err(|e| anyhow::anyhow!("cannot connect to RabbitMQ at {target}: {e}"))?,
+            // lapin's error quotes a URL it cannot parse whole.
+            Ok(connected) => connected.map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot connect to RabbitMQ at {target}: {}",
+                    scrub(&e.to_string(), url)
+                )
+            })?,
             Err(_) => anyhow::bail!("cannot connect to RabbitMQ at {target}: timed out"),
         };
         let consuming = connection.create_channel().await?;

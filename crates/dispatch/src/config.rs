@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, CommandFactory};
 use outbox_relay::db::{PgTarget, parse_url};
+use outbox_relay::limits::{self, check};
 
 use crate::consumer::ConsumerConfig;
 use crate::deliveries::{Dispatcher, SlowOrder};
@@ -141,9 +142,17 @@ impl Settings {
     }
 
     pub fn validate(self) -> anyhow::Result<Config> {
-        self.database()?;
+        let database = self.database()?;
+        let ca_file = self.database_ca_file.as_deref();
+        if let Some(line) = outbox_relay::pg_tls::unverified_warning(
+            database.ssl_mode,
+            ca_file,
+            "DISPATCH_DATABASE_CA_FILE",
+        ) {
+            tracing::warn!("{line}");
+        }
         let amqp_url = self.amqp_url.unwrap_or_else(|| DEFAULT_AMQP_URL.into());
-        outbox_relay::amqp::check_url(&amqp_url)?;
+        outbox_relay::secrets::check_amqp_url(&amqp_url)?;
         let queue = name("DISPATCH_QUEUE", self.queue, DEFAULT_QUEUE)?;
         let defaults = Topology::named(DEFAULT_EXCHANGE, &queue);
         let topology = Topology {
@@ -169,8 +178,13 @@ impl Settings {
                 other => bail!("DISPATCH_QUEUE_TYPE must be `classic` or `quorum`, not `{other}`"),
             },
             expires: match self.queue_expires_ms {
-                Some(0) => bail!("DISPATCH_QUEUE_EXPIRES_MS must be at least 1"),
-                other => other.map(Duration::from_millis),
+                None => None,
+                some => Some(millis(
+                    "DISPATCH_QUEUE_EXPIRES_MS",
+                    some,
+                    Duration::ZERO,
+                    limits::QUEUE_EXPIRES_MS,
+                )?),
             },
             queue,
         };
@@ -178,20 +192,30 @@ impl Settings {
         let base = ConsumerConfig::new(&amqp_url, topology);
         let consumer = ConsumerConfig {
             prefetch: at_least_one("DISPATCH_PREFETCH", self.prefetch, base.prefetch)?,
-            max_deliveries: at_least_one(
+            max_deliveries: check(
                 "DISPATCH_MAX_DELIVERIES",
                 self.max_deliveries,
                 base.max_deliveries,
+                limits::MAX_DELIVERIES,
             )?,
             retry_base: millis(
                 "DISPATCH_RETRY_BASE_MS",
                 self.retry_base_ms,
                 base.retry_base,
+                limits::RETRY_MS,
             )?,
-            retry_max: millis("DISPATCH_RETRY_MAX_MS", self.retry_max_ms, base.retry_max)?,
-            shutdown_timeout: self
-                .shutdown_timeout_ms
-                .map_or(base.shutdown_timeout, Duration::from_millis),
+            retry_max: millis(
+                "DISPATCH_RETRY_MAX_MS",
+                self.retry_max_ms,
+                base.retry_max,
+                limits::RETRY_MS,
+            )?,
+            shutdown_timeout: millis(
+                "DISPATCH_SHUTDOWN_TIMEOUT_MS",
+                self.shutdown_timeout_ms,
+                base.shutdown_timeout,
+                limits::SHUTDOWN_TIMEOUT_MS,
+            )?,
             amqp_ca_file: self.amqp_ca_file,
             ..base
         };
@@ -216,7 +240,12 @@ impl Settings {
         let slow_order = match (self.slow_order_id, self.slow_order_ms) {
             (Some(order_id), ms) => Some(SlowOrder {
                 order_id,
-                delay: millis("DISPATCH_SLOW_ORDER_MS", ms, Duration::from_secs(3))?,
+                delay: millis(
+                    "DISPATCH_SLOW_ORDER_MS",
+                    ms,
+                    Duration::from_secs(3),
+                    limits::SLOW_ORDER_MS,
+                )?,
             }),
             (None, Some(_)) => bail!("DISPATCH_SLOW_ORDER_MS needs DISPATCH_SLOW_ORDER_ID"),
             (None, None) => None,
@@ -268,12 +297,15 @@ fn at_least_one<T: Default + PartialEq>(
     Ok(value)
 }
 
-fn millis(setting: &str, value: Option<u64>, default: Duration) -> anyhow::Result<Duration> {
-    match value {
-        None => Ok(default),
-        Some(0) => bail!("{setting} must be at least 1"),
-        Some(ms) => Ok(Duration::from_millis(ms)),
-    }
+/// `value` in milliseconds, or `default`; refused outside `range`.
+fn millis(
+    setting: &str,
+    value: Option<u64>,
+    default: Duration,
+    range: std::ops::RangeInclusive<u64>,
+) -> anyhow::Result<Duration> {
+    let default = u64::try_from(default.as_millis()).unwrap_or(u64::MAX);
+    limits::millis(setting, value, default, range)
 }
 
 #[cfg(test)]
@@ -379,6 +411,75 @@ mod tests {
         for (settings, expected) in cases {
             let error = settings.validate().expect_err(expected).to_string();
             assert!(error.contains(expected), "{expected}: {error}");
+        }
+    }
+
+    #[test]
+    fn every_numeric_setting_is_range_checked() {
+        type Bound = (&'static str, fn(&mut Settings, u64), u64, u64);
+        let bounds: [Bound; 6] = [
+            (
+                "DISPATCH_QUEUE_EXPIRES_MS",
+                |s, v| s.queue_expires_ms = Some(v),
+                1,
+                2_592_000_000,
+            ),
+            (
+                "DISPATCH_MAX_DELIVERIES",
+                |s, v| s.max_deliveries = Some(v as u32),
+                1,
+                10_000,
+            ),
+            (
+                "DISPATCH_RETRY_BASE_MS",
+                |s, v| s.retry_base_ms = Some(v),
+                1,
+                2_592_000_000,
+            ),
+            (
+                "DISPATCH_RETRY_MAX_MS",
+                |s, v| s.retry_max_ms = Some(v),
+                1,
+                2_592_000_000,
+            ),
+            (
+                "DISPATCH_SHUTDOWN_TIMEOUT_MS",
+                |s, v| s.shutdown_timeout_ms = Some(v),
+                0,
+                3_600_000,
+            ),
+            (
+                "DISPATCH_SLOW_ORDER_MS",
+                |s, v| s.slow_order_ms = Some(v),
+                1,
+                3_600_000,
+            ),
+        ];
+        for (name, set, min, max) in bounds {
+            let run = |value: u64| {
+                // Room for the setting's own bounds: base ≤ max, a slow order id.
+                let mut settings = Settings {
+                    retry_base_ms: Some(1),
+                    retry_max_ms: Some(2_592_000_000),
+                    slow_order_id: Some(1),
+                    ..base()
+                };
+                set(&mut settings, value);
+                settings.validate()
+            };
+            run(min).unwrap_or_else(|e| panic!("{name}={min}: {e}"));
+            run(max).unwrap_or_else(|e| panic!("{name}={max}: {e}"));
+            let mut refused = vec![max + 1, u64::MAX];
+            if min > 0 {
+                refused.push(min - 1);
+            }
+            for value in refused {
+                let error = run(value)
+                    .expect_err(&format!("{name}={value}"))
+                    .to_string();
+                assert!(error.starts_with(name), "{name}={value}: {error}");
+                assert!(error.contains("allowed:"), "{name}={value}: {error}");
+            }
         }
     }
 

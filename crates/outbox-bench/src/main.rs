@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 mod bridge;
 mod capture;
@@ -32,9 +34,13 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    // The relay's guard too: the bench's own lapin connections would print
+    // bodies and the broker login at `RUST_LOG=trace`.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .finish()
+        .with(outbox_relay::telemetry::guard())
         .init();
     match try_main(cli).await {
         Ok(code) => code,

@@ -2,26 +2,30 @@
 //!
 //! A message that runs out of attempts is never published again by itself,
 //! and a dead head can block the rest of its ordering key, so a person has to
-//! look. [`Alerter::send`] always writes an `error!` log line (the channel
-//! that cannot fail) and, when configured, also POSTs a JSON alert to a
-//! webhook and mails the operators.
+//! look. [`Alerter::raise`] queues a dead letter without waiting; the
+//! alerter's worker (see `queue`) coalesces what arrives together into one
+//! [`Summary`] and [`Alerter::send_summary`] escalates it: `error!` log
+//! lines (the channel that cannot fail) and, when configured, a JSON POST to
+//! a webhook and a mail to the operators.
 //!
-//! Webhook and mail are best effort: each is tried once per call, the two run
-//! side by side, and each gets 10 seconds. A failure is logged with
+//! Webhook and mail are best effort: each is tried once per alert, the two
+//! run side by side, and each gets 10 seconds. A failure is logged with
 //! `warn!` and reported in [`AlertOutcome`], never raised: an outage of the
-//! alerting path must not stop the relay. Retrying later is the caller's call.
+//! alerting path must not stop the relay.
 //!
 //! TLS for both channels is rustls with the ring provider, checked against
 //! the system's trust store. No error or log line here carries a password,
 //! nor a webhook URL's path (chat webhooks keep their token there).
 
-use std::sync::Arc;
+mod channels;
+mod queue;
+
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use lettre::message::{Mailbox, header::ContentType};
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-use reqwest::Url;
-use rustls_platform_verifier::BuilderVerifierExt;
+use channels::{Email, Webhook};
+use queue::Queue;
+pub use queue::{DEFAULT_INTERVAL, SAMPLE, Summary};
 
 /// How long one channel (webhook or mail) may take for one alert.
 const CHANNEL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -84,37 +88,33 @@ pub struct AlertOutcome {
     pub email_ok: Option<bool>,
 }
 
-/// Sends dead-letter alerts. Cheap to clone: clones share one HTTP client
-/// and one SMTP transport.
+/// Sends dead-letter alerts. Cheap to clone: clones share one HTTP client,
+/// one SMTP transport and one queue with its worker.
 #[derive(Clone)]
 pub struct Alerter {
     inner: Arc<Channels>,
+    raiser: Arc<Raiser>,
+}
+
+/// The queue's sending side. When the last alerter goes, so does this, and
+/// the worker sends what is left and ends.
+struct Raiser {
+    queue: Arc<Queue>,
+    interval: Duration,
+    /// Started on the first raise, inside the caller's runtime (and after
+    /// the metrics recorder is installed, which `new` may precede).
+    worker: OnceLock<()>,
+}
+
+impl Drop for Raiser {
+    fn drop(&mut self) {
+        self.queue.close();
+    }
 }
 
 struct Channels {
     webhook: Option<Webhook>,
     email: Option<Email>,
-}
-
-struct Webhook {
-    client: reqwest::Client,
-    url: Url,
-}
-
-struct Email {
-    transport: AsyncSmtpTransport<Tokio1Executor>,
-    from: Mailbox,
-    to: Vec<Mailbox>,
-}
-
-/// The webhook's JSON body: the dead letter's fields between a kind and a
-/// timestamp.
-#[derive(serde::Serialize)]
-struct WebhookBody<'a> {
-    kind: &'static str,
-    #[serde(flatten)]
-    dead: &'a DeadLetter,
-    at: String,
 }
 
 impl Alerter {
@@ -136,37 +136,129 @@ impl Alerter {
         };
         Ok(Alerter {
             inner: Arc::new(Channels { webhook, email }),
+            raiser: Arc::new(Raiser {
+                queue: Arc::default(),
+                interval: DEFAULT_INTERVAL,
+                worker: OnceLock::new(),
+            }),
         })
     }
 
-    /// Escalates one dead letter: logs it, then tries the webhook and the
-    /// mail once each. Never fails; see the outcome for how the channels did.
+    /// The same alerter with another shortest time between two alerts
+    /// (tests; the default is [`DEFAULT_INTERVAL`]). Call it before the
+    /// first raise: it starts a new queue.
+    pub fn with_interval(self, interval: Duration) -> Alerter {
+        Alerter {
+            raiser: Arc::new(Raiser {
+                queue: Arc::default(),
+                interval,
+                worker: OnceLock::new(),
+            }),
+            ..self
+        }
+    }
+
+    /// Queues `dead` for escalation and returns at once: never waits for a
+    /// channel, and holds at most [`SAMPLE`] dead letters however many
+    /// arrive. Must be called inside a tokio runtime (it starts the worker).
+    pub fn raise(&self, dead: DeadLetter) {
+        self.raiser.queue.push(dead);
+        self.raiser
+            .worker
+            .get_or_init(|| match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    let worker = Worker {
+                        channels: self.inner.clone(),
+                        queue: self.raiser.queue.clone(),
+                        interval: self.raiser.interval,
+                    };
+                    drop(runtime.spawn(worker.run()));
+                }
+                Err(_) => tracing::error!(
+                    "dead-letter alerts raised outside a tokio runtime are only counted, never sent"
+                ),
+            });
+    }
+
+    /// Dead letters raised and not yet escalated.
+    pub fn waiting(&self) -> u64 {
+        self.raiser.queue.waiting()
+    }
+
+    /// Escalates one dead letter at once, bypassing the queue.
     pub async fn send(&self, dead: &DeadLetter) -> AlertOutcome {
-        tracing::error!(
-            message_id = %dead.message_id,
-            exchange = %dead.exchange,
-            routing_key = %dead.routing_key,
-            ordering_key = dead.ordering_key.as_deref().unwrap_or(""),
-            attempts = dead.attempts,
-            last_error = %dead.last_error,
-            database = %dead.database,
-            "outbox message is dead after {} attempts",
-            dead.attempts,
-        );
+        self.send_summary(&Summary::one(dead.clone())).await
+    }
+
+    /// Escalates a summary: logs each dead letter listed (and the count of
+    /// the others), then tries the webhook and the mail once each. Never
+    /// fails; see the outcome for how the channels did.
+    pub async fn send_summary(&self, summary: &Summary) -> AlertOutcome {
+        self.inner.escalate(summary).await
+    }
+}
+
+impl Channels {
+    async fn escalate(&self, summary: &Summary) -> AlertOutcome {
+        let Some(first) = summary.sample.first() else {
+            return AlertOutcome::default();
+        };
+        for dead in &summary.sample {
+            tracing::error!(
+                message_id = %dead.message_id,
+                exchange = %dead.exchange,
+                routing_key = %dead.routing_key,
+                ordering_key = dead.ordering_key.as_deref().unwrap_or(""),
+                attempts = dead.attempts,
+                last_error = %dead.last_error,
+                database = %dead.database,
+                "outbox message is dead after {} attempts",
+                dead.attempts,
+            );
+        }
+        if summary.count > 1 {
+            tracing::error!(
+                count = summary.count,
+                listed = summary.sample.len(),
+                "{} outbox messages died together; their alerts are coalesced into one, \
+                 the {} not listed are in outbox.dead_letters",
+                summary.count,
+                summary.unlisted(),
+            );
+        }
         let at = SystemTime::now();
         let webhook = async {
-            let webhook = self.inner.webhook.as_ref()?;
-            Some(deliver("webhook", dead, webhook.post(dead, at)).await)
+            let webhook = self.webhook.as_ref()?;
+            Some(deliver("webhook", first, webhook.post(summary, at)).await)
         };
         let email = async {
-            let email = self.inner.email.as_ref()?;
-            Some(deliver("email", dead, email.send(dead, at)).await)
+            let email = self.email.as_ref()?;
+            Some(deliver("email", first, email.send(summary, at)).await)
         };
         // Side by side, so a hanging webhook does not hold up the mail.
         let (webhook_ok, email_ok) = tokio::join!(webhook, email);
         AlertOutcome {
             webhook_ok,
             email_ok,
+        }
+    }
+}
+
+/// Sends the queue's summaries, one at a time and at most one per interval.
+struct Worker {
+    channels: Arc<Channels>,
+    queue: Arc<Queue>,
+    interval: Duration,
+}
+
+impl Worker {
+    async fn run(self) {
+        // By name, once per alert: the alerter may be built before the recorder.
+        let coalesced = metrics::counter!("outbox_alerts_coalesced_total");
+        while let Some(summary) = self.queue.next().await {
+            coalesced.increment(summary.count - 1);
+            self.channels.escalate(&summary).await;
+            self.queue.pause(self.interval).await;
         }
     }
 }
@@ -186,148 +278,6 @@ async fn deliver(
     false
 }
 
-impl Webhook {
-    fn new(url: &str) -> Result<Webhook, AlertError> {
-        // The parse error never quotes the input, which may hold a password.
-        let url = Url::parse(url).map_err(|e| AlertError::WebhookUrl(e.to_string()))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(AlertError::WebhookUrl(format!(
-                "scheme must be http or https, not {:?}",
-                url.scheme()
-            )));
-        }
-        // Our own rustls config pins the ring provider; left to itself
-        // reqwest would look for a process-wide provider and panic without one.
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .and_then(|builder| builder.with_platform_verifier())
-        .map_err(|e| AlertError::WebhookClient(e.to_string()))?
-        .with_no_client_auth();
-        let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .build()
-            .map_err(|e| AlertError::WebhookClient(error_chain(&e)))?;
-        Ok(Webhook { client, url })
-    }
-
-    async fn post(&self, dead: &DeadLetter, at: SystemTime) -> Result<(), String> {
-        let body = WebhookBody {
-            kind: "outbox.dead_letter",
-            dead,
-            at: humantime::format_rfc3339_millis(at).to_string(),
-        };
-        let host = self.url.host_str().unwrap_or_default();
-        // `without_url`: reqwest's errors quote the full URL, secrets and all.
-        self.client
-            .post(self.url.clone())
-            .json(&body)
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status)
-            .map(drop)
-            .map_err(|e| format!("POST to {host}: {}", error_chain(&e.without_url())))
-    }
-}
-
-impl Email {
-    fn new(url: &str, config: &AlertConfig) -> Result<Email, AlertError> {
-        // lettre's errors name the scheme or the parse problem, never the
-        // URL's userinfo.
-        let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
-            .map_err(|e| AlertError::SmtpUrl(e.to_string()))?
-            .timeout(Some(CHANNEL_TIMEOUT))
-            .build();
-        let from = mailbox("smtp_from", &config.smtp_from)?;
-        let to = config
-            .smtp_to
-            .iter()
-            .map(|address| mailbox("smtp_to", address))
-            .collect::<Result<_, _>>()?;
-        Ok(Email {
-            transport,
-            from,
-            to,
-        })
-    }
-
-    async fn send(&self, dead: &DeadLetter, at: SystemTime) -> Result<(), String> {
-        let subject = format!(
-            "outbox: message {} is dead after {} attempts",
-            dead.message_id, dead.attempts
-        );
-        let message = self
-            .to
-            .iter()
-            .fold(Message::builder().from(self.from.clone()), |b, to| {
-                b.to(to.clone())
-            })
-            .subject(subject)
-            .header(ContentType::TEXT_PLAIN)
-            .body(email_body(dead, at))
-            .map_err(|e| format!("cannot build the mail: {e}"))?;
-        self.transport
-            .send(message)
-            .await
-            .map(drop)
-            .map_err(|e| error_chain(&e))
-    }
-}
-
-fn email_body(dead: &DeadLetter, at: SystemTime) -> String {
-    let id = dead.message_id;
-    format!(
-        "The outbox relay gave up on a message after {attempts} attempts.\n\
-         It will not be published unless someone retries it.\n\
-         \n\
-         message_id:   {id}\n\
-         exchange:     {exchange}\n\
-         routing_key:  {routing_key}\n\
-         ordering_key: {ordering_key}\n\
-         attempts:     {attempts}\n\
-         last_error:   {last_error}\n\
-         database:     {database}\n\
-         at:           {at}\n\
-         \n\
-         Inspect it in the view outbox.dead_letters. Once the cause is fixed,\n\
-         SELECT outbox.retry_dead('{id}');\n",
-        attempts = dead.attempts,
-        exchange = dead.exchange,
-        routing_key = dead.routing_key,
-        ordering_key = dead.ordering_key.as_deref().unwrap_or("(none)"),
-        last_error = dead.last_error,
-        database = dead.database,
-        at = humantime::format_rfc3339_seconds(at),
-    )
-}
-
-fn mailbox(field: &'static str, address: &str) -> Result<Mailbox, AlertError> {
-    address
-        .parse()
-        .map_err(|e: lettre::address::AddressError| AlertError::Address {
-            field,
-            address: address.to_owned(),
-            reason: e.to_string(),
-        })
-}
-
-/// An error and its causes on one line: the top-level messages of reqwest
-/// and lettre alone ("error sending request") do not say what went wrong.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause = cause.to_string();
-        // lettre already appends its source to its own message.
-        if !line.ends_with(&cause) {
-            line = format!("{line}: {cause}");
-        }
-        source = source.and_then(std::error::Error::source);
-    }
-    line
-}
-
 #[cfg(test)]
 #[path = "../../../tests/harness/receivers.rs"]
 mod receivers;
@@ -335,7 +285,7 @@ mod receivers;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use receivers::{http_receiver, smtp_receiver};
+    use receivers::{http_receiver, hung_http_receiver, smtp_receiver};
     use tokio::time::timeout;
 
     const WAIT: Duration = Duration::from_secs(5);
@@ -464,6 +414,81 @@ mod tests {
                 email_ok: None
             }
         );
+    }
+
+    #[tokio::test]
+    async fn a_thousand_dead_letters_make_few_webhook_calls_that_count_them_all() {
+        let (webhook_url, mut hooks) = http_receiver().await;
+        let (smtp_url, mut mails) = smtp_receiver().await;
+        let interval = Duration::from_millis(300);
+        let alerter = Alerter::new(&AlertConfig {
+            webhook_url: Some(webhook_url),
+            smtp_url: Some(smtp_url),
+            smtp_from: "outbox-relay@localhost".into(),
+            smtp_to: vec!["ops@example.com".into()],
+        })
+        .expect("valid config")
+        .with_interval(interval);
+        let dead: Vec<DeadLetter> = (0..1000).map(|_| dead_letter()).collect();
+        let ids: std::collections::HashSet<_> = dead.iter().map(|d| d.message_id).collect();
+        for one in &dead {
+            alerter.raise(one.clone());
+        }
+
+        let mut counted = 0;
+        let mut calls = 0;
+        while counted < 1000 {
+            let hook = timeout(WAIT, hooks.recv()).await.expect("webhook in time");
+            let hook = hook.expect("webhook body");
+            calls += 1;
+            counted += hook["count"].as_u64().expect("count");
+            let listed = hook["message_ids"].as_array().expect("ids");
+            assert!(!listed.is_empty() && listed.len() <= SAMPLE, "{hook}");
+            for id in listed {
+                let id = id.as_str().and_then(|id| id.parse().ok()).expect("uuid");
+                assert!(ids.contains(&id), "{hook}");
+            }
+            assert_eq!(hook["message_id"], listed[0], "{hook}");
+            if calls == 1 {
+                // The first raised is the first reported.
+                assert_eq!(hook["message_id"], dead[0].message_id.to_string());
+            }
+        }
+        assert_eq!(counted, 1000);
+        // The first at once, the rest after one interval (two calls unless
+        // this machine is slow enough to spread the raises over an interval).
+        assert!(calls <= 3, "{calls} webhook calls");
+        for _ in 0..calls {
+            let mail = timeout(WAIT, mails.recv()).await.expect("mail in time");
+            assert!(mail.expect("mail data").contains("exchange not found"));
+        }
+        // Nothing more comes.
+        assert!(timeout(interval * 2, hooks.recv()).await.is_err());
+        assert_eq!(alerter.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_hung_webhook_never_blocks_raise() {
+        let (webhook_url, mut requests) = hung_http_receiver().await;
+        let alerter = Alerter::new(&AlertConfig {
+            webhook_url: Some(webhook_url),
+            ..AlertConfig::default()
+        })
+        .expect("valid config")
+        .with_interval(Duration::from_millis(50));
+        alerter.raise(dead_letter());
+        // The worker is now stuck in a POST that is never answered.
+        timeout(WAIT, requests.recv())
+            .await
+            .expect("the webhook was called")
+            .expect("receiver open");
+        let started = std::time::Instant::now();
+        for _ in 0..10_000 {
+            alerter.raise(dead_letter());
+        }
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "10,000 raises took {took:?}");
+        assert_eq!(alerter.waiting(), 10_000);
     }
 
     #[tokio::test]

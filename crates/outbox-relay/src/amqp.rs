@@ -33,9 +33,7 @@ const EXCHANGE_CACHE_TTL: Duration = Duration::from_secs(60);
 
 /// Fails on a URL lapin cannot parse, without echoing its password.
 pub fn check_url(url: &str) -> anyhow::Result<()> {
-    url.parse::<lapin::uri::AMQPUri>()
-        .map(|_| ())
-        .map_err(|e| anyhow::anyhow!("invalid AMQP URL {}: {e}", redact(url)))
+    crate::secrets::check_amqp_url(url)
 }
 
 /// An open connection with a channel in confirm mode.
@@ -84,7 +82,10 @@ impl Broker {
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, builder.connect())
             .await
             .map_err(|_| anyhow::anyhow!("cannot connect to RabbitMQ at {target}: timed out"))?
-            .map_err(|e| anyhow::anyhow!("cannot connect to RabbitMQ at {target}: {e}"))?;
+            .map_err(|e| {
+                let why = crate::secrets::scrub(&e.to_string(), url);
+                anyhow::anyhow!("cannot connect to RabbitMQ at {target}: {why}")
+            })?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())

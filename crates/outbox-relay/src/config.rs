@@ -11,6 +11,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use crate::alert::AlertConfig;
+use crate::limits::{self, check, millis};
 
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9100);
@@ -265,35 +266,91 @@ impl Settings {
                 )
             })?,
         };
+        if retention > limits::MAX_RETENTION {
+            bail!(
+                "OUTBOX_RETENTION must be at most 3650d (allowed: 0 to 3650d), not `{}`",
+                self.retention.unwrap_or_default()
+            );
+        }
+        let lease = millis("OUTBOX_LEASE_MS", self.lease_ms, 30_000, limits::LEASE_MS)?;
+        // Unset, it stays below a short lease by itself; set, it must.
+        let confirm_default = 10_000.min(lease.as_millis() as u64 / 2);
+        let confirm_timeout = millis(
+            "OUTBOX_CONFIRM_TIMEOUT_MS",
+            self.confirm_timeout_ms,
+            confirm_default,
+            limits::CONFIRM_TIMEOUT_MS,
+        )?;
+        if confirm_timeout >= lease {
+            bail!(
+                "OUTBOX_CONFIRM_TIMEOUT_MS must be less than OUTBOX_LEASE_MS ({} ms): a row whose confirm is awaited must still be leased",
+                lease.as_millis()
+            );
+        }
         let config = Config {
             database_url,
             database_ca_file: self.database_ca_file,
             amqp_url: self.amqp_url.unwrap_or_else(|| DEFAULT_AMQP_URL.into()),
             amqp_ca_file: self.amqp_ca_file,
             mode,
-            batch_size: positive("OUTBOX_BATCH_SIZE", self.batch_size, 500)?,
-            max_in_flight: positive("OUTBOX_MAX_IN_FLIGHT", self.max_in_flight, 256)?,
-            sweep_interval: millis("OUTBOX_SWEEP_INTERVAL_MS", self.sweep_interval_ms, 1000)?,
-            lease: millis("OUTBOX_LEASE_MS", self.lease_ms, 30_000)?,
-            max_attempts: positive("OUTBOX_MAX_ATTEMPTS", self.max_attempts, 5)?,
-            retry_base: millis("OUTBOX_RETRY_BASE_MS", self.retry_base_ms, 1000)?,
-            retry_max: millis("OUTBOX_RETRY_MAX_MS", self.retry_max_ms, 300_000)?,
+            batch_size: check(
+                "OUTBOX_BATCH_SIZE",
+                self.batch_size,
+                500,
+                limits::BATCH_SIZE,
+            )?,
+            max_in_flight: check(
+                "OUTBOX_MAX_IN_FLIGHT",
+                self.max_in_flight,
+                256,
+                limits::MAX_IN_FLIGHT,
+            )?,
+            sweep_interval: millis(
+                "OUTBOX_SWEEP_INTERVAL_MS",
+                self.sweep_interval_ms,
+                1000,
+                limits::SWEEP_INTERVAL_MS,
+            )?,
+            lease,
+            max_attempts: check(
+                "OUTBOX_MAX_ATTEMPTS",
+                self.max_attempts,
+                5,
+                limits::MAX_ATTEMPTS,
+            )?,
+            retry_base: millis(
+                "OUTBOX_RETRY_BASE_MS",
+                self.retry_base_ms,
+                1000,
+                limits::RETRY_MS,
+            )?,
+            retry_max: millis(
+                "OUTBOX_RETRY_MAX_MS",
+                self.retry_max_ms,
+                300_000,
+                limits::RETRY_MS,
+            )?,
             retention,
             block_on_dead_head: self.block_on_dead_head.unwrap_or(true),
-            max_payload_bytes: positive(
+            max_payload_bytes: check(
                 "OUTBOX_MAX_PAYLOAD_BYTES",
                 self.max_payload_bytes,
                 16 << 20,
+                limits::MAX_PAYLOAD_BYTES,
             )?,
-            // A confirm must be able to come back, and its row be marked,
-            // within the lease: by default the smaller of 10 s and half the lease.
-            confirm_timeout: millis(
-                "OUTBOX_CONFIRM_TIMEOUT_MS",
-                self.confirm_timeout_ms,
-                self.lease_ms.unwrap_or(30_000).div_ceil(2).min(10_000),
+            confirm_timeout,
+            max_in_flight_bytes: check(
+                "OUTBOX_MAX_IN_FLIGHT_BYTES",
+                self.max_in_flight_bytes,
+                32 << 20,
+                limits::MAX_IN_FLIGHT_BYTES,
             )?,
-            max_in_flight_bytes: self.max_in_flight_bytes.unwrap_or(32 << 20).max(1),
-            shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms.unwrap_or(10_000)),
+            shutdown_timeout: millis(
+                "OUTBOX_SHUTDOWN_TIMEOUT_MS",
+                self.shutdown_timeout_ms,
+                10_000,
+                limits::SHUTDOWN_TIMEOUT_MS,
+            )?,
             alert: AlertConfig {
                 webhook_url: self.alert_webhook_url,
                 smtp_url: self.alert_smtp_url,
@@ -322,31 +379,16 @@ impl Settings {
         if config.retry_max < config.retry_base {
             bail!("OUTBOX_RETRY_MAX_MS must be at least OUTBOX_RETRY_BASE_MS");
         }
-        if config.lease <= Duration::from_secs(1) {
-            bail!(
-                "OUTBOX_LEASE_MS must be more than 1000: a lease shorter than a publish round trip lets relays steal each other's rows"
-            );
+        let target =
+            crate::db::parse_url(&config.database_url, config.database_ca_file.as_deref())?;
+        let ca_file = config.database_ca_file.as_deref();
+        if let Some(line) =
+            crate::pg_tls::unverified_warning(target.ssl_mode, ca_file, "OUTBOX_DATABASE_CA_FILE")
+        {
+            tracing::warn!("{line}");
         }
-        if config.confirm_timeout >= config.lease {
-            bail!("OUTBOX_CONFIRM_TIMEOUT_MS must be less than OUTBOX_LEASE_MS");
-        }
-        crate::db::parse_url(&config.database_url, config.database_ca_file.as_deref())?;
-        crate::amqp::check_url(&config.amqp_url)?;
+        crate::secrets::check_amqp_url(&config.amqp_url)?;
         Ok(config)
-    }
-}
-
-fn positive(name: &str, value: Option<u32>, default: u32) -> anyhow::Result<u32> {
-    match value.unwrap_or(default) {
-        0 => bail!("{name} must be at least 1"),
-        n => Ok(n),
-    }
-}
-
-fn millis(name: &str, value: Option<u64>, default: u64) -> anyhow::Result<Duration> {
-    match value.unwrap_or(default) {
-        0 => bail!("{name} must be at least 1"),
-        n => Ok(Duration::from_millis(n)),
     }
 }
 
@@ -403,6 +445,171 @@ mod tests {
                 .contains("OUTBOX_BATCH_SIZE must be at least 1"),
             "{error}"
         );
+    }
+
+    /// Each numeric setting, how to set it, and its allowed range.
+    type Bound = (&'static str, fn(&mut Settings, u64), u64, u64);
+
+    fn bounds() -> Vec<Bound> {
+        vec![
+            (
+                "OUTBOX_BATCH_SIZE",
+                |s, v| s.batch_size = Some(v as u32),
+                1,
+                10_000,
+            ),
+            (
+                "OUTBOX_MAX_IN_FLIGHT",
+                |s, v| s.max_in_flight = Some(v as u32),
+                1,
+                65_535,
+            ),
+            (
+                "OUTBOX_SWEEP_INTERVAL_MS",
+                |s, v| s.sweep_interval_ms = Some(v),
+                1,
+                3_600_000,
+            ),
+            (
+                "OUTBOX_LEASE_MS",
+                |s, v| s.lease_ms = Some(v),
+                1001,
+                86_400_000,
+            ),
+            (
+                "OUTBOX_MAX_ATTEMPTS",
+                |s, v| s.max_attempts = Some(v as u32),
+                1,
+                10_000,
+            ),
+            (
+                "OUTBOX_RETRY_BASE_MS",
+                |s, v| s.retry_base_ms = Some(v),
+                1,
+                2_592_000_000,
+            ),
+            (
+                "OUTBOX_RETRY_MAX_MS",
+                |s, v| s.retry_max_ms = Some(v),
+                1,
+                2_592_000_000,
+            ),
+            (
+                "OUTBOX_MAX_PAYLOAD_BYTES",
+                |s, v| s.max_payload_bytes = Some(v as u32),
+                1,
+                512 << 20,
+            ),
+            (
+                "OUTBOX_CONFIRM_TIMEOUT_MS",
+                |s, v| s.confirm_timeout_ms = Some(v),
+                1,
+                86_399_999,
+            ),
+            (
+                "OUTBOX_MAX_IN_FLIGHT_BYTES",
+                |s, v| s.max_in_flight_bytes = Some(v),
+                1 << 20,
+                4 << 30,
+            ),
+            (
+                "OUTBOX_SHUTDOWN_TIMEOUT_MS",
+                |s, v| s.shutdown_timeout_ms = Some(v),
+                0,
+                3_600_000,
+            ),
+        ]
+    }
+
+    /// Settings that let `name` reach its own bounds: the retry base must
+    /// not exceed the retry max, and the confirm timeout must stay below
+    /// the lease.
+    fn room_for(name: &str) -> Settings {
+        let mut settings = base();
+        match name {
+            "OUTBOX_RETRY_BASE_MS" => settings.retry_max_ms = Some(2_592_000_000),
+            "OUTBOX_RETRY_MAX_MS" => settings.retry_base_ms = Some(1),
+            "OUTBOX_CONFIRM_TIMEOUT_MS" => settings.lease_ms = Some(86_400_000),
+            "OUTBOX_LEASE_MS" => settings.confirm_timeout_ms = Some(1),
+            _ => {}
+        }
+        settings
+    }
+
+    #[test]
+    fn every_numeric_setting_is_range_checked() {
+        for (name, set, min, max) in bounds() {
+            let run = |value: u64| {
+                let mut settings = room_for(name);
+                set(&mut settings, value);
+                settings.validate()
+            };
+            run(min).unwrap_or_else(|e| panic!("{name}={min}: {e}"));
+            run(max).unwrap_or_else(|e| panic!("{name}={max}: {e}"));
+            // u64::MAX of a u32 setting: clap refuses it before we see it,
+            // the cast here gives u32::MAX, also out of range.
+            let mut refused = vec![max + 1, u64::MAX];
+            if min > 0 {
+                refused.push(min - 1);
+            }
+            for value in refused {
+                let error = run(value)
+                    .expect_err(&format!("{name}={value}"))
+                    .to_string();
+                assert!(error.starts_with(name), "{name}={value}: {error}");
+                assert!(error.contains("allowed:"), "{name}={value}: {error}");
+                assert!(!error.contains('\n'), "{error}");
+            }
+        }
+    }
+
+    #[test]
+    fn confirm_timeout_must_be_below_the_lease() {
+        let settings = Settings {
+            lease_ms: Some(5_000),
+            confirm_timeout_ms: Some(5_000),
+            ..base()
+        };
+        let error = settings.validate().expect_err("equal").to_string();
+        assert!(error.contains("less than OUTBOX_LEASE_MS"), "{error}");
+        // Unset, it follows a short lease down.
+        let config = Settings {
+            lease_ms: Some(5_000),
+            ..base()
+        }
+        .validate()
+        .expect("valid");
+        assert_eq!(config.confirm_timeout, Duration::from_millis(2_500));
+        assert_eq!(
+            base().validate().expect("valid").confirm_timeout,
+            Duration::from_secs(10)
+        );
+    }
+
+    #[test]
+    fn retention_is_bounded() {
+        for (text, ok) in [
+            ("3650d", true),
+            ("3651d", false),
+            ("100000000y", false),
+            ("0", true),
+        ] {
+            let settings = Settings {
+                retention: Some(text.into()),
+                ..base()
+            };
+            match settings.validate() {
+                Ok(_) => assert!(ok, "{text} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{text}: {e}");
+                    assert!(
+                        e.to_string()
+                            .starts_with("OUTBOX_RETENTION must be at most"),
+                        "{e}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -11,12 +11,17 @@ use tokio_postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::pg_tls;
+// Where amqp.rs and dispatch have always found it.
+pub use crate::secrets::redact;
+use crate::secrets::scrub;
 
 /// Where and how to connect.
 #[derive(Clone)]
 pub struct PgTarget {
     pub config: Config,
     pub tls: MakeRustlsConnect,
+    /// The `sslmode` asked for, stronger than `config`'s (see `pg_tls`).
+    pub ssl_mode: pg_tls::SslMode,
 }
 
 impl PgTarget {
@@ -29,7 +34,9 @@ impl PgTarget {
 /// Parses a PostgreSQL URL or key=value string (`sslmode` as libpq knows
 /// it), adding a connect timeout and TCP keepalives unless the URL sets them.
 pub fn parse_url(url: &str, ca_file: Option<&Path>) -> anyhow::Result<PgTarget> {
-    let (mut config, mode) = pg_tls::parse(url).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // pg_tls never quotes the URL; scrubbing anyway keeps it so if that changes.
+    let (mut config, mode) =
+        pg_tls::parse(url).map_err(|e| anyhow::anyhow!("{}", scrub(&e.to_string(), url)))?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(10));
     }
@@ -42,7 +49,11 @@ pub fn parse_url(url: &str, ca_file: Option<&Path>) -> anyhow::Result<PgTarget> 
         config.application_name("outbox-relay");
     }
     let tls = pg_tls::connector(mode, ca_file).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(PgTarget { config, tls })
+    Ok(PgTarget {
+        config,
+        tls,
+        ssl_mode: mode,
+    })
 }
 
 /// Opens one connection and drives it on a background task.
@@ -130,38 +141,6 @@ pub fn describe(config: &Config) -> String {
         config.get_user().unwrap_or("?"),
         config.get_dbname().unwrap_or("?")
     )
-}
-
-/// Replaces the password of a URL (`scheme://user:secret@host`) by `***`.
-pub fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        // key=value form: hide password=...
-        return url
-            .split_whitespace()
-            .map(|kv| {
-                if kv.starts_with("password=") {
-                    "password=***"
-                } else {
-                    kv
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" ");
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => match rest[..at].find(':') {
-            Some(colon) => format!(
-                "{}{}:***{}",
-                &url[..scheme_end + 3],
-                &rest[..colon],
-                &rest[at..]
-            ),
-            None => url.to_string(),
-        },
-        None => url.to_string(),
-    }
 }
 
 #[cfg(test)]

@@ -248,11 +248,8 @@ impl Worker {
                     last_error: error.to_string(),
                     database: self.database.clone(),
                 };
-                let alerter = self.alerter.clone();
-                // Alerts can be slow (SMTP); they must not hold up marking.
-                tokio::spawn(async move {
-                    alerter.send(&dead).await;
-                });
+                // Queued, coalesced and bounded: never holds up marking.
+                self.alerter.raise(dead);
             }
             Retried::Gone => {}
         }

@@ -109,6 +109,9 @@ impl Meters {
     /// without one every handle is a no-op.
     pub fn new() -> Meters {
         describe();
+        // Served as 0 from the start; the alert worker counts by name (the
+        // alerter may be built before the recorder exists).
+        drop(counter!("outbox_alerts_coalesced_total"));
         Meters {
             published: counter!("outbox_published_total"),
             failures: Fault::ALL
@@ -155,6 +158,10 @@ fn describe() {
     describe_counter!(
         "outbox_dead_letters_total",
         "Messages this relay declared dead (out of attempts)."
+    );
+    describe_counter!(
+        "outbox_alerts_coalesced_total",
+        "Dead letters reported inside another's alert rather than alone."
     );
     describe_counter!(
         "outbox_wakeups_total",

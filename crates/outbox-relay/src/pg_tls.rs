@@ -185,6 +185,22 @@ pub fn connector(mode: SslMode, ca_file: Option<&Path>) -> Result<MakeRustlsConn
     Ok(MakeRustlsConnect::new(config))
 }
 
+/// The warning to log once at start when the connection will be encrypted
+/// but the server not checked: `require` without a CA file takes any
+/// certificate (as libpq does), which a user asking for TLS may not expect.
+/// `ca_setting` names the variable that gives the CA file.
+pub fn unverified_warning(
+    mode: SslMode,
+    ca_file: Option<&Path>,
+    ca_setting: &str,
+) -> Option<String> {
+    (mode == SslMode::Require && ca_file.is_none()).then(|| {
+        format!(
+            "sslmode=require encrypts but does not verify the server: set {ca_setting} or sslmode=verify-full"
+        )
+    })
+}
+
 /// Reads a PEM file of one or more CA certificates.
 fn load_ca_file(path: &Path) -> Result<RootCertStore, PgTlsError> {
     let pem = std::fs::read(path).map_err(|error| PgTlsError::CaFileUnreadable {
@@ -406,6 +422,35 @@ impl<'a> Cursor<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_require_without_a_ca_file_warns() {
+        let ca = Path::new("/etc/ca.pem");
+        let line = unverified_warning(SslMode::Require, None, "OUTBOX_DATABASE_CA_FILE")
+            .expect("require without a CA file warns");
+        assert_eq!(
+            line,
+            "sslmode=require encrypts but does not verify the server: \
+             set OUTBOX_DATABASE_CA_FILE or sslmode=verify-full"
+        );
+        assert!(unverified_warning(SslMode::Require, Some(ca), "X").is_none());
+        for mode in [
+            SslMode::Disable,
+            SslMode::Prefer,
+            SslMode::VerifyCa,
+            SslMode::VerifyFull,
+        ] {
+            assert!(unverified_warning(mode, None, "X").is_none(), "{mode:?}");
+            assert!(
+                unverified_warning(mode, Some(ca), "X").is_none(),
+                "{mode:?}"
+            );
+        }
+        let (_, mode) = parse("postgres://u@h/db?sslmode=require").expect("parse");
+        assert!(unverified_warning(mode, None, "X").is_some());
+        let (_, mode) = parse("host=h sslmode=require").expect("parse");
+        assert!(unverified_warning(mode, None, "X").is_some());
+    }
     use tokio_postgres::config::Host;
 
     fn parse_ok(url: &str) -> (Config, SslMode) {

@@ -4,16 +4,61 @@
 //! with `--log-format json` (fields at the top level, the current span
 //! under `span`, so a consumer's `trace_id` is on every line it logs for a
 //! message). `RUST_LOG` filters; the default is `info` without the server
-//! NOTICEs and library chatter. lapin is silenced by default: it logs
-//! returned messages with their payload, and every outcome it reports
-//! reaches our own log lines anyway.
+//! NOTICEs and library chatter.
+//!
+//! Whatever `RUST_LOG` asks for, [`guard`] caps the libraries whose more
+//! verbose lines print message bodies or credentials (see [`CAPPED`]): a
+//! user turning on `trace` to chase a problem must not spill payloads or
+//! the broker login into a log shipper. Every outcome lapin reports reaches
+//! our own log lines anyway.
 
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing::{Level, Metadata};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{FilterFn, filter_fn};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 const DEFAULT_FILTER: &str = "info,tokio_postgres=warn,refinery_core=warn,lapin=off";
+
+/// Targets (a crate or module and everything below it) and the most
+/// verbose level each may log at, `None` for nothing; the first match
+/// counts. Checked against lapin 4.12, tokio-postgres 0.7 and lettre 0.11.
+pub const CAPPED: &[(&str, Option<Level>)] = &[
+    // WARN "Server returned us a message" with the whole message, body too.
+    ("lapin::returned_messages", None),
+    // DEBUG and TRACE print whole frames (bodies, the login's SASL
+    // response with the password) and deliveries; its ERROR lines name
+    // states, server replies and flume's body-less `SendError(..)`.
+    ("lapin", Some(Level::ERROR)),
+    // DEBUG prints every statement's bound parameters: payloads of
+    // `outbox.enqueue`, the rows dispatch writes. INFO is the server's NOTICEs.
+    ("tokio_postgres", Some(Level::INFO)),
+    // DEBUG (with lettre's `tracing` feature) is the SMTP dialogue, AUTH included.
+    ("lettre", Some(Level::INFO)),
+];
+
+/// Whether an event of `target` at `level` may be logged at all.
+pub fn allowed(target: &str, level: Level) -> bool {
+    let capped = CAPPED.iter().find(|(prefix, _)| {
+        target
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    });
+    match capped {
+        // A more verbose level compares greater in tracing.
+        Some((_, cap)) => cap.is_some_and(|cap| level <= cap),
+        None => true,
+    }
+}
+
+/// A global filter applying [`CAPPED`], on top of any `EnvFilter`: it only
+/// ever takes lines away, so the user's other directives keep working.
+pub fn guard() -> FilterFn<impl Fn(&Metadata<'_>) -> bool + Clone> {
+    filter_fn(|metadata| allowed(metadata.target(), *metadata.level()))
+}
 
 /// Histogram buckets of every `*_seconds` metric: 1 ms to 5 min, so the
 /// sub-millisecond idle latency and a retry after an outage both land in one.
@@ -50,12 +95,16 @@ pub fn init_with(format: LogFormat) {
     let _ = match format {
         LogFormat::Text => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .finish()
+            .with(guard())
             .try_init(),
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
+            .finish()
+            .with(guard())
             .try_init(),
     };
 }
@@ -96,4 +145,49 @@ pub fn render() -> String {
 /// while a recorder is installed, or samples pile up between scrapes.
 pub fn upkeep() {
     prometheus().run_upkeep();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_printing_targets_are_capped_at_every_level() {
+        let all = [
+            Level::ERROR,
+            Level::WARN,
+            Level::INFO,
+            Level::DEBUG,
+            Level::TRACE,
+        ];
+        for level in all {
+            assert!(!allowed("lapin::returned_messages", level), "{level}");
+        }
+        for target in [
+            "lapin",
+            "lapin::io_loop",
+            "lapin::channels",
+            "lapin::consumer",
+        ] {
+            assert!(allowed(target, Level::ERROR), "{target}");
+            for level in &all[1..] {
+                assert!(!allowed(target, *level), "{target} {level}");
+            }
+        }
+        assert!(allowed("tokio_postgres::connection", Level::INFO));
+        assert!(!allowed("tokio_postgres::query", Level::DEBUG));
+        assert!(!allowed("lettre::transport::smtp", Level::DEBUG));
+    }
+
+    #[test]
+    fn other_targets_keep_every_level() {
+        for target in [
+            "outbox_relay::relay",
+            "dispatch",
+            "lapinx",
+            "tokio_postgres_rustls",
+        ] {
+            assert!(allowed(target, Level::TRACE), "{target}");
+        }
+    }
 }
