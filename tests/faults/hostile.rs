@@ -268,8 +268,10 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+// Serial: it pushes 800 MiB through the shared broker, which slows the
+// tests beside it.
 #[tokio::test]
-async fn faults_big_payloads_are_bounded_by_bytes_not_rows() {
+async fn serial_faults_big_payloads_are_bounded_by_bytes_not_rows() {
     let db = TestDb::with_outbox().await;
     let (_connection, exchange) = short_queue().await;
     // 100 rows of 8 MiB (TOAST compresses them in the database, the relay
@@ -310,8 +312,9 @@ async fn faults_big_payloads_are_bounded_by_bytes_not_rows() {
     assert!(peak < 256.0, "peak RSS {peak:.0} MiB");
 }
 
+// Serial: a 128 MiB message slows the shared broker for everyone.
 #[tokio::test]
-async fn faults_a_payload_over_the_brokers_max_is_that_rows_fault() {
+async fn serial_faults_a_payload_over_the_brokers_max_is_that_rows_fault() {
     let db = TestDb::with_outbox().await;
     let topology = Topology::fanout().await;
     let client = db.connect().await;
