@@ -9,15 +9,13 @@
 //! backoff and reconnects; it never counts as a message's attempt.
 
 use std::collections::HashSet;
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::alert::Alerter;
-use crate::amqp::{Broker, ChannelFault, Outcome, Returned};
+use crate::amqp::{Broker, ChannelFault};
 use crate::backoff::Backoff;
 use crate::config::{Config, Mode};
 use crate::db::{self, PgTarget};
@@ -45,9 +43,6 @@ const FAST_POLL: Duration = Duration::from_millis(10);
 
 /// How often the relay looks for other sessions holding the wake-up locks.
 const WAKE_LOCK_CHECK: Duration = Duration::from_secs(1);
-
-/// A publish's confirm, as the window polls it.
-type Confirming = Pin<Box<dyn Future<Output = (Outcome, Option<Returned>)> + Send>>;
 
 /// Why a drain stopped early.
 #[derive(Debug)]
@@ -172,7 +167,7 @@ struct Relay {
     wake_locks_held: bool,
     marker: Marker,
     /// Published rows awaiting their confirm; at most `max_in_flight`.
-    window: Window<Confirming>,
+    window: Window,
     outage_backoff: Backoff,
     meters: Meters,
     health: Health,
@@ -482,7 +477,7 @@ impl Relay {
                 None => Err("not connected".into()),
             };
             match published {
-                Ok(pending) => self.window.push(row, Box::pin(pending.outcome())),
+                Ok(pending) => self.window.push(row, pending.outcome()),
                 Err(error) => {
                     let unpublished = std::iter::once(row).chain(rows).map(held).collect();
                     self.marker.send(Mark::Release(unpublished));

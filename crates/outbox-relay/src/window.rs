@@ -6,10 +6,12 @@
 //! [`Returned`]), so a return is matched to its row by message_id. The
 //! broker sends a row's return before its ack, so when the row's ack is
 //! seen, the confirm carrying its return (if any) has resolved too, though
-//! perhaps not been polled yet. Every pass polls every confirm in the
-//! window; a pass that *starts* after a row's ack was seen therefore
-//! collects its return. So a row acked in pass k is final after pass k+1,
-//! however long other confirms take.
+//! perhaps not been collected yet. A resolved confirm is woken, so it waits
+//! in the ready queue of the `FuturesUnordered`: collecting until that
+//! queue is empty (told apart from the set's cooperative yield by whether
+//! it woke us) collects it. Rows acked during such a round are final at its
+//! end, however long other confirms take, and only resolved confirms are
+//! touched, never the whole window.
 //!
 //! A confirm that does not come within the deadline is given up on: the
 //! row is handed back as a failure (its attempt is counted and it is
@@ -18,10 +20,13 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use tokio::time::{Instant, Sleep};
+use futures::stream::{FuturesUnordered, Stream};
+use tokio::time::Instant;
 
 use crate::amqp::{Outcome, Returned};
 use crate::meters::Fault;
@@ -42,59 +47,55 @@ pub(crate) enum Settled {
     Lost(Claimed, String),
 }
 
-struct Entry<C> {
-    row: Claimed,
-    /// Payload bytes it was published with (the payload itself is dropped
-    /// once handed to the broker).
-    size: u64,
-    sent: Instant,
-    confirm: C,
-}
+/// A confirm's answer, or `None` past the deadline.
+type Answer = Option<(Outcome, Option<Returned>)>;
 
-pub(crate) struct Window<C> {
-    entries: Vec<Entry<C>>,
-    /// Acked rows, with the pass in which their ack was seen.
-    acked: Vec<(Claimed, u64)>,
+/// A confirm racing its deadline; yields its row's slot and the answer.
+type Confirming = Pin<Box<dyn Future<Output = (u64, Answer)> + Send>>;
+
+pub(crate) struct Window {
+    in_flight: FuturesUnordered<Confirming>,
+    /// The rows in flight and their payload bytes, by slot.
+    rows: HashMap<u64, (Claimed, u64)>,
+    next_slot: u64,
     /// Returns seen, by message_id, until their rows are final.
     returned: HashMap<String, String>,
-    pass: u64,
     bytes: u64,
     deadline: Duration,
-    timer: Pin<Box<Sleep>>,
 }
 
-impl<C> Window<C>
-where
-    C: Future<Output = (Outcome, Option<Returned>)> + Unpin,
-{
-    pub(crate) fn new(deadline: Duration) -> Window<C> {
+impl Window {
+    pub(crate) fn new(deadline: Duration) -> Window {
         Window {
-            entries: Vec::new(),
-            acked: Vec::new(),
+            in_flight: FuturesUnordered::new(),
+            rows: HashMap::new(),
+            next_slot: 0,
             returned: HashMap::new(),
-            pass: 0,
             bytes: 0,
             deadline,
-            timer: Box::pin(tokio::time::sleep(deadline)),
         }
     }
 
     /// Adds a published row; its payload is dropped here, the broker has it.
-    pub(crate) fn push(&mut self, mut row: Claimed, confirm: C) {
+    pub(crate) fn push<C>(&mut self, mut row: Claimed, confirm: C)
+    where
+        C: Future<Output = (Outcome, Option<Returned>)> + Send + 'static,
+    {
         let size = row.payload.len() as u64;
         row.payload = Vec::new();
         self.bytes += size;
-        self.entries.push(Entry {
-            row,
-            size,
-            sent: Instant::now(),
-            confirm,
-        });
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        self.rows.insert(slot, (row, size));
+        let deadline = Instant::now() + self.deadline;
+        self.in_flight.push(Box::pin(async move {
+            (slot, tokio::time::timeout_at(deadline, confirm).await.ok())
+        }));
     }
 
     /// Confirms outstanding.
     pub(crate) fn in_flight(&self) -> usize {
-        self.entries.len()
+        self.in_flight.len()
     }
 
     /// Payload bytes of the confirms outstanding.
@@ -102,24 +103,23 @@ where
         self.bytes
     }
 
-    /// Nothing outstanding and nothing held.
     pub(crate) fn is_empty(&self) -> bool {
-        self.entries.is_empty() && self.acked.is_empty()
+        self.in_flight.is_empty()
     }
 
     /// Waits until at least one row is settled, and returns all that are.
+    /// Outside tokio's cooperative budget: spent part-way through a round
+    /// (each deadline is a timer), it would make ready confirms look
+    /// pending, and a round must see every ready one (see above).
     pub(crate) async fn settled(&mut self) -> Vec<Settled> {
-        std::future::poll_fn(|cx| self.poll_settled(cx)).await
+        tokio::task::unconstrained(std::future::poll_fn(|cx| self.poll_settled(cx))).await
     }
 
     /// What is settled right now, without waiting.
     #[cfg(test)]
     pub(crate) fn settled_now(&mut self) -> Vec<Settled> {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.poll_settled(&mut cx) {
-            Poll::Ready(settled) => settled,
-            Poll::Pending => Vec::new(),
-        }
+        use futures::FutureExt;
+        self.settled().now_or_never().unwrap_or_default()
     }
 
     /// Everything still in the window, to be released (an outage, a
@@ -127,84 +127,37 @@ where
     pub(crate) fn abandon(&mut self) -> Vec<Claimed> {
         self.bytes = 0;
         self.returned.clear();
-        let mut rows: Vec<Claimed> = self.entries.drain(..).map(|e| e.row).collect();
-        rows.extend(self.acked.drain(..).map(|(row, _)| row));
-        rows
+        self.in_flight = FuturesUnordered::new();
+        self.rows.drain().map(|(_, (row, _))| row).collect()
     }
 
     fn poll_settled(&mut self, cx: &mut Context<'_>) -> Poll<Vec<Settled>> {
+        let woken = Arc::new(Flag {
+            set: AtomicBool::new(false),
+            inner: cx.waker().clone(),
+        });
+        let waker = Waker::from(woken.clone());
+        let mut flagged = Context::from_waker(&waker);
+        let mut acked = Vec::new();
         let mut settled = Vec::new();
         loop {
-            self.pass += 1;
-            self.poll_confirms(cx, &mut settled);
-            self.finish_acked(&mut settled);
-            if !settled.is_empty() {
-                return Poll::Ready(settled);
-            }
-            if !self.acked.is_empty() {
-                // Acked in this pass: one more pass makes them final.
-                continue;
-            }
-            let Some(oldest) = self.entries.iter().map(|e| e.sent).min() else {
-                return Poll::Pending;
-            };
-            self.timer.as_mut().reset(oldest + self.deadline);
-            if self.timer.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
+            woken.set.store(false, Ordering::Relaxed);
+            match Pin::new(&mut self.in_flight).poll_next(&mut flagged) {
+                Poll::Ready(Some((slot, answer))) => {
+                    if let Some((row, size)) = self.rows.remove(&slot) {
+                        self.bytes -= size;
+                        self.take(row, answer, &mut acked, &mut settled);
+                    }
+                }
+                Poll::Ready(None) => break,
+                // It woke us: it yielded with futures still ready.
+                Poll::Pending if woken.set.load(Ordering::Relaxed) => {}
+                Poll::Pending => break,
             }
         }
-    }
-
-    /// Polls every outstanding confirm once; past the deadline, gives up.
-    fn poll_confirms(&mut self, cx: &mut Context<'_>, settled: &mut Vec<Settled>) {
-        let now = Instant::now();
-        let mut i = 0;
-        while i < self.entries.len() {
-            let entry = &mut self.entries[i];
-            let answer = Pin::new(&mut entry.confirm).poll(cx);
-            let overdue = now.duration_since(entry.sent) >= self.deadline;
-            if answer.is_pending() && !overdue {
-                i += 1;
-                continue;
-            }
-            let entry = self.entries.swap_remove(i);
-            self.bytes -= entry.size;
-            let (outcome, returned) = match answer {
-                Poll::Ready(answer) => answer,
-                Poll::Pending => {
-                    let waited = self.deadline.as_millis();
-                    let why = format!("no confirm from the broker within {waited} ms");
-                    settled.push(Settled::Failed(entry.row, Fault::ConfirmTimeout, why));
-                    continue;
-                }
-            };
-            if let Some(returned) = returned {
-                if self.returned.len() >= MAX_STRAY_RETURNS {
-                    self.returned.clear();
-                }
-                self.returned.insert(returned.message_id, returned.reason);
-            }
-            match outcome {
-                Outcome::Confirmed => self.acked.push((entry.row, self.pass)),
-                Outcome::Rejected(fault, why) => {
-                    settled.push(Settled::Failed(entry.row, fault, why));
-                }
-                Outcome::Lost(why) => settled.push(Settled::Lost(entry.row, why)),
-            }
-        }
-    }
-
-    /// Rows acked before this pass began: their returns are known now.
-    fn finish_acked(&mut self, settled: &mut Vec<Settled>) {
-        let pass = self.pass;
-        let mut i = 0;
-        while i < self.acked.len() {
-            if self.acked[i].1 >= pass {
-                i += 1;
-                continue;
-            }
-            let (row, _) = self.acked.swap_remove(i);
-            // Returns are rare: no key to build for the common case.
+        // Every confirm resolved before the last row here was acked has
+        // been collected: the acked rows' returns are known.
+        for row in acked {
             let returned = if self.returned.is_empty() {
                 None
             } else {
@@ -215,9 +168,58 @@ where
                 None => Settled::Published(row),
             });
         }
-        if self.is_empty() {
+        if self.in_flight.is_empty() {
             self.returned.clear();
         }
+        if settled.is_empty() {
+            Poll::Pending
+        } else {
+            Poll::Ready(settled)
+        }
+    }
+
+    fn take(
+        &mut self,
+        row: Claimed,
+        answer: Answer,
+        acked: &mut Vec<Claimed>,
+        settled: &mut Vec<Settled>,
+    ) {
+        let Some((outcome, returned)) = answer else {
+            let waited = self.deadline.as_millis();
+            let why = format!("no confirm from the broker within {waited} ms");
+            settled.push(Settled::Failed(row, Fault::ConfirmTimeout, why));
+            return;
+        };
+        if let Some(returned) = returned {
+            if self.returned.len() >= MAX_STRAY_RETURNS {
+                self.returned.clear();
+            }
+            self.returned.insert(returned.message_id, returned.reason);
+        }
+        match outcome {
+            Outcome::Confirmed => acked.push(row),
+            Outcome::Rejected(fault, why) => settled.push(Settled::Failed(row, fault, why)),
+            Outcome::Lost(why) => settled.push(Settled::Lost(row, why)),
+        }
+    }
+}
+
+/// Records that the set woke its task while being polled, and passes the
+/// wake on.
+struct Flag {
+    set: AtomicBool,
+    inner: Waker,
+}
+
+impl Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.set.store(true, Ordering::Relaxed);
+        self.inner.wake_by_ref();
     }
 }
 
@@ -259,7 +261,7 @@ mod tests {
         }
     }
 
-    fn publish(window: &mut Window<Fake>, id: i64) -> (Uuid, oneshot::Sender<Answer>) {
+    fn publish(window: &mut Window, id: i64) -> (Uuid, oneshot::Sender<Answer>) {
         let (send, receive) = oneshot::channel();
         let row = row(id);
         let message_id = row.message_id;
@@ -333,6 +335,24 @@ mod tests {
         ack(second, None);
         assert_eq!(names(&window.settled().await), [(2, "returned")]);
         assert_eq!(window.in_flight(), 1);
+    }
+
+    #[tokio::test]
+    async fn many_acks_at_once_settle_in_one_round_past_the_sets_yield() {
+        // FuturesUnordered yields after polling a few dozen ready futures;
+        // the round must go on until none is ready, or row 0 would be
+        // marked published before the confirm carrying its return is seen.
+        let mut window = Window::new(Duration::from_secs(10));
+        let confirms: Vec<_> = (0..200).map(|id| publish(&mut window, id)).collect();
+        let first = confirms[0].0;
+        for (n, (_, sender)) in confirms.into_iter().enumerate() {
+            ack(sender, if n == 199 { returned(first) } else { None });
+        }
+        let settled = window.settled_now();
+        assert_eq!(settled.len(), 200);
+        let names = names(&settled);
+        assert_eq!(names[0], (0, "returned"));
+        assert!(names[1..].iter().all(|(_, what)| *what == "published"));
     }
 
     #[tokio::test]
