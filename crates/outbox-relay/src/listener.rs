@@ -29,6 +29,11 @@ pub const KEEP_DRAINING_EVERY: Duration = Duration::from_secs(1);
 pub const APPLICATION_NAME: &str = "outbox-relay";
 
 const BEGIN_DRAIN: &str = "BEGIN; SELECT pg_try_advisory_xact_lock_shared(1869968482, 1)";
+const TRY_DRAIN_LOCK: &str = "SELECT pg_try_advisory_xact_lock_shared(1869968482, 1)";
+/// While the drain lock could not be had, how often a drain tries again:
+/// a writer mid-wake-up holds it for one commit, and until we hold it
+/// every committing writer pays for a NOTIFY.
+const DRAIN_LOCK_RETRY: Duration = Duration::from_millis(2);
 /// Commits the drain's transaction and starts another: the transaction
 /// never grows old, and the lock is tried again if it was taken.
 const KEEP_DRAINING: &str = "COMMIT; BEGIN; SELECT pg_try_advisory_xact_lock_shared(1869968482, 1)";
@@ -52,6 +57,8 @@ pub struct Listener {
     holds_drain_lock: bool,
     /// Holds the listener lock, so writers know someone listens.
     announced: bool,
+    /// When a drain without the lock may try for it again.
+    next_lock_try: tokio::time::Instant,
 }
 
 impl Listener {
@@ -99,6 +106,7 @@ impl Listener {
             draining: false,
             holds_drain_lock: false,
             announced: false,
+            next_lock_try: tokio::time::Instant::now(),
         };
         listener.announce().await?;
         Ok(listener)
@@ -146,11 +154,14 @@ impl Listener {
     /// a transaction that fired the trigger early), and waiting for it
     /// would delay the drain; without it writers keep notifying.
     pub async fn begin_drain(&mut self) -> Result<(), String> {
-        if self.draining {
+        if !self.draining {
+            self.draining = true;
+            return self.try_drain_lock(BEGIN_DRAIN).await;
+        }
+        if self.holds_drain_lock || tokio::time::Instant::now() < self.next_lock_try {
             return Ok(());
         }
-        self.draining = true;
-        self.try_drain_lock(BEGIN_DRAIN).await
+        self.try_drain_lock(TRY_DRAIN_LOCK).await
     }
 
     /// Keeps a long drain's transaction young (see [`KEEP_DRAINING_EVERY`]).
@@ -169,6 +180,7 @@ impl Listener {
         self.holds_drain_lock = answer.iter().any(|message| {
             matches!(message, tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some("t"))
         });
+        self.next_lock_try = tokio::time::Instant::now() + DRAIN_LOCK_RETRY;
         Ok(())
     }
 
