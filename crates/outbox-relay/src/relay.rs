@@ -417,7 +417,7 @@ impl Relay {
         bytes: u64,
     ) -> Result<(Vec<Claimed>, bool), Outage> {
         let (began, claim) = tokio::join!(
-            begin_drain(self.listener.as_mut()),
+            begin_drain(self.listener.as_mut(), !self.wake_locks_held),
             self.store.claim(
                 limit as u32,
                 bytes,
@@ -641,9 +641,9 @@ fn next_recheck(current: Option<usize>, claimed: bool, mode: Mode) -> Option<usi
     }
 }
 
-async fn begin_drain(listener: Option<&mut Listener>) -> Result<(), String> {
+async fn begin_drain(listener: Option<&mut Listener>, patient: bool) -> Result<(), String> {
     match listener {
-        Some(listener) => listener.begin_drain().await,
+        Some(listener) => listener.begin_drain(patient).await,
         None => Ok(()),
     }
 }
