@@ -272,7 +272,7 @@ impl Relay {
     /// Another session holding the wake-up locks (a transaction that fired
     /// the trigger early and runs long, or anyone's on purpose) makes
     /// writers skip their NOTIFY. That cannot be prevented (advisory locks
-    /// are anyone's), so it is found at each sweep, logged, metered, and
+    /// are anyone's), so it is looked for every second, logged, metered, and
     /// met by claiming every FAST_POLL until it ends.
     async fn check_wake_locks(&mut self) {
         if self.config.mode == Mode::Poll {
