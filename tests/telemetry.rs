@@ -5,10 +5,9 @@
 //! consumer's log. Relays and consumers run as child processes, so every
 //! scrape shows one process's own numbers.
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
-use outbox_tests::broker::{Topology, connect as connect_broker};
+use outbox_tests::broker::{Topology, bound_queue, connect as connect_broker, fanout_exchange};
 use outbox_tests::dispatch::{
     PATIENCE, Publisher, count, dispatch_command, fail_order_666,
     test_settings as dispatch_settings, wait_for_consumers, wait_until,
@@ -48,48 +47,10 @@ async fn enqueue(client: &Client, exchange: &str, routing_key: &str, payload: &V
         .get(0)
 }
 
-/// A new queue (it expires unused) with `arguments`, bound to `exchange`.
-async fn bound_queue(channel: &Channel, exchange: &str, mut arguments: FieldTable) -> String {
-    let queue = unique_name("test_q");
-    arguments.insert("x-expires".into(), AMQPValue::LongInt(300_000));
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions::default(),
-            arguments,
-        )
-        .await
-        .expect("declare queue");
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            exchange.into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
-    queue
-}
-
 /// An exchange whose only queue is full and rejects publishes: the broker
 /// nacks every message sent to it.
 async fn nacking_exchange(channel: &Channel) -> String {
-    let exchange = unique_name("test_nack_ex");
-    let auto_delete = ExchangeDeclareOptions {
-        auto_delete: true,
-        ..ExchangeDeclareOptions::default()
-    };
-    channel
-        .exchange_declare(
-            exchange.as_str().into(),
-            ExchangeKind::Fanout,
-            auto_delete,
-            FieldTable::default(),
-        )
-        .await
-        .expect("declare exchange");
+    let exchange = fanout_exchange(channel, "test_nack_ex").await;
     let mut arguments = FieldTable::default();
     arguments.insert("x-max-length".into(), AMQPValue::LongInt(0));
     arguments.insert(

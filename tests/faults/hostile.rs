@@ -9,11 +9,12 @@ use std::collections::{HashMap, HashSet};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use lapin::ExchangeKind;
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::QueueBindOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use outbox_relay::Settings;
-use outbox_tests::broker::{Topology, message_id, resume_queue, suspend_queue};
+use outbox_tests::broker::{
+    Topology, bound_queue, fanout_exchange, message_id, resume_queue, suspend_queue,
+};
 use outbox_tests::dispatch::count;
 use outbox_tests::relay::{RunningRelay, relay_run_command, test_settings};
 use outbox_tests::*;
@@ -85,6 +86,16 @@ async fn wait_for_count(db: &TestDb, sql: &str, expected: i64, limit: Duration) 
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Counts the sessions of this test's database holding wake-up lock
+/// `(1869968482, objid)`; other tests' relays hold it in theirs.
+fn wake_lock_holders(objid: i32) -> String {
+    format!(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
+         AND classid = 1869968482 AND objid = {objid} AND objsubid = 2 AND granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
 }
 
 fn distinct_ids(deliveries: &[lapin::message::Delivery]) -> HashSet<Uuid> {
@@ -214,41 +225,10 @@ async fn faults_a_missing_amq_exchange_is_that_rows_fault_alone() {
 async fn short_queue() -> (lapin::Connection, String) {
     let connection = outbox_tests::broker::connect().await;
     let channel = connection.create_channel().await.expect("channel");
-    let exchange = unique_name("test_big_ex");
-    let queue = unique_name("test_big_q");
-    channel
-        .exchange_declare(
-            exchange.as_str().into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                auto_delete: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("declare exchange");
+    let exchange = fanout_exchange(&channel, "test_big_ex").await;
     let mut arguments = FieldTable::default();
-    arguments.insert("x-expires".into(), AMQPValue::LongInt(300_000));
     arguments.insert("x-max-length".into(), AMQPValue::LongInt(2));
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions::default(),
-            arguments,
-        )
-        .await
-        .expect("declare queue");
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
+    bound_queue(&channel, &exchange, arguments).await;
     (connection, exchange)
 }
 
@@ -423,16 +403,10 @@ async fn faults_a_frozen_relay_gives_the_drain_lock_back() {
         ARRIVAL,
     )
     .await;
+    wait_for_count(&db, &wake_lock_holders(1), 1, ARRIVAL).await;
     first.signal("-STOP");
     // The server ends its silent drain transaction, and the lock with it.
-    wait_for_count(
-        &db,
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
-         AND classid = 1869968482 AND objid = 1 AND granted",
-        0,
-        Duration::from_secs(15),
-    )
-    .await;
+    wait_for_count(&db, &wake_lock_holders(1), 0, Duration::from_secs(15)).await;
     // An idle second relay, which only a writer's wake-up moves (its sweep
     // is a minute away), is woken again.
     let second = RunningRelay::start(Settings {
@@ -440,7 +414,12 @@ async fn faults_a_frozen_relay_gives_the_drain_lock_back() {
         ..test_settings(&db)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The frozen relay's listener went with its session: one listens now.
+    wait_for_count(&db, &wake_lock_holders(2), 1, ARRIVAL).await;
+    // Let the new relay's first drain end: a row committed during a drain
+    // that found nothing waits for the sweep (the race README describes),
+    // and no outside sign tells when that drain is over.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let woken = enqueue(&client, &healthy.exchange, "{}", None).await;
     let deliveries = healthy.receive(1, Duration::from_secs(5)).await;
     assert_eq!(distinct_ids(&deliveries), HashSet::from([woken]));
@@ -583,7 +562,7 @@ async fn faults_a_held_wake_up_lock_does_not_silence_other_writers() {
         ..test_settings(&db)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for_count(&db, &wake_lock_holders(2), 1, ARRIVAL).await;
 
     // A transaction that fired the wake-up trigger early and stays open
     // holds the drain lock exclusively.
@@ -596,6 +575,8 @@ async fn faults_a_held_wake_up_lock_does_not_silence_other_writers() {
         ))
         .await
         .expect("fire the wake-up early");
+    // Time itself is the condition: the relay looks once a second and
+    // acts on a holder seen twice in a row.
     tokio::time::sleep(Duration::from_secs(3)).await;
     writers_are_heard(&db, &topology, Duration::from_secs(3)).await;
     transaction.commit().await.expect("commit");

@@ -139,6 +139,50 @@ pub fn message_id(delivery: &Delivery) -> uuid::Uuid {
     id.as_str().parse().expect("message_id is a UUID")
 }
 
+/// A fanout exchange named `prefix_…`, gone once its queues are.
+pub async fn fanout_exchange(channel: &Channel, prefix: &str) -> String {
+    let exchange = unique_name(prefix);
+    let auto_delete = ExchangeDeclareOptions {
+        auto_delete: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            auto_delete,
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare exchange");
+    exchange
+}
+
+/// A new queue (it expires unused) with `arguments`, bound to `exchange`.
+pub async fn bound_queue(channel: &Channel, exchange: &str, mut arguments: FieldTable) -> String {
+    let queue = unique_name("test_q");
+    arguments.insert("x-expires".into(), AMQPValue::LongInt(300_000));
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            arguments,
+        )
+        .await
+        .expect("declare queue");
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    queue
+}
+
 /// Freezes `queue`'s process on the broker (`sys:suspend`): it stops
 /// answering, so publishes routed to it are never confirmed. Only the
 /// test's own queue is touched; [`resume_queue`] thaws it.

@@ -216,12 +216,6 @@ impl Broker {
         let close = self.connection.close(200, "relay stopping".into());
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
     }
-
-    /// Forgets that `exchange` exists: the channel just closed saying it
-    /// does not.
-    pub fn forget_exchange(&mut self, exchange: &str) {
-        self.known_exchanges.remove(exchange);
-    }
 }
 
 /// A channel closed by the broker because of one message, not an outage:
@@ -233,7 +227,7 @@ pub enum ChannelFault {
     /// `max_message_size` (not told at connect; learned here).
     TooLarge { broker_max: u64 },
     /// NOT_FOUND: an exchange deleted after it was checked.
-    NoExchange(String),
+    NoExchange,
 }
 
 impl ChannelFault {
@@ -249,8 +243,9 @@ impl ChannelFault {
                 .map(|broker_max| ChannelFault::TooLarge { broker_max });
         }
         let (_, after) = error.split_once("no exchange '")?;
-        let (name, _) = after.rsplit_once("' in vhost")?;
-        Some(ChannelFault::NoExchange(name.to_string()))
+        after
+            .contains("' in vhost")
+            .then_some(ChannelFault::NoExchange)
     }
 }
 
@@ -446,7 +441,7 @@ mod tests {
         );
         assert_eq!(
             ChannelFault::from_error("NOT_FOUND - no exchange 'amq.it's' in vhost '/'"),
-            Some(ChannelFault::NoExchange("amq.it's".into()))
+            Some(ChannelFault::NoExchange)
         );
         assert_eq!(ChannelFault::from_error("connection reset by peer"), None);
     }

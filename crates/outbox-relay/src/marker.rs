@@ -27,7 +27,7 @@ const MAX_BATCH: usize = 1000;
 /// A row as the marker fences it: its id and lease token.
 pub type Held = (i64, String);
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Mark {
     Published(Held),
     Failed { row: Box<Claimed>, error: String },
@@ -136,60 +136,52 @@ impl Worker {
                 }
             }
             let count = batch.len();
-            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-            loop {
-                match self.record(&batch).await {
-                    Ok(()) => break,
-                    Err(StoreError::Refused(error)) => {
-                        tracing::warn!(%error, "recording outcomes failed; retrying row by row");
-                        self.record_one_by_one(&batch).await;
-                        break;
-                    }
-                    Err(StoreError::Unavailable(error)) => {
-                        let delay = backoff.next_delay();
-                        tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot record publish outcomes");
-                        tokio::time::sleep(delay).await;
-                    }
-                }
+            if let Err(error) = self.record_through_outages(&batch).await {
+                tracing::warn!(%error, "recording outcomes failed; retrying row by row");
+                self.record_one_by_one(&batch).await;
             }
             self.unsettled.send_modify(|n| *n -= count);
         }
     }
 
-    /// After a refused batch: each mark alone, one row at a time, waiting
-    /// out outages, giving up on rows the server refuses.
+    /// Records `batch`, waiting out outages with backoff; the error of a
+    /// statement the server refused.
+    async fn record_through_outages(&self, batch: &[Mark]) -> Result<(), String> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            match self.record(batch).await {
+                Ok(()) => return Ok(()),
+                Err(StoreError::Refused(error)) => return Err(error),
+                Err(StoreError::Unavailable(error)) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot record publish outcomes");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// After a refused batch: each row alone, giving up on those the server
+    /// refuses.
     async fn record_one_by_one(&self, batch: &[Mark]) {
         let singles = batch.iter().flat_map(|mark| match mark {
             Mark::Release(rows) => rows
                 .iter()
                 .map(|r| Mark::Release(vec![r.clone()]))
                 .collect(),
-            Mark::Published(row) => vec![Mark::Published(row.clone())],
-            Mark::Failed { row, error } => vec![Mark::Failed {
-                row: row.clone(),
-                error: error.clone(),
-            }],
+            single => vec![single.clone()],
         });
         for single in singles {
-            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-            loop {
-                match self.record(std::slice::from_ref(&single)).await {
-                    Ok(()) => break,
-                    Err(StoreError::Refused(error)) => {
-                        self.meters.mark_failures.increment(single.rows() as u64);
-                        tracing::error!(
-                            %error,
-                            row = ?held_ids(&single),
-                            "cannot record this row's outcome; its lease will expire and it will be published again"
-                        );
-                        break;
-                    }
-                    Err(StoreError::Unavailable(error)) => {
-                        let delay = backoff.next_delay();
-                        tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot record publish outcomes");
-                        tokio::time::sleep(delay).await;
-                    }
-                }
+            if let Err(error) = self
+                .record_through_outages(std::slice::from_ref(&single))
+                .await
+            {
+                self.meters.mark_failures.increment(single.rows() as u64);
+                tracing::error!(
+                    %error,
+                    row = ?held_ids(&single),
+                    "cannot record this row's outcome; its lease will expire and it will be published again"
+                );
             }
         }
     }

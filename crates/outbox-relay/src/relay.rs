@@ -567,19 +567,13 @@ impl Relay {
     async fn wait_out(&mut self, outage: Outage, shutdown: &CancellationToken) {
         if let Outage::Broker(error) = &outage {
             self.settle_in_flight(Duration::from_secs(1)).await;
-            let fault = ChannelFault::from_error(error);
             if let Some(broker) = self.broker.take() {
-                if let Some(ChannelFault::NoExchange(exchange)) = &fault {
-                    let mut broker = broker;
-                    broker.forget_exchange(exchange);
-                    broker.close().await;
-                } else {
-                    broker.close().await;
-                }
+                broker.close().await;
             }
-            if let Some(fault) = fault {
-                // One message's fault: reconnect now; claimed again, that
-                // message alone fails (the others are published again).
+            if let Some(fault) = ChannelFault::from_error(error) {
+                // One message's fault: reconnect now (the new connection
+                // checks exchanges afresh); claimed again, that message
+                // alone fails (the others are published again).
                 if let ChannelFault::TooLarge { broker_max } = fault {
                     self.broker_max = Some(broker_max);
                 }
