@@ -98,6 +98,22 @@ fn wake_lock_holders(objid: i32) -> String {
     )
 }
 
+/// A relay whose sweep is a minute away, so that only wake-ups (or its
+/// own fast polling) move rows, once it is the one listener and idle.
+async fn start_idle_relay(db: &TestDb) -> RunningRelay {
+    let relay = RunningRelay::start(Settings {
+        sweep_interval_ms: Some(60_000),
+        ..test_settings(db)
+    })
+    .await;
+    wait_for_count(db, &wake_lock_holders(2), 1, ARRIVAL).await;
+    // Let its first drain end: a row committed during a drain that found
+    // nothing waits for the sweep (the race README describes), and no
+    // outside sign tells when that drain is over.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay
+}
+
 fn distinct_ids(deliveries: &[lapin::message::Delivery]) -> HashSet<Uuid> {
     deliveries.iter().map(message_id).collect()
 }
@@ -409,17 +425,8 @@ async fn faults_a_frozen_relay_gives_the_drain_lock_back() {
     wait_for_count(&db, &wake_lock_holders(1), 0, Duration::from_secs(15)).await;
     // An idle second relay, which only a writer's wake-up moves (its sweep
     // is a minute away), is woken again.
-    let second = RunningRelay::start(Settings {
-        sweep_interval_ms: Some(60_000),
-        ..test_settings(&db)
-    })
-    .await;
-    // The frozen relay's listener went with its session: one listens now.
-    wait_for_count(&db, &wake_lock_holders(2), 1, ARRIVAL).await;
-    // Let the new relay's first drain end: a row committed during a drain
-    // that found nothing waits for the sweep (the race README describes),
-    // and no outside sign tells when that drain is over.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // (The frozen relay's listener went with its session.)
+    let second = start_idle_relay(&db).await;
     let woken = enqueue(&client, &healthy.exchange, "{}", None).await;
     let deliveries = healthy.receive(1, Duration::from_secs(5)).await;
     assert_eq!(distinct_ids(&deliveries), HashSet::from([woken]));
@@ -557,12 +564,7 @@ async fn faults_a_held_wake_up_lock_does_not_silence_other_writers() {
     let topology = Topology::fanout().await;
     // The sweep is a minute away: only wake-ups (or the relay's own
     // fast polling) move rows within the test.
-    let relay = RunningRelay::start(Settings {
-        sweep_interval_ms: Some(60_000),
-        ..test_settings(&db)
-    })
-    .await;
-    wait_for_count(&db, &wake_lock_holders(2), 1, ARRIVAL).await;
+    let relay = start_idle_relay(&db).await;
 
     // A transaction that fired the wake-up trigger early and stays open
     // holds the drain lock exclusively.
