@@ -7,8 +7,9 @@
 
 use std::process::Command;
 
-use ::dispatch::{Settings, Topology};
+use ::dispatch::Settings;
 use lapin::BasicProperties;
+use outbox_consumer::Topology;
 use outbox_tests::dispatch::*;
 use outbox_tests::relay::{RunningRelay, test_settings as relay_settings};
 use outbox_tests::*;
@@ -231,7 +232,7 @@ async fn dispatch_consumes_each_outbox_order_once() {
     let (status, metrics) = api.get("/metrics").await;
     assert_eq!(status, 200);
     assert!(
-        metrics.contains("dispatch_messages_total{outcome=\"processed\"}"),
+        metrics.contains("consumer_messages_total{outcome=\"processed\"}"),
         "{metrics}"
     );
     relay.stop().await;
@@ -304,7 +305,7 @@ async fn dispatch_dead_letters_poison_and_keeps_going() {
     // Handlers run concurrently, so dead letters may arrive in any order.
     for (body, _, reason) in &poison {
         let delivery = dead.iter().find(|d| d.data == *body);
-        let error = delivery.and_then(|d| header(d, "x-dispatch-error"));
+        let error = delivery.and_then(|d| header(d, "x-consumer-error"));
         assert!(
             error.as_deref().is_some_and(|e| e.contains(reason)),
             "{}: {error:?}",
@@ -490,17 +491,17 @@ async fn dead_letters_a_message_that_keeps_failing(queue_type: &str) {
     assert_eq!(dead.len(), 1);
     let message_id = dead[0].properties.message_id().as_ref();
     assert_eq!(message_id.map(|m| m.to_string()), Some(doomed.to_string()));
-    let error = header(&dead[0], "x-dispatch-error").unwrap_or_default();
+    let error = header(&dead[0], "x-consumer-error").unwrap_or_default();
     assert!(
         error.contains("delivery 3 of 3") && error.contains("order 666 conflicts"),
         "{error}"
     );
     assert_eq!(
-        header(&dead[0], "x-dispatch-deliveries").as_deref(),
+        header(&dead[0], "x-consumer-deliveries").as_deref(),
         Some("3")
     );
     // The first two failures went through the retry queue.
-    assert_eq!(header(&dead[0], "x-dispatch-retries").as_deref(), Some("2"));
+    assert_eq!(header(&dead[0], "x-consumer-retries").as_deref(), Some("2"));
     let db = fixture.stop_with_queues_empty().await;
     assert_eq!(inbox(&db).await, 5, "the doomed message left no inbox row");
 }

@@ -62,7 +62,7 @@ fn dashboard_and_alerts_use_documented_metrics() {
         }
     }
     let alerts = read("alerts.yml");
-    for prefix in ["outbox_", "dispatch_"] {
+    for prefix in ["outbox_", "consumer_"] {
         let documented = documented_metrics(prefix);
         for (file, text) in [("the dashboard", &queries), ("alerts.yml", &alerts)] {
             let used = metric_names(text, prefix);

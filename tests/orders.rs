@@ -16,9 +16,9 @@ struct Service {
 impl Service {
     async fn start() -> Service {
         let db = TestDb::empty().await;
-        let target = outbox_relay::db::parse_url(&db.url, None).expect("url");
+        let target = outbox_service::db::parse_url(&db.url, None).expect("url");
         orders::migrate(&target).await.expect("migrate");
-        let pool = outbox_relay::db::pool(&target, 4).await.expect("pool");
+        let pool = outbox_service::db::pool(&target, 4).await.expect("pool");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

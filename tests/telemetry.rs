@@ -257,7 +257,7 @@ async fn traceparent_reaches_the_consumer_log_and_its_counters_move() {
     let names = outbox_tests::dispatch::topology(&settings);
     let env = [
         ("DISPATCH_LOG_FORMAT", "json"),
-        ("RUST_LOG", "info,dispatch=debug"),
+        ("RUST_LOG", "info,outbox_consumer=debug"),
         ("DISPATCH_MAX_DELIVERIES", "3"),
         ("DISPATCH_RETRY_BASE_MS", "50"),
     ];
@@ -323,14 +323,14 @@ async fn traceparent_reaches_the_consumer_log_and_its_counters_move() {
     ];
     for (outcome, expected) in outcomes {
         let labels = [("outcome", outcome)];
-        wait_for_metric(http, "dispatch_messages_total", &labels, |n| n == expected).await;
+        wait_for_metric(http, "consumer_messages_total", &labels, |n| n == expected).await;
     }
     // Received: 4 messages, two of them redelivered from the retry queue.
     let scrape = Scrape::of(http).await;
-    assert_eq!(scrape.value("dispatch_received_total", &[]), 6.0);
-    assert_eq!(scrape.value("dispatch_handle_seconds_count", &[]), 5.0);
-    assert_eq!(scrape.value("dispatch_consuming", &[]), 1.0);
-    assert_eq!(scrape.value("dispatch_database_available", &[]), 1.0);
+    assert_eq!(scrape.value("consumer_received_total", &[]), 6.0);
+    assert_eq!(scrape.value("consumer_handle_seconds_count", &[]), 5.0);
+    assert_eq!(scrape.value("consumer_consuming", &[]), 1.0);
+    assert_eq!(scrape.value("consumer_database_available", &[]), 1.0);
     for name in documented_metrics("dispatch_") {
         assert!(scrape.has(&name), "{name} is documented but not served");
     }

@@ -455,7 +455,7 @@ async fn faults_bad_messages_get_an_error_or_a_dead_letter_and_block_nothing() {
     assert_eq!(dead_lettered.len(), poison.len() + no_id);
     let mut with_id = HashSet::new();
     for delivery in &dead_lettered {
-        let reason = header(delivery, "x-dispatch-error").expect("a reason");
+        let reason = header(delivery, "x-consumer-error").expect("a reason");
         assert!(!reason.is_empty());
         if let Some(id) = delivery.properties.message_id().as_ref()
             && let Ok(id) = Uuid::parse_str(id.as_str())

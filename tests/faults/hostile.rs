@@ -639,7 +639,7 @@ async fn faults_a_relay_whose_lease_expired_cannot_settle_rows_taken_over() {
     let db = TestDb::with_outbox().await;
     let client = db.connect().await;
     enqueue(&client, "anywhere", "{}", None).await;
-    let target = outbox_relay::db::parse_url(&db.url, None).expect("url");
+    let target = outbox_service::db::parse_url(&db.url, None).expect("url");
     let late = Store::connect(&target, "late").await.expect("store");
     let current = Store::connect(&target, "current").await.expect("store");
     let lease = Duration::from_millis(200);

@@ -92,7 +92,7 @@ async fn faults_poison_and_unroutable_mixed_in() {
     let ids: HashSet<Uuid> = dead_lettered.iter().map(message_id).collect();
     assert_eq!(ids, poison, "dead-letter queue holds exactly the poison");
     for delivery in &dead_lettered {
-        let reason = header(delivery, "x-dispatch-error").expect("a reason");
+        let reason = header(delivery, "x-consumer-error").expect("a reason");
         assert!(!reason.is_empty());
     }
 }

@@ -42,7 +42,7 @@ pub fn test_settings(db: &TestDb) -> Settings {
 }
 
 /// The queue names that `settings` lead to.
-pub fn topology(settings: &Settings) -> ::dispatch::Topology {
+pub fn topology(settings: &Settings) -> outbox_consumer::Topology {
     let config = settings.clone().validate().expect("valid settings");
     config.consumer.topology
 }

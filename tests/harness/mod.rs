@@ -52,7 +52,7 @@ impl TestDb {
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .expect("create test database");
-        let url = outbox_relay::db::with_dbname(&admin_url(), &name);
+        let url = outbox_service::db::with_dbname(&admin_url(), &name);
         TestDb { name, url }
     }
 

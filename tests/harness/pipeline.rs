@@ -31,7 +31,7 @@ pub struct Pipeline {
     pub app: TestDb,
     pub dispatch_db: TestDb,
     pub dispatch: ::dispatch::Settings,
-    pub names: ::dispatch::Topology,
+    pub names: outbox_consumer::Topology,
     /// Bound to the dispatch exchange: every routed copy, in broker order.
     pub audit_queue: String,
     pub relays: Vec<Child>,
@@ -51,7 +51,7 @@ impl Pipeline {
         consumer_env: &[(&str, &str)],
     ) -> Pipeline {
         let app = TestDb::empty().await;
-        let target = outbox_relay::db::parse_url(&app.url, None).expect("app url");
+        let target = outbox_service::db::parse_url(&app.url, None).expect("app url");
         orders::migrate(&target).await.expect("migrate orders");
         let dispatch_db = TestDb::empty().await;
         let dispatch = test_settings(&dispatch_db);

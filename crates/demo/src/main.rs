@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use outbox_relay::db::{self, with_dbname};
+use outbox_service::db::{self, with_dbname};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -49,7 +49,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    outbox_relay::telemetry::init();
+    outbox_service::telemetry::init();
     match try_main(args).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,

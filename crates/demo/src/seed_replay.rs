@@ -86,8 +86,8 @@ pub async fn run(
 /// The seed's DispatchController: `GET /dispatch/order?orderId=`, 3 s for
 /// order 100001, then a delivery row in its own transaction.
 async fn serve_legacy_dispatch(database_url: String) -> anyhow::Result<String> {
-    let target = outbox_relay::db::parse_url(&database_url, None)?;
-    let pool = outbox_relay::db::pool(&target, 2).await?;
+    let target = outbox_service::db::parse_url(&database_url, None)?;
+    let pool = outbox_service::db::pool(&target, 2).await?;
     let app = Router::new()
         .route("/dispatch/order", get(legacy_dispatch))
         .with_state(pool);

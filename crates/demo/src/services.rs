@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use outbox_relay::db;
+use outbox_service::db;
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;

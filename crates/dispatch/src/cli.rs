@@ -4,7 +4,7 @@
 
 use clap::{Parser, Subcommand};
 
-use outbox_relay::telemetry::LogFormat;
+use outbox_service::telemetry::LogFormat;
 
 use crate::config::Settings;
 

@@ -7,14 +7,18 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, CommandFactory};
-use outbox_relay::db::{PgTarget, parse_url};
-use outbox_relay::limits::{self, check};
+use outbox_service::db::{PgTarget, parse_url};
+use outbox_service::limits::{self, check};
 
-use crate::consumer::ConsumerConfig;
 use crate::deliveries::{Dispatcher, SlowOrder};
-use crate::topology::{DEFAULT_EXCHANGE, DEFAULT_QUEUE, QueueType, Topology};
+use outbox_consumer::{ConsumerConfig, QueueType, Topology};
 
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The seed's names.
+pub const DEFAULT_EXCHANGE: &str = "order_confirm_fanoutExchange";
+pub const DEFAULT_QUEUE: &str = "order_confirm_fanoutQueue";
+/// Created by `sql/dispatch/V1__dispatch.sql`.
+pub const INBOX_TABLE: &str = "dispatch.inbox";
 
 /// Every setting; the doc comments are the `--help` text.
 #[derive(Debug, Default, Clone, Args)]
@@ -119,17 +123,12 @@ pub struct Config {
 /// otherwise silently leave the default in force.
 pub fn check_environment(vars: impl Iterator<Item = (String, String)>) -> anyhow::Result<()> {
     let command = crate::cli::Cli::command();
-    let known: Vec<String> = command
-        .get_arguments()
-        .filter_map(|arg| arg.get_env())
-        .map(|env| env.to_string_lossy().into_owned())
-        .collect();
-    for (name, _) in vars {
-        if name.starts_with("DISPATCH_") && !known.contains(&name) {
-            bail!("unknown setting {name} in the environment (see `dispatch --help`)");
-        }
-    }
-    Ok(())
+    Ok(outbox_service::environment::check(
+        &command,
+        "DISPATCH_",
+        &[],
+        vars,
+    )?)
 }
 
 impl Settings {
@@ -144,7 +143,7 @@ impl Settings {
     pub fn validate(self) -> anyhow::Result<Config> {
         let database = self.database()?;
         let ca_file = self.database_ca_file.as_deref();
-        if let Some(line) = outbox_relay::pg_tls::unverified_warning(
+        if let Some(line) = outbox_service::pg_tls::unverified_warning(
             database.ssl_mode,
             ca_file,
             "DISPATCH_DATABASE_CA_FILE",
@@ -152,7 +151,7 @@ impl Settings {
             tracing::warn!("{line}");
         }
         let amqp_url = self.amqp_url.unwrap_or_else(|| DEFAULT_AMQP_URL.into());
-        outbox_relay::secrets::check_amqp_url(&amqp_url)?;
+        outbox_service::amqp::check_urls(&amqp_url)?;
         let queue = name("DISPATCH_QUEUE", self.queue, DEFAULT_QUEUE)?;
         let defaults = Topology::named(DEFAULT_EXCHANGE, &queue);
         let topology = Topology {
@@ -189,7 +188,7 @@ impl Settings {
             queue,
         };
         // The library's defaults are the binary's.
-        let base = ConsumerConfig::new(&amqp_url, topology);
+        let base = ConsumerConfig::new(&amqp_url, topology, INBOX_TABLE);
         let consumer = ConsumerConfig {
             prefetch: at_least_one("DISPATCH_PREFETCH", self.prefetch, base.prefetch)?,
             max_deliveries: check(
@@ -217,6 +216,7 @@ impl Settings {
                 limits::SHUTDOWN_TIMEOUT_MS,
             )?,
             amqp_ca_file: self.amqp_ca_file,
+            name: "dispatch".into(),
             ..base
         };
         if consumer.retry_max < consumer.retry_base {

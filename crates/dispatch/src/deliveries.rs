@@ -9,7 +9,7 @@ use tokio_postgres::Transaction;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 
-use crate::handler::{Handler, HandlerError, Incoming};
+use outbox_consumer::{Handler, HandlerError, Incoming};
 
 /// The order message the order service publishes through the outbox.
 /// Only `orderId` is needed here; the rest is for people reading the queue.
@@ -122,7 +122,7 @@ pub async fn find(pool: &Pool, order_id: i64) -> Result<Option<DeliveryView>, St
     let client = pool
         .get()
         .await
-        .map_err(|e| outbox_relay::db::pool_error(&e))?;
+        .map_err(|e| outbox_service::db::pool_error(&e))?;
     let rows = client
         .query_typed(FIND, &[(&order_id, Type::INT8)])
         .await

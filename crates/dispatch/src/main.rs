@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    outbox_relay::telemetry::init_with(cli.log_format);
+    outbox_service::telemetry::init_with(cli.log_format);
     match try_main(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -29,7 +29,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
             let config = cli.settings.validate()?;
             let shutdown = CancellationToken::new();
             // Stop consuming, finish or give back the deliveries in hand.
-            outbox_relay::shutdown::cancel_on_signal(shutdown.clone());
+            outbox_service::shutdown::cancel_on_signal(shutdown.clone());
             dispatch::run(config, shutdown).await
         }
     }

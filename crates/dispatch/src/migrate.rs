@@ -70,8 +70,8 @@ async fn is_current(client: &Client) -> Result<bool, tokio_postgres::Error> {
 }
 
 /// `dispatch migrate`: install or upgrade, then say what changed.
-pub async fn run(target: &outbox_relay::db::PgTarget) -> anyhow::Result<()> {
-    let mut client = outbox_relay::db::connect(target).await?;
+pub async fn run(target: &outbox_service::db::PgTarget) -> anyhow::Result<()> {
+    let mut client = outbox_service::db::connect(target).await?;
     let applied = migrate(&mut client).await.map_err(|e| failed(target, e))?;
     if applied.is_empty() {
         println!("dispatch schema is up to date on {}", target.describe());
@@ -82,7 +82,7 @@ pub async fn run(target: &outbox_relay::db::PgTarget) -> anyhow::Result<()> {
 }
 
 /// The error of a failed migration, naming the database.
-pub fn failed(target: &outbox_relay::db::PgTarget, error: outbox::Error) -> anyhow::Error {
+pub fn failed(target: &outbox_service::db::PgTarget, error: outbox::Error) -> anyhow::Error {
     anyhow::anyhow!(
         "cannot install the dispatch schema on {}: {error}",
         target.describe()

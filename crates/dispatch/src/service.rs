@@ -9,9 +9,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::health::Health;
-use crate::http::{self, ApiState};
-use crate::{consumer, migrate};
+use crate::{http, migrate};
 
 /// Binds `config.http_addr`, then [`serve`]s.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -29,31 +27,33 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     // Before anything records: metrics sent to no recorder are lost.
-    outbox_relay::telemetry::prometheus();
+    outbox_service::telemetry::prometheus();
     let target = config.database()?;
     // One connection per concurrent handler, and two for the HTTP API.
-    let pool = outbox_relay::db::pool(&target, usize::from(config.consumer.prefetch) + 2).await?;
+    let pool = outbox_service::db::pool(&target, usize::from(config.consumer.prefetch) + 2).await?;
     let mut client = pool.get().await?;
     migrate::migrate(&mut client)
         .await
         .map_err(|e| migrate::failed(&target, e))?;
     drop(client);
 
-    let health = Health::default();
-    let state = ApiState {
-        pool: pool.clone(),
-        health: health.clone(),
-    };
+    let health = outbox_consumer::health::new();
+    let readiness = outbox_consumer::readiness(health.clone(), pool.clone());
     let api_stop = shutdown.child_token();
     let address = listener.local_addr()?;
-    let api = tokio::spawn(http::serve(listener, state, api_stop.clone()));
+    let api = tokio::spawn(outbox_service::endpoint::serve(
+        listener,
+        readiness,
+        http::router(pool.clone()),
+        api_stop.clone(),
+    ));
     tracing::info!(database = %target.describe(), http = %address, "database ready, HTTP API listening");
-    let consumed = consumer::run(config.consumer, pool, config.dispatcher, health, shutdown).await;
+    let consumed =
+        outbox_consumer::run(config.consumer, pool, config.dispatcher, health, shutdown).await;
     // The consumer failing at start stops the API too.
     api_stop.cancel();
-    let served = api.await.context("HTTP server task failed")?;
+    api.await.context("HTTP server task failed")?;
     consumed?;
-    served?;
     tracing::info!("dispatch stopped");
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The order database: our migrations and the outbox's.
 
-use outbox_relay::db::PgTarget;
+use outbox_service::db::PgTarget;
 
 mod embedded {
     refinery::embed_migrations!("../../sql/orders");
@@ -8,7 +8,7 @@ mod embedded {
 
 /// Installs the `orders` table and the outbox schema; idempotent.
 pub async fn migrate(target: &PgTarget) -> anyhow::Result<()> {
-    let mut client = outbox_relay::db::connect(target).await?;
+    let mut client = outbox_service::db::connect(target).await?;
     outbox::migrate(&mut client).await?;
     let mut runner = embedded::migrations::runner();
     runner.set_migration_table_name("public.orders_schema_history");

@@ -30,7 +30,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    outbox_relay::telemetry::init();
+    outbox_service::telemetry::init();
     match try_main(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -41,14 +41,14 @@ async fn main() -> ExitCode {
 }
 
 async fn try_main(args: Args) -> anyhow::Result<()> {
-    let target = outbox_relay::db::parse_url(&args.database_url, None)?;
+    let target = outbox_service::db::parse_url(&args.database_url, None)?;
     orders::migrate(&target).await?;
-    let pool = outbox_relay::db::pool(&target, 16).await?;
+    let pool = outbox_service::db::pool(&target, 16).await?;
     let listener = tokio::net::TcpListener::bind(args.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.http_addr))?;
     let shutdown = CancellationToken::new();
-    outbox_relay::shutdown::cancel_on_signal(shutdown.clone());
+    outbox_service::shutdown::cancel_on_signal(shutdown.clone());
     let state = AppState {
         pool,
         exchange: args.exchange,

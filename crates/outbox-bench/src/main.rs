@@ -40,7 +40,7 @@ async fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .finish()
-        .with(outbox_relay::telemetry::guard())
+        .with(outbox_service::telemetry::guard())
         .init();
     match try_main(cli).await {
         Ok(code) => code,

@@ -18,7 +18,7 @@ use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use outbox_relay::db::with_dbname;
+use outbox_service::db::with_dbname;
 
 use crate::cli::Common;
 use crate::processes::Process;

@@ -1,28 +1,23 @@
-//! The RabbitMQ side: connecting (bounded: lapin can hang on a rejected
-//! `connection.open`), one confirm-mode channel, and publishing a claimed
-//! row with the properties consumers rely on.
+//! The relay's RabbitMQ side: one confirm-mode channel on a connection
+//! from `outbox_service::amqp`, and publishing a claimed row with the
+//! properties consumers rely on.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
 use lapin::message::BasicReturnMessage;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
-    DefaultConnectionBuilder, ErrorKind, ExchangeKind, PublisherConfirm,
+    BasicProperties, Channel, Confirmation, Connection, ErrorKind, ExchangeKind, PublisherConfirm,
 };
 use serde_json::Value;
 
-use crate::db::redact;
 use crate::meters::Fault;
 use crate::store::Claimed;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Frame bytes kept for everything in a content header but the headers
 /// (frame and class fields, message id, content type of at most 255 bytes,
@@ -30,11 +25,6 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const PROPERTIES_ROOM: usize = 1024;
 /// How long an exchange checked to exist is trusted before checking again.
 const EXCHANGE_CACHE_TTL: Duration = Duration::from_secs(60);
-
-/// Fails on a URL lapin cannot parse, without echoing its password.
-pub fn check_url(url: &str) -> anyhow::Result<()> {
-    crate::secrets::check_amqp_url(url)
-}
 
 /// An open connection with a channel in confirm mode.
 pub struct Broker {
@@ -63,29 +53,10 @@ pub enum Outcome {
 }
 
 impl Broker {
-    pub async fn connect(url: &str, ca_file: Option<&Path>, name: &str) -> anyhow::Result<Broker> {
-        let tls = OwnedTLSConfig {
-            identity: None,
-            cert_chain: ca_file
-                .map(|path| {
-                    std::fs::read_to_string(path)
-                        .with_context(|| format!("cannot read AMQP CA file {}", path.display()))
-                })
-                .transpose()?,
-        };
-        let properties = ConnectionProperties::default().with_connection_name(name.into());
-        let builder = DefaultConnectionBuilder::new()?
-            .with_uri_str(url.to_string())
-            .with_properties(properties)
-            .with_tls_config(tls);
-        let target = redact(url);
-        let connection = tokio::time::timeout(CONNECT_TIMEOUT, builder.connect())
-            .await
-            .map_err(|_| anyhow::anyhow!("cannot connect to RabbitMQ at {target}: timed out"))?
-            .map_err(|e| {
-                let why = crate::secrets::scrub(&e.to_string(), url);
-                anyhow::anyhow!("cannot connect to RabbitMQ at {target}: {why}")
-            })?;
+    /// Connects to the first node of `urls` that answers (see
+    /// [`outbox_service::amqp`]) and opens the confirm-mode channel.
+    pub async fn connect(urls: &str, ca_file: Option<&Path>, name: &str) -> anyhow::Result<Broker> {
+        let connection = outbox_service::amqp::connect(urls, ca_file, name).await?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -444,11 +415,5 @@ mod tests {
             Some(ChannelFault::NoExchange)
         );
         assert_eq!(ChannelFault::from_error("connection reset by peer"), None);
-    }
-
-    #[test]
-    fn bad_amqp_url_is_rejected_without_its_password() {
-        let error = check_url("amqp://u:s3cret@host:notaport/").expect_err("bad port");
-        assert!(!error.to_string().contains("s3cret"), "{error}");
     }
 }

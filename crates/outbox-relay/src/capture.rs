@@ -10,7 +10,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
-use crate::db;
+use outbox_service::db;
 
 #[derive(Debug, Args)]
 pub struct CaptureArgs {

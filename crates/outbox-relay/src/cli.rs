@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::Settings;
-use crate::telemetry::LogFormat;
+use outbox_service::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(

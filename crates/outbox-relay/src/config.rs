@@ -11,7 +11,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use crate::alert::AlertConfig;
-use crate::limits::{self, check, millis};
+use outbox_service::limits::{self, check, millis};
 
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9100);
@@ -379,15 +379,19 @@ impl Settings {
         if config.retry_max < config.retry_base {
             bail!("OUTBOX_RETRY_MAX_MS must be at least OUTBOX_RETRY_BASE_MS");
         }
-        let target =
-            crate::db::parse_url(&config.database_url, config.database_ca_file.as_deref())?;
+        let target = outbox_service::db::parse_url(
+            &config.database_url,
+            config.database_ca_file.as_deref(),
+        )?;
         let ca_file = config.database_ca_file.as_deref();
-        if let Some(line) =
-            crate::pg_tls::unverified_warning(target.ssl_mode, ca_file, "OUTBOX_DATABASE_CA_FILE")
-        {
+        if let Some(line) = outbox_service::pg_tls::unverified_warning(
+            target.ssl_mode,
+            ca_file,
+            "OUTBOX_DATABASE_CA_FILE",
+        ) {
             tracing::warn!("{line}");
         }
-        crate::secrets::check_amqp_url(&config.amqp_url)?;
+        outbox_service::amqp::check_urls(&config.amqp_url)?;
         Ok(config)
     }
 }

@@ -4,27 +4,18 @@
 
 pub mod alert;
 pub mod amqp;
-pub mod backoff;
 pub mod capture;
 pub mod cli;
 pub mod commands;
 pub mod config;
-pub mod db;
-pub mod endpoint;
-pub mod limits;
 pub mod listener;
 pub mod maintenance;
 pub mod marker;
 pub mod meters;
 pub mod migrate;
-pub mod pg_tls;
 pub mod relay;
-pub mod secrets;
-pub mod shutdown;
 pub mod store;
-pub mod telemetry;
-pub mod traceparent;
-pub(crate) mod window;
+mod window;
 
 pub use config::{Config, Settings};
 pub use relay::run;

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client};
 
-use crate::db::PgTarget;
+use outbox_service::db::PgTarget;
 
 /// How long announcing waits for the listener lock (a writer that found
 /// no listener holds it exclusively through its commit).

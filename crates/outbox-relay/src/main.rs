@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    outbox_relay::telemetry::init_with(cli.log_format);
+    outbox_service::telemetry::init_with(cli.log_format);
     match try_main(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -43,6 +43,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let config = args.settings.over(file)?.validate()?;
     let shutdown = CancellationToken::new();
-    outbox_relay::shutdown::cancel_on_signal(shutdown.clone());
+    outbox_service::shutdown::cancel_on_signal(shutdown.clone());
     outbox_relay::relay::run(config, shutdown).await
 }

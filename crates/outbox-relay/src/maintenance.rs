@@ -8,8 +8,9 @@ use std::time::Duration;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use crate::meters::{Health, Meters};
+use crate::meters::{DATABASE, Meters};
 use crate::store::Store;
+use outbox_service::health::Health;
 
 const INTERVAL: Duration = Duration::from_secs(5);
 /// Small deletes keep locks and WAL bursts short next to the app's writes.
@@ -32,7 +33,7 @@ pub async fn run(
         }
         match store.stats().await {
             Ok(stats) => {
-                health.database(true);
+                health.set(DATABASE, true);
                 meters.pending.set(stats.pending as f64);
                 meters
                     .oldest_pending
@@ -44,7 +45,7 @@ pub async fn run(
             }
             Err(error) => {
                 // The drain reports the outage in its own words.
-                health.database(false);
+                health.set(DATABASE, false);
                 tracing::debug!(%error, "cannot read the outbox gauges");
             }
         }

@@ -15,11 +15,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::alert::{Alerter, DeadLetter};
-use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::meters::Meters;
 use crate::store::{Claimed, Retried, Store, StoreError};
-use crate::traceparent;
+use outbox_service::backoff::Backoff;
+use outbox_service::traceparent;
 
 /// Most outcomes recorded by one round of statements.
 const MAX_BATCH: usize = 1000;

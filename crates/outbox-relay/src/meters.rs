@@ -2,10 +2,8 @@
 //! only touches ready handles (a `counter!` by name hashes its key on every
 //! call). README § Metrics lists each with its meaning and the alert to set.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use outbox_service::health::Link;
 
 /// Why a publish did not end in a confirm; the `reason` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,101 +222,37 @@ impl Default for Meters {
     }
 }
 
-/// Whether the relay's servers are reachable, for `/readyz` and the
-/// `outbox_*_connected` gauges. Set by whoever last talked to the server:
-/// the drain (every sweep at least) and the upkeep task (every 5 s).
-#[derive(Clone)]
-pub struct Health(Arc<Links>);
-
-struct Links {
-    database: Link,
-    broker: Link,
-    listener: Link,
-}
-
-struct Link {
-    up: AtomicBool,
-    gauge: Gauge,
-}
-
-impl Link {
-    fn new(name: &'static str) -> Link {
-        let gauge = gauge!(name);
-        gauge.set(0.0);
-        Link {
-            up: AtomicBool::new(false),
-            gauge,
-        }
-    }
-
-    fn set(&self, up: bool) {
-        if self.up.swap(up, Ordering::Relaxed) != up {
-            self.gauge.set(f64::from(u8::from(up)));
-        }
-    }
-}
-
-impl Health {
-    /// Everything down until proven up (registers the gauges: create it
-    /// after the recorder, like [`Meters`]).
-    pub fn new() -> Health {
-        Health(Arc::new(Links {
-            database: Link::new("outbox_database_connected"),
-            broker: Link::new("outbox_broker_connected"),
-            listener: Link::new("outbox_listener_connected"),
-        }))
-    }
-
-    pub fn database(&self, up: bool) {
-        self.0.database.set(up);
-    }
-
-    pub fn broker(&self, up: bool) {
-        self.0.broker.set(up);
-    }
-
-    /// The wake-up listener; not needed for readiness (the sweep covers it).
-    pub fn listener(&self, up: bool) {
-        self.0.listener.set(up);
-    }
-
-    /// `Err` names what is down.
-    pub fn ready(&self) -> Result<(), &'static str> {
-        let links = &self.0;
-        match (
-            links.database.up.load(Ordering::Relaxed),
-            links.broker.up.load(Ordering::Relaxed),
-        ) {
-            (true, true) => Ok(()),
-            (false, true) => Err("PostgreSQL is not connected"),
-            (true, false) => Err("RabbitMQ is not connected"),
-            (false, false) => Err("PostgreSQL and RabbitMQ are not connected"),
-        }
-    }
-}
-
-impl Default for Health {
-    fn default() -> Health {
-        Health::new()
-    }
-}
+/// The relay's servers, for `/readyz` and the `outbox_*_connected`
+/// gauges: set by whoever last talked to the server (the drain every sweep
+/// at least, the upkeep task every 5 s). Everything is down until proven up.
+pub(crate) const LINKS: [Link; 3] = [
+    Link {
+        server: "PostgreSQL",
+        gauge: "outbox_database_connected",
+        needed: true,
+        initially_up: false,
+    },
+    Link {
+        server: "RabbitMQ",
+        gauge: "outbox_broker_connected",
+        needed: true,
+        initially_up: false,
+    },
+    // The wake-up listener: not needed for readiness (the sweep covers it).
+    Link {
+        server: "the wake-up listener",
+        gauge: "outbox_listener_connected",
+        needed: false,
+        initially_up: false,
+    },
+];
+pub(crate) const DATABASE: usize = 0;
+pub(crate) const BROKER: usize = 1;
+pub(crate) const LISTENER: usize = 2;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ready_only_with_both_servers() {
-        let health = Health::new();
-        assert!(health.ready().is_err());
-        health.database(true);
-        assert_eq!(health.ready(), Err("RabbitMQ is not connected"));
-        health.broker(true);
-        health.listener(false);
-        assert_eq!(health.ready(), Ok(()));
-        health.database(false);
-        assert_eq!(health.ready(), Err("PostgreSQL is not connected"));
-    }
 
     #[test]
     fn labels_are_distinct() {

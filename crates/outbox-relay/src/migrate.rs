@@ -1,7 +1,7 @@
 //! `outbox-relay migrate`: install or upgrade the schema, then say what changed.
 
 use crate::cli::MigrateArgs;
-use crate::db;
+use outbox_service::db;
 
 pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
     let target = db::parse_url(&args.database_url, args.database_ca_file.as_deref())?;

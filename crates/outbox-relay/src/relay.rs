@@ -16,16 +16,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alert::Alerter;
 use crate::amqp::{Broker, ChannelFault};
-use crate::backoff::Backoff;
 use crate::config::{Config, Mode};
-use crate::db::{self, PgTarget};
 use crate::listener::{self, Listener, Woken};
 use crate::maintenance;
 use crate::marker::{Mark, Marker};
-use crate::meters::{Fault, Health, Meters, Wake};
+use crate::meters::{self, BROKER, DATABASE, Fault, LISTENER, Meters, Wake};
 use crate::store::{Claimed, Store, WakeLockHolder};
 use crate::window::{Settled, Window};
-use crate::{endpoint, telemetry};
+use outbox_service::backoff::Backoff;
+use outbox_service::db::{self, PgTarget};
+use outbox_service::health::Health;
+use outbox_service::{endpoint, telemetry};
 
 /// A writer whose wake-up probe ran while we drained sent no NOTIFY and
 /// commits a moment later (one WAL flush). After a drain that found work the
@@ -62,7 +63,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         telemetry::prometheus();
     }
     let meters = Meters::new();
-    let health = Health::new();
+    let health = Health::new(&meters::LINKS);
     // Up before connecting, so `/healthz` answers and `/readyz` says what
     // is missing while the servers are still being reached.
     let endpoint_stop = CancellationToken::new();
@@ -70,10 +71,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let store = Store::connect(&target, &relay_id)
         .await?
         .prepare_claims(config.mode == Mode::Notify);
-    health.database(true);
+    health.set(DATABASE, true);
     let broker =
         Broker::connect(&config.amqp_url, config.amqp_ca_file.as_deref(), &relay_id).await?;
-    health.broker(true);
+    health.set(BROKER, true);
     let marker = Marker::spawn(
         store.clone(),
         &config,
@@ -132,7 +133,11 @@ async fn start_endpoint(
     let Some(addr) = config.metrics_addr else {
         return Ok(None);
     };
-    match endpoint::start(addr, health.clone(), stop.clone()).await {
+    let readiness = endpoint::Readiness {
+        health: health.clone(),
+        probe: None,
+    };
+    match endpoint::start(addr, readiness, axum::Router::new(), stop.clone()).await {
         Ok((bound, task)) => {
             tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
             Ok(Some(task))
@@ -144,7 +149,7 @@ async fn start_endpoint(
             );
             Ok(None)
         }
-        Err(error) => Err(error),
+        Err(error) => Err(error.into()),
     }
 }
 
@@ -258,7 +263,7 @@ impl Relay {
         match Listener::connect(&self.target).await {
             Ok(listener) => {
                 self.listener = Some(listener);
-                self.health.listener(true);
+                self.health.set(LISTENER, true);
                 true
             }
             Err(error) => {
@@ -430,7 +435,7 @@ impl Relay {
             self.drop_listener();
         }
         let claim = claim.map_err(|e| Outage::Database(e.to_string()))?;
-        self.health.database(true);
+        self.health.set(DATABASE, true);
         self.meters.claim_batch.record(claim.rows.len() as f64);
         Ok((claim.rows, claim.exhausted))
     }
@@ -447,7 +452,7 @@ impl Relay {
     /// Forgets a failed listener; the main loop connects a new one.
     fn drop_listener(&mut self) {
         self.listener = None;
-        self.health.listener(false);
+        self.health.set(LISTENER, false);
     }
 
     /// Publishes a claim's rows in id order. A row is published only while
@@ -560,7 +565,7 @@ impl Relay {
         .map_err(|e| Outage::Broker(format!("{e:#}")))?;
         tracing::info!("connected to RabbitMQ");
         self.broker = Some(broker);
-        self.health.broker(true);
+        self.health.set(BROKER, true);
         Ok(())
     }
 
@@ -584,12 +589,12 @@ impl Relay {
         let delay = self.outage_backoff.next_delay();
         match &outage {
             Outage::Broker(error) => {
-                self.health.broker(false);
+                self.health.set(BROKER, false);
                 self.meters.broker_outages.increment(1);
                 tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "RabbitMQ unavailable; pausing")
             }
             Outage::Database(error) => {
-                self.health.database(false);
+                self.health.set(DATABASE, false);
                 self.meters.database_outages.increment(1);
                 tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "PostgreSQL unavailable; pausing")
             }

@@ -10,7 +10,7 @@ use serde_json::Value;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 
-use crate::db::{self, PgTarget};
+use outbox_service::db::{self, PgTarget};
 
 /// A row leased to this relay for publishing.
 #[derive(Debug, Clone)]

@@ -17,7 +17,7 @@ use tokio_postgres::Client;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 
-use crate::db::{self, PgTarget};
+use outbox_service::db::{self, PgTarget};
 
 /// The app database, as for `run` and `migrate`.
 #[derive(Debug, Clone, Args)]

@@ -17,7 +17,7 @@ use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use super::{DatabaseArgs, TimeArg, format_time, query_error};
-use crate::db;
+use outbox_service::db;
 
 /// Message ids per inbox query.
 const CHUNK: usize = 5_000;

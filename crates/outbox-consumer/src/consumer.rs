@@ -17,18 +17,19 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use futures::StreamExt;
-use outbox_relay::backoff::Backoff;
+use outbox_service::backoff::Backoff;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::broker::Broker;
 use crate::handler::Handler;
-use crate::health::Health;
+use crate::health;
 use crate::inbox::Inbox;
 use crate::meters::Meters;
 use crate::topology::Topology;
 use crate::worker::{self, Outcome, Shared};
+use outbox_service::health::Health;
 
 /// Everything a consumer needs besides its handler and its pool.
 #[derive(Debug, Clone)]
@@ -54,8 +55,9 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
-    /// Defaults for everything but the broker and the topology.
-    pub fn new(amqp_url: &str, topology: Topology) -> ConsumerConfig {
+    /// Defaults for everything but the broker, the topology and the inbox
+    /// table (`schema.table` with a `message_id uuid` primary key).
+    pub fn new(amqp_url: &str, topology: Topology, inbox_table: &str) -> ConsumerConfig {
         ConsumerConfig {
             amqp_url: amqp_url.into(),
             amqp_ca_file: None,
@@ -65,8 +67,8 @@ impl ConsumerConfig {
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(10),
-            inbox_table: "dispatch.inbox".into(),
-            name: "dispatch".into(),
+            inbox_table: inbox_table.into(),
+            name: "outbox-consumer".into(),
         }
     }
 }
@@ -87,7 +89,7 @@ pub async fn run<H: Handler>(
     health: Health,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let inbox = Inbox::new(&config.inbox_table).map_err(|e| anyhow::anyhow!(e))?;
+    let inbox = Inbox::new(&config.inbox_table)?;
     let shared = Arc::new(Shared {
         handler,
         pool,
@@ -119,7 +121,7 @@ pub async fn run<H: Handler>(
                 connected_once = true;
                 backoff.reset();
                 let ended = session(&shared, broker).await;
-                shared.health.set_consuming(false);
+                health::set_consuming(&shared.health, false);
                 match ended {
                     Ended::Shutdown => return Ok(()),
                     Ended::Lost(reason) => reason,
@@ -145,7 +147,7 @@ async fn session<H: Handler>(shared: &Arc<Shared<H>>, broker: Broker) -> Ended {
             return Ended::Lost(format!("cannot consume: {error}"));
         }
     };
-    shared.health.set_consuming(true);
+    health::set_consuming(&shared.health, true);
     let config = &shared.config;
     tracing::info!(queue = %config.topology.queue, prefetch = config.prefetch, "consuming");
     let publisher = broker.publisher();

@@ -18,10 +18,6 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
 
-/// The seed's names.
-pub const DEFAULT_EXCHANGE: &str = "order_confirm_fanoutExchange";
-pub const DEFAULT_QUEUE: &str = "order_confirm_fanoutQueue";
-
 /// Classic queues live on one node; quorum queues are replicated (for a
 /// clustered RabbitMQ) and count redeliveries in `x-delivery-count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

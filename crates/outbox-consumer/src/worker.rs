@@ -22,17 +22,18 @@ use deadpool_postgres::Pool;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use lapin::types::AMQPValue;
-use outbox_relay::backoff::Backoff;
-use outbox_relay::traceparent;
+use outbox_service::backoff::Backoff;
+use outbox_service::traceparent;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::broker::{Publisher, delivery_number};
 use crate::consumer::ConsumerConfig;
 use crate::handler::{Handler, HandlerError, Incoming};
-use crate::health::Health;
+use crate::health;
 use crate::inbox::{Handled, Inbox};
 use crate::meters::{Meters, Settled};
+use outbox_service::health::Health;
 
 /// What the workers of all sessions share.
 pub struct Shared<H> {
@@ -86,7 +87,7 @@ pub async fn process<H: Handler>(
             .record(started.elapsed().as_secs_f64());
         let reason = match result {
             Ok(handled) => {
-                shared.health.database_up();
+                health::database_up(&shared.health);
                 let outcome = match handled {
                     Handled::Committed => Settled::Processed,
                     Handled::Duplicate => Settled::Duplicate,
@@ -116,7 +117,7 @@ pub async fn process<H: Handler>(
             }
             Err(HandlerError::Unavailable(reason)) => reason,
         };
-        shared.health.database_down(&reason);
+        health::database_down(&shared.health, &reason);
         tokio::select! {
             _ = shared.shutdown.cancelled() => {
                 // Unacked: the broker redelivers it when the channel closes.
@@ -222,7 +223,7 @@ mod tests {
         ConsumerConfig {
             retry_base: Duration::from_millis(100),
             retry_max: Duration::from_millis(700),
-            ..ConsumerConfig::new("amqp://localhost", Topology::named("ex", "q"))
+            ..ConsumerConfig::new("amqp://localhost", Topology::named("ex", "q"), "inbox")
         }
     }
 

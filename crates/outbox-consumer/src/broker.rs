@@ -8,33 +8,25 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
-use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
-    DefaultConnectionBuilder,
-};
-use outbox_relay::secrets::{redact, scrub};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer};
 
 use crate::topology::Topology;
 
 /// Transient failures so far, carried by the copies in the retry queue.
-pub const RETRIES_HEADER: &str = "x-dispatch-retries";
+pub const RETRIES_HEADER: &str = "x-consumer-retries";
 /// Why a message was dead-lettered.
-pub const ERROR_HEADER: &str = "x-dispatch-error";
+pub const ERROR_HEADER: &str = "x-consumer-error";
 /// How many deliveries a dead-lettered message had.
-pub const DELIVERIES_HEADER: &str = "x-dispatch-deliveries";
+pub const DELIVERIES_HEADER: &str = "x-consumer-deliveries";
 /// Set by quorum queues: how often this copy went back to the queue.
 const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 /// The last transient failure, on copies in the retry queue.
-const LAST_ERROR_HEADER: &str = "x-dispatch-last-error";
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const LAST_ERROR_HEADER: &str = "x-consumer-last-error";
 
 pub struct Broker {
     connection: Connection,
@@ -52,30 +44,7 @@ impl Broker {
         prefetch: u16,
         topology: Arc<Topology>,
     ) -> anyhow::Result<Broker> {
-        let cert_chain = ca_file
-            .map(|path| {
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read AMQP CA file {}", path.display()))
-            })
-            .transpose()?;
-        let builder = DefaultConnectionBuilder::new()?
-            .with_uri_str(url.to_string())
-            .with_properties(ConnectionProperties::default().with_connection_name(name.into()))
-            .with_tls_config(OwnedTLSConfig {
-                identity: None,
-                cert_chain,
-            });
-        let target = redact(url);
-        let connection = match tokio::time::timeout(CONNECT_TIMEOUT, builder.connect()).await {
-            // lapin's error quotes a URL it cannot parse whole.
-            Ok(connected) => connected.map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot connect to RabbitMQ at {target}: {}",
-                    scrub(&e.to_string(), url)
-                )
-            })?,
-            Err(_) => anyhow::bail!("cannot connect to RabbitMQ at {target}: timed out"),
-        };
+        let connection = outbox_service::amqp::connect(url, ca_file, name).await?;
         let consuming = connection.create_channel().await?;
         consuming
             .basic_qos(prefetch, BasicQosOptions::default())
@@ -166,7 +135,7 @@ impl Publisher {
         let mut headers = copied_headers(delivery);
         headers.insert(ERROR_HEADER.into(), long_string(reason));
         headers.insert(DELIVERIES_HEADER.into(), AMQPValue::LongUInt(deliveries));
-        headers.insert("x-dispatch-queue".into(), long_string(&self.topology.queue));
+        headers.insert("x-consumer-queue".into(), long_string(&self.topology.queue));
         let properties = copied_properties(delivery, headers);
         let routing_key = delivery.routing_key.as_str().to_string();
         self.publish(
@@ -215,7 +184,7 @@ impl Publisher {
 }
 
 /// Deliveries of this message so far, this one included: 1 + transient
-/// failures carried in `x-dispatch-retries` + returns counted by a quorum queue.
+/// failures carried in `x-consumer-retries` + returns counted by a quorum queue.
 pub fn delivery_number(delivery: &Delivery) -> u32 {
     let count = |key: &str| {
         delivery
@@ -246,7 +215,7 @@ fn as_u32(value: &AMQPValue) -> Option<u32> {
 }
 
 /// The delivery's headers without the quorum queue's count: it is folded
-/// into `x-dispatch-retries`, and a stale copy would count twice.
+/// into `x-consumer-retries`, and a stale copy would count twice.
 fn copied_headers(delivery: &Delivery) -> BTreeMap<ShortString, AMQPValue> {
     let mut headers = delivery
         .properties

@@ -21,13 +21,19 @@ pub enum Handled {
 /// The inbox table: any table with a `message_id uuid` primary key.
 #[derive(Debug, Clone)]
 pub struct Inbox {
+    table: String,
     insert: String,
 }
+
+/// An inbox table name that cannot be put into SQL as it is.
+#[derive(Debug, thiserror::Error)]
+#[error("inbox table `{0}` must be `name` or `schema.name` made of letters, digits and _")]
+pub struct BadTableName(String);
 
 impl Inbox {
     /// `table` is `name` or `schema.name`, plain identifiers only (it is
     /// put into SQL as it is).
-    pub fn new(table: &str) -> Result<Inbox, String> {
+    pub fn new(table: &str) -> Result<Inbox, BadTableName> {
         let plain = |part: &str| {
             part.chars()
                 .next()
@@ -35,15 +41,29 @@ impl Inbox {
                 && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         };
         if table.split('.').count() > 2 || !table.split('.').all(plain) {
-            return Err(format!(
-                "inbox table `{table}` must be `name` or `schema.name` made of letters, digits and _"
-            ));
+            return Err(BadTableName(table.into()));
         }
         Ok(Inbox {
+            table: table.into(),
             insert: format!(
                 "INSERT INTO {table} (message_id) VALUES ($1) ON CONFLICT DO NOTHING RETURNING 1"
             ),
         })
+    }
+
+    /// Creates the table if it is missing (its schema must exist): for
+    /// users without a migration of their own; `message_id` is all the
+    /// consumer needs, `processed_at` serves a retention job.
+    pub async fn create_table(
+        &self,
+        client: &impl tokio_postgres::GenericClient,
+    ) -> Result<(), tokio_postgres::Error> {
+        let create = format!(
+            "CREATE TABLE IF NOT EXISTS {} (message_id uuid PRIMARY KEY, \
+             processed_at timestamptz NOT NULL DEFAULT now())",
+            self.table
+        );
+        client.batch_execute(&create).await
     }
 
     /// Handles `message` once. A failure on a connection that is gone is
@@ -58,7 +78,7 @@ impl Inbox {
         let mut client = pool
             .get()
             .await
-            .map_err(|e| HandlerError::Unavailable(outbox_relay::db::pool_error(&e)))?;
+            .map_err(|e| HandlerError::Unavailable(outbox_service::db::pool_error(&e)))?;
         match self.transaction(&mut client, handler, message).await {
             Err(HandlerError::Transient(reason)) if client.is_closed() => {
                 Err(HandlerError::Unavailable(reason))
@@ -112,7 +132,7 @@ mod tests {
 
     #[test]
     fn inbox_table_names_are_plain_identifiers() {
-        assert!(Inbox::new("dispatch.inbox").is_ok());
+        assert!(Inbox::new("shop.inbox").is_ok());
         assert!(Inbox::new("inbox_2").is_ok());
         for bad in ["", "a.b.c", "x; DROP TABLE y", "1abc", "a."] {
             assert!(Inbox::new(bad).is_err(), "{bad}");

@@ -1,11 +1,11 @@
 //! The consumer's metrics, registered once so a delivery only touches
-//! ready handles. `/metrics` on `DISPATCH_HTTP_ADDR` shows them; the
+//! ready handles. The ops endpoint's `/metrics` shows them; the
 //! README lists each with the alert to set.
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 
 /// How a delivery left the consumer's hands; the `outcome` label of
-/// `dispatch_messages_total`.
+/// `consumer_messages_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settled {
     /// Handled and committed, then acked.
@@ -54,11 +54,11 @@ impl Meters {
     pub fn new() -> Meters {
         describe();
         Meters {
-            received: counter!("dispatch_received_total"),
+            received: counter!("consumer_received_total"),
             settled: Settled::ALL
-                .map(|s| counter!("dispatch_messages_total", "outcome" => s.label())),
-            handle_seconds: histogram!("dispatch_handle_seconds"),
-            in_flight: gauge!("dispatch_in_flight"),
+                .map(|s| counter!("consumer_messages_total", "outcome" => s.label())),
+            handle_seconds: histogram!("consumer_handle_seconds"),
+            in_flight: gauge!("consumer_in_flight"),
         }
     }
 
@@ -71,23 +71,23 @@ impl Meters {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
-        "dispatch_received_total",
+        "consumer_received_total",
         "Deliveries received, redeliveries included."
     );
     describe_counter!(
-        "dispatch_messages_total",
+        "consumer_messages_total",
         "How deliveries ended: processed, duplicate, retried, dead_lettered, given_back."
     );
     describe_histogram!(
-        "dispatch_handle_seconds",
+        "consumer_handle_seconds",
         metrics::Unit::Seconds,
         "One transaction: inbox row and handler."
     );
-    describe_gauge!("dispatch_in_flight", "Deliveries in hand.");
-    describe_gauge!("dispatch_consuming", "1 while subscribed to the queue.");
+    describe_gauge!("consumer_in_flight", "Deliveries in hand.");
+    describe_gauge!("consumer_consuming", "1 while subscribed to the queue.");
     describe_gauge!(
-        "dispatch_database_available",
-        "1 while the dispatch database answers."
+        "consumer_database_available",
+        "1 while the consumer's database answers."
     );
 }
 

@@ -1,0 +1,58 @@
+//! An effectively-once RabbitMQ consumer into PostgreSQL, as a library.
+//! Bring a [`Handler`] (the business write of one message, inside a
+//! transaction the consumer opens) and an inbox table (any table with a
+//! `message_id uuid` primary key); the consumer records each message id in
+//! the inbox in the same transaction as the handler's writes and acks after
+//! the commit, so a redelivered copy changes nothing. Transient failures are
+//! retried with backoff through a retry queue, poison and exhausted
+//! messages go to a dead-letter queue with the reason, an outage of either
+//! server holds deliveries instead of burning their retries, and
+//! [`health`] and the `consumer_*` metrics feed the ops endpoint of
+//! `outbox_service::endpoint`.
+//!
+//! - `consumer`: the life cycle (connect, declare, consume, reconnect, stop);
+//! - `worker`: one delivery's life (parse, inbox + handler, ack or move);
+//! - `inbox`: the effectively-once transaction;
+//! - `broker`, `topology`: the RabbitMQ side;
+//! - `handler`: what a user implements; `meters`, `health`: observability.
+
+pub mod broker;
+pub mod consumer;
+pub mod handler;
+pub mod health;
+pub mod inbox;
+pub mod meters;
+pub mod topology;
+mod worker;
+
+pub use consumer::{ConsumerConfig, run};
+pub use handler::{Handler, HandlerError, Incoming};
+pub use inbox::Inbox;
+pub use topology::{QueueType, Topology};
+
+use deadpool_postgres::Pool;
+use outbox_service::endpoint::{Probe, Readiness};
+use outbox_service::health::Health;
+
+/// What the ops endpoint's `/readyz` checks for a consumer: subscribed to
+/// its queue, and its database answers `SELECT 1` now.
+pub fn readiness(health: Health, pool: Pool) -> Readiness {
+    let probe: Probe = std::sync::Arc::new(move || {
+        let pool = pool.clone();
+        Box::pin(async move {
+            let client = pool
+                .get()
+                .await
+                .map_err(|_| "the database does not answer".to_string())?;
+            client
+                .simple_query("SELECT 1")
+                .await
+                .map(drop)
+                .map_err(|_| "the database does not answer".to_string())
+        })
+    });
+    Readiness {
+        health,
+        probe: Some(probe),
+    }
+}
