@@ -173,7 +173,9 @@ pub fn metric_names(text: &str, prefix: &str) -> BTreeSet<String> {
         let end = tail
             .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
             .unwrap_or(tail.len());
-        if !preceded {
+        // `outbox_consumer=debug` is a log target in a filter, not a metric.
+        let log_target = tail[end..].starts_with('=') || tail[end..].starts_with("::");
+        if !preceded && !log_target {
             let name = &tail[..end];
             let base = ["_bucket", "_sum", "_count"]
                 .iter()

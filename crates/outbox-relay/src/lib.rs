@@ -1,6 +1,6 @@
 //! The relay as a library, so tests and the demo can start one in-process
-//! and stop it through a cancellation token. `relay` holds the life cycle;
-//! each step has its own module.
+//! and stop it through a cancellation token. `start` reaches the servers,
+//! `relay` holds the life cycle; each step has its own module.
 
 pub mod alert;
 pub mod amqp;
@@ -13,9 +13,12 @@ pub mod maintenance;
 pub mod marker;
 pub mod meters;
 pub mod migrate;
-pub mod relay;
+mod outage;
+mod relay;
+mod start;
 pub mod store;
+mod wakeup;
 mod window;
 
 pub use config::{Config, Settings};
-pub use relay::run;
+pub use start::run;

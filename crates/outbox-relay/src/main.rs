@@ -44,5 +44,5 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = args.settings.over(file)?.validate()?;
     let shutdown = CancellationToken::new();
     outbox_service::shutdown::cancel_on_signal(shutdown.clone());
-    outbox_relay::relay::run(config, shutdown).await
+    outbox_relay::run(config, shutdown).await
 }
