@@ -44,6 +44,15 @@ const DRAIN_LOCK_RETRY: Duration = Duration::from_millis(2);
 /// never grows old, and the lock is tried again if it was taken.
 const KEEP_DRAINING: &str = "COMMIT; BEGIN; SELECT pg_try_advisory_xact_lock_shared(1869968482, 1)";
 
+/// Why the listener failed: the relay drops it and connects another.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    #[error("wake-up listener did not answer within {} s", PROBE_TIMEOUT.as_secs())]
+    Silent,
+    #[error("{}", outbox::error_line(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
 /// Why `wait` returned.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Woken {
@@ -70,12 +79,11 @@ pub struct Listener {
 impl Listener {
     /// Connects and LISTENs. The caller drains right after, so nothing
     /// committed while no one was listening is missed.
-    pub async fn connect(target: &PgTarget) -> Result<Listener, String> {
+    pub async fn connect(target: &PgTarget) -> Result<Listener, ListenerError> {
         let (client, mut connection) = target
             .config
             .connect(target.tls.clone())
-            .await
-            .map_err(|e| outbox::error_line(&e))?;
+            .await?;
         let (sender, wakes) = mpsc::unbounded_channel();
         // Notifications only surface through poll_message: drive the
         // connection here and forward them.
@@ -104,8 +112,7 @@ impl Listener {
                  SET application_name = '{APPLICATION_NAME}'; LISTEN {}",
                 outbox::WAKE_CHANNEL
             ))
-            .await
-            .map_err(|e| outbox::error_line(&e))?;
+            .await?;
         let mut listener = Listener {
             client,
             wakes,
@@ -121,13 +128,13 @@ impl Listener {
     /// Takes the listener lock (shared among relays). Another session
     /// holding it exclusively only makes writers notify: listen anyway,
     /// and try again at the next probe.
-    async fn announce(&mut self) -> Result<(), String> {
+    async fn announce(&mut self) -> Result<(), ListenerError> {
         let announce = self
             .client
             .batch_execute("SELECT outbox.announce_listener()");
         match tokio::time::timeout(PROBE_TIMEOUT, announce)
             .await
-            .map_err(|_| "wake-up listener did not answer".to_string())?
+            .map_err(|_| ListenerError::Silent)?
         {
             Ok(()) => {
                 self.announced = true;
@@ -139,7 +146,7 @@ impl Listener {
                 );
                 Ok(())
             }
-            Err(error) => Err(outbox::error_line(&error)),
+            Err(error) => Err(error.into()),
         }
     }
 
@@ -160,7 +167,7 @@ impl Listener {
     /// someone holds it longer (a transaction that fired the trigger
     /// early), the lock is only tried, again every [`DRAIN_LOCK_RETRY`]:
     /// without it writers keep notifying, which costs them, not us.
-    pub async fn begin_drain(&mut self, patient: bool) -> Result<(), String> {
+    pub async fn begin_drain(&mut self, patient: bool) -> Result<(), ListenerError> {
         if !self.draining {
             self.draining = true;
             if !patient {
@@ -169,7 +176,7 @@ impl Listener {
             let begin = self.client.batch_execute(PATIENT_BEGIN_DRAIN);
             let began = tokio::time::timeout(PROBE_TIMEOUT, begin)
                 .await
-                .map_err(|_| "wake-up listener did not answer".to_string())?;
+                .map_err(|_| ListenerError::Silent)?;
             self.next_lock_try = tokio::time::Instant::now() + DRAIN_LOCK_RETRY;
             return match began {
                 Ok(()) => {
@@ -182,9 +189,9 @@ impl Listener {
                     self.client
                         .batch_execute("ROLLBACK; BEGIN")
                         .await
-                        .map_err(|e| outbox::error_line(&e))
+                        .map_err(ListenerError::from)
                 }
-                Err(error) => Err(outbox::error_line(&error)),
+                Err(error) => Err(error.into()),
             };
         }
         if self.holds_drain_lock || tokio::time::Instant::now() < self.next_lock_try {
@@ -194,18 +201,17 @@ impl Listener {
     }
 
     /// Keeps a long drain's transaction young (see [`KEEP_DRAINING_EVERY`]).
-    pub async fn keep_draining(&mut self) -> Result<(), String> {
+    pub async fn keep_draining(&mut self) -> Result<(), ListenerError> {
         if !self.draining {
             return Ok(());
         }
         self.try_drain_lock(KEEP_DRAINING).await
     }
 
-    async fn try_drain_lock(&mut self, sql: &str) -> Result<(), String> {
+    async fn try_drain_lock(&mut self, sql: &str) -> Result<(), ListenerError> {
         let answer = tokio::time::timeout(PROBE_TIMEOUT, self.client.simple_query(sql))
             .await
-            .map_err(|_| "wake-up listener did not answer".to_string())?
-            .map_err(|e| outbox::error_line(&e))?;
+            .map_err(|_| ListenerError::Silent)??;
         self.holds_drain_lock = answer.iter().any(|message| {
             matches!(message, tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some("t"))
         });
@@ -213,7 +219,7 @@ impl Listener {
         Ok(())
     }
 
-    pub async fn end_drain(&mut self) -> Result<(), String> {
+    pub async fn end_drain(&mut self) -> Result<(), ListenerError> {
         if !self.draining {
             return Ok(());
         }
@@ -222,8 +228,8 @@ impl Listener {
         let end = self.client.batch_execute("COMMIT");
         tokio::time::timeout(PROBE_TIMEOUT, end)
             .await
-            .map_err(|_| "wake-up listener did not answer".to_string())?
-            .map_err(|e| outbox::error_line(&e))
+            .map_err(|_| ListenerError::Silent)?
+            .map_err(ListenerError::from)
     }
 
     /// A round trip, to find a connection that died without a word; also

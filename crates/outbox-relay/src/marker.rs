@@ -146,12 +146,12 @@ impl Worker {
 
     /// Records `batch`, waiting out outages with backoff; the error of a
     /// statement the server refused.
-    async fn record_through_outages(&self, batch: &[Mark]) -> Result<(), String> {
+    async fn record_through_outages(&self, batch: &[Mark]) -> Result<(), StoreError> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             match self.record(batch).await {
                 Ok(()) => return Ok(()),
-                Err(StoreError::Refused(error)) => return Err(error),
+                Err(refused @ StoreError::Refused(_)) => return Err(refused),
                 Err(StoreError::Unavailable(error)) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot record publish outcomes");
