@@ -644,14 +644,14 @@ async fn faults_a_relay_whose_lease_expired_cannot_settle_rows_taken_over() {
     let current = Store::connect(&target, "current").await.expect("store");
     let lease = Duration::from_millis(200);
     let stale = late
-        .claim(10, u64::MAX, lease, true)
+        .claim(0, 10, u64::MAX, lease, true)
         .await
         .expect("claim")
         .rows;
     assert_eq!(stale.len(), 1);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let taken = current
-        .claim(10, u64::MAX, Duration::from_secs(30), true)
+        .claim(0, 10, u64::MAX, Duration::from_secs(30), true)
         .await
         .expect("claim")
         .rows;

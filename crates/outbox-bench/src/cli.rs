@@ -76,6 +76,16 @@ pub struct DrainArgs {
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch: u32,
 
+    /// Then drain a second backlog while another session holds the xmin
+    /// horizon (an open REPEATABLE READ transaction, as a long report or a
+    /// pg_dump would), and compare the rates per third of each backlog.
+    #[arg(long)]
+    pub hold_horizon: bool,
+
+    /// Skip the bare lapin loop.
+    #[arg(long)]
+    pub no_bare: bool,
+
     #[command(flatten)]
     pub common: Common,
 }

@@ -1,6 +1,11 @@
 //! `drain`: how fast one relay empties a backlog, next to how fast a bare
 //! lapin loop publishes the same messages with the same window of confirms.
 //!
+//! With `--hold-horizon` a second backlog is drained while another session
+//! holds the xmin horizon, so that no published row's old version can be
+//! pruned, and each third of each backlog is timed: the claim must not
+//! slow down as dead index entries pile up.
+//!
 //! The backlog is inserted with no relay running (no listener has announced
 //! itself, so the wake-up trigger never notifies). The relay phase is timed
 //! from the relay's start until no row is pending; rows are marked right
@@ -31,11 +36,19 @@ pub struct DrainResult {
     pub batch: u32,
     pub payload_bytes: usize,
     pub insert_seconds: f64,
-    pub relay_seconds: f64,
+    pub relay: Timed,
     /// Messages in the queue after the relay phase (should equal the backlog).
     pub relay_queued: u32,
-    pub bare_seconds: f64,
-    pub bare_queued: u32,
+    /// The same drain while the xmin horizon is held (`--hold-horizon`).
+    pub held: Option<Timed>,
+    /// The bare loop's seconds and queue depth, unless `--no-bare`.
+    pub bare: Option<(f64, u32)>,
+}
+
+/// A relay drain: its seconds in all, and the seconds of each third.
+pub struct Timed {
+    pub seconds: f64,
+    pub thirds: [f64; 3],
 }
 
 pub async fn run(args: DrainArgs) -> anyhow::Result<()> {
@@ -48,21 +61,39 @@ pub async fn run(args: DrainArgs) -> anyhow::Result<()> {
 async fn measure(fixture: &Fixture, args: &DrainArgs) -> anyhow::Result<DrainResult> {
     let client = fixture.connect_db().await?;
     let insert_seconds = insert_backlog(&client, &fixture.exchange, args.backlog).await?;
-    let relay_seconds = drain_with_relay(fixture, &client, args).await?;
+    let relay = drain_with_relay(fixture, &client, args).await?;
     let relay_queued = fixture.queued().await?;
     fixture.purge().await?;
-    let bare_seconds = bare_publish(fixture, args).await?;
-    let bare_queued = fixture.queued().await?;
+    let held = if args.hold_horizon {
+        insert_backlog(&client, &fixture.exchange, args.backlog).await?;
+        let holder = fixture.connect_db().await?;
+        // The snapshot is taken by the first statement and kept to the end.
+        holder
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")
+            .await?;
+        let held = drain_with_relay(fixture, &client, args).await?;
+        holder.batch_execute("ROLLBACK").await?;
+        fixture.purge().await?;
+        Some(held)
+    } else {
+        None
+    };
+    let bare = if args.no_bare {
+        None
+    } else {
+        let seconds = bare_publish(fixture, args).await?;
+        Some((seconds, fixture.queued().await?))
+    };
     Ok(DrainResult {
         backlog: args.backlog,
         window: args.window,
         batch: args.batch,
         payload_bytes: PAYLOAD.len(),
         insert_seconds,
-        relay_seconds,
+        relay,
         relay_queued,
-        bare_seconds,
-        bare_queued,
+        held,
+        bare,
     })
 }
 
@@ -92,7 +123,7 @@ async fn drain_with_relay(
     fixture: &Fixture,
     client: &Client,
     args: &DrainArgs,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Timed> {
     let settings = outbox_relay::Settings {
         database_url: Some(fixture.db_url.clone()),
         amqp_url: Some(fixture.amqp_url.clone()),
@@ -104,9 +135,18 @@ async fn drain_with_relay(
     let mut relay = Relay::start(settings)?;
     let mut last_progress = Instant::now();
     let bar = crate::progress::bar(u64::from(args.backlog), "drain: relay");
+    // When the queue first held a third and two thirds of the backlog.
+    let mut marks = Vec::with_capacity(2);
     loop {
         tokio::time::sleep(POLL_INTERVAL).await;
         relay.check_running().await?;
+        if marks.len() < 2 {
+            let queued = u64::from(fixture.queued().await?);
+            let next = (marks.len() as u64 + 1) * u64::from(args.backlog) / 3;
+            if queued >= next {
+                marks.push(started.elapsed().as_secs_f64());
+            }
+        }
         // EXISTS stops at the first pending row and uses the pending-rows
         // index, so polling every 20 ms costs the relay next to nothing.
         let pending: bool = client
@@ -130,6 +170,7 @@ async fn drain_with_relay(
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
     relay.stop().await?;
+    marks.resize(2, seconds);
     let dead: i64 = client
         .query_one(
             "SELECT count(*) FROM outbox.messages WHERE dead_at IS NOT NULL",
@@ -140,7 +181,10 @@ async fn drain_with_relay(
     if dead > 0 {
         bail!("{dead} messages died during the drain; the figures would mean nothing");
     }
-    Ok(seconds)
+    Ok(Timed {
+        seconds,
+        thirds: [marks[0], marks[1] - marks[0], seconds - marks[1]],
+    })
 }
 
 /// Publishes `backlog` messages (mandatory, persistent) with at most

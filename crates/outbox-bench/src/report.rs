@@ -3,7 +3,7 @@
 use hdrhistogram::Histogram as Hdr;
 use serde_json::{Value, json};
 
-use crate::drain::DrainResult;
+use crate::drain::{DrainResult, Timed};
 use crate::latency::LatencyResult;
 use crate::soak::{Sample, SoakResult};
 
@@ -122,12 +122,19 @@ fn machine() -> String {
 }
 
 pub fn print_drain(result: &DrainResult, as_json: bool) {
+    let rate = |seconds: f64| result.backlog as f64 / seconds;
+    let third = |seconds: f64| rate(seconds) / 3.0;
+    let held_ratio = result
+        .held
+        .as_ref()
+        .map(|held| result.relay.seconds / held.seconds);
+    let bare_ratio = result.bare.map(|(bare, _)| bare / result.relay.seconds);
     if as_json {
-        let phase = |seconds: f64, queued: u32| {
+        let timed = |timed: &Timed| {
             json!({
-                "seconds": seconds,
-                "msgs_per_s": result.backlog as f64 / seconds,
-                "queued": queued,
+                "seconds": timed.seconds,
+                "msgs_per_s": rate(timed.seconds),
+                "thirds_msgs_per_s": timed.thirds.map(third),
             })
         };
         let value = json!({
@@ -136,9 +143,14 @@ pub fn print_drain(result: &DrainResult, as_json: bool) {
             "batch": result.batch,
             "payload_bytes": result.payload_bytes,
             "insert_seconds": result.insert_seconds,
-            "relay": phase(result.relay_seconds, result.relay_queued),
-            "bare": phase(result.bare_seconds, result.bare_queued),
-            "relay_to_bare": result.bare_seconds / result.relay_seconds,
+            "relay": timed(&result.relay),
+            "relay_queued": result.relay_queued,
+            "held_horizon": result.held.as_ref().map(timed),
+            "held_to_free": held_ratio,
+            "bare": result.bare.map(|(seconds, queued)| json!({
+                "seconds": seconds, "msgs_per_s": rate(seconds), "queued": queued,
+            })),
+            "relay_to_bare": bare_ratio,
         });
         println!("{value:#}");
         return;
@@ -152,24 +164,35 @@ pub fn print_drain(result: &DrainResult, as_json: bool) {
         result.insert_seconds,
         machine()
     );
-    let mut table = Table::new(&["phase", "messages", "seconds", "msgs/s", "in queue"]);
-    for (phase, seconds, queued) in [
-        ("relay", result.relay_seconds, result.relay_queued),
-        ("bare lapin", result.bare_seconds, result.bare_queued),
-    ] {
-        table.row(vec![
+    let mut table = Table::new(&["phase", "seconds", "msgs/s", "1st third", "2nd", "3rd"]);
+    let phases = [
+        ("relay", Some(&result.relay)),
+        ("relay, xmin held", result.held.as_ref()),
+    ];
+    for (phase, timed) in phases {
+        let Some(timed) = timed else { continue };
+        let mut row = vec![
             phase.into(),
-            result.backlog.to_string(),
-            format!("{seconds:.2}"),
-            format!("{:.0}", result.backlog as f64 / seconds),
-            queued.to_string(),
-        ]);
+            format!("{:.2}", timed.seconds),
+            format!("{:.0}", rate(timed.seconds)),
+        ];
+        row.extend(timed.thirds.map(|s| format!("{:.0}", third(s))));
+        table.row(row);
+    }
+    if let Some((seconds, _)) = result.bare {
+        let mut row = vec!["bare lapin".into(), format!("{seconds:.2}")];
+        row.push(format!("{:.0}", rate(seconds)));
+        row.extend(["", "", ""].map(String::from));
+        table.row(row);
     }
     print!("{}", table.render());
-    println!(
-        "relay / bare: {:.2}",
-        result.bare_seconds / result.relay_seconds
-    );
+    println!("relay queued {} of {}", result.relay_queued, result.backlog);
+    if let Some(ratio) = held_ratio {
+        println!("held / free: {ratio:.2}");
+    }
+    if let Some(ratio) = bare_ratio {
+        println!("relay / bare: {ratio:.2}");
+    }
 }
 
 pub fn print_latency(results: &[LatencyResult], as_json: bool) {

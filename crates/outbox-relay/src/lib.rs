@@ -8,6 +8,7 @@ pub mod capture;
 pub mod cli;
 pub mod commands;
 pub mod config;
+mod cursor;
 pub mod listener;
 pub mod maintenance;
 pub mod marker;

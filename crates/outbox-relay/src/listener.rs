@@ -80,10 +80,7 @@ impl Listener {
     /// Connects and LISTENs. The caller drains right after, so nothing
     /// committed while no one was listening is missed.
     pub async fn connect(target: &PgTarget) -> Result<Listener, ListenerError> {
-        let (client, mut connection) = target
-            .config
-            .connect(target.tls.clone())
-            .await?;
+        let (client, mut connection) = target.config.connect(target.tls.clone()).await?;
         let (sender, wakes) = mpsc::unbounded_channel();
         // Notifications only surface through poll_message: drive the
         // connection here and forward them.

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{Broker, ChannelFault};
 use crate::config::Config;
+use crate::cursor::Cursor;
 use crate::listener::Woken;
 use crate::marker::{Mark, Marker};
 use crate::meters::{BROKER, DATABASE, Fault, Meters, Wake};
@@ -47,6 +48,8 @@ pub(crate) struct Relay {
     marker: Marker,
     /// Published rows awaiting their confirm; at most `max_in_flight`.
     window: Window,
+    /// Where claims start scanning.
+    cursor: Cursor,
     outages: Outages,
     meters: Meters,
     health: Health,
@@ -64,6 +67,7 @@ impl Relay {
     ) -> Relay {
         Relay {
             window: Window::new(config.confirm_timeout),
+            cursor: Cursor::new(config.sweep_interval),
             config,
             store,
             broker: Some(broker),
@@ -191,8 +195,7 @@ impl Relay {
                 }
             };
             self.settle(settled)?;
-            self.meters.in_flight.set(self.window.in_flight() as f64);
-            self.meters.in_flight_bytes.set(self.window.bytes() as f64);
+            self.show_window();
         }
     }
 
@@ -206,9 +209,17 @@ impl Relay {
         limit: usize,
         bytes: u64,
     ) -> Result<(Vec<Claimed>, bool), Outage> {
+        let now = Instant::now();
+        if self.wakeup.locks_held() {
+            // Likely a transaction that fired the trigger early: its row
+            // has a low id and commits late.
+            self.cursor.rewind();
+        }
+        let after = self.cursor.start(now);
         let ((), claim) = tokio::join!(
             self.wakeup.begin_drain(),
             self.store.claim(
+                after,
                 limit as u32,
                 bytes,
                 self.config.lease,
@@ -216,6 +227,7 @@ impl Relay {
             )
         );
         let claim = claim.map_err(|e| Outage::Database(e.to_string()))?;
+        self.cursor.claimed(now, &claim.rows, claim.exhausted);
         self.health.set(DATABASE, true);
         self.meters.claim_batch.record(claim.rows.len() as f64);
         Ok((claim.rows, claim.exhausted))
@@ -235,12 +247,11 @@ impl Relay {
         let mut rows = rows.into_iter();
         while let Some(row) = rows.next() {
             if Instant::now() >= publish_by {
-                let late: Vec<_> = std::iter::once(row).chain(rows).map(held).collect();
                 tracing::warn!(
-                    rows = late.len(),
+                    rows = rows.len() + 1,
                     "claimed rows not published before their lease would run out; giving them back"
                 );
-                self.marker.send(Mark::Release(late));
+                self.give_back(std::iter::once(row).chain(rows));
                 return Ok(());
             }
             let published = match self.broker.as_mut() {
@@ -250,15 +261,13 @@ impl Relay {
             match published {
                 Ok(pending) => self.window.push(row, pending.outcome()),
                 Err(error) => {
-                    let unpublished = std::iter::once(row).chain(rows).map(held).collect();
-                    self.marker.send(Mark::Release(unpublished));
+                    self.give_back(std::iter::once(row).chain(rows));
                     self.meters.failure(Fault::ConnectionLost).increment(1);
                     return Err(Outage::Broker(error));
                 }
             }
         }
-        self.meters.in_flight.set(self.window.in_flight() as f64);
-        self.meters.in_flight_bytes.set(self.window.bytes() as f64);
+        self.show_window();
         Ok(())
     }
 
@@ -266,14 +275,16 @@ impl Relay {
     /// is gone: the rest of the window is given back and the drain stops.
     fn settle(&mut self, settled: Vec<Settled>) -> Result<(), Outage> {
         let mut lost = None;
+        let now = Instant::now();
         for row in settled {
+            self.cursor.settled(now, row.row());
             match row {
                 Settled::Published(row) => {
                     self.meters.published.increment(1);
                     if let Ok(age) = row.pending_since.elapsed() {
                         self.meters.enqueue_to_confirm.record(age.as_secs_f64());
                     }
-                    self.marker.send(Mark::Published(held(row)));
+                    self.marker.send(Mark::Published(row.held()));
                 }
                 Settled::Failed(row, fault, error) => {
                     self.meters.failure(fault).increment(1);
@@ -284,7 +295,7 @@ impl Relay {
                 }
                 Settled::Lost(row, error) => {
                     self.meters.failure(Fault::ConnectionLost).increment(1);
-                    self.marker.send(Mark::Release(vec![held(row)]));
+                    self.give_back([row]);
                     lost = Some(error);
                 }
             }
@@ -295,24 +306,35 @@ impl Relay {
         }
     }
 
+    /// Releases rows unpublished or of unknown outcome; claims scan from
+    /// the start again to find them.
+    fn give_back(&mut self, rows: impl IntoIterator<Item = Claimed>) {
+        let rows: Vec<_> = rows.into_iter().map(Claimed::held).collect();
+        if rows.is_empty() {
+            return;
+        }
+        self.marker.send(Mark::Release(rows));
+        self.cursor.rewind();
+    }
+
     /// Waits up to `limit` for the window to settle, then gives back what
     /// has not (its outcome unknown: published again, at least once).
     async fn settle_in_flight(&mut self, limit: Duration) {
         let deadline = Instant::now() + limit;
         while !self.window.is_empty() {
-            match tokio::time::timeout_at(deadline, self.window.settled()).await {
-                Ok(settled) => {
-                    let _ = self.settle(settled);
-                }
-                Err(_) => break,
-            }
+            let Ok(settled) = tokio::time::timeout_at(deadline, self.window.settled()).await else {
+                break;
+            };
+            let _ = self.settle(settled);
         }
-        let unanswered: Vec<_> = self.window.abandon().into_iter().map(held).collect();
-        if !unanswered.is_empty() {
-            self.marker.send(Mark::Release(unanswered));
-        }
-        self.meters.in_flight.set(0.0);
-        self.meters.in_flight_bytes.set(0.0);
+        let unanswered = self.window.abandon();
+        self.give_back(unanswered);
+        self.show_window();
+    }
+
+    fn show_window(&self) {
+        self.meters.in_flight.set(self.window.in_flight() as f64);
+        self.meters.in_flight_bytes.set(self.window.bytes() as f64);
     }
 
     async fn ensure_broker(&mut self) -> Result<(), Outage> {
@@ -336,6 +358,7 @@ impl Relay {
     }
 
     async fn wait_out(&mut self, outage: Outage, shutdown: &CancellationToken) {
+        self.cursor.rewind();
         if let Outage::Broker(error) = &outage {
             self.settle_in_flight(Duration::from_secs(1)).await;
             if let Some(broker) = self.broker.take() {
@@ -368,9 +391,4 @@ impl Relay {
             broker.close().await;
         }
     }
-}
-
-/// A row as the marker fences it.
-fn held(row: Claimed) -> (i64, String) {
-    (row.id, row.lease)
 }

@@ -37,6 +37,34 @@ pub struct Claimed {
     pub pending_since: SystemTime,
 }
 
+impl Claimed {
+    /// The row as the marker fences it: its id and lease token.
+    pub fn held(self) -> (i64, String) {
+        (self.id, self.lease)
+    }
+}
+
+#[cfg(test)]
+impl Claimed {
+    /// A keyless row of ten bytes, for unit tests.
+    pub(crate) fn for_test(id: i64) -> Claimed {
+        Claimed {
+            id,
+            message_id: Uuid::new_v4(),
+            lease: "test#1".into(),
+            exchange: "x".into(),
+            routing_key: String::new(),
+            payload: vec![0; 10],
+            content_type: "application/json".into(),
+            headers: serde_json::json!({}),
+            problem: None,
+            ordering_key: None,
+            attempts: 0,
+            pending_since: std::time::SystemTime::now(),
+        }
+    }
+}
+
 /// What one claim took.
 #[derive(Debug)]
 pub struct Claim {
@@ -120,13 +148,14 @@ pub struct Store {
 /// any row with an earlier unpublished row of the same key (only the head
 /// of each key is claimable). $3 says whether a dead head blocks its key.
 /// $5 bounds the payload bytes taken (the first row is always taken):
+/// $6 is the id the scan starts after (see `cursor`).
 /// `octet_length` reads a TOASTed value's size without fetching it.
 /// Headers come as text and are parsed per row, so one row that serde
 /// cannot decode is that row's problem, not a failed claim.
 const CLAIM: &str = "
 WITH picked AS MATERIALIZED (
     SELECT m.id, octet_length(m.payload)::int8 AS size FROM outbox.messages m
-    WHERE m.published_at IS NULL AND m.dead_at IS NULL
+    WHERE m.published_at IS NULL AND m.dead_at IS NULL AND m.id > $6
       AND m.next_attempt_at <= now()
       AND (m.locked_until IS NULL OR m.locked_until < now())
       AND (m.ordering_key IS NULL OR NOT EXISTS (
@@ -150,7 +179,14 @@ RETURNING m.id, m.message_id, m.exchange, m.routing_key, m.payload, m.content_ty
           m.headers::text, m.ordering_key, m.attempts, coalesce(m.replayed_at, m.created_at),
           (SELECT count(*) FROM picked)";
 
-const CLAIM_TYPES: [Type; 5] = [Type::INT8, Type::TEXT, Type::BOOL, Type::FLOAT8, Type::INT8];
+const CLAIM_TYPES: [Type; 6] = [
+    Type::INT8,
+    Type::TEXT,
+    Type::BOOL,
+    Type::FLOAT8,
+    Type::INT8,
+    Type::INT8,
+];
 
 /// Every state change is fenced on the lease token: only rows this
 /// relay's claim still holds change.
@@ -266,11 +302,12 @@ impl Store {
         self
     }
 
-    /// Claims up to `limit` rows holding at most `bytes` of payload
-    /// between them (the first row whatever its size), under a lease token
-    /// of their own.
+    /// Claims up to `limit` rows with ids above `after` holding at most
+    /// `bytes` of payload between them (the first row whatever its size),
+    /// under a lease token of their own.
     pub async fn claim(
         &self,
+        after: i64,
         limit: u32,
         bytes: u64,
         lease: Duration,
@@ -281,8 +318,14 @@ impl Store {
         let limit = i64::from(limit);
         let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
         let token = self.next_lease();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-            [&limit, &token, &block_on_dead_head, &lease_ms, &bytes];
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+            &limit,
+            &token,
+            &block_on_dead_head,
+            &lease_ms,
+            &bytes,
+            &after,
+        ];
         let rows = if self.prepared_claims {
             let statement = client
                 .prepare_typed_cached(CLAIM, &CLAIM_TYPES)

@@ -47,6 +47,14 @@ pub(crate) enum Settled {
     Lost(Claimed, String),
 }
 
+impl Settled {
+    pub(crate) fn row(&self) -> &Claimed {
+        match self {
+            Settled::Published(row) | Settled::Failed(row, ..) | Settled::Lost(row, _) => row,
+        }
+    }
+}
+
 /// A confirm's answer, or `None` past the deadline.
 type Answer = Option<(Outcome, Option<Returned>)>;
 
@@ -226,7 +234,6 @@ impl Wake for Flag {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::SystemTime;
     use tokio::sync::oneshot;
     use uuid::Uuid;
 
@@ -245,20 +252,7 @@ mod tests {
     }
 
     fn row(id: i64) -> Claimed {
-        Claimed {
-            id,
-            message_id: Uuid::new_v4(),
-            lease: "test#1".into(),
-            exchange: "x".into(),
-            routing_key: String::new(),
-            payload: vec![0; 10],
-            content_type: "application/json".into(),
-            headers: serde_json::json!({}),
-            problem: None,
-            ordering_key: None,
-            attempts: 0,
-            pending_since: SystemTime::now(),
-        }
+        Claimed::for_test(id)
     }
 
     fn publish(window: &mut Window, id: i64) -> (Uuid, oneshot::Sender<Answer>) {
