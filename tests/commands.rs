@@ -506,3 +506,42 @@ async fn a_dead_letter_that_is_not_utf8_is_listed_and_shown() {
     assert_eq!(status["dead"], 2, "{status}");
     assert_eq!(status["pending"], 1, "{status}");
 }
+
+#[tokio::test]
+async fn status_shows_a_held_xmin_horizon() {
+    let db = TestDb::with_outbox().await;
+    let mut holder = db.connect().await;
+    let snapshot = holder
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .expect("begin");
+    snapshot
+        .batch_execute("SELECT 1")
+        .await
+        .expect("take the snapshot");
+    let client = db.connect().await;
+    enqueue(&client, "x", "", 3, None).await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+
+    let out = relay_command(&db.url, &["status", "--json"]).await;
+    let status: Value = serde_json::from_str(out.expect_code(0)).expect("status json");
+    // The cluster's horizon: other tests' snapshots may be older still.
+    let seconds = status["xmin_horizon_age_seconds"]
+        .as_f64()
+        .expect("seconds");
+    assert!(seconds >= 2.0, "{status:#}");
+    assert!(
+        status["xmin_horizon_age_xids"].as_i64() >= Some(3),
+        "{status:#}"
+    );
+    let ratio = status["dead_tuple_ratio"].as_f64().expect("ratio");
+    assert!((0.0..=1.0).contains(&ratio), "{status:#}");
+    let out = relay_command(&db.url, &["status"]).await;
+    assert!(
+        out.expect_code(0).contains("vacuum     xmin horizon "),
+        "{out:?}"
+    );
+    snapshot.rollback().await.expect("rollback");
+}

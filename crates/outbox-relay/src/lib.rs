@@ -9,6 +9,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 mod cursor;
+pub mod gauges;
 pub mod listener;
 pub mod maintenance;
 pub mod marker;

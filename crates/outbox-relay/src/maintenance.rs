@@ -42,6 +42,12 @@ pub async fn run(
                 meters
                     .notification_queue_usage
                     .set(stats.notification_queue_usage);
+                let vacuum = stats.vacuum;
+                meters.xmin_horizon_age.set(vacuum.xmin_horizon_age_seconds);
+                meters
+                    .xmin_horizon_xids
+                    .set(vacuum.xmin_horizon_age_xids as f64);
+                meters.dead_tuple_ratio.set(vacuum.dead_tuple_ratio);
             }
             Err(error) => {
                 // The drain reports the outage in its own words.

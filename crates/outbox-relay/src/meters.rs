@@ -98,6 +98,9 @@ pub struct Meters {
     pub oldest_pending: Gauge,
     pub dead_messages: Gauge,
     pub notification_queue_usage: Gauge,
+    pub xmin_horizon_age: Gauge,
+    pub xmin_horizon_xids: Gauge,
+    pub dead_tuple_ratio: Gauge,
     pub claim_batch: Histogram,
     pub enqueue_to_confirm: Histogram,
 }
@@ -131,6 +134,9 @@ impl Meters {
             oldest_pending: gauge!("outbox_oldest_pending_seconds"),
             dead_messages: gauge!("outbox_dead_messages"),
             notification_queue_usage: gauge!("outbox_notification_queue_usage"),
+            xmin_horizon_age: gauge!("outbox_xmin_horizon_age_seconds"),
+            xmin_horizon_xids: gauge!("outbox_xmin_horizon_age_xids"),
+            dead_tuple_ratio: gauge!("outbox_dead_tuple_ratio"),
             claim_batch: histogram!("outbox_claim_batch_size"),
             enqueue_to_confirm: histogram!("outbox_enqueue_to_confirm_seconds"),
         }
@@ -198,6 +204,18 @@ fn describe() {
     describe_gauge!(
         "outbox_notification_queue_usage",
         "pg_notification_queue_usage() of the cluster, 0 to 1."
+    );
+    describe_gauge!(
+        "outbox_xmin_horizon_age_seconds",
+        "How long the oldest snapshot VACUUM must keep (a session, a prepared transaction) has been held."
+    );
+    describe_gauge!(
+        "outbox_xmin_horizon_age_xids",
+        "Age in transactions of the xmin horizon (sessions, replication slots, prepared transactions)."
+    );
+    describe_gauge!(
+        "outbox_dead_tuple_ratio",
+        "Dead row versions in outbox.messages, 0 to 1 (table statistics)."
     );
     describe_gauge!("outbox_database_connected", "1 while PostgreSQL answers.");
     describe_gauge!("outbox_broker_connected", "1 while RabbitMQ is connected.");

@@ -89,7 +89,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    fn from_postgres(error: &tokio_postgres::Error) -> StoreError {
+    pub(crate) fn from_postgres(error: &tokio_postgres::Error) -> StoreError {
         let line = outbox::error_line(error);
         match error.code().map(|code| code.code()) {
             Some(code) if !is_transient(code) => StoreError::Refused(line),
@@ -117,22 +117,8 @@ pub enum Retried {
     Gone,
 }
 
-/// What the gauges show; see [`Store::stats`].
-#[derive(Debug, Clone, Copy)]
-pub struct Stats {
-    /// Rows waiting to be published (counted up to [`PENDING_COUNT_CAP`]).
-    pub pending: i64,
-    pub oldest_pending: Duration,
-    pub dead: i64,
-    /// `pg_notification_queue_usage()`: the cluster's NOTIFY queue, 0 to 1.
-    pub notification_queue_usage: f64,
-}
-
 /// How long a relay statement waits for a row lock before giving up.
 const LOCK_TIMEOUT_MS: u32 = 2_000;
-
-/// Counting a huge backlog every few seconds would cost more than it tells.
-pub const PENDING_COUNT_CAP: i64 = 1_000_000;
 
 #[derive(Clone)]
 pub struct Store {
@@ -194,19 +180,6 @@ const MARK_PUBLISHED: &str = "UPDATE outbox.messages m \
      SET published_at = now(), locked_by = NULL, locked_until = NULL \
      FROM unnest($1::int8[], $2::text[]) AS held(id, lease) \
      WHERE m.id = held.id AND m.locked_by = held.lease AND m.published_at IS NULL";
-
-/// Pending rows and the oldest one come from the pending-rows index (the
-/// lowest pending id, not a min(created_at) over the whole backlog), dead
-/// ones from the dead-rows index (V4).
-const STATS: &str = "SELECT \
-     (SELECT count(*) FROM (SELECT 1 FROM outbox.messages \
-         WHERE published_at IS NULL AND dead_at IS NULL LIMIT $1) backlog), \
-     coalesce(extract(epoch FROM now() - ( \
-         SELECT coalesce(replayed_at, created_at) FROM outbox.messages \
-         WHERE published_at IS NULL AND dead_at IS NULL \
-         ORDER BY id LIMIT 1)), 0)::float8, \
-     (SELECT count(*) FROM outbox.messages WHERE dead_at IS NOT NULL), \
-     pg_notification_queue_usage()";
 
 /// With a retention of zero, a confirmed row has no further use.
 const DELETE_PUBLISHED: &str = "DELETE FROM outbox.messages m \
@@ -496,28 +469,7 @@ impl Store {
             .map_err(|e| StoreError::from_postgres(&e))
     }
 
-    /// The gauges read from the database, in one round trip.
-    pub async fn stats(&self) -> Result<Stats, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query_typed(STATS, &[(&PENDING_COUNT_CAP, Type::INT8)])
-            .await
-            .map_err(|e| StoreError::from_postgres(&e))?;
-        let row = rows
-            .first()
-            .ok_or_else(|| StoreError::Refused("the gauges query returned no row".into()))?;
-        let stats = || -> Result<Stats, tokio_postgres::Error> {
-            Ok(Stats {
-                pending: row.try_get(0)?,
-                oldest_pending: Duration::from_secs_f64(row.try_get::<_, f64>(1)?.max(0.0)),
-                dead: row.try_get(2)?,
-                notification_queue_usage: row.try_get(3)?,
-            })
-        };
-        stats().map_err(|e| StoreError::from_postgres(&e))
-    }
-
-    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool
             .get()
             .await

@@ -9,6 +9,7 @@ use serde::Serialize;
 use tokio_postgres::Row;
 
 use super::{DatabaseArgs, format_age, query_error};
+use crate::gauges::{self, Vacuum};
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -52,6 +53,9 @@ pub struct Status {
     pub relays_listening: i64,
     /// Of those, relays draining at this moment.
     pub relays_draining: i64,
+    /// What holds VACUUM back.
+    #[serde(flatten)]
+    pub vacuum: Vacuum,
     pub exchanges: Vec<ExchangeStatus>,
 }
 
@@ -108,6 +112,9 @@ pub async fn read(database: &DatabaseArgs) -> anyhow::Result<Status> {
         .query_one(RELAYS, &[])
         .await
         .map_err(query_error("count listening relays"))?;
+    let vacuum = gauges::vacuum(&client)
+        .await
+        .map_err(query_error("read the xmin horizon"))?;
     let mut total = Counts::default();
     for e in &exchanges {
         total.pending += e.counts.pending;
@@ -124,6 +131,7 @@ pub async fn read(database: &DatabaseArgs) -> anyhow::Result<Status> {
         total,
         relays_listening: relays.get(0),
         relays_draining: relays.get(1),
+        vacuum,
         exchanges,
     })
 }
@@ -154,7 +162,8 @@ pub fn render(status: &Status) -> String {
          pending    {} (in flight {}, retrying {}), oldest {}\n\
          published  {} (kept for OUTBOX_RETENTION)\n\
          dead       {}{}\n\
-         relays     {} listening, {} draining (relays in poll mode are not seen)\n",
+         relays     {} listening, {} draining (relays in poll mode are not seen)\n\
+         vacuum     xmin horizon {} old ({} xids), dead tuples {:.0} %\n",
         status.database,
         t.pending,
         t.in_flight,
@@ -169,6 +178,11 @@ pub fn render(status: &Status) -> String {
         },
         status.relays_listening,
         status.relays_draining,
+        format_age(Duration::from_secs_f64(
+            status.vacuum.xmin_horizon_age_seconds.max(0.0)
+        )),
+        status.vacuum.xmin_horizon_age_xids,
+        status.vacuum.dead_tuple_ratio * 100.0,
     );
     if status.exchanges.is_empty() {
         out.push_str("\nno messages\n");
