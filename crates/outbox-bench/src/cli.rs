@@ -145,6 +145,11 @@ pub struct SoakArgs {
     #[arg(long, default_value = "bench-results/soak.svg")]
     pub plot: PathBuf,
 
+    /// The relay's OUTBOX_RETENTION (e.g. `30s`): with a short one, a long
+    /// run shows whether the table and its indexes stay bounded.
+    #[arg(long)]
+    pub retention: Option<String>,
+
     #[command(flatten)]
     pub common: Common,
 }

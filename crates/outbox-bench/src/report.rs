@@ -276,6 +276,10 @@ pub fn print_soak(result: &SoakResult, every: u64, as_json: bool) {
     let mib = |bytes: Option<u64>| bytes.map(|b| b as f64 / 1_048_576.0);
     let peak = |pick: fn(&Sample) -> Option<u64>| result.samples.iter().filter_map(pick).max();
     let max_lag = result.samples.iter().map(|s| s.lag_s).fold(0.0, f64::max);
+    let peak_mib = |pick: fn(&Sample) -> i64| {
+        result.samples.iter().map(pick).max().unwrap_or(0) as f64 / 1_048_576.0
+    };
+    let sizes = (peak_mib(|s| s.table_bytes), peak_mib(|s| s.index_bytes));
     if as_json {
         let samples: Vec<Value> = result
             .samples
@@ -283,6 +287,8 @@ pub fn print_soak(result: &SoakResult, every: u64, as_json: bool) {
             .map(|s| {
                 json!({
                     "second": s.second, "pending": s.pending, "lag_s": s.lag_s,
+                    "table_mib": s.table_bytes as f64 / 1_048_576.0,
+                    "indexes_mib": s.index_bytes as f64 / 1_048_576.0,
                     "relay_rss_mib": mib(s.relay_rss), "dispatch_rss_mib": mib(s.dispatch_rss),
                     "relay_cpu_s": s.relay_cpu, "dispatch_cpu_s": s.dispatch_cpu,
                     "sent": s.sent,
@@ -293,7 +299,9 @@ pub fn print_soak(result: &SoakResult, every: u64, as_json: bool) {
             .collect();
         let value = json!({
             "rate": result.load.rate, "seconds": result.load.duration.as_secs(),
-            "writers": result.load.writers, "sent": result.sent, "received": result.received,
+            "writers": result.load.writers, "retention": result.retention,
+            "peak_table_mib": sizes.0, "peak_indexes_mib": sizes.1,
+            "sent": result.sent, "received": result.received,
             "delivered": result.delivered, "duplicates": result.duplicates,
             "settle_seconds": result.settle_seconds, "max_lag_s": max_lag,
             "peak_relay_rss_mib": mib(peak(|s| s.relay_rss)),
@@ -308,10 +316,11 @@ pub fn print_soak(result: &SoakResult, every: u64, as_json: bool) {
         return;
     }
     println!(
-        "soak: {} msgs/s for {} s, {} writers; {}",
+        "soak: {} msgs/s for {} s, {} writers, retention {}; {}",
         result.load.rate,
         result.load.duration.as_secs(),
         result.load.writers,
+        result.retention.as_deref().unwrap_or("default"),
         machine()
     );
     let mut table = Table::new(&[
@@ -319,6 +328,8 @@ pub fn print_soak(result: &SoakResult, every: u64, as_json: bool) {
         "sent/s",
         "pending",
         "lag ms",
+        "table MiB",
+        "idx MiB",
         "relay MiB",
         "dispatch MiB",
         "deliv p50",
@@ -343,6 +354,8 @@ pub fn print_soak(result: &SoakResult, every: u64, as_json: bool) {
                 .unwrap_or(0)
                 .to_string(),
             millis(window.iter().map(|s| s.lag_s).fold(0.0, f64::max) * 1000.0),
+            format!("{:.1}", last.table_bytes as f64 / 1_048_576.0),
+            format!("{:.1}", last.index_bytes as f64 / 1_048_576.0),
             mib(last.relay_rss).map_or("-".into(), |m| format!("{m:.1}")),
             mib(last.dispatch_rss).map_or("-".into(), |m| format!("{m:.1}")),
         ];
@@ -355,7 +368,8 @@ pub fn print_soak(result: &SoakResult, every: u64, as_json: bool) {
     print!("{}", table.render());
     println!(
         "sent {}, received {}, delivered {}, duplicates {}; settled {:.1} s after writing stopped; \
-         max lag {} ms; peak RSS relay {} MiB, dispatch {} MiB",
+         max lag {} ms; peak RSS relay {} MiB, dispatch {} MiB; \
+         peak outbox.messages {:.1} MiB, its indexes {:.1} MiB",
         result.sent,
         result.received,
         result.delivered,
@@ -364,6 +378,8 @@ pub fn print_soak(result: &SoakResult, every: u64, as_json: bool) {
         millis(max_lag * 1000.0),
         mib(peak(|s| s.relay_rss)).map_or("-".into(), |m| format!("{m:.1}")),
         mib(peak(|s| s.dispatch_rss)).map_or("-".into(), |m| format!("{m:.1}")),
+        sizes.0,
+        sizes.1,
     );
     let per_message =
         |pick| cpu_per_message(result, pick).map_or("-".into(), |us| format!("{us:.0}"));

@@ -20,7 +20,8 @@ use crate::setup::{self, Fixture};
 use crate::writers::{self, Load, Sent, Target};
 
 const LAG: &str = "SELECT count(*), \
-     coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 \
+     coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8, \
+     pg_table_size('outbox.messages'), pg_indexes_size('outbox.messages') \
      FROM outbox.messages WHERE published_at IS NULL AND dead_at IS NULL";
 /// How long the pipeline may take to catch up once writing stopped.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -34,6 +35,9 @@ pub struct Sample {
     pub pending: i64,
     /// Age of the oldest pending row, in seconds.
     pub lag_s: f64,
+    /// On-disk size of `outbox.messages` (with TOAST) and of its indexes.
+    pub table_bytes: i64,
+    pub index_bytes: i64,
     pub relay_rss: Option<u64>,
     pub dispatch_rss: Option<u64>,
     /// CPU seconds used since the child started.
@@ -47,6 +51,7 @@ pub struct Sample {
 
 pub struct SoakResult {
     pub load: Load,
+    pub retention: Option<String>,
     pub sent: usize,
     pub received: usize,
     pub delivered: usize,
@@ -66,8 +71,11 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
         writers: args.writers,
         duration: Duration::from_secs(args.duration),
     };
-    let result =
-        setup::with_fixture(&args.common, async |fixture| measure(fixture, load).await).await?;
+    let retention = args.retention.as_deref();
+    let result = setup::with_fixture(&args.common, async |fixture| {
+        measure(fixture, load, retention).await
+    })
+    .await?;
     crate::report::print_soak(&result, args.every, args.common.json);
     crate::latency::write_plot(&args.plot, |path| crate::plot::soak(path, &result))
 }
@@ -93,6 +101,8 @@ impl Pipeline {
             second,
             pending: row.try_get(0)?,
             lag_s: row.try_get(1)?,
+            table_bytes: row.try_get(2)?,
+            index_bytes: row.try_get(3)?,
             relay_rss: self.relay.rss_bytes(),
             dispatch_rss: self.dispatch.rss_bytes(),
             relay_cpu: self.relay.cpu_seconds(),
@@ -103,19 +113,21 @@ impl Pipeline {
     }
 }
 
-async fn measure(fixture: &Fixture, load: Load) -> anyhow::Result<SoakResult> {
+async fn measure(
+    fixture: &Fixture,
+    load: Load,
+    retention: Option<&str>,
+) -> anyhow::Result<SoakResult> {
     let consumer = Consumer::start(fixture).await?;
     let delivered = Delivered::start(&fixture.dispatch_db_url).await?;
     let dispatch = fixture.start_dispatch().await?;
-    let relay = Process::spawn(
-        "outbox-relay",
-        &["run"],
-        &[
-            ("OUTBOX_DATABASE_URL", &fixture.db_url),
-            ("OUTBOX_AMQP_URL", &fixture.amqp_url),
-            ("OUTBOX_METRICS_ADDR", "127.0.0.1:0"),
-        ],
-    )?;
+    let mut env = vec![
+        ("OUTBOX_DATABASE_URL", fixture.db_url.as_str()),
+        ("OUTBOX_AMQP_URL", fixture.amqp_url.as_str()),
+        ("OUTBOX_METRICS_ADDR", "127.0.0.1:0"),
+    ];
+    env.extend(retention.map(|r| ("OUTBOX_RETENTION", r)));
+    let relay = Process::spawn("outbox-relay", &["run"], &env)?;
     let mut pipeline = Pipeline {
         relay,
         dispatch,
@@ -179,6 +191,7 @@ async fn measure(fixture: &Fixture, load: Load) -> anyhow::Result<SoakResult> {
     split_by_second(&mut samples, &sent, start, &received, &delivered)?;
     Ok(SoakResult {
         load,
+        retention: retention.map(str::to_string),
         sent: sent.len(),
         received: received.first.len(),
         delivered: delivered.first.len(),
