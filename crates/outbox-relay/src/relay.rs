@@ -309,7 +309,12 @@ impl Relay {
     /// Releases rows unpublished or of unknown outcome; claims scan from
     /// the start again to find them.
     fn give_back(&mut self, rows: impl IntoIterator<Item = Claimed>) {
-        let rows: Vec<_> = rows.into_iter().map(Claimed::held).collect();
+        let now = Instant::now();
+        let rows: Vec<_> = rows
+            .into_iter()
+            .inspect(|row| self.cursor.settled(now, row))
+            .map(Claimed::held)
+            .collect();
         if rows.is_empty() {
             return;
         }
