@@ -55,6 +55,12 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
+    pub const DEFAULT_PREFETCH: u16 = 16;
+    pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
+    pub const DEFAULT_RETRY_BASE: Duration = Duration::from_secs(1);
+    pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(60);
+    pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
     /// Defaults for everything but the broker, the topology and the inbox
     /// table (`schema.table` with a `message_id uuid` primary key).
     pub fn new(amqp_url: &str, topology: Topology, inbox_table: &str) -> ConsumerConfig {
@@ -62,11 +68,11 @@ impl ConsumerConfig {
             amqp_url: amqp_url.into(),
             amqp_ca_file: None,
             topology,
-            prefetch: 16,
-            max_deliveries: 5,
-            retry_base: Duration::from_secs(1),
-            retry_max: Duration::from_secs(60),
-            shutdown_timeout: Duration::from_secs(10),
+            prefetch: Self::DEFAULT_PREFETCH,
+            max_deliveries: Self::DEFAULT_MAX_DELIVERIES,
+            retry_base: Self::DEFAULT_RETRY_BASE,
+            retry_max: Self::DEFAULT_RETRY_MAX,
+            shutdown_timeout: Self::DEFAULT_SHUTDOWN_TIMEOUT,
             inbox_table: inbox_table.into(),
             name: "outbox-consumer".into(),
         }

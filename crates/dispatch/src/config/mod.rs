@@ -20,10 +20,20 @@ use outbox_consumer::{ConsumerConfig, QueueType, Topology};
 
 pub use settings::Settings;
 
-pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-/// The seed's names.
-pub const DEFAULT_EXCHANGE: &str = "order_confirm_fanoutExchange";
-pub const DEFAULT_QUEUE: &str = "order_confirm_fanoutQueue";
+/// The binary's own defaults, once; the consumer's are the library's
+/// (`ConsumerConfig::DEFAULT_*`). `--help` names them from here.
+pub mod defaults {
+    /// The seed's names.
+    pub const EXCHANGE: &str = "order_confirm_fanoutExchange";
+    pub const QUEUE: &str = "order_confirm_fanoutQueue";
+    pub const QUEUE_TYPE: &str = "classic";
+    pub const HTTP_ADDR: &str = "127.0.0.1:9000";
+    /// The seed's rider.
+    pub const RIDERS: &str = "Zhang Fei";
+    /// The seed's slow dispatcher took 3 s.
+    pub const SLOW_ORDER_MS: u64 = 3000;
+}
+
 /// Created by `sql/dispatch/V1__dispatch.sql`.
 pub const INBOX_TABLE: &str = "dispatch.inbox";
 /// The validated configuration.
@@ -67,12 +77,14 @@ impl Settings {
         ) {
             tracing::warn!("{line}");
         }
-        let amqp_url = self.amqp_url.unwrap_or_else(|| DEFAULT_AMQP_URL.into());
+        let amqp_url = self
+            .amqp_url
+            .unwrap_or_else(|| outbox_service::amqp::DEFAULT_URL.into());
         outbox_service::amqp::check_urls(&amqp_url)?;
-        let queue = name("DISPATCH_QUEUE", self.queue, DEFAULT_QUEUE)?;
-        let defaults = Topology::named(DEFAULT_EXCHANGE, &queue);
+        let queue = name("DISPATCH_QUEUE", self.queue, defaults::QUEUE)?;
+        let defaults = Topology::named(defaults::EXCHANGE, &queue);
         let topology = Topology {
-            exchange: name("DISPATCH_EXCHANGE", self.exchange, DEFAULT_EXCHANGE)?,
+            exchange: name("DISPATCH_EXCHANGE", self.exchange, defaults::EXCHANGE)?,
             retry_queue: name(
                 "DISPATCH_RETRY_QUEUE",
                 self.retry_queue,
@@ -88,7 +100,7 @@ impl Settings {
                 self.dead_letter_queue,
                 &defaults.dead_letter_queue,
             )?,
-            queue_type: match self.queue_type.as_deref().unwrap_or("classic") {
+            queue_type: match self.queue_type.as_deref().unwrap_or(defaults::QUEUE_TYPE) {
                 "classic" => QueueType::Classic,
                 "quorum" => QueueType::Quorum,
                 other => bail!("DISPATCH_QUEUE_TYPE must be `classic` or `quorum`, not `{other}`"),
@@ -139,14 +151,14 @@ impl Settings {
         if consumer.retry_max < consumer.retry_base {
             bail!("DISPATCH_RETRY_MAX_MS must be at least DISPATCH_RETRY_BASE_MS");
         }
-        let http_addr = self.http_addr.as_deref().unwrap_or("127.0.0.1:9000");
+        let http_addr = self.http_addr.as_deref().unwrap_or(defaults::HTTP_ADDR);
         let http_addr = http_addr
             .parse()
             .map_err(|_| anyhow::anyhow!("DISPATCH_HTTP_ADDR `{http_addr}` is not host:port"))?;
         let riders: Vec<String> = self
             .riders
             .as_deref()
-            .unwrap_or("Zhang Fei")
+            .unwrap_or(defaults::RIDERS)
             .split(',')
             .map(|r| r.trim().to_string())
             .filter(|r| !r.is_empty())
@@ -160,7 +172,7 @@ impl Settings {
                 delay: millis(
                     "DISPATCH_SLOW_ORDER_MS",
                     ms,
-                    Duration::from_secs(3),
+                    Duration::from_millis(defaults::SLOW_ORDER_MS),
                     limits::SLOW_ORDER_MS,
                 )?,
             }),

@@ -19,7 +19,7 @@ fn defaults_are_the_seeds() {
     assert_eq!(topology.dead_letter_queue, "order_confirm_fanoutQueue.dlq");
     assert_eq!(topology.queue_type, QueueType::Classic);
     assert_eq!(config.http_addr.port(), 9000);
-    assert_eq!(config.consumer.amqp_url, DEFAULT_AMQP_URL);
+    assert_eq!(config.consumer.amqp_url, outbox_service::amqp::DEFAULT_URL);
     assert!(config.dispatcher.slow_order.is_none());
 }
 

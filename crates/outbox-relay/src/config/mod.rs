@@ -3,23 +3,23 @@
 //! once before anything connects.
 //!
 //! - `settings`: the [`Settings`] as given (flags, environment, file);
+//! - `defaults`: each default, once;
 //! - this module: the checks that turn them into a [`Config`].
 
+pub mod defaults;
 mod settings;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use clap::CommandFactory;
 
 use crate::alert::AlertConfig;
 use outbox_service::limits::{self, check, millis};
 
 pub use settings::Settings;
-
-pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-pub const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9100);
 
 /// How the relay learns that there is work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,44 +65,24 @@ pub struct Config {
     pub metrics_addr_given: bool,
 }
 
-/// Environment variables the relay reads; any other `OUTBOX_*` is a typo.
-const KNOWN_ENV: &[&str] = &[
-    "OUTBOX_CONFIG",
-    "OUTBOX_DATABASE_URL",
-    "OUTBOX_DATABASE_CA_FILE",
-    "OUTBOX_AMQP_URL",
-    "OUTBOX_AMQP_CA_FILE",
-    "OUTBOX_MODE",
-    "OUTBOX_BATCH_SIZE",
-    "OUTBOX_MAX_IN_FLIGHT",
-    "OUTBOX_SWEEP_INTERVAL_MS",
-    "OUTBOX_LEASE_MS",
-    "OUTBOX_MAX_ATTEMPTS",
-    "OUTBOX_RETRY_BASE_MS",
-    "OUTBOX_RETRY_MAX_MS",
-    "OUTBOX_RETENTION",
-    "OUTBOX_BLOCK_ON_DEAD_HEAD",
-    "OUTBOX_MAX_PAYLOAD_BYTES",
-    "OUTBOX_CONFIRM_TIMEOUT_MS",
-    "OUTBOX_MAX_IN_FLIGHT_BYTES",
-    "OUTBOX_SHUTDOWN_TIMEOUT_MS",
-    "OUTBOX_ALERT_WEBHOOK_URL",
-    "OUTBOX_ALERT_SMTP_URL",
-    "OUTBOX_ALERT_EMAIL_TO",
-    "OUTBOX_ALERT_EMAIL_FROM",
-    "OUTBOX_METRICS_ADDR",
-    "OUTBOX_LOG_FORMAT",
-];
-
-/// Rejects `OUTBOX_*` variables that no setting reads (a typo would
-/// otherwise silently leave the default in force).
+/// Rejects `OUTBOX_*` variables that `outbox-relay run` does not read (a
+/// typo would otherwise silently leave the default in force). The names
+/// come from the clap definitions, `OUTBOX_CONFIG` and the global
+/// `OUTBOX_LOG_FORMAT` included.
 pub fn check_environment(vars: impl Iterator<Item = (String, String)>) -> anyhow::Result<()> {
-    for (name, _) in vars {
-        if name.starts_with("OUTBOX_") && !KNOWN_ENV.contains(&name.as_str()) {
-            bail!("unknown setting {name} in the environment (see `outbox-relay run --help`)");
-        }
-    }
-    Ok(())
+    let mut command = crate::cli::Cli::command();
+    // Copies the global flags into the subcommands and names them
+    // `outbox-relay run`, as the error's pointer to `--help` should.
+    command.build();
+    let run = command
+        .find_subcommand("run")
+        .context("the command line has no `run`")?;
+    Ok(outbox_service::environment::check(
+        run,
+        "OUTBOX_",
+        &[],
+        vars,
+    )?)
 }
 
 impl Settings {
@@ -110,15 +90,14 @@ impl Settings {
         let database_url = self
             .database_url
             .context("OUTBOX_DATABASE_URL (or --database-url) is required")?;
-        let mode = match self.mode.as_deref().unwrap_or("notify") {
+        let mode = match self.mode.as_deref().unwrap_or(defaults::MODE) {
             "notify" => Mode::Notify,
             "poll" => Mode::Poll,
             other => bail!("OUTBOX_MODE must be `notify` or `poll`, not `{other}`"),
         };
-        let retention = match self.retention.as_deref() {
-            None => Duration::from_secs(3600),
-            Some("0") => Duration::ZERO,
-            Some(text) => humantime::parse_duration(text).map_err(|e| {
+        let retention = match self.retention.as_deref().unwrap_or(defaults::RETENTION) {
+            "0" => Duration::ZERO,
+            text => humantime::parse_duration(text).map_err(|e| {
                 anyhow::anyhow!(
                     "OUTBOX_RETENTION `{text}` is not a duration like 30s, 1h or 7d: {e}"
                 )
@@ -130,9 +109,14 @@ impl Settings {
                 self.retention.unwrap_or_default()
             );
         }
-        let lease = millis("OUTBOX_LEASE_MS", self.lease_ms, 30_000, limits::LEASE_MS)?;
+        let lease = millis(
+            "OUTBOX_LEASE_MS",
+            self.lease_ms,
+            defaults::LEASE_MS,
+            limits::LEASE_MS,
+        )?;
         // Unset, it stays below a short lease by itself; set, it must.
-        let confirm_default = 10_000.min(lease.as_millis() as u64 / 2);
+        let confirm_default = defaults::CONFIRM_TIMEOUT_MS.min(lease.as_millis() as u64 / 2);
         let confirm_timeout = millis(
             "OUTBOX_CONFIRM_TIMEOUT_MS",
             self.confirm_timeout_ms,
@@ -148,65 +132,67 @@ impl Settings {
         let config = Config {
             database_url,
             database_ca_file: self.database_ca_file,
-            amqp_url: self.amqp_url.unwrap_or_else(|| DEFAULT_AMQP_URL.into()),
+            amqp_url: self.amqp_url.unwrap_or_else(|| defaults::AMQP_URL.into()),
             amqp_ca_file: self.amqp_ca_file,
             mode,
             batch_size: check(
                 "OUTBOX_BATCH_SIZE",
                 self.batch_size,
-                500,
+                defaults::BATCH_SIZE,
                 limits::BATCH_SIZE,
             )?,
             max_in_flight: check(
                 "OUTBOX_MAX_IN_FLIGHT",
                 self.max_in_flight,
-                256,
+                defaults::MAX_IN_FLIGHT,
                 limits::MAX_IN_FLIGHT,
             )?,
             sweep_interval: millis(
                 "OUTBOX_SWEEP_INTERVAL_MS",
                 self.sweep_interval_ms,
-                1000,
+                defaults::SWEEP_INTERVAL_MS,
                 limits::SWEEP_INTERVAL_MS,
             )?,
             lease,
             max_attempts: check(
                 "OUTBOX_MAX_ATTEMPTS",
                 self.max_attempts,
-                5,
+                defaults::MAX_ATTEMPTS,
                 limits::MAX_ATTEMPTS,
             )?,
             retry_base: millis(
                 "OUTBOX_RETRY_BASE_MS",
                 self.retry_base_ms,
-                1000,
+                defaults::RETRY_BASE_MS,
                 limits::RETRY_MS,
             )?,
             retry_max: millis(
                 "OUTBOX_RETRY_MAX_MS",
                 self.retry_max_ms,
-                300_000,
+                defaults::RETRY_MAX_MS,
                 limits::RETRY_MS,
             )?,
             retention,
-            block_on_dead_head: self.block_on_dead_head.unwrap_or(true),
+            block_on_dead_head: self
+                .block_on_dead_head
+                .unwrap_or(defaults::BLOCK_ON_DEAD_HEAD),
             max_payload_bytes: check(
                 "OUTBOX_MAX_PAYLOAD_BYTES",
                 self.max_payload_bytes,
-                16 << 20,
+                defaults::MAX_PAYLOAD_BYTES,
                 limits::MAX_PAYLOAD_BYTES,
             )?,
             confirm_timeout,
             max_in_flight_bytes: check(
                 "OUTBOX_MAX_IN_FLIGHT_BYTES",
                 self.max_in_flight_bytes,
-                32 << 20,
+                defaults::MAX_IN_FLIGHT_BYTES,
                 limits::MAX_IN_FLIGHT_BYTES,
             )?,
             shutdown_timeout: millis(
                 "OUTBOX_SHUTDOWN_TIMEOUT_MS",
                 self.shutdown_timeout_ms,
-                10_000,
+                defaults::SHUTDOWN_TIMEOUT_MS,
                 limits::SHUTDOWN_TIMEOUT_MS,
             )?,
             alert: AlertConfig {
@@ -214,7 +200,7 @@ impl Settings {
                 smtp_url: self.alert_smtp_url,
                 smtp_from: self
                     .alert_email_from
-                    .unwrap_or_else(|| "outbox-relay@localhost".into()),
+                    .unwrap_or_else(|| defaults::ALERT_EMAIL_FROM.into()),
                 smtp_to: self
                     .alert_email_to
                     .map(|to| {
@@ -226,7 +212,7 @@ impl Settings {
                     .unwrap_or_default(),
             },
             metrics_addr: match self.metrics_addr.as_deref() {
-                None => Some(DEFAULT_METRICS_ADDR),
+                None => Some(defaults::METRICS_ADDR),
                 Some("off") => None,
                 Some(addr) => Some(addr.parse().map_err(|_| {
                     anyhow::anyhow!("OUTBOX_METRICS_ADDR `{addr}` is not host:port or `off`")

@@ -8,8 +8,12 @@ use anyhow::Context;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
+use super::defaults;
+use outbox_service::with_default;
+
 /// Every setting, each optional so the layers can be merged. The field doc
-/// comments are the `--help` text.
+/// comments or `help` texts are the `--help` text; a default is named in
+/// `help` from [`defaults`], which `validate` applies too.
 #[derive(Debug, Default, Clone, Args, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub struct Settings {
@@ -23,8 +27,7 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_ca_file: Option<PathBuf>,
 
-    /// RabbitMQ URL; `amqps://` for TLS [default: amqp://guest:guest@127.0.0.1:5672/%2f].
-    #[arg(long, env = "OUTBOX_AMQP_URL", hide_env_values = true)]
+    #[arg(long, env = "OUTBOX_AMQP_URL", hide_env_values = true, help = with_default!("RabbitMQ URL; `amqps://` for TLS", defaults::AMQP_URL))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub amqp_url: Option<String>,
 
@@ -33,73 +36,59 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub amqp_ca_file: Option<PathBuf>,
 
-    /// `notify` (LISTEN/NOTIFY wake-ups plus the sweep) or `poll` (sweep only, for PgBouncer in transaction mode) [default: notify].
-    #[arg(long, env = "OUTBOX_MODE")]
+    #[arg(long, env = "OUTBOX_MODE", help = with_default!("`notify` (LISTEN/NOTIFY wake-ups plus the sweep) or `poll` (sweep only, for PgBouncer in transaction mode)", defaults::MODE))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
 
-    /// Rows claimed per query [default: 500].
-    #[arg(long, env = "OUTBOX_BATCH_SIZE")]
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", help = with_default!("Rows claimed per query", defaults::BATCH_SIZE))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<u32>,
 
-    /// Publishes awaiting a broker confirm at once [default: 256].
-    #[arg(long, env = "OUTBOX_MAX_IN_FLIGHT")]
+    #[arg(long, env = "OUTBOX_MAX_IN_FLIGHT", help = with_default!("Publishes awaiting a broker confirm at once", defaults::MAX_IN_FLIGHT))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_in_flight: Option<u32>,
 
-    /// Milliseconds between sweeps for retries due, expired leases and missed wake-ups [default: 1000].
-    #[arg(long, env = "OUTBOX_SWEEP_INTERVAL_MS")]
+    #[arg(long, env = "OUTBOX_SWEEP_INTERVAL_MS", help = with_default!("Milliseconds between sweeps for retries due, expired leases and missed wake-ups", defaults::SWEEP_INTERVAL_MS))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sweep_interval_ms: Option<u64>,
 
-    /// Milliseconds a claimed row stays leased to this relay before another may take it over [default: 30000].
-    #[arg(long, env = "OUTBOX_LEASE_MS")]
+    #[arg(long, env = "OUTBOX_LEASE_MS", help = with_default!("Milliseconds a claimed row stays leased to this relay before another may take it over", defaults::LEASE_MS))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lease_ms: Option<u64>,
 
-    /// Attempts (nack, unroutable, oversized) before a message is dead and escalated [default: 5].
-    #[arg(long, env = "OUTBOX_MAX_ATTEMPTS")]
+    #[arg(long, env = "OUTBOX_MAX_ATTEMPTS", help = with_default!("Attempts (nack, unroutable, oversized) before a message is dead and escalated", defaults::MAX_ATTEMPTS))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
 
-    /// First retry delay in milliseconds; doubles per attempt, with jitter [default: 1000].
-    #[arg(long, env = "OUTBOX_RETRY_BASE_MS")]
+    #[arg(long, env = "OUTBOX_RETRY_BASE_MS", help = with_default!("First retry delay in milliseconds; doubles per attempt, with jitter", defaults::RETRY_BASE_MS))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_base_ms: Option<u64>,
 
-    /// Longest retry delay in milliseconds [default: 300000].
-    #[arg(long, env = "OUTBOX_RETRY_MAX_MS")]
+    #[arg(long, env = "OUTBOX_RETRY_MAX_MS", help = with_default!("Longest retry delay in milliseconds", defaults::RETRY_MAX_MS))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_max_ms: Option<u64>,
 
-    /// Keep published rows this long, e.g. `30s`, `1h`, `7d`; `0` deletes them once confirmed [default: 1h].
-    #[arg(long, env = "OUTBOX_RETENTION")]
+    #[arg(long, env = "OUTBOX_RETENTION", help = with_default!("Keep published rows this long, e.g. `30s`, `1h`, `7d`; `0` deletes them once confirmed", defaults::RETENTION))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retention: Option<String>,
 
-    /// A dead message blocks later messages of its ordering key [default: true].
-    #[arg(long, env = "OUTBOX_BLOCK_ON_DEAD_HEAD")]
+    #[arg(long, env = "OUTBOX_BLOCK_ON_DEAD_HEAD", help = with_default!("A dead message blocks later messages of its ordering key", defaults::BLOCK_ON_DEAD_HEAD))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block_on_dead_head: Option<bool>,
 
-    /// Largest payload published, in bytes; larger ones count as failed attempts [default: 16777216].
-    #[arg(long, env = "OUTBOX_MAX_PAYLOAD_BYTES")]
+    #[arg(long, env = "OUTBOX_MAX_PAYLOAD_BYTES", help = with_default!("Largest payload published, in bytes; larger ones count as failed attempts", defaults::MAX_PAYLOAD_BYTES))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_payload_bytes: Option<u32>,
 
-    /// Milliseconds a publish may wait for its broker confirm before its row is retried; below the lease [default: 10000].
-    #[arg(long, env = "OUTBOX_CONFIRM_TIMEOUT_MS")]
+    #[arg(long, env = "OUTBOX_CONFIRM_TIMEOUT_MS", help = with_default!("Milliseconds a publish may wait for its broker confirm before its row is retried; below the lease", defaults::CONFIRM_TIMEOUT_MS))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub confirm_timeout_ms: Option<u64>,
 
-    /// Payload bytes claimed and awaiting confirms at once: bounds the relay's memory by bytes, not rows [default: 33554432].
-    #[arg(long, env = "OUTBOX_MAX_IN_FLIGHT_BYTES")]
+    #[arg(long, env = "OUTBOX_MAX_IN_FLIGHT_BYTES", help = with_default!("Payload bytes claimed and awaiting confirms at once: bounds the relay's memory by bytes, not rows", defaults::MAX_IN_FLIGHT_BYTES))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_in_flight_bytes: Option<u64>,
 
-    /// Milliseconds to wait for in-flight confirms at shutdown [default: 10000].
-    #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT_MS")]
+    #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT_MS", help = with_default!("Milliseconds to wait for in-flight confirms at shutdown", defaults::SHUTDOWN_TIMEOUT_MS))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_timeout_ms: Option<u64>,
 
@@ -118,13 +107,11 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alert_email_to: Option<String>,
 
-    /// Sender of dead-letter emails [default: outbox-relay@localhost].
-    #[arg(long, env = "OUTBOX_ALERT_EMAIL_FROM")]
+    #[arg(long, env = "OUTBOX_ALERT_EMAIL_FROM", help = with_default!("Sender of dead-letter emails", defaults::ALERT_EMAIL_FROM))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alert_email_from: Option<String>,
 
-    /// Serve `/metrics` (Prometheus), `/healthz` and `/readyz` on this address; `off` to disable [default: 127.0.0.1:9100].
-    #[arg(long, env = "OUTBOX_METRICS_ADDR")]
+    #[arg(long, env = "OUTBOX_METRICS_ADDR", help = with_default!("Serve `/metrics` (Prometheus), `/healthz` and `/readyz` on this address; `off` to disable", defaults::METRICS_ADDR))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<String>,
 }

@@ -1,6 +1,7 @@
 //! The relay's configuration checks: defaults, ranges, layering.
 
 use super::*;
+use clap::CommandFactory;
 
 fn base() -> Settings {
     Settings {
@@ -16,8 +17,8 @@ fn defaults_are_sane() {
     assert_eq!(config.max_attempts, 5);
     assert!(config.sweep_interval <= Duration::from_secs(1));
     assert_eq!(config.retention, Duration::from_secs(3600));
-    assert_eq!(config.amqp_url, DEFAULT_AMQP_URL);
-    assert_eq!(config.metrics_addr, Some(DEFAULT_METRICS_ADDR));
+    assert_eq!(config.amqp_url, defaults::AMQP_URL);
+    assert_eq!(config.metrics_addr, Some(defaults::METRICS_ADDR));
     assert!(!config.metrics_addr_given);
 }
 
@@ -256,4 +257,37 @@ fn retention_accepts_zero_and_durations() {
         ..base()
     };
     assert!(settings.validate().is_err());
+}
+
+#[test]
+fn every_run_variable_is_known_without_a_list() {
+    let run = ["OUTBOX_CONFIG", "OUTBOX_LOG_FORMAT", "OUTBOX_DATABASE_URL"];
+    let settings = ["OUTBOX_METRICS_ADDR", "OUTBOX_ALERT_EMAIL_FROM"];
+    for name in run.iter().chain(&settings) {
+        let vars = vec![(name.to_string(), "x".to_string())];
+        check_environment(vars.into_iter()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let typo = vec![("OUTBOX_BATCH_SIZ".to_string(), "5".to_string())];
+    let error = check_environment(typo.into_iter()).expect_err("a typo");
+    assert_eq!(
+        error.to_string(),
+        "unknown setting OUTBOX_BATCH_SIZ in the environment (see `outbox-relay run --help`)"
+    );
+}
+
+#[test]
+fn help_names_the_defaults_validate_applies() {
+    let mut command = crate::cli::Cli::command();
+    command.build();
+    let run = command.find_subcommand("run").expect("run");
+    let help = |id: &str| {
+        let arg = run.get_arguments().find(|a| a.get_id() == id);
+        arg.and_then(|a| a.get_help()).map(|h| h.to_string())
+    };
+    assert_eq!(
+        help("batch_size").as_deref(),
+        Some("Rows claimed per query [default: 500]")
+    );
+    assert!(help("metrics_addr").is_some_and(|h| h.ends_with("[default: 127.0.0.1:9100]")));
+    assert!(help("retention").is_some_and(|h| h.ends_with("[default: 1h]")));
 }
