@@ -54,7 +54,7 @@ async fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(error) => {
-            eprintln!("demo: error: {error:#}");
+            eprintln!("demo: error: {}", outbox::chain_line(error.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -82,7 +82,7 @@ impl ConsumerConfig {
 /// Why a session ended.
 enum Ended {
     Shutdown,
-    Lost(String),
+    Lost(anyhow::Error),
 }
 
 /// Consumes until `shutdown` is cancelled. Fails only when the first
@@ -122,7 +122,7 @@ pub async fn run<H: Handler>(
         };
         let reason = match opened {
             Err(error) if !connected_once => return Err(error),
-            Err(error) => format!("{error:#}"),
+            Err(error) => error,
             Ok(broker) => {
                 connected_once = true;
                 backoff.reset();
@@ -135,6 +135,7 @@ pub async fn run<H: Handler>(
             }
         };
         let delay = backoff.next_delay();
+        let reason = outbox::chain_line(reason.as_ref());
         tracing::warn!(%reason, ?delay, "broker connection lost; reconnecting");
         tokio::select! {
             _ = shared.shutdown.cancelled() => return Ok(()),
@@ -150,7 +151,7 @@ async fn session<H: Handler>(shared: &Arc<Shared<H>>, broker: Broker) -> Ended {
         Ok(consumer) => consumer,
         Err(error) => {
             broker.close().await;
-            return Ended::Lost(format!("cannot consume: {error}"));
+            return Ended::Lost(anyhow::Error::new(error).context("cannot consume"));
         }
     };
     health::set_consuming(&shared.health, true);
@@ -168,14 +169,14 @@ async fn session<H: Handler>(shared: &Arc<Shared<H>>, broker: Broker) -> Ended {
                     let work = worker::process(shared.clone(), publisher.clone(), delivery);
                     workers.spawn(work.instrument(span));
                 }
-                Some(Err(error)) => break Ended::Lost(error.to_string()),
-                None => break Ended::Lost("the broker cancelled the consumer".into()),
+                Some(Err(error)) => break Ended::Lost(error.into()),
+                None => break Ended::Lost(anyhow::anyhow!("the broker cancelled the consumer")),
             },
             Some(done) = workers.join_next() => match done {
                 Ok(Outcome::Settled) => {}
-                Ok(Outcome::BrokerFailed(reason)) => break Ended::Lost(reason),
+                Ok(Outcome::BrokerFailed(error)) => break Ended::Lost(error.into()),
                 // A bug of ours; closing the channel gives its delivery back.
-                Err(error) => break Ended::Lost(format!("a worker failed: {error}")),
+                Err(error) => break Ended::Lost(anyhow::Error::new(error).context("a worker failed")),
             },
         }
     };

@@ -73,7 +73,9 @@ impl Broker {
     }
 
     /// Publishes `row` (mandatory, persistent) and returns the pending
-    /// confirm. `Err` means the connection failed, not the message.
+    /// confirm. `Err` means the connection failed, not the message; it is
+    /// lapin's text, which the relay's outage handling reads for a channel
+    /// fault (see [`ChannelFault::from_error`]).
     /// `broker_max` is the broker's `max_message_size` once learned (see
     /// [`ChannelFault`]).
     pub async fn publish(
@@ -109,7 +111,11 @@ impl Broker {
         if let Some(problem) = header_problem(&row.headers, self.header_budget()) {
             return Ok(Pending::Done(Outcome::Rejected(Fault::BadHeaders, problem)));
         }
-        if !self.exchange_exists(&row.exchange).await? {
+        if !self
+            .exchange_exists(&row.exchange)
+            .await
+            .map_err(|e| e.to_string())?
+        {
             return Ok(Pending::Done(Outcome::Rejected(
                 Fault::NoExchange,
                 format!("exchange `{}` does not exist", row.exchange),
@@ -141,7 +147,7 @@ impl Broker {
         }
     }
 
-    async fn exchange_exists(&mut self, exchange: &str) -> Result<bool, String> {
+    async fn exchange_exists(&mut self, exchange: &str) -> Result<bool, lapin::Error> {
         // The default exchange always exists (and may not be declared, even
         // passively). `amq.*` names are checked like any other: only the
         // broker's own exist, and a missing one closes the channel.
@@ -153,11 +159,7 @@ impl Broker {
         {
             return Ok(true);
         }
-        let probe = self
-            .connection
-            .create_channel()
-            .await
-            .map_err(|e| e.to_string())?;
+        let probe = self.connection.create_channel().await?;
         let options = ExchangeDeclareOptions {
             passive: true,
             ..ExchangeDeclareOptions::default()
@@ -178,7 +180,7 @@ impl Broker {
                 Ok(true)
             }
             Err(error) if is_not_found(&error) => Ok(false),
-            Err(error) => Err(error.to_string()),
+            Err(error) => Err(error),
         }
     }
 

@@ -21,7 +21,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why no node could be reached.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("cannot read AMQP CA file {path}: {source}")]
+    #[error("cannot read AMQP CA file {path}")]
     CaFile {
         path: String,
         source: std::io::Error,

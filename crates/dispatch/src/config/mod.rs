@@ -154,7 +154,7 @@ impl Settings {
         let http_addr = self.http_addr.as_deref().unwrap_or(defaults::HTTP_ADDR);
         let http_addr = http_addr
             .parse()
-            .map_err(|_| anyhow::anyhow!("DISPATCH_HTTP_ADDR `{http_addr}` is not host:port"))?;
+            .with_context(|| format!("DISPATCH_HTTP_ADDR `{http_addr}` is not host:port"))?;
         let riders: Vec<String> = self
             .riders
             .as_deref()

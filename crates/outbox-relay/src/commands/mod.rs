@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
+use anyhow::Context;
 use clap::Args;
 use tokio_postgres::Client;
 use tokio_postgres::types::Type;
@@ -40,7 +41,7 @@ impl DatabaseArgs {
         let installed: bool = client
             .query_one("SELECT to_regclass('outbox.messages') IS NOT NULL", &[])
             .await
-            .map_err(|e| anyhow::anyhow!(outbox::error_line(&e)))?
+            .map_err(outbox::PgError)?
             .get(0);
         if !installed {
             anyhow::bail!(
@@ -155,7 +156,8 @@ impl TimeArg {
                     .await
             }
         }
-        .map_err(|e| anyhow::anyhow!("`{}` is not a time: {}", self, outbox::error_line(&e)))?;
+        .map_err(outbox::PgError)
+        .with_context(|| format!("`{self}` is not a time"))?;
         row.first()
             .map(|r| r.get(0))
             .ok_or_else(|| anyhow::anyhow!("the server returned no time"))
@@ -180,7 +182,8 @@ pub async fn wake_relays(client: &Client) -> anyhow::Result<()> {
             &[(&outbox::WAKE_CHANNEL, Type::TEXT)],
         )
         .await
-        .map_err(|e| anyhow::anyhow!("cannot wake the relays: {}", outbox::error_line(&e)))?;
+        .map_err(outbox::PgError)
+        .context("cannot wake the relays")?;
     Ok(())
 }
 
@@ -203,9 +206,10 @@ pub fn format_age(age: Duration) -> String {
     }
 }
 
-/// One line for a query error.
+/// A query error in one line, saying what could not be done, the
+/// database's error kept as its source.
 pub fn query_error(what: &str) -> impl Fn(tokio_postgres::Error) -> anyhow::Error + '_ {
-    move |e| anyhow::anyhow!("cannot {what}: {}", outbox::error_line(&e))
+    move |e| anyhow::Error::new(outbox::PgError(e)).context(format!("cannot {what}"))
 }
 
 #[cfg(test)]

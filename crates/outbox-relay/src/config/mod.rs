@@ -97,10 +97,8 @@ impl Settings {
         };
         let retention = match self.retention.as_deref().unwrap_or(defaults::RETENTION) {
             "0" => Duration::ZERO,
-            text => humantime::parse_duration(text).map_err(|e| {
-                anyhow::anyhow!(
-                    "OUTBOX_RETENTION `{text}` is not a duration like 30s, 1h or 7d: {e}"
-                )
+            text => humantime::parse_duration(text).with_context(|| {
+                format!("OUTBOX_RETENTION `{text}` is not a duration like 30s, 1h or 7d")
             })?,
         };
         if retention > limits::MAX_RETENTION {
@@ -214,8 +212,8 @@ impl Settings {
             metrics_addr: match self.metrics_addr.as_deref() {
                 None => Some(defaults::METRICS_ADDR),
                 Some("off") => None,
-                Some(addr) => Some(addr.parse().map_err(|_| {
-                    anyhow::anyhow!("OUTBOX_METRICS_ADDR `{addr}` is not host:port or `off`")
+                Some(addr) => Some(addr.parse().with_context(|| {
+                    format!("OUTBOX_METRICS_ADDR `{addr}` is not host:port or `off`")
                 })?),
             },
             metrics_addr_given: self.metrics_addr.is_some(),

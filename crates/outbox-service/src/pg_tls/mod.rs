@@ -88,9 +88,10 @@ pub enum PgTlsError {
     #[error("unknown sslmode `{0}` (expected disable, prefer, require, verify-ca or verify-full)")]
     UnknownSslMode(String),
     /// The CA file could not be read.
-    #[error("cannot read CA file {}: {error}", path.display())]
+    #[error("cannot read CA file {}", path.display())]
     CaFileUnreadable {
         path: PathBuf,
+        #[source]
         error: std::io::Error,
     },
     /// The CA file holds no usable certificate.
@@ -100,8 +101,8 @@ pub enum PgTlsError {
     #[error("no system root certificates found{0}; give a CA file")]
     NoSystemRoots(String),
     /// rustls refused the configuration.
-    #[error("TLS setup failed: {0}")]
-    Tls(String),
+    #[error("TLS setup failed")]
+    Tls(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The warning to log once at start when the connection will be encrypted

@@ -38,7 +38,7 @@ pub fn connector(mode: SslMode, ca_file: Option<&Path>) -> Result<MakeRustlsConn
         (SslMode::VerifyFull, ca) => {
             WebPkiServerVerifier::builder_with_provider(roots(ca)?, Arc::clone(&provider))
                 .build()
-                .map_err(|e| PgTlsError::Tls(e.to_string()))?
+                .map_err(|e| PgTlsError::Tls(e.into()))?
         }
         (SslMode::VerifyCa, ca) => Arc::new(NoHostnameCheck {
             roots: Some(roots(ca)?),
@@ -56,7 +56,7 @@ pub fn connector(mode: SslMode, ca_file: Option<&Path>) -> Result<MakeRustlsConn
 
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| PgTlsError::Tls(e.to_string()))?
+        .map_err(|e| PgTlsError::Tls(e.into()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
@@ -165,7 +165,9 @@ mod tests {
     fn missing_ca_file_is_named() {
         let path = Path::new("/nonexistent/pg-ca.pem");
         for mode in [SslMode::Require, SslMode::VerifyFull] {
-            let message = connector(mode, Some(path)).err().map(|e| e.to_string());
+            let message = connector(mode, Some(path))
+                .err()
+                .map(|e| outbox::chain_line(&e));
             let message = message.unwrap_or_default();
             assert!(
                 message.starts_with("cannot read CA file /nonexistent/pg-ca.pem: "),
