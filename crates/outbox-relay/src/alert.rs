@@ -25,7 +25,9 @@ use std::time::{Duration, SystemTime};
 
 use channels::{ChannelError, Email, Webhook};
 use queue::Queue;
-pub use queue::{DEFAULT_INTERVAL, SAMPLE, Summary};
+#[cfg(test)]
+use queue::SAMPLE;
+pub(crate) use queue::{DEFAULT_INTERVAL, Summary};
 
 /// How long one channel (webhook or mail) may take for one alert.
 const CHANNEL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,7 +52,7 @@ pub struct AlertConfig {
 
 /// What is known about a message that just died.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct DeadLetter {
+pub(crate) struct DeadLetter {
     pub message_id: uuid::Uuid,
     pub exchange: String,
     pub routing_key: String,
@@ -64,7 +66,7 @@ pub struct DeadLetter {
 /// A configuration the alerter cannot work with. The message names the
 /// setting and the reason, never a password.
 #[derive(Debug, thiserror::Error)]
-pub enum AlertError {
+pub(crate) enum AlertError {
     #[error("invalid webhook URL: {0}")]
     WebhookUrl(String),
     #[error("cannot set up the webhook client: {0}")]
@@ -83,7 +85,7 @@ pub enum AlertError {
 
 /// How each channel fared for one alert; `None` means not configured.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AlertOutcome {
+pub(crate) struct AlertOutcome {
     pub webhook_ok: Option<bool>,
     pub email_ok: Option<bool>,
 }
@@ -91,7 +93,7 @@ pub struct AlertOutcome {
 /// Sends dead-letter alerts. Cheap to clone: clones share one HTTP client,
 /// one SMTP transport and one queue with its worker.
 #[derive(Clone)]
-pub struct Alerter {
+pub(crate) struct Alerter {
     inner: Arc<Channels>,
     raiser: Arc<Raiser>,
 }
@@ -120,7 +122,7 @@ struct Channels {
 impl Alerter {
     /// Validates the config and builds the clients, so a bad URL or address
     /// fails at startup rather than when the first message dies.
-    pub fn new(config: &AlertConfig) -> Result<Alerter, AlertError> {
+    pub(crate) fn new(config: &AlertConfig) -> Result<Alerter, AlertError> {
         let webhook = config
             .webhook_url
             .as_deref()
@@ -147,6 +149,7 @@ impl Alerter {
     /// The same alerter with another shortest time between two alerts
     /// (tests; the default is [`DEFAULT_INTERVAL`]). Call it before the
     /// first raise: it starts a new queue.
+    #[cfg(test)]
     pub fn with_interval(self, interval: Duration) -> Alerter {
         Alerter {
             raiser: Arc::new(Raiser {
@@ -159,9 +162,9 @@ impl Alerter {
     }
 
     /// Queues `dead` for escalation and returns at once: never waits for a
-    /// channel, and holds at most [`SAMPLE`] dead letters however many
+    /// channel, and holds at most [`queue::SAMPLE`] dead letters however many
     /// arrive. Must be called inside a tokio runtime (it starts the worker).
-    pub fn raise(&self, dead: DeadLetter) {
+    pub(crate) fn raise(&self, dead: DeadLetter) {
         self.raiser.queue.push(dead);
         self.raiser
             .worker
@@ -181,11 +184,13 @@ impl Alerter {
     }
 
     /// Dead letters raised and not yet escalated.
+    #[cfg(test)]
     pub fn waiting(&self) -> u64 {
         self.raiser.queue.waiting()
     }
 
     /// Escalates one dead letter at once, bypassing the queue.
+    #[cfg(test)]
     pub async fn send(&self, dead: &DeadLetter) -> AlertOutcome {
         self.send_summary(&Summary::one(dead.clone())).await
     }
@@ -193,6 +198,7 @@ impl Alerter {
     /// Escalates a summary: logs each dead letter listed (and the count of
     /// the others), then tries the webhook and the mail once each. Never
     /// fails; see the outcome for how the channels did.
+    #[cfg(test)]
     pub async fn send_summary(&self, summary: &Summary) -> AlertOutcome {
         self.inner.escalate(summary).await
     }
