@@ -33,7 +33,7 @@ struct Args {
     )]
     postgres_url: String,
     /// RabbitMQ URL.
-    #[arg(long, env = "DEMO_AMQP_URL", default_value = outbox_relay::config::DEFAULT_AMQP_URL)]
+    #[arg(long, env = "DEMO_AMQP_URL", default_value = outbox_service::amqp::DEFAULT_URL)]
     amqp_url: String,
     /// How many orders to place (order 100001 among them).
     #[arg(long, default_value_t = 2000)]
@@ -54,7 +54,7 @@ async fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(error) => {
-            eprintln!("demo: error: {error:#}");
+            eprintln!("demo: error: {}", outbox::chain_line(error.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -26,7 +26,10 @@ impl Running {
         for task in self.tasks {
             match tokio::time::timeout(Duration::from_secs(15), task).await {
                 Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(error))) => eprintln!("demo: a service failed: {error:#}"),
+                Ok(Ok(Err(error))) => eprintln!(
+                    "demo: a service failed: {}",
+                    outbox::chain_line(error.as_ref())
+                ),
                 Ok(Err(error)) => eprintln!("demo: a service panicked: {error}"),
                 Err(_) => eprintln!("demo: a service did not stop within 15 s"),
             }

@@ -15,7 +15,7 @@ async fn main() -> ExitCode {
     match try_main(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("dispatch: error: {error:#}");
+            eprintln!("dispatch: error: {}", outbox::chain_line(error.as_ref()));
             ExitCode::FAILURE
         }
     }

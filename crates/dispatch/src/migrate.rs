@@ -83,8 +83,8 @@ pub async fn run(target: &outbox_service::db::PgTarget) -> anyhow::Result<()> {
 
 /// The error of a failed migration, naming the database.
 pub fn failed(target: &outbox_service::db::PgTarget, error: outbox::Error) -> anyhow::Error {
-    anyhow::anyhow!(
-        "cannot install the dispatch schema on {}: {error}",
+    anyhow::Error::new(error).context(format!(
+        "cannot install the dispatch schema on {}",
         target.describe()
-    )
+    ))
 }

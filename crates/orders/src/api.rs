@@ -14,6 +14,8 @@ use tokio::net::TcpListener;
 use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
+use outbox::PgError;
+
 use crate::order::{NewOrder, Order};
 
 #[derive(Clone)]
@@ -54,8 +56,14 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn unavailable(error: impl std::fmt::Display) -> ApiError {
-    tracing::warn!(%error, "order database unavailable");
+/// Logs the database's error (in one line, with its causes) and answers
+/// 503 without it: the client cannot act on our database's words.
+fn unavailable(error: impl Into<anyhow::Error>) -> ApiError {
+    let error = error.into();
+    tracing::warn!(
+        error = outbox::chain_line(error.as_ref()),
+        "order database unavailable"
+    );
     ApiError(
         StatusCode::SERVICE_UNAVAILABLE,
         "order database unavailable".into(),
@@ -71,10 +79,14 @@ async fn create_order(
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let Json(new) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     new.validate()
-        .map_err(|reason| ApiError(StatusCode::BAD_REQUEST, reason))?;
+        .map_err(|reason| ApiError(StatusCode::BAD_REQUEST, reason.to_string()))?;
 
     let mut client = state.pool.get().await.map_err(unavailable)?;
-    let tx = client.transaction().await.map_err(unavailable)?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(PgError)
+        .map_err(unavailable)?;
     let inserted = tx
         .query_opt(
             "INSERT INTO orders (id, user_name, context, num) \
@@ -83,6 +95,7 @@ async fn create_order(
             &[&new.order_id, &new.user_name, &new.context, &new.num],
         )
         .await
+        .map_err(PgError)
         .map_err(unavailable)?;
     let Some(row) = inserted else {
         let id = new.order_id.unwrap_or_default();
@@ -98,7 +111,7 @@ async fn create_order(
         num: new.num,
     };
     let message = outbox::Message::json(&state.exchange, "", &order)
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, outbox::chain_line(&e)))?;
     // deadpool wraps the transaction; enqueue takes the tokio-postgres one.
     let message_id = outbox::enqueue(&*tx, &message).await.map_err(unavailable)?;
     tx.commit().await.map_err(|e| match e.code() {
@@ -107,7 +120,7 @@ async fn create_order(
             StatusCode::CONFLICT,
             format!("order {} already exists", order.order_id),
         ),
-        _ => unavailable(e),
+        _ => unavailable(PgError(e)),
     })?;
     let body = json!({ "order": order, "messageId": message_id });
     Ok((StatusCode::CREATED, Json(body)))
@@ -124,6 +137,7 @@ async fn get_order(
             &[&id],
         )
         .await
+        .map_err(PgError)
         .map_err(unavailable)?
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("order {id} not found")))?;
     Ok(Json(Order {

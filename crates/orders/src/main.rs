@@ -34,7 +34,7 @@ async fn main() -> ExitCode {
     match try_main(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("orders: error: {error:#}");
+            eprintln!("orders: error: {}", outbox::chain_line(error.as_ref()));
             ExitCode::FAILURE
         }
     }

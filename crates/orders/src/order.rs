@@ -26,24 +26,37 @@ pub struct Order {
 /// The seed's columns are varchar(200).
 const MAX_TEXT: usize = 200;
 
+/// Why an order is refused; the message is the reason of the 400.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidOrder {
+    #[error("orderId must be positive, not {0}")]
+    OrderId(i64),
+    #[error("{0} must not be empty")]
+    Empty(&'static str),
+    #[error("{0} is longer than {MAX_TEXT} characters")]
+    TooLong(&'static str),
+    #[error("num must be at least 1, not {0}")]
+    Num(i32),
+}
+
 impl NewOrder {
-    /// Checks the fields; the error is the reason for a 400.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the fields.
+    pub fn validate(&self) -> Result<(), InvalidOrder> {
         if let Some(id) = self.order_id
             && id <= 0
         {
-            return Err(format!("orderId must be positive, not {id}"));
+            return Err(InvalidOrder::OrderId(id));
         }
         for (name, value) in [("userName", &self.user_name), ("context", &self.context)] {
             if value.trim().is_empty() {
-                return Err(format!("{name} must not be empty"));
+                return Err(InvalidOrder::Empty(name));
             }
             if value.chars().count() > MAX_TEXT {
-                return Err(format!("{name} is longer than {MAX_TEXT} characters"));
+                return Err(InvalidOrder::TooLong(name));
             }
         }
         if self.num <= 0 {
-            return Err(format!("num must be at least 1, not {}", self.num));
+            return Err(InvalidOrder::Num(self.num));
         }
         Ok(())
     }
@@ -67,9 +80,16 @@ mod tests {
     #[test]
     fn bad_fields_are_explained() {
         let o = order(r#"{"userName": " ", "context": "x", "num": 1}"#);
-        assert_eq!(o.validate(), Err("userName must not be empty".into()));
+        assert_eq!(o.validate(), Err(InvalidOrder::Empty("userName")));
+        assert_eq!(
+            o.validate().map_err(|e| e.to_string()),
+            Err("userName must not be empty".into())
+        );
         let o = order(r#"{"userName": "u", "context": "x", "num": 0}"#);
-        assert_eq!(o.validate(), Err("num must be at least 1, not 0".into()));
+        assert_eq!(
+            o.validate().map_err(|e| e.to_string()),
+            Err("num must be at least 1, not 0".into())
+        );
     }
 
     #[test]

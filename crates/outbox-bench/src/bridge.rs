@@ -41,9 +41,8 @@ impl Bridge {
             .await?;
         let (client, mut session) = tokio_postgres::connect(&fixture.db_url, NoTls)
             .await
-            .map_err(|e| {
-                anyhow::anyhow!("cannot connect to PostgreSQL: {}", outbox::error_line(&e))
-            })?;
+            .map_err(outbox::PgError)
+            .context("cannot connect to PostgreSQL")?;
         let exchange = fixture.exchange.clone();
         let task = tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| session.poll_message(cx));

@@ -48,7 +48,7 @@ pub struct Common {
     pub postgres_url: String,
 
     /// RabbitMQ URL; each run declares its own exchange and queue.
-    #[arg(long, default_value = outbox_relay::config::DEFAULT_AMQP_URL)]
+    #[arg(long, default_value = outbox_service::amqp::DEFAULT_URL)]
     pub amqp_url: String,
 
     /// Keep the database, exchange and queue (the queue still expires after

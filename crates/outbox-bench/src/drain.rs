@@ -110,7 +110,8 @@ async fn insert_backlog(client: &Client, exchange: &str, backlog: u32) -> anyhow
                 &[&exchange, &PAYLOAD, &(chunk as i32)],
             )
             .await
-            .map_err(|e| anyhow::anyhow!("inserting the backlog: {}", outbox::error_line(&e)))?;
+            .map_err(outbox::PgError)
+            .context("inserting the backlog")?;
         inserted += chunk;
     }
     // Planner statistics, as autovacuum would have them for a backlog that

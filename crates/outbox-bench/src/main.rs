@@ -45,7 +45,10 @@ async fn main() -> ExitCode {
     match try_main(cli).await {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("outbox-bench: error: {error:#}");
+            eprintln!(
+                "outbox-bench: error: {}",
+                outbox::chain_line(error.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

@@ -155,9 +155,8 @@ impl Delivered {
     pub async fn start(dispatch_db_url: &str) -> anyhow::Result<Delivered> {
         let (client, mut connection) = tokio_postgres::connect(dispatch_db_url, NoTls)
             .await
-            .map_err(|e| {
-                anyhow::anyhow!("cannot connect to PostgreSQL: {}", outbox::error_line(&e))
-            })?;
+            .map_err(outbox::PgError)
+            .context("cannot connect to PostgreSQL")?;
         let arrivals = Shared::default();
         let sink = arrivals.clone();
         let task = tokio::spawn(async move {
@@ -182,7 +181,8 @@ impl Delivered {
         client
             .batch_execute(&format!("LISTEN {DELIVERED_CHANNEL}"))
             .await
-            .map_err(|e| anyhow::anyhow!("cannot LISTEN: {}", outbox::error_line(&e)))?;
+            .map_err(outbox::PgError)
+            .context("cannot LISTEN")?;
         Ok(Delivered {
             arrivals,
             _client: client,

@@ -5,7 +5,6 @@
 
 use std::path::Path;
 
-use anyhow::anyhow;
 use hdrhistogram::Histogram as Hdr;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -252,8 +251,8 @@ fn trim(percent: f64) -> String {
     text.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
-fn failed(error: impl std::fmt::Display) -> anyhow::Error {
-    anyhow!("cannot draw the plot: {error}")
+fn failed(error: impl std::error::Error + Send + Sync + 'static) -> anyhow::Error {
+    anyhow::Error::new(error).context("cannot draw the plot")
 }
 
 #[cfg(test)]

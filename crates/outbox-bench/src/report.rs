@@ -1,5 +1,6 @@
 //! Printing results: aligned plain-text tables by default, JSON with `--json`.
 
+use anyhow::Context;
 use hdrhistogram::Histogram as Hdr;
 use serde_json::{Value, json};
 
@@ -56,7 +57,7 @@ impl Table {
 /// A histogram of microseconds from 1 µs to one hour, 3 significant digits.
 /// (Explicit bounds: `saturating_record` clamps instead of growing.)
 pub fn new_histogram() -> anyhow::Result<Hdr<u64>> {
-    Hdr::new_with_bounds(1, 3_600_000_000, 3).map_err(|e| anyhow::anyhow!("histogram: {e}"))
+    Hdr::new_with_bounds(1, 3_600_000_000, 3).context("histogram")
 }
 
 /// Latency percentiles in milliseconds, from a histogram of microseconds.

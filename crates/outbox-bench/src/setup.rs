@@ -62,7 +62,8 @@ pub async fn with_fixture<T>(
         admin
             .batch_execute(&format!("CREATE DATABASE {db_name}"))
             .await
-            .map_err(|e| anyhow::anyhow!("cannot create a database: {}", outbox::error_line(&e)))?;
+            .map_err(outbox::PgError)
+            .context("cannot create a database")?;
     }
     let db_url = with_dbname(&common.postgres_url, &db_names[0]);
     let dispatch_db_url = with_dbname(&common.postgres_url, &db_names[1]);
@@ -75,7 +76,8 @@ pub async fn with_fixture<T>(
         dispatch_client
             .batch_execute(crate::observe::DELIVERED_TRIGGER)
             .await
-            .map_err(|e| anyhow::anyhow!("delivery trigger: {}", outbox::error_line(&e)))?;
+            .map_err(outbox::PgError)
+            .context("delivery trigger")?;
         let connection = connect_amqp(&common.amqp_url).await?;
         let channel = connection.create_channel().await?;
         let fixture = Fixture {
@@ -107,9 +109,8 @@ pub async fn with_fixture<T>(
             admin
                 .batch_execute(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
                 .await
-                .map_err(|e| {
-                    anyhow::anyhow!("cannot drop {db_name}: {}", outbox::error_line(&e))
-                })?;
+                .map_err(outbox::PgError)
+                .with_context(|| format!("cannot drop {db_name}"))?;
         }
     }
     result
@@ -288,7 +289,8 @@ impl Relay {
 pub async fn connect(url: &str) -> anyhow::Result<Client> {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {}", outbox::error_line(&e)))?;
+        .map_err(outbox::PgError)
+        .context("cannot connect to PostgreSQL")?;
     tokio::spawn(connection);
     Ok(client)
 }

@@ -96,7 +96,8 @@ impl Pipeline {
             .monitor
             .query_one(LAG, &[])
             .await
-            .map_err(|e| anyhow::anyhow!("lag query: {}", outbox::error_line(&e)))?;
+            .map_err(outbox::PgError)
+            .context("lag query")?;
         self.samples.push(Sample {
             second,
             pending: row.try_get(0)?,

@@ -108,7 +108,7 @@ pub async fn send(
     order_id: i64,
 ) -> anyhow::Result<Uuid> {
     let payload = json!({"orderId": order_id, "userName": "bench", "context": "outbox-bench"});
-    let failed = |e: tokio_postgres::Error| anyhow::anyhow!("write: {}", outbox::error_line(&e));
+    let failed = |e: tokio_postgres::Error| anyhow::Error::new(outbox::PgError(e)).context("write");
     match target {
         Target::Outbox => {
             let row = client

@@ -15,6 +15,8 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer};
 
+use anyhow::Context;
+
 use crate::topology::Topology;
 
 /// Transient failures so far, carried by the copies in the retry queue.
@@ -53,10 +55,10 @@ impl Broker {
         publishing
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        topology.declare(&publishing).await.map_err(|e| {
-            anyhow::anyhow!(
+        topology.declare(&publishing).await.with_context(|| {
+            format!(
                 "cannot declare queue `{}` and its exchanges (one may exist with other \
-                 arguments: queue type, dead-letter exchange or expiry): {e}",
+                 arguments: queue type, dead-letter exchange or expiry)",
                 topology.queue
             )
         })?;
@@ -99,6 +101,30 @@ impl Broker {
     }
 }
 
+/// Why the broker failed under a delivery: the session must reconnect.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot publish a copy to `{exchange}`")]
+    Publish {
+        exchange: String,
+        #[source]
+        source: lapin::Error,
+    },
+    /// Our own retry or dead-letter queue is missing.
+    #[error("copy to `{exchange}` returned as unroutable: {reply}")]
+    Returned { exchange: String, reply: String },
+    #[error("copy to `{exchange}` nacked by the broker")]
+    Nacked { exchange: String },
+    #[error("publish channel is not in confirm mode")]
+    NotConfirming,
+    /// The broker redelivers the message; the inbox (or the copy already
+    /// made) absorbs the repeat.
+    #[error("channel closed before the ack")]
+    AckLost,
+    #[error("ack failed")]
+    Ack(#[source] lapin::Error),
+}
+
 /// Moves deliveries to the retry or the dead-letter queue.
 #[derive(Clone)]
 pub struct Publisher {
@@ -115,7 +141,7 @@ impl Publisher {
         deliveries: u32,
         delay: Duration,
         reason: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), BrokerError> {
         let mut headers = copied_headers(delivery);
         headers.insert(RETRIES_HEADER.into(), AMQPValue::LongUInt(deliveries));
         headers.insert(LAST_ERROR_HEADER.into(), long_string(reason));
@@ -131,7 +157,7 @@ impl Publisher {
         delivery: &Delivery,
         deliveries: u32,
         reason: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), BrokerError> {
         let mut headers = copied_headers(delivery);
         headers.insert(ERROR_HEADER.into(), long_string(reason));
         headers.insert(DELIVERIES_HEADER.into(), AMQPValue::LongUInt(deliveries));
@@ -154,7 +180,11 @@ impl Publisher {
         routing_key: &str,
         delivery: &Delivery,
         properties: BasicProperties,
-    ) -> Result<(), String> {
+    ) -> Result<(), BrokerError> {
+        let failed = |source| BrokerError::Publish {
+            exchange: exchange.to_string(),
+            source,
+        };
         let confirm = self
             .channel
             .basic_publish(
@@ -168,17 +198,19 @@ impl Publisher {
                 properties,
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(failed)?;
         // lapin reports an unroutable mandatory publish as an Ack carrying
         // the returned message: our own queue is missing, a broker fault.
-        match confirm.await.map_err(|e| e.to_string())? {
+        match confirm.await.map_err(failed)? {
             Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(returned)) => Err(format!(
-                "copy to `{exchange}` returned as unroutable: {}",
-                returned.reply_text
-            )),
-            Confirmation::Nack(_) => Err(format!("copy to `{exchange}` nacked by the broker")),
-            Confirmation::NotRequested => Err("publish channel is not in confirm mode".into()),
+            Confirmation::Ack(Some(returned)) => Err(BrokerError::Returned {
+                exchange: exchange.into(),
+                reply: returned.reply_text.to_string(),
+            }),
+            Confirmation::Nack(_) => Err(BrokerError::Nacked {
+                exchange: exchange.into(),
+            }),
+            Confirmation::NotRequested => Err(BrokerError::NotConfirming),
         }
     }
 }

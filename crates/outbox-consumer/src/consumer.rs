@@ -55,6 +55,12 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
+    pub const DEFAULT_PREFETCH: u16 = 16;
+    pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
+    pub const DEFAULT_RETRY_BASE: Duration = Duration::from_secs(1);
+    pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(60);
+    pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
     /// Defaults for everything but the broker, the topology and the inbox
     /// table (`schema.table` with a `message_id uuid` primary key).
     pub fn new(amqp_url: &str, topology: Topology, inbox_table: &str) -> ConsumerConfig {
@@ -62,11 +68,11 @@ impl ConsumerConfig {
             amqp_url: amqp_url.into(),
             amqp_ca_file: None,
             topology,
-            prefetch: 16,
-            max_deliveries: 5,
-            retry_base: Duration::from_secs(1),
-            retry_max: Duration::from_secs(60),
-            shutdown_timeout: Duration::from_secs(10),
+            prefetch: Self::DEFAULT_PREFETCH,
+            max_deliveries: Self::DEFAULT_MAX_DELIVERIES,
+            retry_base: Self::DEFAULT_RETRY_BASE,
+            retry_max: Self::DEFAULT_RETRY_MAX,
+            shutdown_timeout: Self::DEFAULT_SHUTDOWN_TIMEOUT,
             inbox_table: inbox_table.into(),
             name: "outbox-consumer".into(),
         }
@@ -76,7 +82,7 @@ impl ConsumerConfig {
 /// Why a session ended.
 enum Ended {
     Shutdown,
-    Lost(String),
+    Lost(anyhow::Error),
 }
 
 /// Consumes until `shutdown` is cancelled. Fails only when the first
@@ -116,7 +122,7 @@ pub async fn run<H: Handler>(
         };
         let reason = match opened {
             Err(error) if !connected_once => return Err(error),
-            Err(error) => format!("{error:#}"),
+            Err(error) => error,
             Ok(broker) => {
                 connected_once = true;
                 backoff.reset();
@@ -129,6 +135,7 @@ pub async fn run<H: Handler>(
             }
         };
         let delay = backoff.next_delay();
+        let reason = outbox::chain_line(reason.as_ref());
         tracing::warn!(%reason, ?delay, "broker connection lost; reconnecting");
         tokio::select! {
             _ = shared.shutdown.cancelled() => return Ok(()),
@@ -144,7 +151,7 @@ async fn session<H: Handler>(shared: &Arc<Shared<H>>, broker: Broker) -> Ended {
         Ok(consumer) => consumer,
         Err(error) => {
             broker.close().await;
-            return Ended::Lost(format!("cannot consume: {error}"));
+            return Ended::Lost(anyhow::Error::new(error).context("cannot consume"));
         }
     };
     health::set_consuming(&shared.health, true);
@@ -162,14 +169,14 @@ async fn session<H: Handler>(shared: &Arc<Shared<H>>, broker: Broker) -> Ended {
                     let work = worker::process(shared.clone(), publisher.clone(), delivery);
                     workers.spawn(work.instrument(span));
                 }
-                Some(Err(error)) => break Ended::Lost(error.to_string()),
-                None => break Ended::Lost("the broker cancelled the consumer".into()),
+                Some(Err(error)) => break Ended::Lost(error.into()),
+                None => break Ended::Lost(anyhow::anyhow!("the broker cancelled the consumer")),
             },
             Some(done) = workers.join_next() => match done {
                 Ok(Outcome::Settled) => {}
-                Ok(Outcome::BrokerFailed(reason)) => break Ended::Lost(reason),
+                Ok(Outcome::BrokerFailed(error)) => break Ended::Lost(error.into()),
                 // A bug of ours; closing the channel gives its delivery back.
-                Err(error) => break Ended::Lost(format!("a worker failed: {error}")),
+                Err(error) => break Ended::Lost(anyhow::Error::new(error).context("a worker failed")),
             },
         }
     };

@@ -32,7 +32,7 @@ pub use topology::{QueueType, Topology};
 
 use deadpool_postgres::Pool;
 use outbox_service::endpoint::{Probe, Readiness};
-use outbox_service::health::Health;
+use outbox_service::health::{Health, NotReady};
 
 /// What the ops endpoint's `/readyz` checks for a consumer: subscribed to
 /// its queue, and its database answers `SELECT 1` now.
@@ -40,15 +40,16 @@ pub fn readiness(health: Health, pool: Pool) -> Readiness {
     let probe: Probe = std::sync::Arc::new(move || {
         let pool = pool.clone();
         Box::pin(async move {
-            let client = pool
-                .get()
-                .await
-                .map_err(|_| "the database does not answer".to_string())?;
+            let silent = |source: Box<dyn std::error::Error + Send + Sync>| NotReady::Probe {
+                what: "the database does not answer",
+                source: Some(source),
+            };
+            let client = pool.get().await.map_err(|e| silent(e.into()))?;
             client
                 .simple_query("SELECT 1")
                 .await
                 .map(drop)
-                .map_err(|_| "the database does not answer".to_string())
+                .map_err(|e| silent(Box::new(outbox::PgError(e))))
         })
     });
     Readiness {

@@ -27,7 +27,7 @@ use outbox_service::traceparent;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::broker::{Publisher, delivery_number};
+use crate::broker::{BrokerError, Publisher, delivery_number};
 use crate::consumer::ConsumerConfig;
 use crate::handler::{Handler, HandlerError, Incoming};
 use crate::health;
@@ -52,7 +52,7 @@ pub enum Outcome {
     /// Acked, or deliberately left unacked: nothing for the session to do.
     Settled,
     /// The broker failed under us: the session must reconnect.
-    BrokerFailed(String),
+    BrokerFailed(BrokerError),
 }
 
 pub async fn process<H: Handler>(
@@ -66,7 +66,8 @@ pub async fn process<H: Handler>(
     let meters = &shared.meters;
     let message = match incoming(&delivery, deliveries) {
         Ok(message) => message,
-        Err(reason) => {
+        Err(bad) => {
+            let reason = bad.to_string();
             return dead_letter(&publisher, &delivery, deliveries, &reason, meters).await;
         }
     };
@@ -152,15 +153,31 @@ pub fn span(delivery: &Delivery) -> tracing::Span {
     )
 }
 
-/// The delivery as a handler sees it; `Err` (a reason) makes it poison.
-fn incoming(delivery: &Delivery, deliveries: u32) -> Result<Incoming, String> {
+/// Why a delivery is poison before any handler sees it; the message is the
+/// reason in its dead letter's `x-consumer-error`.
+#[derive(Debug, thiserror::Error)]
+enum BadDelivery {
+    #[error("no message_id: cannot be deduplicated")]
+    NoMessageId,
+    #[error("message_id `{id}` is not a UUID")]
+    NotAUuid {
+        id: String,
+        #[source]
+        source: uuid::Error,
+    },
+}
+
+/// The delivery as a handler sees it.
+fn incoming(delivery: &Delivery, deliveries: u32) -> Result<Incoming, BadDelivery> {
     let id = delivery
         .properties
         .message_id()
         .as_ref()
-        .ok_or("no message_id: cannot be deduplicated")?;
-    let message_id = Uuid::parse_str(id.as_str())
-        .map_err(|_| format!("message_id `{}` is not a UUID", id.as_str()))?;
+        .ok_or(BadDelivery::NoMessageId)?;
+    let message_id = Uuid::parse_str(id.as_str()).map_err(|source| BadDelivery::NotAUuid {
+        id: id.to_string(),
+        source,
+    })?;
     Ok(Incoming {
         message_id,
         body: delivery.data.clone(),
@@ -208,8 +225,8 @@ async fn ack(delivery: &Delivery, outcome: Settled, meters: &Meters) -> Outcome 
         }
         // The channel closed under us: the broker redelivers the message,
         // and the inbox (or the copy already made) absorbs the repeat.
-        Ok(false) => Outcome::BrokerFailed("channel closed before the ack".into()),
-        Err(error) => Outcome::BrokerFailed(format!("ack failed: {error}")),
+        Ok(false) => Outcome::BrokerFailed(BrokerError::AckLost),
+        Err(error) => Outcome::BrokerFailed(BrokerError::Ack(error)),
     }
 }
 
@@ -248,10 +265,13 @@ mod tests {
     fn message_id_must_be_a_uuid() {
         let id = Uuid::new_v4().to_string();
         assert_eq!(
-            incoming(&with_id(Some(&id)), 1).map(|m| m.message_id.to_string()),
-            Ok(id)
+            incoming(&with_id(Some(&id)), 1)
+                .map(|m| m.message_id.to_string())
+                .ok(),
+            Some(id)
         );
-        assert!(incoming(&with_id(None), 1).is_err_and(|e| e.contains("no message_id")));
-        assert!(incoming(&with_id(Some("42")), 1).is_err_and(|e| e.contains("not a UUID")));
+        let reason = |id| incoming(&with_id(id), 1).map_err(|e| e.to_string()).err();
+        assert!(reason(None).is_some_and(|e| e.contains("no message_id")));
+        assert!(reason(Some("42")).is_some_and(|e| e == "message_id `42` is not a UUID"));
     }
 }

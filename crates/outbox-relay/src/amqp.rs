@@ -27,7 +27,7 @@ const PROPERTIES_ROOM: usize = 1024;
 const EXCHANGE_CACHE_TTL: Duration = Duration::from_secs(60);
 
 /// An open connection with a channel in confirm mode.
-pub struct Broker {
+pub(crate) struct Broker {
     connection: Connection,
     channel: Channel,
     /// Exchanges known to exist. Publishing to a missing exchange closes the
@@ -40,7 +40,7 @@ pub struct Broker {
 
 /// What the broker said about one publish.
 #[derive(Debug)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Acked. Safe to mark published only once no return can be its own
     /// (see [`Returned`]): the relay holds acked rows until every confirm
     /// in flight has answered.
@@ -55,7 +55,11 @@ pub enum Outcome {
 impl Broker {
     /// Connects to the first node of `urls` that answers (see
     /// [`outbox_service::amqp`]) and opens the confirm-mode channel.
-    pub async fn connect(urls: &str, ca_file: Option<&Path>, name: &str) -> anyhow::Result<Broker> {
+    pub(crate) async fn connect(
+        urls: &str,
+        ca_file: Option<&Path>,
+        name: &str,
+    ) -> anyhow::Result<Broker> {
         let connection = outbox_service::amqp::connect(urls, ca_file, name).await?;
         let channel = connection.create_channel().await?;
         channel
@@ -68,15 +72,17 @@ impl Broker {
         })
     }
 
-    pub fn is_connected(&self) -> bool {
+    pub(crate) fn is_connected(&self) -> bool {
         self.connection.status().connected() && self.channel.status().connected()
     }
 
     /// Publishes `row` (mandatory, persistent) and returns the pending
-    /// confirm. `Err` means the connection failed, not the message.
+    /// confirm. `Err` means the connection failed, not the message; it is
+    /// lapin's text, which the relay's outage handling reads for a channel
+    /// fault (see [`ChannelFault::from_error`]).
     /// `broker_max` is the broker's `max_message_size` once learned (see
     /// [`ChannelFault`]).
-    pub async fn publish(
+    pub(crate) async fn publish(
         &mut self,
         row: &Claimed,
         max_payload: u32,
@@ -109,7 +115,11 @@ impl Broker {
         if let Some(problem) = header_problem(&row.headers, self.header_budget()) {
             return Ok(Pending::Done(Outcome::Rejected(Fault::BadHeaders, problem)));
         }
-        if !self.exchange_exists(&row.exchange).await? {
+        if !self
+            .exchange_exists(&row.exchange)
+            .await
+            .map_err(|e| e.to_string())?
+        {
             return Ok(Pending::Done(Outcome::Rejected(
                 Fault::NoExchange,
                 format!("exchange `{}` does not exist", row.exchange),
@@ -141,7 +151,7 @@ impl Broker {
         }
     }
 
-    async fn exchange_exists(&mut self, exchange: &str) -> Result<bool, String> {
+    async fn exchange_exists(&mut self, exchange: &str) -> Result<bool, lapin::Error> {
         // The default exchange always exists (and may not be declared, even
         // passively). `amq.*` names are checked like any other: only the
         // broker's own exist, and a missing one closes the channel.
@@ -153,11 +163,7 @@ impl Broker {
         {
             return Ok(true);
         }
-        let probe = self
-            .connection
-            .create_channel()
-            .await
-            .map_err(|e| e.to_string())?;
+        let probe = self.connection.create_channel().await?;
         let options = ExchangeDeclareOptions {
             passive: true,
             ..ExchangeDeclareOptions::default()
@@ -178,12 +184,12 @@ impl Broker {
                 Ok(true)
             }
             Err(error) if is_not_found(&error) => Ok(false),
-            Err(error) => Err(error.to_string()),
+            Err(error) => Err(error),
         }
     }
 
     /// Bounded: a broker that stopped answering must not hold up shutdown.
-    pub async fn close(&self) {
+    pub(crate) async fn close(&self) {
         let close = self.connection.close(200, "relay stopping".into());
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
     }
@@ -193,7 +199,7 @@ impl Broker {
 /// the relay reconnects at once, learns, and the message alone fails when
 /// it is claimed again.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ChannelFault {
+pub(crate) enum ChannelFault {
     /// PRECONDITION_FAILED: the message was over the broker's
     /// `max_message_size` (not told at connect; learned here).
     TooLarge { broker_max: u64 },
@@ -205,7 +211,7 @@ impl ChannelFault {
     /// Reads it from a lapin error's text, e.g. `PRECONDITION_FAILED -
     /// message size 9 is larger than configured max size 8` or
     /// `NOT_FOUND - no exchange 'x' in vhost '/'`.
-    pub fn from_error(error: &str) -> Option<ChannelFault> {
+    pub(crate) fn from_error(error: &str) -> Option<ChannelFault> {
         if let Some((_, after)) = error.split_once("larger than configured max size ") {
             let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
             return digits
@@ -221,7 +227,7 @@ impl ChannelFault {
 }
 
 /// A publish whose outcome is either known already or awaits the broker.
-pub enum Pending {
+pub(crate) enum Pending {
     Done(Outcome),
     Confirm(PublisherConfirm),
 }
@@ -237,7 +243,7 @@ pub enum Pending {
 /// row by message_id; the broker sends it before the ack of its publish,
 /// so once every confirm in flight has answered, every return is known.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Returned {
+pub(crate) struct Returned {
     pub message_id: String,
     pub reason: String,
 }
@@ -245,7 +251,7 @@ pub struct Returned {
 impl Pending {
     /// The outcome of this publish, and the returned message (anyone's)
     /// that lapin attached to its confirm.
-    pub async fn outcome(self) -> (Outcome, Option<Returned>) {
+    pub(crate) async fn outcome(self) -> (Outcome, Option<Returned>) {
         let confirm = match self {
             Pending::Done(outcome) => return (outcome, None),
             Pending::Confirm(confirm) => confirm,
@@ -295,7 +301,7 @@ fn properties(row: &Claimed) -> BasicProperties {
 }
 
 /// JSON headers as an AMQP field table (objects nest, arrays become arrays).
-pub fn field_table(headers: &Value) -> FieldTable {
+pub(crate) fn field_table(headers: &Value) -> FieldTable {
     let mut table = FieldTable::default();
     if let Value::Object(map) = headers {
         for (key, value) in map {
@@ -311,7 +317,7 @@ pub fn field_table(headers: &Value) -> FieldTable {
 /// connection, so the row would fail every publish in flight and come back
 /// forever. A content header must also fit in one frame. Both are the
 /// message's fault, so they count as attempts.
-pub fn header_problem(headers: &Value, budget: usize) -> Option<String> {
+pub(crate) fn header_problem(headers: &Value, budget: usize) -> Option<String> {
     if let Some(name) = long_field_name(headers) {
         let shown: String = name.chars().take(40).collect();
         return Some(format!(

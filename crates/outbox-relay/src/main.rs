@@ -16,8 +16,11 @@ async fn main() -> ExitCode {
     match try_main(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            // One line: the error and its causes, joined by ": ".
-            eprintln!("outbox-relay: error: {error:#}");
+            // One line: the error and its causes, joined by ": " (see chain_line).
+            eprintln!(
+                "outbox-relay: error: {}",
+                outbox::chain_line(error.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

@@ -16,7 +16,7 @@ const INTERVAL: Duration = Duration::from_secs(5);
 /// Small deletes keep locks and WAL bursts short next to the app's writes.
 const DELETE_BATCH: i64 = 1000;
 
-pub async fn run(
+pub(crate) async fn run(
     store: Store,
     retention: Duration,
     meters: Meters,

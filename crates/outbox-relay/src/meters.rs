@@ -7,7 +7,7 @@ use outbox_service::health::Link;
 
 /// Why a publish did not end in a confirm; the `reason` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
+pub(crate) enum Fault {
     /// The broker nacked it (e.g. a queue with `x-overflow: reject-publish` is full).
     Nacked,
     /// Unroutable: the broker returned the mandatory publish.
@@ -38,7 +38,7 @@ impl Fault {
         Fault::ConnectionLost,
     ];
 
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Fault::Nacked => "nack",
             Fault::Returned => "returned",
@@ -53,7 +53,7 @@ impl Fault {
 
 /// What started a drain; the `cause` label of `outbox_wakeups_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wake {
+pub(crate) enum Wake {
     /// A NOTIFY from a committing writer.
     Notify,
     /// The periodic sweep.
@@ -79,7 +79,7 @@ impl Wake {
 
 /// Handles to every metric; cheap to clone (each is an `Arc`).
 #[derive(Clone)]
-pub struct Meters {
+pub(crate) struct Meters {
     pub published: Counter,
     failures: [Counter; Fault::ALL.len()],
     pub dead_letters: Counter,
@@ -108,7 +108,7 @@ pub struct Meters {
 impl Meters {
     /// Registers with the installed recorder (see `telemetry::prometheus`);
     /// without one every handle is a no-op.
-    pub fn new() -> Meters {
+    pub(crate) fn new() -> Meters {
         describe();
         // Served as 0 from the start; the alert worker counts by name (the
         // alerter may be built before the recorder exists).
@@ -142,11 +142,11 @@ impl Meters {
         }
     }
 
-    pub fn failure(&self, fault: Fault) -> &Counter {
+    pub(crate) fn failure(&self, fault: Fault) -> &Counter {
         &self.failures[fault as usize]
     }
 
-    pub fn wakeup(&self, cause: Wake, found_work: bool) -> &Counter {
+    pub(crate) fn wakeup(&self, cause: Wake, found_work: bool) -> &Counter {
         &self.wakeups[cause as usize][usize::from(found_work)]
     }
 }

@@ -1,14 +1,16 @@
 //! `outbox-relay migrate`: install or upgrade the schema, then say what changed.
 
+use anyhow::Context;
+
 use crate::cli::MigrateArgs;
 use outbox_service::db;
 
 pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
     let target = db::parse_url(&args.database_url, args.database_ca_file.as_deref())?;
     let mut client = db::connect(&target).await?;
-    let applied = outbox::migrate(&mut client).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot install the outbox schema on {} (the role needs CREATE on the database): {e}",
+    let applied = outbox::migrate(&mut client).await.with_context(|| {
+        format!(
+            "cannot install the outbox schema on {} (the role needs CREATE on the database)",
             target.describe()
         )
     })?;

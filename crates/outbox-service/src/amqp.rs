@@ -12,12 +12,16 @@ use lapin::{Connection, ConnectionProperties, DefaultConnectionBuilder};
 
 use crate::secrets::{redact, scrub};
 
+/// The local broker with RabbitMQ's stock guest login: every service's
+/// default.
+pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why no node could be reached.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("cannot read AMQP CA file {path}: {source}")]
+    #[error("cannot read AMQP CA file {path}")]
     CaFile {
         path: String,
         source: std::io::Error,

@@ -48,7 +48,7 @@ pub fn parse_url(url: &str, ca_file: Option<&Path>) -> anyhow::Result<PgTarget> 
     if config.get_application_name().is_none() {
         config.application_name("outbox-relay");
     }
-    let tls = pg_tls::connector(mode, ca_file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let tls = pg_tls::connector(mode, ca_file)?;
     Ok(PgTarget {
         config,
         tls,
@@ -62,7 +62,7 @@ pub async fn connect(target: &PgTarget) -> anyhow::Result<Client> {
         .config
         .connect(target.tls.clone())
         .await
-        .map_err(|e| anyhow::anyhow!(outbox::error_line(&e)))
+        .map_err(outbox::PgError)
         .with_context(|| format!("cannot connect to PostgreSQL at {}", target.describe()))?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
@@ -93,13 +93,14 @@ pub async fn pool(target: &PgTarget, size: usize) -> anyhow::Result<Pool> {
         .timeouts(timeouts)
         .runtime(Runtime::Tokio1)
         .build()?;
-    let _proof = pool.get().await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot connect to PostgreSQL at {}: {}",
-            target.describe(),
-            pool_error(&e)
-        )
-    })?;
+    let _proof = pool
+        .get()
+        .await
+        .map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => anyhow::Error::new(outbox::PgError(e)),
+            other => anyhow::Error::new(other),
+        })
+        .with_context(|| format!("cannot connect to PostgreSQL at {}", target.describe()))?;
     Ok(pool)
 }
 

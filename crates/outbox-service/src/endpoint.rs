@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::Health;
+use crate::health::{Health, NotReady};
 use crate::telemetry;
 
 /// How often histogram samples are folded into their buckets (the
@@ -28,7 +28,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// An active check `/readyz` runs besides [`Health`] (say, `SELECT 1`);
 /// `Err` says what does not answer.
-pub type Probe = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+pub type Probe = Arc<dyn Fn() -> BoxFuture<'static, Result<(), NotReady>> + Send + Sync>;
 
 /// What `/readyz` looks at.
 #[derive(Clone)]
@@ -96,7 +96,7 @@ async fn ready(State(readiness): State<Readiness>) -> Response {
     if let (Ok(()), Some(probe)) = (&verdict, &readiness.probe) {
         verdict = tokio::time::timeout(PROBE_TIMEOUT, probe())
             .await
-            .unwrap_or_else(|_| Err(format!("no answer within {PROBE_TIMEOUT:?}")));
+            .unwrap_or(Err(NotReady::Timeout(PROBE_TIMEOUT)));
     }
     match verdict {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),

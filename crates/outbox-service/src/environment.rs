@@ -4,6 +4,17 @@
 
 use clap::Command;
 
+/// `--help` text ending in the default, as in
+/// `#[arg(long, env = "X_SIZE", help = with_default!("Rows per query", defaults::SIZE))]`:
+/// settings stay `Option` (so a config file can sit under the flags) and
+/// the default is written once, where the validation applies it.
+#[macro_export]
+macro_rules! with_default {
+    ($text:literal, $default:expr) => {
+        format!(concat!($text, " [default: {}]"), $default)
+    };
+}
+
 /// A variable that starts with the binary's prefix but names no setting.
 #[derive(Debug, thiserror::Error)]
 #[error("unknown setting {name} in the environment (see `{help}`)")]
@@ -27,6 +38,8 @@ pub fn known(command: &Command) -> Vec<String> {
 
 /// Fails on the first variable of `vars` that starts with `prefix` and is
 /// not one of `command`'s (nor one of `also`: names read outside clap).
+/// The error points at `--help` of `command` under its full name once
+/// clap has built it (`outbox-relay run`), else under its own.
 pub fn check(
     command: &Command,
     prefix: &str,
@@ -39,7 +52,10 @@ pub fn check(
         if name.starts_with(prefix) && !listed {
             return Err(UnknownSetting {
                 name,
-                help: format!("{} --help", command.get_name()),
+                help: format!(
+                    "{} --help",
+                    command.get_bin_name().unwrap_or(command.get_name())
+                ),
             });
         }
     }

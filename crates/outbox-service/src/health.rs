@@ -7,6 +7,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use metrics::{Gauge, gauge};
 
+/// Why `/readyz` says no; the message is its answer's text.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    /// The needed servers that are down, by name.
+    #[error("{}", and_list(.0))]
+    Disconnected(Vec<&'static str>),
+    /// An active check failed (a probe's `SELECT 1`, say): `what` does not
+    /// answer; the cause is kept for logs, not shown to the prober.
+    #[error("{what}")]
+    Probe {
+        what: &'static str,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    #[error("no answer within {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+/// "PostgreSQL is not connected", "PostgreSQL and RabbitMQ are not connected".
+fn and_list(down: &[&str]) -> String {
+    match down {
+        [one] => format!("{one} is not connected"),
+        [rest @ .., last] => format!("{} and {last} are not connected", rest.join(", ")),
+        [] => "every server is connected".into(),
+    }
+}
+
 /// One server a service depends on.
 #[derive(Debug, Clone, Copy)]
 pub struct Link {
@@ -66,17 +93,17 @@ impl Health {
     }
 
     /// `Err` names every needed server that is down.
-    pub fn ready(&self) -> Result<(), String> {
-        let down: Vec<&str> = self
+    pub fn ready(&self) -> Result<(), NotReady> {
+        let down: Vec<&'static str> = self
             .0
             .iter()
             .filter(|state| state.link.needed && !state.up.load(Ordering::Relaxed))
             .map(|state| state.link.server)
             .collect();
-        match down.as_slice() {
-            [] => Ok(()),
-            [one] => Err(format!("{one} is not connected")),
-            [rest @ .., last] => Err(format!("{} and {last} are not connected", rest.join(", "))),
+        if down.is_empty() {
+            Ok(())
+        } else {
+            Err(NotReady::Disconnected(down))
         }
     }
 }
@@ -109,17 +136,18 @@ mod tests {
     #[test]
     fn ready_only_with_the_needed_servers() {
         let health = Health::new(&LINKS);
+        let ready = || health.ready().map_err(|e| e.to_string());
         assert_eq!(
-            health.ready(),
+            ready(),
             Err("PostgreSQL and RabbitMQ are not connected".into())
         );
         assert!(health.set(0, true));
         assert!(!health.set(0, true), "no change the second time");
-        assert_eq!(health.ready(), Err("RabbitMQ is not connected".into()));
+        assert_eq!(ready(), Err("RabbitMQ is not connected".into()));
         health.set(1, true);
-        assert_eq!(health.ready(), Ok(()), "the listener is not needed");
+        assert_eq!(ready(), Ok(()), "the listener is not needed");
         health.set(0, false);
-        assert_eq!(health.ready(), Err("PostgreSQL is not connected".into()));
+        assert_eq!(ready(), Err("PostgreSQL is not connected".into()));
         assert!(!health.is_up(0) && health.is_up(1) && !health.is_up(2));
     }
 }

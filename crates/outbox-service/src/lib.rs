@@ -8,6 +8,7 @@
 //! The relay, the consumer library and the demo services build on it; it
 //! knows nothing of the outbox table or of any consumer's business.
 
+#[cfg(feature = "amqp")]
 pub mod amqp;
 pub mod backoff;
 pub mod db;

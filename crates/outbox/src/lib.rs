@@ -22,7 +22,7 @@ mod error;
 mod migrate;
 
 pub use enqueue::{Message, enqueue};
-pub use error::{Error, error_line};
+pub use error::{Error, PgError, chain_line, error_line};
 pub use migrate::{MIGRATION_TABLE, migrate};
 
 /// The channel the wake-up trigger notifies and relays LISTEN on.

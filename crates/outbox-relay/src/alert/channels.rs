@@ -12,6 +12,24 @@ use rustls_platform_verifier::BuilderVerifierExt;
 
 use super::{AlertConfig, AlertError, CHANNEL_TIMEOUT, DeadLetter, Summary};
 
+/// Why one alert did not go out on a channel. No variant holds a URL:
+/// reqwest's are taken out (`without_url`), lettre's never have one.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ChannelError {
+    #[error("POST to {host}")]
+    Post {
+        host: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("cannot build the mail")]
+    Build(#[source] lettre::error::Error),
+    #[error("SMTP")]
+    Smtp(#[source] lettre::transport::smtp::Error),
+    #[error("timed out after {0:?}")]
+    Timeout(std::time::Duration),
+}
+
 pub(super) struct Webhook {
     client: reqwest::Client,
     url: Url,
@@ -58,11 +76,11 @@ impl Webhook {
         let client = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .build()
-            .map_err(|e| AlertError::WebhookClient(error_chain(&e)))?;
+            .map_err(|e| AlertError::WebhookClient(outbox::chain_line(&e)))?;
         Ok(Webhook { client, url })
     }
 
-    pub(super) async fn post(&self, summary: &Summary, at: SystemTime) -> Result<(), String> {
+    pub(super) async fn post(&self, summary: &Summary, at: SystemTime) -> Result<(), ChannelError> {
         let Some(dead) = summary.sample.first() else {
             return Ok(());
         };
@@ -86,7 +104,10 @@ impl Webhook {
             .await
             .and_then(reqwest::Response::error_for_status)
             .map(drop)
-            .map_err(|e| format!("POST to {host}: {}", error_chain(&e.without_url())))
+            .map_err(|e| ChannelError::Post {
+                host: host.to_string(),
+                source: e.without_url(),
+            })
     }
 }
 
@@ -111,7 +132,7 @@ impl Email {
         })
     }
 
-    pub(super) async fn send(&self, summary: &Summary, at: SystemTime) -> Result<(), String> {
+    pub(super) async fn send(&self, summary: &Summary, at: SystemTime) -> Result<(), ChannelError> {
         let Some(dead) = summary.sample.first() else {
             return Ok(());
         };
@@ -131,12 +152,12 @@ impl Email {
             .subject(subject)
             .header(ContentType::TEXT_PLAIN)
             .body(email_body(summary, at))
-            .map_err(|e| format!("cannot build the mail: {e}"))?;
+            .map_err(ChannelError::Build)?;
         self.transport
             .send(message)
             .await
             .map(drop)
-            .map_err(|e| error_chain(&e))
+            .map_err(ChannelError::Smtp)
     }
 }
 
@@ -197,20 +218,4 @@ fn mailbox(field: &'static str, address: &str) -> Result<Mailbox, AlertError> {
             address: address.to_owned(),
             reason: e.to_string(),
         })
-}
-
-/// An error and its causes on one line: the top-level messages of reqwest
-/// and lettre alone ("error sending request") do not say what went wrong.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause = cause.to_string();
-        // lettre already appends its source to its own message.
-        if !line.ends_with(&cause) {
-            line = format!("{line}: {cause}");
-        }
-        source = source.and_then(std::error::Error::source);
-    }
-    line
 }

@@ -15,14 +15,14 @@ use super::DeadLetter;
 
 /// Dead letters listed by one alert; the rest are counted only (all of
 /// them are in `outbox.dead_letters`).
-pub const SAMPLE: usize = 10;
+pub(super) const SAMPLE: usize = 10;
 
 /// Shortest time between two alerts of one alerter.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What one alert reports.
 #[derive(Debug, Clone)]
-pub struct Summary {
+pub(crate) struct Summary {
     /// Messages that died since the previous alert.
     pub count: u64,
     /// The first of them, at most [`SAMPLE`]; never empty.
@@ -30,6 +30,7 @@ pub struct Summary {
 }
 
 impl Summary {
+    #[cfg(test)]
     pub fn one(dead: DeadLetter) -> Summary {
         Summary {
             count: 1,
@@ -38,7 +39,7 @@ impl Summary {
     }
 
     /// The dead letters counted but not listed.
-    pub fn unlisted(&self) -> u64 {
+    pub(crate) fn unlisted(&self) -> u64 {
         self.count.saturating_sub(self.sample.len() as u64)
     }
 }
@@ -46,7 +47,7 @@ impl Summary {
 /// Dead letters raised and not alerted yet, shared by the raisers and the
 /// worker. The lock is held only to count or to take, never across an await.
 #[derive(Default)]
-pub struct Queue {
+pub(super) struct Queue {
     pending: Mutex<Pending>,
     wake: Notify,
 }
@@ -61,7 +62,7 @@ struct Pending {
 
 impl Queue {
     /// Counts `dead` in; never waits (but for the brief lock).
-    pub fn push(&self, dead: DeadLetter) {
+    pub(super) fn push(&self, dead: DeadLetter) {
         let mut pending = self.lock();
         pending.count += 1;
         if pending.sample.len() < SAMPLE {
@@ -73,18 +74,19 @@ impl Queue {
     }
 
     /// Dead letters counted and not yet taken.
+    #[cfg(test)]
     pub fn waiting(&self) -> u64 {
         self.lock().count
     }
 
-    pub fn close(&self) {
+    pub(super) fn close(&self) {
         self.lock().closed = true;
         self.wake.notify_one();
     }
 
     /// Waits `interval`, or less once closed: nothing more can arrive, so
     /// what is left goes out at once (a stopping relay still reports it).
-    pub async fn pause(&self, interval: Duration) {
+    pub(super) async fn pause(&self, interval: Duration) {
         let deadline = tokio::time::Instant::now() + interval;
         while !self.lock().closed {
             let woken = tokio::time::timeout_at(deadline, self.wake.notified()).await;
@@ -96,7 +98,7 @@ impl Queue {
     }
 
     /// The next summary; `None` once closed and empty.
-    pub async fn next(&self) -> Option<Summary> {
+    pub(super) async fn next(&self) -> Option<Summary> {
         loop {
             {
                 let mut pending = self.lock();

@@ -57,7 +57,7 @@ pub enum DeadAction {
 }
 
 #[derive(Debug, Serialize)]
-pub struct DeadLetter {
+pub(crate) struct DeadLetter {
     pub id: i64,
     pub message_id: Uuid,
     pub exchange: String,
@@ -72,7 +72,7 @@ pub struct DeadLetter {
 
 /// `dead show`: the row and what it carries.
 #[derive(Debug, Serialize)]
-pub struct DeadLetterDetail {
+pub(crate) struct DeadLetterDetail {
     #[serde(flatten)]
     pub letter: DeadLetter,
     pub headers: Value,

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
+use anyhow::Context;
 use clap::Args;
 use tokio_postgres::Client;
 use tokio_postgres::types::Type;
@@ -40,7 +41,7 @@ impl DatabaseArgs {
         let installed: bool = client
             .query_one("SELECT to_regclass('outbox.messages') IS NOT NULL", &[])
             .await
-            .map_err(|e| anyhow::anyhow!(outbox::error_line(&e)))?
+            .map_err(outbox::PgError)?
             .get(0);
         if !installed {
             anyhow::bail!(
@@ -83,7 +84,7 @@ impl std::fmt::Display for MessageRef {
 }
 
 /// Splits references into the two arrays the queries take (`$ids`, `$message_ids`).
-pub fn split_refs(refs: &[MessageRef]) -> (Vec<i64>, Vec<Uuid>) {
+pub(crate) fn split_refs(refs: &[MessageRef]) -> (Vec<i64>, Vec<Uuid>) {
     let mut ids = Vec::new();
     let mut message_ids = Vec::new();
     for r in refs {
@@ -96,7 +97,7 @@ pub fn split_refs(refs: &[MessageRef]) -> (Vec<i64>, Vec<Uuid>) {
 }
 
 /// The references that match none of the rows `(id, message_id)` acted on.
-pub fn unmatched(refs: &[MessageRef], rows: &[(i64, Uuid)]) -> Vec<String> {
+pub(crate) fn unmatched(refs: &[MessageRef], rows: &[(i64, Uuid)]) -> Vec<String> {
     refs.iter()
         .filter(|r| {
             !rows.iter().any(|(id, uuid)| match r {
@@ -155,7 +156,8 @@ impl TimeArg {
                     .await
             }
         }
-        .map_err(|e| anyhow::anyhow!("`{}` is not a time: {}", self, outbox::error_line(&e)))?;
+        .map_err(outbox::PgError)
+        .with_context(|| format!("`{self}` is not a time"))?;
         row.first()
             .map(|r| r.get(0))
             .ok_or_else(|| anyhow::anyhow!("the server returned no time"))
@@ -173,24 +175,25 @@ impl std::fmt::Display for TimeArg {
 
 /// Wakes idle relays so handed-back rows go out now rather than at the
 /// next sweep. A hint only: without a listening relay it changes nothing.
-pub async fn wake_relays(client: &Client) -> anyhow::Result<()> {
+pub(crate) async fn wake_relays(client: &Client) -> anyhow::Result<()> {
     client
         .query_typed(
             "SELECT pg_notify($1, '')",
             &[(&outbox::WAKE_CHANNEL, Type::TEXT)],
         )
         .await
-        .map_err(|e| anyhow::anyhow!("cannot wake the relays: {}", outbox::error_line(&e)))?;
+        .map_err(outbox::PgError)
+        .context("cannot wake the relays")?;
     Ok(())
 }
 
 /// `2026-11-27T03:12:45Z`.
-pub fn format_time(at: SystemTime) -> String {
+pub(crate) fn format_time(at: SystemTime) -> String {
     humantime::format_rfc3339_seconds(at).to_string()
 }
 
 /// An age rounded for people: `850ms`, `12.3s`, `4m 5s`, `2h 3m`.
-pub fn format_age(age: Duration) -> String {
+pub(crate) fn format_age(age: Duration) -> String {
     let secs = age.as_secs();
     if age < Duration::from_secs(1) {
         format!("{}ms", age.as_millis())
@@ -203,9 +206,10 @@ pub fn format_age(age: Duration) -> String {
     }
 }
 
-/// One line for a query error.
-pub fn query_error(what: &str) -> impl Fn(tokio_postgres::Error) -> anyhow::Error + '_ {
-    move |e| anyhow::anyhow!("cannot {what}: {}", outbox::error_line(&e))
+/// A query error in one line, saying what could not be done, the
+/// database's error kept as its source.
+pub(crate) fn query_error(what: &str) -> impl Fn(tokio_postgres::Error) -> anyhow::Error + '_ {
+    move |e| anyhow::Error::new(outbox::PgError(e)).context(format!("cannot {what}"))
 }
 
 #[cfg(test)]

@@ -57,7 +57,7 @@ pub struct ReconcileArgs {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Unprocessed {
+pub(crate) struct Unprocessed {
     pub id: i64,
     pub message_id: Uuid,
     pub exchange: String,
@@ -66,7 +66,7 @@ pub struct Unprocessed {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     pub since: String,
     pub until: String,
     /// Published messages in the window (still kept: see `OUTBOX_RETENTION`).
@@ -138,7 +138,7 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn reconcile(args: &ReconcileArgs) -> anyhow::Result<Report> {
+pub(crate) async fn reconcile(args: &ReconcileArgs) -> anyhow::Result<Report> {
     let inbox = quote_table(&args.inbox_table)?;
     let (outbox, _) = args.database.connect().await?;
     let consumer_target = db::parse_url(

@@ -23,7 +23,7 @@ pub struct StatusArgs {
 
 /// Counts for one exchange, or for all of them.
 #[derive(Debug, Default, Clone, Serialize, PartialEq)]
-pub struct Counts {
+pub(crate) struct Counts {
     /// Not yet confirmed by the broker, including those in flight and those waiting for a retry.
     pub pending: i64,
     /// Pending rows leased to a relay right now.
@@ -38,14 +38,14 @@ pub struct Counts {
 }
 
 #[derive(Debug, Serialize)]
-pub struct ExchangeStatus {
+pub(crate) struct ExchangeStatus {
     pub exchange: String,
     #[serde(flatten)]
     pub counts: Counts,
 }
 
 #[derive(Debug, Serialize)]
-pub struct Status {
+pub(crate) struct Status {
     pub database: String,
     #[serde(flatten)]
     pub total: Counts,
@@ -92,7 +92,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn read(database: &DatabaseArgs) -> anyhow::Result<Status> {
+pub(crate) async fn read(database: &DatabaseArgs) -> anyhow::Result<Status> {
     let (client, target) = database.connect().await?;
     let rows = client
         .query(BY_EXCHANGE, &[])
@@ -155,7 +155,7 @@ fn age(seconds: f64, pending: i64) -> String {
     }
 }
 
-pub fn render(status: &Status) -> String {
+pub(crate) fn render(status: &Status) -> String {
     let t = &status.total;
     let mut out = format!(
         "outbox on {}\n\
