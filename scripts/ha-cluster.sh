@@ -62,7 +62,7 @@ rabbit_pid() {
 check() {
   [[ -x $RABBIT_BIN/rabbitmq-server ]] || { say "rabbitmq-server is not installed ($RABBIT_BIN)"; return 3; }
   [[ -n $PG_BIN && -x $PG_BIN/initdb ]] || { say "PostgreSQL's initdb is not installed (/usr/lib/postgresql/*/bin)"; return 3; }
-  [[ $(id -u) == 0 ]] || { say "must run as root (servers run as the rabbitmq and postgres users)"; return 3; }
+  [[ $(id -u) == 0 ]] || { say "must run as root (servers run as the rabbitmq and postgres users)"; return 1; }
 }
 
 rabbit_files() { # N
@@ -98,9 +98,11 @@ start_rabbit() { # N; returns at once, see wait_rabbit
   rabbit_files "$1"
   rm -f "$dir/pid"
   say "starting $(node "$1") on 127.0.0.1:$(amqp_port "$1")"
-  (cd /var/lib/rabbitmq && setsid runuser -u rabbitmq -- env HOME=/var/lib/rabbitmq \
-    RABBITMQ_CONF_ENV_FILE="$dir/rabbitmq-env.conf" "$RABBIT_BIN/rabbitmq-server" \
-    >"$dir/log/startup.log" 2>&1 </dev/null &)
+  # Every descriptor away from ours: a caller reading our output (a test)
+  # would otherwise wait for the node to exit.
+  (cd /var/lib/rabbitmq && exec setsid runuser -u rabbitmq -- env HOME=/var/lib/rabbitmq \
+    RABBITMQ_CONF_ENV_FILE="$dir/rabbitmq-env.conf" "$RABBIT_BIN/rabbitmq-server") \
+    >"$dir/log/startup.log" 2>&1 </dev/null &
 }
 
 wait_rabbit() { # N
