@@ -11,6 +11,7 @@
 #   scripts/ha-cluster.sh kill-rabbit N SIGKILLs node haN
 #   scripts/ha-cluster.sh failover-pg   stops the primary hard, promotes the standby
 #   scripts/ha-cluster.sh status        what runs
+#   scripts/ha-cluster.sh save-logs DIR copies every server's log to DIR
 #   scripts/ha-cluster.sh check         exit 0 when rabbitmq-server and initdb exist
 #
 # Each RabbitMQ node has its own env file, config file (listener, no
@@ -229,6 +230,16 @@ down() {
   rm -rf "$STATE"
 }
 
+save_logs() { # DIR
+  [[ -n $1 ]] || die "save-logs takes a folder"
+  mkdir -p "$1"
+  for n in "${NODES[@]}"; do
+    [[ -d $(node_dir "$n")/log ]] && cp -r "$(node_dir "$n")/log" "$1/rabbit$n"
+  done
+  cp "$STATE"/pg/*.log "$1/" 2>/dev/null || true
+  say "logs saved in $1"
+}
+
 status() {
   for n in "${NODES[@]}"; do
     if pid=$(rabbit_pid "$n"); then echo "$(node "$n") running (pid $pid, AMQP $(amqp_port "$n"))"; else echo "$(node "$n") down"; fi
@@ -248,6 +259,7 @@ case ${1:-} in
   kill-rabbit) kill_rabbit "${2:-}" ;;
   failover-pg) failover_pg ;;
   status) status ;;
+  save-logs) save_logs "${2:-}" ;;
   check) check ;;
-  *) die "usage: $0 up|down|kill-rabbit N|failover-pg|status|check" ;;
+  *) die "usage: $0 up|down|kill-rabbit N|failover-pg|status|save-logs DIR|check" ;;
 esac

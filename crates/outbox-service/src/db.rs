@@ -125,19 +125,32 @@ pub fn with_dbname(url: &str, dbname: &str) -> String {
     format!("{}/{dbname}{query}", &base[..path_start])
 }
 
-/// `user@host:port/dbname`, never the password.
+/// `user@host:port/dbname`, never the password; every host of a
+/// multi-host URL (`user@h1:5432,h2:5432/dbname`), since any may be the one
+/// that failed.
 pub fn describe(config: &Config) -> String {
-    let host = config
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
         .get_hosts()
-        .first()
-        .map(|h| match h {
-            tokio_postgres::config::Host::Tcp(name) => name.clone(),
-            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let name = match host {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            };
+            // One port for all hosts, or one each (tokio-postgres' rule).
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            format!("{name}:{port}")
         })
-        .unwrap_or_else(|| "localhost".into());
-    let port = config.get_ports().first().copied().unwrap_or(5432);
+        .collect();
+    let hosts = if hosts.is_empty() {
+        "localhost:5432".to_string()
+    } else {
+        hosts.join(",")
+    };
     format!(
-        "{}@{host}:{port}/{}",
+        "{}@{hosts}/{}",
         config.get_user().unwrap_or("?"),
         config.get_dbname().unwrap_or("?")
     )
@@ -166,6 +179,26 @@ mod tests {
         assert_eq!(
             redact("host=db password=s3cret user=app"),
             "host=db password=*** user=app"
+        );
+    }
+
+    #[test]
+    fn multi_host_urls_keep_every_host_and_read_write() {
+        let url = "postgres://relay:s3cret@10.0.0.1:5441,10.0.0.2:5442/shop?target_session_attrs=read-write";
+        let target = parse_url(url, None).expect("a multi-host URL");
+        assert_eq!(target.describe(), "relay@10.0.0.1:5441,10.0.0.2:5442/shop");
+        assert_eq!(
+            target.config.get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite
+        );
+        // In a URL each host has its own port; key=value may give one for all.
+        let url_ports = parse_url("postgres://u@a,b:6432/db", None).expect("url");
+        assert_eq!(url_ports.describe(), "u@a:5432,b:6432/db");
+        let one_port = parse_url("host=a,b port=6432 user=u dbname=db", None).expect("url");
+        assert_eq!(one_port.describe(), "u@a:6432,b:6432/db");
+        assert_eq!(
+            with_dbname(url, "orders"),
+            "postgres://relay:s3cret@10.0.0.1:5441,10.0.0.2:5442/orders?target_session_attrs=read-write"
         );
     }
 
