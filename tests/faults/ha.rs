@@ -190,20 +190,23 @@ async fn seconds_until(url: &str, sql: &str, fault: f64, what: &str) -> f64 {
     }
 }
 
-/// How long after `fault` the flow ran again: a message enqueued after the
-/// fault confirmed and marked published, and its effect committed.
-async fn flow_resumed(pipeline: &Pipeline, fault: f64, what: &str) -> (f64, f64) {
+/// How long after `fault` the flow ran again: a message enqueued `after`
+/// seconds past the fault (or later) confirmed and marked published, and
+/// its effect committed.
+async fn flow_resumed(pipeline: &Pipeline, fault: f64, after: f64, what: &str) -> (f64, f64) {
     let published = seconds_until(
         &pipeline.app.url,
-        "SELECT extract(epoch FROM min(published_at))::float8 - $1 FROM outbox.messages \
-         WHERE created_at > to_timestamp($1)",
+        &format!(
+            "SELECT extract(epoch FROM min(published_at))::float8 - $1 FROM outbox.messages \
+             WHERE created_at > to_timestamp($1 + {after})"
+        ),
         fault,
         &format!("{what}: a message enqueued after the fault published"),
     )
     .await;
     let deadline = Instant::now() + RESUME_LIMIT;
     let effect = loop {
-        if let Some(seconds) = first_effect_after(pipeline, fault).await {
+        if let Some(seconds) = first_effect_after(pipeline, fault, after).await {
             break seconds;
         }
         assert!(
@@ -215,17 +218,18 @@ async fn flow_resumed(pipeline: &Pipeline, fault: f64, what: &str) -> (f64, f64)
     (published, effect)
 }
 
-/// The first effect of a message enqueued after `fault`, in seconds after it.
-async fn first_effect_after(pipeline: &Pipeline, fault: f64) -> Option<f64> {
+/// The first effect of a message enqueued `after` seconds past `fault`, in
+/// seconds after the fault.
+async fn first_effect_after(pipeline: &Pipeline, fault: f64, after: f64) -> Option<f64> {
     let (app, connection) = tokio_postgres::connect(&pipeline.app.url, NoTls)
         .await
         .ok()?;
     tokio::spawn(connection);
     let ids: Vec<uuid::Uuid> = app
         .query(
-            "SELECT message_id FROM outbox.messages WHERE created_at > to_timestamp($1) \
+            "SELECT message_id FROM outbox.messages WHERE created_at > to_timestamp($1 + $2) \
              ORDER BY id LIMIT 2000",
-            &[&fault],
+            &[&fault, &after],
         )
         .await
         .ok()?
@@ -282,7 +286,7 @@ async fn serial_ha_rabbit_node_loss_quorum_leader_loss_and_pg_failover() {
     cluster.run(&["kill-rabbit", &relay_node.to_string()]).await;
     let moved = moved_from(relay, relay_node, "relay").await;
     let relay_moved = epoch_now() - fault;
-    let (published, effect) = flow_resumed(&pipeline, fault, "relay's node killed").await;
+    let (published, effect) = flow_resumed(&pipeline, fault, 0.0, "relay's node killed").await;
     record(&format!(
         "| HA 1. relay's node ha{relay_node} SIGKILLed | relay on ha{moved} after {relay_moved:.2} s | \
          new message published after {published:.2} s, its effect after {effect:.2} s |"
@@ -328,7 +332,7 @@ async fn serial_ha_rabbit_node_loss_quorum_leader_loss_and_pg_failover() {
         }
     };
     let ((new_leader, elected), consumer_moved) = tokio::join!(elected, consumer_moved);
-    let (published, effect) = flow_resumed(&pipeline, fault, "quorum leader killed").await;
+    let (published, effect) = flow_resumed(&pipeline, fault, 0.0, "quorum leader killed").await;
     record(&format!(
         "| HA 2. quorum leader ha{leader} SIGKILLed | ha{new_leader} leads (seen after {elected:.2} s), \
          {consumer_moved} | new message published after {published:.2} s, its effect after {effect:.2} s |"
@@ -360,10 +364,24 @@ async fn serial_ha_rabbit_node_loss_quorum_leader_loss_and_pg_failover() {
         "the consumer commits on the promoted database",
     )
     .await;
-    let (published, effect) = flow_resumed(&pipeline, fault, "PostgreSQL failed over").await;
+    // The LISTEN connection found the promoted database too: it holds the
+    // listener's advisory lock there (`outbox.announce_listener`).
+    let listening = seconds_until(
+        &pipeline.app.url,
+        "SELECT extract(epoch FROM clock_timestamp())::float8 - $1 FROM pg_locks l \
+         JOIN pg_database d ON d.oid = l.database AND d.datname = current_database() \
+         WHERE l.locktype = 'advisory' AND l.classid = 1869968482 AND l.objid = 2 \
+           AND l.granted LIMIT 1",
+        fault,
+        "the relay listens on the promoted database",
+    )
+    .await;
+    let (published, effect) =
+        flow_resumed(&pipeline, fault, promoted, "PostgreSQL failed over").await;
     record(&format!(
         "| HA 3. PostgreSQL primary stopped (immediate), standby promoted in {promoted:.2} s | \
-         relay's first mark after {relay_back:.2} s, consumer's first commit after {consumer_back:.2} s | \
+         relay's first mark after {relay_back:.2} s, listening again (seen after {listening:.2} s), \
+         consumer's first commit after {consumer_back:.2} s | \
          new message published after {published:.2} s, its effect after {effect:.2} s |"
     ));
 

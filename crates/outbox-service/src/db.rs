@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use tokio_postgres::config::TargetSessionAttrs;
 use tokio_postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -32,7 +33,8 @@ impl PgTarget {
 }
 
 /// Parses a PostgreSQL URL or key=value string (`sslmode` as libpq knows
-/// it), adding a connect timeout and TCP keepalives unless the URL sets them.
+/// it), adding a connect timeout and TCP keepalives unless the URL sets
+/// them, and `target_session_attrs=read-write` to a multi-host URL.
 pub fn parse_url(url: &str, ca_file: Option<&Path>) -> anyhow::Result<PgTarget> {
     // pg_tls never quotes the URL; scrubbing anyway keeps it so if that changes.
     let (mut config, mode) =
@@ -47,6 +49,16 @@ pub fn parse_url(url: &str, ca_file: Option<&Path>) -> anyhow::Result<PgTarget> 
         .keepalives_retries(3);
     if config.get_application_name().is_none() {
         config.application_name("outbox-relay");
+    }
+    // The relay and the consumer write: of several hosts (a primary and its
+    // standbys) only the primary will do, and after a failover the next
+    // connection must find the new one. libpq's default, `any`, would
+    // settle on a standby; an explicit setting is kept.
+    if config.get_hosts().len() > 1
+        && config.get_target_session_attrs() == TargetSessionAttrs::Any
+        && !url.contains("target_session_attrs")
+    {
+        config.target_session_attrs(TargetSessionAttrs::ReadWrite);
     }
     let tls = pg_tls::connector(mode, ca_file).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(PgTarget {
@@ -189,7 +201,23 @@ mod tests {
         assert_eq!(target.describe(), "relay@10.0.0.1:5441,10.0.0.2:5442/shop");
         assert_eq!(
             target.config.get_target_session_attrs(),
-            tokio_postgres::config::TargetSessionAttrs::ReadWrite
+            TargetSessionAttrs::ReadWrite
+        );
+        // Several hosts without the setting: read-write; one asked for is kept.
+        let implied = parse_url("postgres://u@a:5441,b:5442/db", None).expect("url");
+        assert_eq!(
+            implied.config.get_target_session_attrs(),
+            TargetSessionAttrs::ReadWrite
+        );
+        let any = parse_url("postgres://u@a,b/db?target_session_attrs=any", None).expect("url");
+        assert_eq!(
+            any.config.get_target_session_attrs(),
+            TargetSessionAttrs::Any
+        );
+        let single = parse_url("postgres://u@a/db", None).expect("url");
+        assert_eq!(
+            single.config.get_target_session_attrs(),
+            TargetSessionAttrs::Any
         );
         // In a URL each host has its own port; key=value may give one for all.
         let url_ports = parse_url("postgres://u@a,b:6432/db", None).expect("url");
