@@ -196,37 +196,43 @@ mod tests {
 
     #[test]
     fn multi_host_urls_keep_every_host_and_read_write() {
-        let url = "postgres://relay:s3cret@10.0.0.1:5441,10.0.0.2:5442/shop?target_session_attrs=read-write";
-        let target = parse_url(url, None).expect("a multi-host URL");
-        assert_eq!(target.describe(), "relay@10.0.0.1:5441,10.0.0.2:5442/shop");
+        use TargetSessionAttrs::{Any, ReadWrite};
+        // Several hosts: read-write unless the URL asks otherwise; one host: libpq's `any`.
+        for (url, described, attrs) in [
+            (
+                "postgres://relay:s3cret@10.0.0.1:5441,10.0.0.2:5442/shop?target_session_attrs=read-write",
+                "relay@10.0.0.1:5441,10.0.0.2:5442/shop",
+                ReadWrite,
+            ),
+            (
+                "postgres://u@a:5441,b:5442/db",
+                "u@a:5441,b:5442/db",
+                ReadWrite,
+            ),
+            (
+                "postgres://u@a,b/db?target_session_attrs=any",
+                "u@a:5432,b:5432/db",
+                Any,
+            ),
+            ("postgres://u@a/db", "u@a:5432/db", Any),
+            // In a URL each host has its own port; key=value may give one for all.
+            ("postgres://u@a,b:6432/db", "u@a:5432,b:6432/db", ReadWrite),
+            (
+                "host=a,b port=6432 user=u dbname=db",
+                "u@a:6432,b:6432/db",
+                ReadWrite,
+            ),
+        ] {
+            let target = parse_url(url, None).expect(url);
+            assert_eq!(target.describe(), described, "{url}");
+            assert_eq!(target.config.get_target_session_attrs(), attrs, "{url}");
+        }
         assert_eq!(
-            target.config.get_target_session_attrs(),
-            TargetSessionAttrs::ReadWrite
-        );
-        // Several hosts without the setting: read-write; one asked for is kept.
-        let implied = parse_url("postgres://u@a:5441,b:5442/db", None).expect("url");
-        assert_eq!(
-            implied.config.get_target_session_attrs(),
-            TargetSessionAttrs::ReadWrite
-        );
-        let any = parse_url("postgres://u@a,b/db?target_session_attrs=any", None).expect("url");
-        assert_eq!(
-            any.config.get_target_session_attrs(),
-            TargetSessionAttrs::Any
-        );
-        let single = parse_url("postgres://u@a/db", None).expect("url");
-        assert_eq!(
-            single.config.get_target_session_attrs(),
-            TargetSessionAttrs::Any
-        );
-        // In a URL each host has its own port; key=value may give one for all.
-        let url_ports = parse_url("postgres://u@a,b:6432/db", None).expect("url");
-        assert_eq!(url_ports.describe(), "u@a:5432,b:6432/db");
-        let one_port = parse_url("host=a,b port=6432 user=u dbname=db", None).expect("url");
-        assert_eq!(one_port.describe(), "u@a:6432,b:6432/db");
-        assert_eq!(
-            with_dbname(url, "orders"),
-            "postgres://relay:s3cret@10.0.0.1:5441,10.0.0.2:5442/orders?target_session_attrs=read-write"
+            with_dbname(
+                "postgres://u:p@a:5441,b:5442/postgres?target_session_attrs=read-write",
+                "orders"
+            ),
+            "postgres://u:p@a:5441,b:5442/orders?target_session_attrs=read-write"
         );
     }
 
