@@ -205,7 +205,7 @@ mod tests {
                 ReadWrite,
             ),
             (
-                "postgres://u@a:5441,b:5442/db",
+                "postgres://u@a:5441,b:5442/db?sslmode=disable",
                 "u@a:5441,b:5442/db",
                 ReadWrite,
             ),
