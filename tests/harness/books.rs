@@ -14,10 +14,11 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use serde_json::json;
 use tokio::task::JoinHandle;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::broker::connect;
+use crate::broker::connect_to;
 use crate::pipeline::Pipeline;
 
 /// Messages per scenario, and the steady rate they are written at.
@@ -51,21 +52,51 @@ pub async fn load_client(app_url: &str) -> Client {
 
 /// Writes orders `1..=MESSAGES` at [`RATE_PER_SEC`] from a few connections.
 pub fn start_load(app_url: &str, exchange: &str) -> JoinHandle<Load> {
+    spawn_load(app_url, exchange, MESSAGES, None)
+}
+
+/// The load of a database failover: orders at [`RATE_PER_SEC`] until `stop`
+/// (at most `max`). A writer whose connection fails connects again (a
+/// multi-host URL finds the new primary) and writes the same order again;
+/// one already there (its commit went through, its answer did not) is done.
+/// `Load::orders` holds the commits the writers saw acknowledged.
+pub fn start_load_through_failover(
+    app_url: &str,
+    exchange: &str,
+    max: i64,
+    stop: CancellationToken,
+) -> JoinHandle<Load> {
+    spawn_load(app_url, exchange, max, Some(stop))
+}
+
+fn spawn_load(
+    app_url: &str,
+    exchange: &str,
+    max: i64,
+    stop: Option<CancellationToken>,
+) -> JoinHandle<Load> {
     let started = Instant::now();
     let writers: Vec<_> = (0..WRITERS)
         .map(|writer| {
             let url = app_url.to_string();
             let exchange = exchange.to_string();
+            let stop = stop.clone();
             tokio::spawn(async move {
                 let mut client = load_client(&url).await;
                 let mut ids = HashMap::new();
                 let mut order = writer + 1;
-                while order <= MESSAGES {
+                while order <= max && !stop.as_ref().is_some_and(|s| s.is_cancelled()) {
                     let due = started
                         + Duration::from_micros((order as u64 - 1) * 1_000_000 / RATE_PER_SEC);
                     tokio::time::sleep_until(due.into()).await;
-                    let id = write_order(&mut client, &exchange, order).await;
-                    ids.insert(order, id);
+                    let written = if stop.is_some() {
+                        write_through_failover(&mut client, &url, &exchange, order).await
+                    } else {
+                        Some(write_order(&mut client, &exchange, order).await)
+                    };
+                    if let Some(id) = written {
+                        ids.insert(order, id);
+                    }
                     order += WRITERS;
                 }
                 ids
@@ -93,17 +124,75 @@ pub fn ordering_key(order: i64) -> Option<String> {
 /// One order and its message, committed together: one statement, so one
 /// round trip (the load must keep its pace on a busy 2-core machine).
 pub async fn write_order(client: &mut Client, exchange: &str, order: i64) -> Uuid {
+    try_write_order(client, exchange, order)
+        .await
+        .unwrap_or_else(|e| panic!("write order {order}: {}", outbox::error_line(&e)))
+}
+
+async fn try_write_order(
+    client: &mut Client,
+    exchange: &str,
+    order: i64,
+) -> Result<Uuid, tokio_postgres::Error> {
     let body = json!({"orderId": order, "userName": "zhang", "context": "noodles", "num": 1});
-    client
+    let row = client
         .query_one(
             "WITH o AS (INSERT INTO orders (id, user_name, context, num) \
                         VALUES ($1, 'zhang', 'noodles', 1) RETURNING id) \
              SELECT outbox.enqueue($2, '', $3::jsonb, '{}', $4) FROM o",
             &[&order, &exchange, &body, &ordering_key(order)],
         )
-        .await
-        .unwrap_or_else(|e| panic!("write order {order}: {}", outbox::error_line(&e)))
-        .get(0)
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Writes `order` until it is in the database; its message id when this
+/// writer saw the commit acknowledged, `None` when it found the order
+/// already written (a commit whose answer was lost with the old primary).
+async fn write_through_failover(
+    client: &mut Client,
+    url: &str,
+    exchange: &str,
+    order: i64,
+) -> Option<Uuid> {
+    let deadline = Instant::now() + SETTLE_LIMIT;
+    loop {
+        match try_write_order(client, exchange, order).await {
+            Ok(id) => return Some(id),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                return None;
+            }
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "write order {order}: no primary for {SETTLE_LIMIT:?}: {}",
+                outbox::error_line(&e)
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if client.is_closed() {
+            let separator = if url.contains('?') { '&' } else { '?' };
+            let url = format!("{url}{separator}application_name={LOAD_APP_NAME}");
+            if let Ok((new, connection)) = tokio_postgres::connect(&url, NoTls).await {
+                tokio::spawn(connection);
+                *client = new;
+            }
+        }
+    }
+}
+
+/// Order id → message id of every order in the app database, as it is now
+/// (after a failover: what the promoted database holds).
+pub async fn orders_in(app: &Client, exchange: &str) -> HashMap<i64, Uuid> {
+    app.query(
+        "SELECT (convert_from(payload, 'UTF8')::jsonb->>'orderId')::bigint, message_id \
+         FROM outbox.messages WHERE exchange = $1",
+        &[&exchange],
+    )
+    .await
+    .expect("orders in the database")
+    .iter()
+    .map(|row| (row.get(0), row.get(1)))
+    .collect()
 }
 
 /// What a scenario expects besides the orders.
@@ -242,6 +331,7 @@ async fn check_broker_order(
         .map(|row| (row.get(0), (row.get(1), row.get(2))))
         .collect();
     let routed = drain_queue(
+        &pipeline.servers.amqp_url,
         &pipeline.audit_queue,
         load.orders.len() + expected.not_orders,
     )
@@ -272,11 +362,11 @@ async fn check_broker_order(
 /// the message ids, `None` where a peer sent none or not a UUID. Another
 /// test may cut every broker connection meanwhile: then it reads on over a
 /// new one (unacked copies come again and count as copies).
-async fn drain_queue(queue: &str, at_least: usize) -> Vec<Option<Uuid>> {
+async fn drain_queue(amqp_url: &str, queue: &str, at_least: usize) -> Vec<Option<Uuid>> {
     let mut ids = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        if read_queue(queue, at_least, deadline, &mut ids)
+        if read_queue(amqp_url, queue, at_least, deadline, &mut ids)
             .await
             .is_ok()
         {
@@ -288,12 +378,13 @@ async fn drain_queue(queue: &str, at_least: usize) -> Vec<Option<Uuid>> {
 }
 
 async fn read_queue(
+    amqp_url: &str,
     queue: &str,
     at_least: usize,
     deadline: Instant,
     ids: &mut Vec<Option<Uuid>>,
 ) -> Result<(), lapin::Error> {
-    let connection = connect().await;
+    let connection = connect_to(amqp_url).await;
     let channel = connection.create_channel().await?;
     channel.basic_qos(1000, BasicQosOptions::default()).await?;
     let mut consumer = channel

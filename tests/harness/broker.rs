@@ -31,6 +31,14 @@ pub async fn connect() -> Connection {
     .expect("connect to RabbitMQ")
 }
 
+/// A connection to the first node of `urls` (see [`crate::Servers::amqp_url`])
+/// that answers, as the relay and the consumer connect.
+pub async fn connect_to(urls: &str) -> Connection {
+    outbox_service::amqp::connect(urls, None, "outbox-tests")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 impl Topology {
     /// Declares `kind` exchange and a queue bound with `binding_key`.
     pub async fn new(kind: ExchangeKind, binding_key: &str) -> Topology {

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::broker::{Topology, connect};
+use crate::broker::{Topology, connect, connect_to};
 use crate::{TestDb, amqp_url, unique_name, workspace_binary};
 
 /// Deadline for anything that should take well under a second.
@@ -109,7 +109,10 @@ pub fn dispatch_command(settings: &Settings, env: &[(&str, &str)]) -> Command {
             "DISPATCH_DATABASE_URL",
             settings.database_url.as_deref().unwrap_or(""),
         )
-        .env("DISPATCH_AMQP_URL", amqp_url())
+        .env(
+            "DISPATCH_AMQP_URL",
+            settings.amqp_url.clone().unwrap_or_else(amqp_url),
+        )
         .env("DISPATCH_EXCHANGE", &topology.exchange)
         .env("DISPATCH_QUEUE", &topology.queue)
         .env("DISPATCH_QUEUE_EXPIRES_MS", "300000")
@@ -150,8 +153,24 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
+    wait_for(what, || {
+        let holds = condition();
+        async move { holds.await.then_some(()) }
+    })
+    .await
+}
+
+/// Polls `found` every 20 ms until it finds something; fails after [`PATIENCE`].
+pub async fn wait_for<T, F, Fut>(what: &str, mut found: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !condition().await {
+    loop {
+        if let Some(value) = found().await {
+            return value;
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
             "timed out waiting until {what}"
@@ -190,7 +209,12 @@ pub async fn count(db: &TestDb, sql: &str) -> i64 {
 /// Messages ready in `queue` (not those delivered and unacked) and its
 /// consumers; `None` while the queue does not exist.
 pub async fn queue_state(queue: &str) -> Option<(u32, u32)> {
-    let connection = connect().await;
+    queue_state_on(&amqp_url(), queue).await
+}
+
+/// [`queue_state`] on the broker (or cluster) at `amqp_url`.
+pub async fn queue_state_on(amqp_url: &str, queue: &str) -> Option<(u32, u32)> {
+    let connection = connect_to(amqp_url).await;
     let channel = connection.create_channel().await.expect("channel");
     let options = QueueDeclareOptions {
         passive: true,
@@ -210,8 +234,12 @@ pub async fn ready(queue: &str) -> u32 {
 }
 
 pub async fn wait_for_consumers(queue: &str, consumers: u32) {
+    wait_for_consumers_on(&amqp_url(), queue, consumers).await;
+}
+
+pub async fn wait_for_consumers_on(amqp_url: &str, queue: &str, consumers: u32) {
     wait_until(&format!("{queue} has {consumers} consumer(s)"), || async {
-        queue_state(queue).await.map(|(_, c)| c) == Some(consumers)
+        queue_state_on(amqp_url, queue).await.map(|(_, c)| c) == Some(consumers)
     })
     .await;
 }

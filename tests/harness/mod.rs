@@ -32,6 +32,28 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// Where a test's servers are: the machine's shared PostgreSQL and
+/// RabbitMQ, or the cluster `scripts/ha-cluster.sh` starts (tests/faults/ha.rs).
+#[derive(Debug, Clone)]
+pub struct Servers {
+    /// A role that may create databases, on the database the URL names.
+    pub admin_url: String,
+    /// One AMQP URL, or the comma-separated nodes of one cluster.
+    pub amqp_url: String,
+    /// Queues are declared as quorum queues (replicated over the cluster).
+    pub quorum_queues: bool,
+}
+
+impl Servers {
+    pub fn shared() -> Servers {
+        Servers {
+            admin_url: admin_url(),
+            amqp_url: amqp_url(),
+            quorum_queues: false,
+        }
+    }
+}
+
 /// A name no other test uses, e.g. for an exchange or a queue.
 pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{}", Uuid::new_v4().simple())
@@ -41,19 +63,30 @@ pub fn unique_name(prefix: &str) -> String {
 pub struct TestDb {
     pub name: String,
     pub url: String,
+    /// The admin URL it was created with, to drop it.
+    admin: String,
 }
 
 impl TestDb {
     /// Creates an empty database.
     pub async fn empty() -> TestDb {
+        TestDb::empty_on(&admin_url()).await
+    }
+
+    /// Creates an empty database where `admin` (see [`Servers::admin_url`]) connects.
+    pub async fn empty_on(admin: &str) -> TestDb {
         let name = unique_name("outbox_test");
-        let admin = connect(&admin_url()).await;
-        admin
+        connect(admin)
+            .await
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .expect("create test database");
-        let url = outbox_service::db::with_dbname(&admin_url(), &name);
-        TestDb { name, url }
+        let url = outbox_service::db::with_dbname(admin, &name);
+        TestDb {
+            name,
+            url,
+            admin: admin.to_string(),
+        }
     }
 
     /// Creates a database with the outbox schema installed.
@@ -74,7 +107,7 @@ impl TestDb {
     /// before the ALTER commits).
     pub async fn refuse_connections(&self) {
         let name = &self.name;
-        let admin = connect(&admin_url()).await;
+        let admin = connect(&self.admin).await;
         admin
             .batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
             .await
@@ -89,7 +122,7 @@ impl TestDb {
 
     /// Ends [`TestDb::refuse_connections`].
     pub async fn allow_connections(&self) {
-        connect(&admin_url())
+        connect(&self.admin)
             .await
             .batch_execute(&format!(
                 "ALTER DATABASE {} ALLOW_CONNECTIONS true",
@@ -103,8 +136,9 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();
+        let admin = self.admin.clone();
         run_in_thread(async move {
-            let admin = connect(&admin_url()).await;
+            let admin = connect(&admin).await;
             // Capture made a role per captured table (`outbox_capture_<database
             // oid>_<table oid>`): roles belong to the cluster, so drop this
             // database's once the database is gone.

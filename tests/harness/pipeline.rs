@@ -1,7 +1,8 @@
 //! The whole pipeline for fault scenarios: an order database with the
 //! outbox, relays and a dispatch consumer as child processes (so they can
 //! be SIGKILLed), the dispatch database, and an audit queue bound to the
-//! dispatch exchange that records what the broker routed, in order.
+//! dispatch exchange that records what the broker routed, in order. On the
+//! shared servers, or on the HA cluster ([`Pipeline::start_on`]).
 
 use std::net::TcpListener;
 use std::process::Child;
@@ -11,10 +12,10 @@ use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 
 use crate::books::{Books, Expected, settle_and_check, start_load};
-use crate::broker::connect;
-use crate::dispatch::{spawn_dispatch_process, test_settings, topology, wait_for_consumers};
+use crate::broker::connect_to;
+use crate::dispatch::{spawn_dispatch_process, test_settings, topology, wait_for_consumers_on};
 use crate::relay::spawn_relay_process;
-use crate::{TestDb, unique_name};
+use crate::{Servers, TestDb, unique_name};
 
 /// Relay settings for the scenarios: a short lease, so rows leased by a
 /// killed relay come back quickly, and few attempts for unroutable rows.
@@ -27,6 +28,7 @@ pub const RELAY_ENV: &[(&str, &str)] = &[
 ];
 
 pub struct Pipeline {
+    pub servers: Servers,
     /// The order service's database: `orders` and the outbox.
     pub app: TestDb,
     pub dispatch_db: TestDb,
@@ -50,11 +52,26 @@ impl Pipeline {
         relay_env: &[(&str, &str)],
         consumer_env: &[(&str, &str)],
     ) -> Pipeline {
-        let app = TestDb::empty().await;
+        Pipeline::start_on(&Servers::shared(), relays, relay_env, consumer_env).await
+    }
+
+    /// [`Pipeline::start`] with both databases, the relays and the
+    /// consumer on `servers`.
+    pub async fn start_on(
+        servers: &Servers,
+        relays: usize,
+        relay_env: &[(&str, &str)],
+        consumer_env: &[(&str, &str)],
+    ) -> Pipeline {
+        let app = TestDb::empty_on(&servers.admin_url).await;
         let target = outbox_service::db::parse_url(&app.url, None).expect("app url");
         orders::migrate(&target).await.expect("migrate orders");
-        let dispatch_db = TestDb::empty().await;
-        let dispatch = test_settings(&dispatch_db);
+        let dispatch_db = TestDb::empty_on(&servers.admin_url).await;
+        let mut dispatch = test_settings(&dispatch_db);
+        dispatch.amqp_url = Some(servers.amqp_url.clone());
+        if servers.quorum_queues {
+            dispatch.queue_type = Some("quorum".into());
+        }
         let names = topology(&dispatch);
         let owned = |env: &[(&str, &str)]| -> Vec<(String, String)> {
             env.iter()
@@ -62,6 +79,7 @@ impl Pipeline {
                 .collect()
         };
         let mut relay_env_all = owned(RELAY_ENV);
+        relay_env_all.push(("OUTBOX_AMQP_URL".into(), servers.amqp_url.clone()));
         relay_env_all.extend(owned(relay_env));
         let consumer_http = free_address();
         let mut consumer_env_all = owned(&[
@@ -71,9 +89,13 @@ impl Pipeline {
             ("DISPATCH_PREFETCH", "16"),
             ("RUST_LOG", "error"),
         ]);
+        if servers.quorum_queues {
+            consumer_env_all.push(("DISPATCH_QUEUE_TYPE".into(), "quorum".into()));
+        }
         consumer_env_all.extend(owned(consumer_env));
         consumer_env_all.push(("DISPATCH_HTTP_ADDR".into(), consumer_http.clone()));
         let mut pipeline = Pipeline {
+            servers: servers.clone(),
             app,
             dispatch_db,
             consumer: spawn_dispatch_process(&dispatch, &borrowed(&consumer_env_all)),
@@ -85,7 +107,7 @@ impl Pipeline {
             relay_env: relay_env_all,
             consumer_env: consumer_env_all,
         };
-        wait_for_consumers(&pipeline.names.queue, 1).await;
+        wait_for_consumers_on(&servers.amqp_url, &pipeline.names.queue, 1).await;
         pipeline.declare_audit_queue().await;
         for _ in 0..relays {
             let relay = pipeline.spawn_relay();
@@ -111,10 +133,17 @@ impl Pipeline {
     }
 
     async fn declare_audit_queue(&self) {
-        let connection = connect().await;
+        let connection = connect_to(&self.servers.amqp_url).await;
         let channel = connection.create_channel().await.expect("channel");
         let mut arguments = FieldTable::default();
         arguments.insert("x-expires".into(), AMQPValue::LongInt(300_000));
+        if self.servers.quorum_queues {
+            // On a cluster it must outlive the loss of a node, as the consumer's does.
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
         channel
             .queue_declare(
                 self.audit_queue.as_str().into(),

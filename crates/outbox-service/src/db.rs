@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use tokio_postgres::config::TargetSessionAttrs;
 use tokio_postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -32,7 +33,8 @@ impl PgTarget {
 }
 
 /// Parses a PostgreSQL URL or key=value string (`sslmode` as libpq knows
-/// it), adding a connect timeout and TCP keepalives unless the URL sets them.
+/// it), adding a connect timeout and TCP keepalives unless the URL sets
+/// them, and `target_session_attrs=read-write` to a multi-host URL.
 pub fn parse_url(url: &str, ca_file: Option<&Path>) -> anyhow::Result<PgTarget> {
     // pg_tls never quotes the URL; scrubbing anyway keeps it so if that changes.
     let (mut config, mode) =
@@ -47,6 +49,16 @@ pub fn parse_url(url: &str, ca_file: Option<&Path>) -> anyhow::Result<PgTarget> 
         .keepalives_retries(3);
     if config.get_application_name().is_none() {
         config.application_name("outbox-relay");
+    }
+    // The relay and the consumer write: of several hosts (a primary and its
+    // standbys) only the primary will do, and after a failover the next
+    // connection must find the new one. libpq's default, `any`, would
+    // settle on a standby; an explicit setting is kept.
+    if config.get_hosts().len() > 1
+        && config.get_target_session_attrs() == TargetSessionAttrs::Any
+        && !url.contains("target_session_attrs")
+    {
+        config.target_session_attrs(TargetSessionAttrs::ReadWrite);
     }
     let tls = pg_tls::connector(mode, ca_file)?;
     Ok(PgTarget {
@@ -126,19 +138,32 @@ pub fn with_dbname(url: &str, dbname: &str) -> String {
     format!("{}/{dbname}{query}", &base[..path_start])
 }
 
-/// `user@host:port/dbname`, never the password.
+/// `user@host:port/dbname`, never the password; every host of a
+/// multi-host URL (`user@h1:5432,h2:5432/dbname`), since any may be the one
+/// that failed.
 pub fn describe(config: &Config) -> String {
-    let host = config
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
         .get_hosts()
-        .first()
-        .map(|h| match h {
-            tokio_postgres::config::Host::Tcp(name) => name.clone(),
-            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let name = match host {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            };
+            // One port for all hosts, or one each (tokio-postgres' rule).
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            format!("{name}:{port}")
         })
-        .unwrap_or_else(|| "localhost".into());
-    let port = config.get_ports().first().copied().unwrap_or(5432);
+        .collect();
+    let hosts = if hosts.is_empty() {
+        "localhost:5432".to_string()
+    } else {
+        hosts.join(",")
+    };
     format!(
-        "{}@{host}:{port}/{}",
+        "{}@{hosts}/{}",
         config.get_user().unwrap_or("?"),
         config.get_dbname().unwrap_or("?")
     )
@@ -167,6 +192,48 @@ mod tests {
         assert_eq!(
             redact("host=db password=s3cret user=app"),
             "host=db password=*** user=app"
+        );
+    }
+
+    #[test]
+    fn multi_host_urls_keep_every_host_and_read_write() {
+        use TargetSessionAttrs::{Any, ReadWrite};
+        // Several hosts: read-write unless the URL asks otherwise; one host: libpq's `any`.
+        for (url, described, attrs) in [
+            (
+                "postgres://relay:s3cret@10.0.0.1:5441,10.0.0.2:5442/shop?target_session_attrs=read-write",
+                "relay@10.0.0.1:5441,10.0.0.2:5442/shop",
+                ReadWrite,
+            ),
+            (
+                "postgres://u@a:5441,b:5442/db?sslmode=disable",
+                "u@a:5441,b:5442/db",
+                ReadWrite,
+            ),
+            (
+                "postgres://u@a,b/db?target_session_attrs=any",
+                "u@a:5432,b:5432/db",
+                Any,
+            ),
+            ("postgres://u@a/db", "u@a:5432/db", Any),
+            // In a URL each host has its own port; key=value may give one for all.
+            ("postgres://u@a,b:6432/db", "u@a:5432,b:6432/db", ReadWrite),
+            (
+                "host=a,b port=6432 user=u dbname=db",
+                "u@a:6432,b:6432/db",
+                ReadWrite,
+            ),
+        ] {
+            let target = parse_url(url, None).expect(url);
+            assert_eq!(target.describe(), described, "{url}");
+            assert_eq!(target.config.get_target_session_attrs(), attrs, "{url}");
+        }
+        assert_eq!(
+            with_dbname(
+                "postgres://u:p@a:5441,b:5442/postgres?target_session_attrs=read-write",
+                "orders"
+            ),
+            "postgres://u:p@a:5441,b:5442/orders?target_session_attrs=read-write"
         );
     }
 
