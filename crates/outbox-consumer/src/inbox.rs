@@ -11,7 +11,7 @@ use crate::handler::{Handler, HandlerError, Incoming, classify};
 
 /// What became of a message that did not fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Handled {
+pub(crate) enum Handled {
     /// Its writes and its inbox row committed.
     Committed,
     /// Its id was in the inbox already: nothing was written.
@@ -69,7 +69,7 @@ impl Inbox {
     /// Handles `message` once. A failure on a connection that is gone is
     /// `Unavailable`, whatever the query said: the server, not the message,
     /// is at fault.
-    pub async fn handle<H: Handler>(
+    pub(crate) async fn handle<H: Handler>(
         &self,
         pool: &Pool,
         handler: &H,

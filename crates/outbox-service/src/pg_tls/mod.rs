@@ -31,8 +31,8 @@ mod verify;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-pub use url::parse;
-pub use verify::connector;
+pub(crate) use url::parse;
+pub(crate) use verify::connector;
 
 /// How hard a connection insists on TLS, as libpq's `sslmode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
