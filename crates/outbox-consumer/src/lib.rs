@@ -30,7 +30,7 @@ mod worker;
 pub use broker::{DELIVERIES_HEADER, ERROR_HEADER, RETRIES_HEADER};
 pub use consumer::{ConsumerConfig, run};
 pub use handler::{Handler, HandlerError, Incoming, classify};
-pub use inbox::{BadTableName, Inbox};
+pub use inbox::{BadTableName, Inbox, plain_table_name};
 pub use topology::{QueueType, Topology};
 
 use deadpool_postgres::Pool;
