@@ -121,6 +121,13 @@ pub fn unverified_warning(
     })
 }
 
+/// Logs [`unverified_warning`]'s line, when there is one: once, at start.
+pub fn warn_if_unverified(mode: SslMode, ca_file: Option<&Path>, ca_setting: &str) {
+    if let Some(line) = unverified_warning(mode, ca_file, ca_setting) {
+        tracing::warn!("{line}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
