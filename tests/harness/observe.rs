@@ -173,7 +173,10 @@ pub fn metric_names(text: &str, prefix: &str) -> BTreeSet<String> {
         let end = tail
             .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
             .unwrap_or(tail.len());
-        if !preceded {
+        // `outbox_consumer=debug` in a `RUST_LOG` example names a log
+        // target (a crate), not a metric.
+        let target = tail[end..].starts_with('=') || tail[end..].starts_with("::");
+        if !preceded && !target {
             let name = &tail[..end];
             let base = ["_bucket", "_sum", "_count"]
                 .iter()
