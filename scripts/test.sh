@@ -12,9 +12,10 @@ scripts/services.sh
 examples/install.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-# Tests run the binaries (`workspace_binary`); `cargo test` builds only the
-# binaries of the package whose integration tests run, so build them all.
-cargo build --workspace --bins --locked
+# Tests run the binaries (`workspace_binary`) and the consumer library's
+# example; `cargo test` builds only the binaries of the package whose
+# integration tests run, so build them all.
+cargo build --workspace --bins --examples --locked
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast -E 'test(/serial_/)' \
     --test-threads 1 --no-tests pass

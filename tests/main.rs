@@ -5,6 +5,7 @@
 mod alerts;
 mod capture;
 mod commands;
+mod consumer_example;
 mod dispatch;
 mod docker;
 mod enqueue;

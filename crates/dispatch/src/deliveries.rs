@@ -12,10 +12,13 @@ use uuid::Uuid;
 use outbox_consumer::{Handler, HandlerError, Incoming};
 
 /// The order message the order service publishes through the outbox.
-/// Only `orderId` is needed here; the rest is for people reading the queue.
+/// Only `orderId` is needed here; the rest is for people reading the queue,
+/// read by serde alone: a message whose fields have other types is not an
+/// order, and is dead-lettered.
 #[derive(Debug, Deserialize)]
+#[allow(dead_code)]
 #[serde(rename_all = "camelCase")]
-pub struct Order {
+pub(crate) struct Order {
     pub order_id: i64,
     #[serde(default)]
     pub user_name: Option<String>,
@@ -81,7 +84,7 @@ impl Dispatcher {
 }
 
 /// The order in a message, or why the message is poison.
-pub fn parse(message: &Incoming) -> Result<Order, HandlerError> {
+pub(crate) fn parse(message: &Incoming) -> Result<Order, HandlerError> {
     if let Some(kind) = message.content_type()
         && kind != "application/json"
     {
@@ -103,7 +106,7 @@ pub fn parse(message: &Incoming) -> Result<Order, HandlerError> {
 /// A delivery as the HTTP API shows it.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct DeliveryView {
+pub(crate) struct DeliveryView {
     pub order_id: i64,
     pub rider: String,
     /// 0 delivering, 1 delivered, 2 cancelled (the seed's codes).
@@ -118,7 +121,7 @@ const FIND: &str = "SELECT order_id, rider, status, message_id, \
      FROM dispatch.deliveries WHERE order_id = $1";
 
 /// The delivery of `order_id`; `Err` is a one-line database error.
-pub async fn find(pool: &Pool, order_id: i64) -> Result<Option<DeliveryView>, String> {
+pub(crate) async fn find(pool: &Pool, order_id: i64) -> Result<Option<DeliveryView>, String> {
     let client = pool
         .get()
         .await

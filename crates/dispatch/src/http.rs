@@ -12,7 +12,7 @@ use serde_json::json;
 
 use crate::deliveries;
 
-pub fn router(pool: Pool) -> Router {
+pub(crate) fn router(pool: Pool) -> Router {
     Router::new()
         .route("/deliveries/{order_id}", get(delivery))
         .with_state(pool)

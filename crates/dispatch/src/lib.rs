@@ -7,12 +7,13 @@
 //!
 //! [`Dispatcher`]: deliveries::Dispatcher
 
+// Public: what the binary, the demo, the benchmarks and the tests call.
 pub mod cli;
 pub mod config;
-pub mod deliveries;
-pub mod http;
+mod deliveries;
+mod http;
 pub mod migrate;
-pub mod service;
+mod service;
 
 pub use config::{Config, Settings};
 pub use migrate::migrate;

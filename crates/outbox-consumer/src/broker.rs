@@ -30,7 +30,7 @@ const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 /// The last transient failure, on copies in the retry queue.
 const LAST_ERROR_HEADER: &str = "x-consumer-last-error";
 
-pub struct Broker {
+pub(crate) struct Broker {
     connection: Connection,
     consuming: Channel,
     publisher: Publisher,
@@ -39,7 +39,7 @@ pub struct Broker {
 impl Broker {
     /// Connects (bounded: lapin can hang on a rejected `connection.open`),
     /// opens both channels and declares the topology.
-    pub async fn open(
+    pub(crate) async fn open(
         url: &str,
         ca_file: Option<&Path>,
         name: &str,
@@ -72,7 +72,7 @@ impl Broker {
         })
     }
 
-    pub async fn consume(&self, tag: &str) -> Result<Consumer, lapin::Error> {
+    pub(crate) async fn consume(&self, tag: &str) -> Result<Consumer, lapin::Error> {
         self.consuming
             .basic_consume(
                 self.publisher.topology.queue.as_str().into(),
@@ -84,26 +84,26 @@ impl Broker {
     }
 
     /// Stops new deliveries; those in hand can still be acked.
-    pub async fn cancel(&self, tag: &str) {
+    pub(crate) async fn cancel(&self, tag: &str) {
         let _ = self
             .consuming
             .basic_cancel(tag.into(), Default::default())
             .await;
     }
 
-    pub fn publisher(&self) -> Publisher {
+    pub(crate) fn publisher(&self) -> Publisher {
         self.publisher.clone()
     }
 
     /// Closing gives every unacked delivery back to the queue.
-    pub async fn close(&self) {
+    pub(crate) async fn close(&self) {
         let _ = self.connection.close(200, "consumer stopping".into()).await;
     }
 }
 
 /// Why the broker failed under a delivery: the session must reconnect.
 #[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
+pub(crate) enum BrokerError {
     #[error("cannot publish a copy to `{exchange}`")]
     Publish {
         exchange: String,
@@ -127,7 +127,7 @@ pub enum BrokerError {
 
 /// Moves deliveries to the retry or the dead-letter queue.
 #[derive(Clone)]
-pub struct Publisher {
+pub(crate) struct Publisher {
     channel: Channel,
     topology: Arc<Topology>,
 }
@@ -135,7 +135,7 @@ pub struct Publisher {
 impl Publisher {
     /// Puts a copy in the retry queue that comes back to the queue after
     /// `delay`, counting `deliveries` so far. `Err` means the broker failed.
-    pub async fn retry(
+    pub(crate) async fn retry(
         &self,
         delivery: &Delivery,
         deliveries: u32,
@@ -152,7 +152,7 @@ impl Publisher {
     }
 
     /// Puts a copy, with the reason, in the dead-letter queue.
-    pub async fn dead_letter(
+    pub(crate) async fn dead_letter(
         &self,
         delivery: &Delivery,
         deliveries: u32,
@@ -217,7 +217,7 @@ impl Publisher {
 
 /// Deliveries of this message so far, this one included: 1 + transient
 /// failures carried in `x-consumer-retries` + returns counted by a quorum queue.
-pub fn delivery_number(delivery: &Delivery) -> u32 {
+pub(crate) fn delivery_number(delivery: &Delivery) -> u32 {
     let count = |key: &str| {
         delivery
             .properties

@@ -11,7 +11,7 @@ use crate::handler::{Handler, HandlerError, Incoming, classify};
 
 /// What became of a message that did not fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Handled {
+pub(crate) enum Handled {
     /// Its writes and its inbox row committed.
     Committed,
     /// Its id was in the inbox already: nothing was written.
@@ -25,24 +25,40 @@ pub struct Inbox {
     insert: String,
 }
 
-/// An inbox table name that cannot be put into SQL as it is.
+/// A table name that cannot be put into SQL as it is.
 #[derive(Debug, thiserror::Error)]
-#[error("inbox table `{0}` must be `name` or `schema.name` made of letters, digits and _")]
-pub struct BadTableName(String);
+#[error("{what} `{name}` must be `name` or `schema.name` made of letters, digits and _")]
+pub struct BadTableName {
+    what: &'static str,
+    name: String,
+}
+
+/// `table` when it is `name` or `schema.name` of plain identifiers, which
+/// can go into SQL as they are: the inbox's, and a handler's own tables.
+pub fn plain_table_name(table: &str) -> Result<&str, BadTableName> {
+    let plain = |part: &str| {
+        part.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    if table.split('.').count() > 2 || !table.split('.').all(plain) {
+        return Err(BadTableName {
+            what: "table",
+            name: table.into(),
+        });
+    }
+    Ok(table)
+}
 
 impl Inbox {
     /// `table` is `name` or `schema.name`, plain identifiers only (it is
     /// put into SQL as it is).
     pub fn new(table: &str) -> Result<Inbox, BadTableName> {
-        let plain = |part: &str| {
-            part.chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        };
-        if table.split('.').count() > 2 || !table.split('.').all(plain) {
-            return Err(BadTableName(table.into()));
-        }
+        plain_table_name(table).map_err(|bad| BadTableName {
+            what: "inbox table",
+            ..bad
+        })?;
         Ok(Inbox {
             table: table.into(),
             insert: format!(
@@ -69,7 +85,7 @@ impl Inbox {
     /// Handles `message` once. A failure on a connection that is gone is
     /// `Unavailable`, whatever the query said: the server, not the message,
     /// is at fault.
-    pub async fn handle<H: Handler>(
+    pub(crate) async fn handle<H: Handler>(
         &self,
         pool: &Pool,
         handler: &H,

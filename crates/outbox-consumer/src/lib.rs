@@ -16,18 +16,21 @@
 //! - `broker`, `topology`: the RabbitMQ side;
 //! - `handler`: what a user implements; `meters`, `health`: observability.
 
-pub mod broker;
-pub mod consumer;
-pub mod handler;
+mod broker;
+mod consumer;
+mod handler;
 pub mod health;
-pub mod inbox;
-pub mod meters;
-pub mod topology;
+mod inbox;
+mod meters;
+mod topology;
 mod worker;
 
+// The whole public API: what a user brings (a handler, an inbox table, the
+// names), what runs it, and the headers its dead letters carry.
+pub use broker::{DELIVERIES_HEADER, ERROR_HEADER, RETRIES_HEADER};
 pub use consumer::{ConsumerConfig, run};
-pub use handler::{Handler, HandlerError, Incoming};
-pub use inbox::Inbox;
+pub use handler::{Handler, HandlerError, Incoming, classify};
+pub use inbox::{BadTableName, Inbox, plain_table_name};
 pub use topology::{QueueType, Topology};
 
 use deadpool_postgres::Pool;

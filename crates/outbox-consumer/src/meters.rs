@@ -7,7 +7,7 @@ use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 /// How a delivery left the consumer's hands; the `outcome` label of
 /// `consumer_messages_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settled {
+pub(crate) enum Settled {
     /// Handled and committed, then acked.
     Processed,
     /// Its message id was in the inbox already: acked, nothing written.
@@ -29,7 +29,7 @@ impl Settled {
         Settled::GivenBack,
     ];
 
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Settled::Processed => "processed",
             Settled::Duplicate => "duplicate",
@@ -42,7 +42,7 @@ impl Settled {
 
 /// Handles to every per-delivery metric; cheap to clone.
 #[derive(Clone)]
-pub struct Meters {
+pub(crate) struct Meters {
     pub received: Counter,
     settled: [Counter; Settled::ALL.len()],
     pub handle_seconds: Histogram,
@@ -51,7 +51,7 @@ pub struct Meters {
 
 impl Meters {
     /// Registers with the installed recorder; without one, all are no-ops.
-    pub fn new() -> Meters {
+    pub(crate) fn new() -> Meters {
         describe();
         Meters {
             received: counter!("consumer_received_total"),
@@ -62,7 +62,7 @@ impl Meters {
         }
     }
 
-    pub fn settled(&self, outcome: Settled) -> &Counter {
+    pub(crate) fn settled(&self, outcome: Settled) -> &Counter {
         &self.settled[outcome as usize]
     }
 }

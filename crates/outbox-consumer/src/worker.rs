@@ -36,7 +36,7 @@ use crate::meters::{Meters, Settled};
 use outbox_service::health::Health;
 
 /// What the workers of all sessions share.
-pub struct Shared<H> {
+pub(crate) struct Shared<H> {
     pub handler: H,
     pub pool: Pool,
     pub inbox: Inbox,
@@ -48,14 +48,14 @@ pub struct Shared<H> {
 
 /// How a delivery ended, for the session.
 #[derive(Debug)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Acked, or deliberately left unacked: nothing for the session to do.
     Settled,
     /// The broker failed under us: the session must reconnect.
     BrokerFailed(BrokerError),
 }
 
-pub async fn process<H: Handler>(
+pub(crate) async fn process<H: Handler>(
     shared: Arc<Shared<H>>,
     publisher: Publisher,
     delivery: Delivery,
@@ -134,7 +134,7 @@ pub async fn process<H: Handler>(
 /// The span every log line about this delivery is in: its message id and,
 /// when the publisher sent a valid W3C `traceparent` header (the relay
 /// copies it from the outbox row), the trace id and the header itself.
-pub fn span(delivery: &Delivery) -> tracing::Span {
+pub(crate) fn span(delivery: &Delivery) -> tracing::Span {
     let properties = &delivery.properties;
     let message_id = properties.message_id().as_ref().map(|id| id.as_str());
     let traceparent = properties.headers().as_ref().and_then(|headers| {

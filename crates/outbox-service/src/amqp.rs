@@ -34,7 +34,7 @@ pub enum ConnectError {
 }
 
 /// The URLs of a (possibly comma-separated) setting, trimmed.
-pub fn nodes(urls: &str) -> impl Iterator<Item = &str> {
+pub(crate) fn nodes(urls: &str) -> impl Iterator<Item = &str> {
     urls.split(',').map(str::trim).filter(|url| !url.is_empty())
 }
 

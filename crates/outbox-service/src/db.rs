@@ -12,8 +12,6 @@ use tokio_postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::pg_tls;
-// Where amqp.rs and dispatch have always found it.
-pub use crate::secrets::redact;
 use crate::secrets::scrub;
 
 /// Where and how to connect.
@@ -172,6 +170,7 @@ pub fn describe(config: &Config) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secrets::redact;
 
     #[test]
     fn with_dbname_replaces_only_the_path() {

@@ -17,7 +17,7 @@ pub mod environment;
 pub mod health;
 pub mod limits;
 pub mod pg_tls;
-pub mod secrets;
+pub(crate) mod secrets;
 pub mod shutdown;
 pub mod telemetry;
 pub mod traceparent;

@@ -20,7 +20,9 @@ use percent_encoding::percent_decode_str;
 const MASK: &str = "***";
 
 /// `text` with each password it may hold replaced by `***`.
-pub fn redact(text: &str) -> String {
+// Only `amqp` calls it, which the order service builds without.
+#[cfg_attr(not(feature = "amqp"), allow(dead_code))]
+pub(crate) fn redact(text: &str) -> String {
     let mut spans = secret_spans(text);
     spans.sort_by_key(|span| span.start);
     let mut out = String::with_capacity(text.len());
@@ -40,7 +42,7 @@ pub fn redact(text: &str) -> String {
 
 /// `message`, an error about `url`, with every password of `url` (as
 /// written and percent-decoded) replaced by `***`.
-pub fn scrub(message: &str, url: &str) -> String {
+pub(crate) fn scrub(message: &str, url: &str) -> String {
     let mut secrets: Vec<String> = Vec::new();
     for span in secret_spans(url) {
         let raw = &url[span];

@@ -26,7 +26,7 @@ const DEFAULT_FILTER: &str = "info,tokio_postgres=warn,refinery_core=warn,lapin=
 /// Targets (a crate or module and everything below it) and the most
 /// verbose level each may log at, `None` for nothing; the first match
 /// counts. Checked against lapin 4.12, tokio-postgres 0.7 and lettre 0.11.
-pub const CAPPED: &[(&str, Option<Level>)] = &[
+pub(crate) const CAPPED: &[(&str, Option<Level>)] = &[
     // WARN "Server returned us a message" with the whole message, body too.
     ("lapin::returned_messages", None),
     // DEBUG and TRACE print whole frames (bodies, the login's SASL

@@ -69,14 +69,11 @@ impl Settings {
 
     pub fn validate(self) -> anyhow::Result<Config> {
         let database = self.database()?;
-        let ca_file = self.database_ca_file.as_deref();
-        if let Some(line) = outbox_service::pg_tls::unverified_warning(
+        outbox_service::pg_tls::warn_if_unverified(
             database.ssl_mode,
-            ca_file,
+            self.database_ca_file.as_deref(),
             "DISPATCH_DATABASE_CA_FILE",
-        ) {
-            tracing::warn!("{line}");
-        }
+        );
         let amqp_url = self
             .amqp_url
             .unwrap_or_else(|| outbox_service::amqp::DEFAULT_URL.into());

@@ -225,14 +225,11 @@ impl Settings {
             &config.database_url,
             config.database_ca_file.as_deref(),
         )?;
-        let ca_file = config.database_ca_file.as_deref();
-        if let Some(line) = outbox_service::pg_tls::unverified_warning(
+        outbox_service::pg_tls::warn_if_unverified(
             target.ssl_mode,
-            ca_file,
+            config.database_ca_file.as_deref(),
             "OUTBOX_DATABASE_CA_FILE",
-        ) {
-            tracing::warn!("{line}");
-        }
+        );
         outbox_service::amqp::check_urls(&config.amqp_url)?;
         Ok(config)
     }

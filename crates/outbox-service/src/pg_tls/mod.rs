@@ -31,8 +31,8 @@ mod verify;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-pub use url::parse;
-pub use verify::connector;
+pub(crate) use url::parse;
+pub(crate) use verify::connector;
 
 /// How hard a connection insists on TLS, as libpq's `sslmode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +119,13 @@ pub fn unverified_warning(
             "sslmode=require encrypts but does not verify the server: set {ca_setting} or sslmode=verify-full"
         )
     })
+}
+
+/// Logs [`unverified_warning`]'s line, when there is one: once, at start.
+pub fn warn_if_unverified(mode: SslMode, ca_file: Option<&Path>, ca_setting: &str) {
+    if let Some(line) = unverified_warning(mode, ca_file, ca_setting) {
+        tracing::warn!("{line}");
+    }
 }
 
 #[cfg(test)]

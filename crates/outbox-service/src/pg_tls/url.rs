@@ -16,7 +16,7 @@ use super::{PgTlsError, SslMode};
 /// # Errors
 ///
 /// [`PgTlsError::UnknownSslMode`] or [`PgTlsError::InvalidUrl`].
-pub fn parse(url: &str) -> Result<(Config, SslMode), PgTlsError> {
+pub(crate) fn parse(url: &str) -> Result<(Config, SslMode), PgTlsError> {
     let (rest, value) = match url
         .strip_prefix("postgres://")
         .or_else(|| url.strip_prefix("postgresql://"))

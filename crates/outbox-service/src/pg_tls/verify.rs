@@ -28,7 +28,10 @@ use super::{PgTlsError, SslMode};
 ///
 /// The CA file is unreadable or holds no usable certificate, or a verifying
 /// mode has no CA file and the system has no roots.
-pub fn connector(mode: SslMode, ca_file: Option<&Path>) -> Result<MakeRustlsConnect, PgTlsError> {
+pub(crate) fn connector(
+    mode: SslMode,
+    ca_file: Option<&Path>,
+) -> Result<MakeRustlsConnect, PgTlsError> {
     let ca = ca_file.map(load_ca_file).transpose()?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let algs = provider.signature_verification_algorithms;
