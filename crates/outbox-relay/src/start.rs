@@ -22,7 +22,7 @@ use outbox_service::{endpoint, telemetry};
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let relay_id = relay_id();
     let target = db::parse_url(&config.database_url, config.database_ca_file.as_deref())?;
-    let alerter = Alerter::new(&config.alert).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let alerter = Alerter::new(&config.alert)?;
     if config.metrics_addr.is_some() {
         // Before any handle is registered: those made earlier record nothing.
         telemetry::prometheus();
