@@ -77,9 +77,9 @@ impl Broker {
     }
 
     /// Publishes `row` (mandatory, persistent) and returns the pending
-    /// confirm. `Err` means the connection failed, not the message; it is
-    /// lapin's text, which the relay's outage handling reads for a channel
-    /// fault (see [`ChannelFault::from_error`]).
+    /// confirm. `Err` means the connection failed, not the message; its
+    /// text is lapin's, which the relay's outage handling reads for a
+    /// channel fault (see [`ChannelFault::from_error`]).
     /// `broker_max` is the broker's `max_message_size` once learned (see
     /// [`ChannelFault`]).
     pub(crate) async fn publish(
@@ -87,7 +87,7 @@ impl Broker {
         row: &Claimed,
         max_payload: u32,
         broker_max: Option<u64>,
-    ) -> Result<Pending, String> {
+    ) -> Result<Pending, PublishError> {
         if let Some(problem) = &row.problem {
             return Ok(Pending::Done(Outcome::Rejected(
                 Fault::BadHeaders,
@@ -115,11 +115,7 @@ impl Broker {
         if let Some(problem) = header_problem(&row.headers, self.header_budget()) {
             return Ok(Pending::Done(Outcome::Rejected(Fault::BadHeaders, problem)));
         }
-        if !self
-            .exchange_exists(&row.exchange)
-            .await
-            .map_err(|e| e.to_string())?
-        {
+        if !self.exchange_exists(&row.exchange).await? {
             return Ok(Pending::Done(Outcome::Rejected(
                 Fault::NoExchange,
                 format!("exchange `{}` does not exist", row.exchange),
@@ -137,8 +133,7 @@ impl Broker {
                 &row.payload,
                 properties(row),
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         Ok(Pending::Confirm(confirm))
     }
 
@@ -224,6 +219,16 @@ impl ChannelFault {
             .contains("' in vhost")
             .then_some(ChannelFault::NoExchange)
     }
+}
+
+/// Why a publish could not be sent: the connection's fault, never the row's.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PublishError {
+    #[error("not connected")]
+    NotConnected,
+    /// lapin's text is what [`ChannelFault::from_error`] reads.
+    #[error(transparent)]
+    Broker(#[from] lapin::Error),
 }
 
 /// A publish whose outcome is either known already or awaits the broker.

@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::{Broker, ChannelFault};
+use crate::amqp::{Broker, ChannelFault, PublishError};
 use crate::config::Config;
 use crate::cursor::Cursor;
 use crate::listener::Woken;
@@ -256,14 +256,14 @@ impl Relay {
             }
             let published = match self.broker.as_mut() {
                 Some(broker) => broker.publish(&row, max_payload, self.broker_max).await,
-                None => Err("not connected".into()),
+                None => Err(PublishError::NotConnected),
             };
             match published {
                 Ok(pending) => self.window.push(row, pending.outcome()),
                 Err(error) => {
                     self.give_back(std::iter::once(row).chain(rows));
                     self.meters.failure(Fault::ConnectionLost).increment(1);
-                    return Err(Outage::Broker(error));
+                    return Err(Outage::Broker(error.to_string()));
                 }
             }
         }
