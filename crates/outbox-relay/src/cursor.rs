@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use crate::store::Claimed;
 
 /// How old a claim must be before the floor moves past it.
-pub(crate) const LAG: Duration = Duration::from_millis(500);
+const LAG: Duration = Duration::from_millis(500);
 
 #[derive(Debug)]
 pub(crate) struct Cursor {

@@ -39,7 +39,7 @@ pub struct Claimed {
 
 impl Claimed {
     /// The row as the marker fences it: its id and lease token.
-    pub fn held(self) -> (i64, String) {
+    pub(crate) fn held(self) -> (i64, String) {
         (self.id, self.lease)
     }
 }
