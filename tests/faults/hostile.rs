@@ -605,6 +605,47 @@ async fn faults_a_held_wake_up_lock_does_not_silence_other_writers() {
     relay.stop().await;
 }
 
+/// A busy writer holds the drain lock for a moment in every transaction,
+/// so the relay's once-a-second check often finds the same session holding
+/// it. Two of its transactions must not look like one long hold: that made
+/// the relay poll every 10 ms and claim from id 0 under a steady load.
+#[tokio::test]
+async fn faults_a_busy_writer_is_not_taken_for_a_lasting_wake_lock_holder() {
+    use outbox_relay::store::Store;
+    let db = TestDb::with_outbox().await;
+    let target = outbox_service::db::parse_url(&db.url, None).expect("url");
+    let store = Store::connect(&target, "watch").await.expect("store");
+    let mut writer = db.connect().await;
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let transaction = writer.transaction().await.expect("begin");
+        transaction
+            .batch_execute("SELECT pg_advisory_xact_lock(1869968482, 1)")
+            .await
+            .expect("take the drain lock as the trigger does");
+        let holders = store
+            .wake_lock_holders("outbox-relay-listener")
+            .await
+            .expect("holders");
+        assert_eq!(holders.len(), 1, "{holders:?}");
+        seen.push(holders[0].clone());
+        transaction.commit().await.expect("commit");
+    }
+    assert_eq!(seen[0].pid, seen[1].pid);
+    assert_ne!(seen[0], seen[1], "two transactions seen as one holder");
+
+    // A session-level hold outlives transactions: still the same holder.
+    writer
+        .batch_execute("SELECT pg_advisory_lock(1869968482, 1)")
+        .await
+        .expect("hold the drain lock");
+    let first = store.wake_lock_holders("x").await.expect("holders");
+    writer.batch_execute("SELECT 1").await.expect("a statement");
+    let second = store.wake_lock_holders("x").await.expect("holders");
+    assert_eq!(first, second);
+    assert_eq!(first.len(), 1);
+}
+
 #[tokio::test]
 async fn faults_an_outcome_the_database_refuses_stalls_no_other_row() {
     let db = TestDb::with_outbox().await;

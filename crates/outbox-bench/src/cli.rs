@@ -150,6 +150,11 @@ pub struct SoakArgs {
     #[arg(long)]
     pub retention: Option<String>,
 
+    /// Run the relay alone: the bench's own queue is the end of the line
+    /// (for a run longer or faster than the dispatch consumer keeps up with).
+    #[arg(long)]
+    pub no_dispatch: bool,
+
     #[command(flatten)]
     pub common: Common,
 }

@@ -220,13 +220,14 @@ async fn measure(
         consumer.arrivals.take();
         captured.take();
         let bar = crate::progress::bar(load.duration.as_secs(), publisher.name());
-        let (sent, _) = writers::write(fixture, target(publisher), load, async |_| {
+        let sent = writers::write(fixture, target(publisher), load, async |_| {
             running.check_running().await?;
             dispatch.check_running()?;
             bar.inc(1);
             Ok(())
         })
-        .await?;
+        .await?
+        .sent;
         bar.finish_and_clear();
         await_all(publisher, &delivered.arrivals, sent.len(), &mut running).await?;
         Ok::<_, anyhow::Error>(sent)

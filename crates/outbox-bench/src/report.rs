@@ -290,6 +290,7 @@ pub fn print_soak(result: &SoakResult, every: u64, as_json: bool) {
                     "second": s.second, "pending": s.pending, "lag_s": s.lag_s,
                     "table_mib": s.table_bytes as f64 / 1_048_576.0,
                     "indexes_mib": s.index_bytes as f64 / 1_048_576.0,
+                    "wal_bytes": s.wal_bytes, "dead_tuples": s.dead_tuples,
                     "relay_rss_mib": mib(s.relay_rss), "dispatch_rss_mib": mib(s.dispatch_rss),
                     "relay_cpu_s": s.relay_cpu, "dispatch_cpu_s": s.dispatch_cpu,
                     "sent": s.sent,
@@ -311,6 +312,8 @@ pub fn print_soak(result: &SoakResult, every: u64, as_json: bool) {
             "dispatch_cpu_us_per_msg": cpu_per_message(result, |s| s.dispatch_cpu),
             "commit_to_received": result.commit_to_received.to_json(),
             "commit_to_delivered": result.commit_to_delivered.to_json(),
+            "write": result.write.to_json(),
+            "wal_bytes_per_msg": wal_per_message(result),
             "samples": samples,
         });
         println!("{value:#}");
@@ -331,6 +334,7 @@ pub fn print_soak(result: &SoakResult, every: u64, as_json: bool) {
         "lag ms",
         "table MiB",
         "idx MiB",
+        "dead tup",
         "relay MiB",
         "dispatch MiB",
         "deliv p50",
@@ -357,6 +361,7 @@ pub fn print_soak(result: &SoakResult, every: u64, as_json: bool) {
             millis(window.iter().map(|s| s.lag_s).fold(0.0, f64::max) * 1000.0),
             format!("{:.1}", last.table_bytes as f64 / 1_048_576.0),
             format!("{:.1}", last.index_bytes as f64 / 1_048_576.0),
+            last.dead_tuples.to_string(),
             mib(last.relay_rss).map_or("-".into(), |m| format!("{m:.1}")),
             mib(last.dispatch_rss).map_or("-".into(), |m| format!("{m:.1}")),
         ];
@@ -385,20 +390,30 @@ pub fn print_soak(result: &SoakResult, every: u64, as_json: bool) {
     let per_message =
         |pick| cpu_per_message(result, pick).map_or("-".into(), |us| format!("{us:.0}"));
     println!(
-        "CPU per message: relay {} µs, dispatch {} µs",
+        "CPU per message: relay {} µs, dispatch {} µs; WAL per message {} bytes",
         per_message(|s| s.relay_cpu),
-        per_message(|s| s.dispatch_cpu)
+        per_message(|s| s.dispatch_cpu),
+        wal_per_message(result).map_or("-".into(), |b| format!("{b:.0}")),
     );
-    let mut overall = Table::new(&["commit →", "p50", "p90", "p99", "p99.9", "max"]);
+    let mut overall = Table::new(&["ms", "p50", "p90", "p99", "p99.9", "max"]);
     for (name, percentiles) in [
-        ("received", result.commit_to_received),
-        ("delivered", result.commit_to_delivered),
+        ("enqueue (write)", result.write),
+        ("commit → received", result.commit_to_received),
+        ("commit → delivered", result.commit_to_delivered),
     ] {
         let mut cells = vec![name.to_string()];
         cells.extend(percentiles.cells());
         overall.row(cells);
     }
     print!("{}", overall.render());
+}
+
+/// WAL the server wrote per message sent, first sample to last (the relay's
+/// marks and retention's deletes included; anything else on the server too).
+fn wal_per_message(result: &SoakResult) -> Option<f64> {
+    let first = result.samples.first()?.wal_bytes;
+    let last = result.samples.last()?.wal_bytes;
+    (result.sent > 0).then(|| (last - first) as f64 / result.sent as f64)
 }
 
 /// A child's CPU microseconds per message sent, from its first sample to

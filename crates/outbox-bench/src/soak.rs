@@ -21,7 +21,10 @@ use crate::writers::{self, Load, Sent, Target};
 
 const LAG: &str = "SELECT count(*), \
      coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8, \
-     pg_table_size('outbox.messages'), pg_indexes_size('outbox.messages') \
+     pg_table_size('outbox.messages'), pg_indexes_size('outbox.messages'), \
+     (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8, \
+     (SELECT n_dead_tup FROM pg_stat_user_tables \
+      WHERE schemaname = 'outbox' AND relname = 'messages') \
      FROM outbox.messages WHERE published_at IS NULL AND dead_at IS NULL";
 /// How long the pipeline may take to catch up once writing stopped.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -38,6 +41,10 @@ pub struct Sample {
     /// On-disk size of `outbox.messages` (with TOAST) and of its indexes.
     pub table_bytes: i64,
     pub index_bytes: i64,
+    /// The server's WAL position (bytes), for WAL written per message.
+    pub wal_bytes: i64,
+    /// Dead tuples in `outbox.messages`, as the statistics last saw them.
+    pub dead_tuples: i64,
     pub relay_rss: Option<u64>,
     pub dispatch_rss: Option<u64>,
     /// CPU seconds used since the child started.
@@ -59,6 +66,8 @@ pub struct SoakResult {
     pub settle_seconds: f64,
     pub commit_to_received: Percentiles,
     pub commit_to_delivered: Percentiles,
+    /// How long each writer's enqueue took, start to commit.
+    pub write: Percentiles,
     pub samples: Vec<Sample>,
 }
 
@@ -72,8 +81,9 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
         duration: Duration::from_secs(args.duration),
     };
     let retention = args.retention.as_deref();
+    let with_dispatch = !args.no_dispatch;
     let result = setup::with_fixture(&args.common, async |fixture| {
-        measure(fixture, load, retention).await
+        measure(fixture, load, retention, with_dispatch).await
     })
     .await?;
     crate::report::print_soak(&result, args.every, args.common.json);
@@ -83,7 +93,8 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
 /// The running pipeline and what the bench samples of it.
 struct Pipeline {
     relay: Process,
-    dispatch: Process,
+    /// None with `--no-dispatch`.
+    dispatch: Option<Process>,
     monitor: Client,
     samples: Vec<Sample>,
 }
@@ -91,7 +102,9 @@ struct Pipeline {
 impl Pipeline {
     async fn sample(&mut self, second: u64) -> anyhow::Result<()> {
         self.relay.check_running()?;
-        self.dispatch.check_running()?;
+        if let Some(dispatch) = &mut self.dispatch {
+            dispatch.check_running()?;
+        }
         let row = self
             .monitor
             .query_one(LAG, &[])
@@ -104,10 +117,12 @@ impl Pipeline {
             lag_s: row.try_get(1)?,
             table_bytes: row.try_get(2)?,
             index_bytes: row.try_get(3)?,
+            wal_bytes: row.try_get(4)?,
+            dead_tuples: row.try_get::<_, Option<i64>>(5)?.unwrap_or(0),
             relay_rss: self.relay.rss_bytes(),
-            dispatch_rss: self.dispatch.rss_bytes(),
+            dispatch_rss: self.dispatch.as_ref().and_then(Process::rss_bytes),
             relay_cpu: self.relay.cpu_seconds(),
-            dispatch_cpu: self.dispatch.cpu_seconds(),
+            dispatch_cpu: self.dispatch.as_ref().and_then(Process::cpu_seconds),
             ..Sample::default()
         });
         Ok(())
@@ -118,10 +133,19 @@ async fn measure(
     fixture: &Fixture,
     load: Load,
     retention: Option<&str>,
+    with_dispatch: bool,
 ) -> anyhow::Result<SoakResult> {
     let consumer = Consumer::start(fixture).await?;
     let delivered = Delivered::start(&fixture.dispatch_db_url).await?;
-    let dispatch = fixture.start_dispatch().await?;
+    let dispatch = match with_dispatch {
+        true => Some(fixture.start_dispatch().await?),
+        false => None,
+    };
+    // Without the consumer, the bench queue's arrivals are the end of the line.
+    let arrived = |delivered: &Delivered| match with_dispatch {
+        true => delivered.arrivals.count(),
+        false => consumer.arrivals.count(),
+    };
     let mut env = vec![
         ("OUTBOX_DATABASE_URL", fixture.db_url.as_str()),
         ("OUTBOX_AMQP_URL", fixture.amqp_url.as_str()),
@@ -140,7 +164,7 @@ async fn measure(
         let client = fixture.connect_db().await?;
         writers::send(&client, Target::Outbox, &fixture.exchange, 1).await?;
         let started = Instant::now();
-        while delivered.arrivals.count() == 0 {
+        while arrived(&delivered) == 0 {
             pipeline.relay.check_running()?;
             if started.elapsed() > START_TIMEOUT {
                 bail!("the first message was not delivered within 30 s");
@@ -151,7 +175,7 @@ async fn measure(
         consumer.arrivals.take();
 
         let bar = crate::progress::bar(load.duration.as_secs(), "soak");
-        let (sent, start) = writers::write(fixture, Target::Outbox, load, async |elapsed| {
+        let written = writers::write(fixture, Target::Outbox, load, async |elapsed| {
             pipeline.sample(elapsed.round() as u64).await?;
             bar.inc(1);
             bar.set_message(format!(
@@ -165,26 +189,30 @@ async fn measure(
 
         let writing_ended = Instant::now();
         let mut next_sample = writing_ended;
-        while delivered.arrivals.count() < sent.len() {
+        while arrived(&delivered) < written.sent.len() {
             if writing_ended.elapsed() > SETTLE_TIMEOUT {
                 break;
             }
             if Instant::now() >= next_sample {
                 pipeline
-                    .sample(start.elapsed().as_secs_f64().round() as u64)
+                    .sample(written.start.elapsed().as_secs_f64().round() as u64)
                     .await?;
                 next_sample += Duration::from_secs(1);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok::<_, anyhow::Error>((sent, start, writing_ended.elapsed().as_secs_f64()))
+        Ok::<_, anyhow::Error>((written, writing_ended.elapsed().as_secs_f64()))
     }
     .await;
     let relay_stopped = pipeline.relay.stop().await;
-    let dispatch_stopped = pipeline.dispatch.stop().await;
+    let dispatch_stopped = match pipeline.dispatch.take() {
+        Some(dispatch) => dispatch.stop().await,
+        None => Ok(()),
+    };
     let received = consumer.stop().await;
     let delivered = delivered.stop();
-    let (sent, start, settle_seconds) = outcome?;
+    let (written, settle_seconds) = outcome?;
+    let (sent, start) = (written.sent, written.start);
     relay_stopped.context("relay")?;
     dispatch_stopped.context("dispatch")?;
 
@@ -200,6 +228,7 @@ async fn measure(
         settle_seconds,
         commit_to_received: Percentiles::of(&crate::latency::since_commit(&sent, &received)?),
         commit_to_delivered: Percentiles::of(&crate::latency::since_commit(&sent, &delivered)?),
+        write: Percentiles::of(&written.write_micros),
         samples,
     })
 }

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use hdrhistogram::Histogram as Hdr;
 use serde_json::json;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_postgres::Client;
@@ -37,15 +38,24 @@ pub struct Load {
 /// One message written: its id and when its commit returned.
 pub type Sent = (Uuid, Instant);
 
+/// What the writers wrote.
+pub struct Written {
+    pub sent: Vec<Sent>,
+    /// When writing started.
+    pub start: Instant,
+    /// How long each write took, in microseconds: the app's write path.
+    pub write_micros: Hdr<u64>,
+}
+
 /// Runs the writers for `load.duration`, calling `every_second` with the
 /// seconds written so far (for progress and sampling; an error stops the
-/// run). Returns every message written and the instant writing started.
+/// run).
 pub async fn write(
     fixture: &Fixture,
     target: Target,
     load: Load,
     mut every_second: impl AsyncFnMut(f64) -> anyhow::Result<()>,
-) -> anyhow::Result<(Vec<Sent>, Instant)> {
+) -> anyhow::Result<Written> {
     // Each writer keeps its own pace; their start offsets interleave them.
     let period = Duration::from_secs_f64(f64::from(load.writers) / load.rate);
     let start = Instant::now() + Duration::from_millis(100);
@@ -68,11 +78,17 @@ pub async fn write(
             _ = ticks.tick() => every_second(start.elapsed().as_secs_f64()).await?,
         }
     };
-    let mut sent = Vec::new();
+    let mut written = Written {
+        sent: Vec::new(),
+        start,
+        write_micros: crate::report::new_histogram()?,
+    };
     for writer in finished {
-        sent.extend(writer.context("a writer task panicked")??);
+        let (sent, write_micros) = writer.context("a writer task panicked")??;
+        written.sent.extend(sent);
+        written.write_micros.add(&write_micros)?;
     }
-    Ok((sent, start))
+    Ok(written)
 }
 
 async fn run_writer(
@@ -83,21 +99,25 @@ async fn run_writer(
     first: Instant,
     period: Duration,
     end: Instant,
-) -> anyhow::Result<Vec<Sent>> {
+) -> anyhow::Result<(Vec<Sent>, Hdr<u64>)> {
     let mut ticker = tokio::time::interval_at(first, period);
     // A writer that fell behind catches up, so the combined rate holds.
     ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
     let mut sent = Vec::new();
+    let mut write_micros = crate::report::new_histogram()?;
     for number in 0_i64.. {
         if ticker.tick().await >= end {
             break;
         }
         // Unique per run, so each message becomes its own delivery.
         let order_id = (i64::from(writer) + 1) * 1_000_000_000 + number;
+        let began = Instant::now();
         let id = send(client, target, exchange, order_id).await?;
-        sent.push((id, Instant::now()));
+        let committed = Instant::now();
+        write_micros.saturating_record((committed - began).as_micros() as u64);
+        sent.push((id, committed));
     }
-    Ok(sent)
+    Ok((sent, write_micros))
 }
 
 /// Writes one order-shaped message; returns its `message_id`.

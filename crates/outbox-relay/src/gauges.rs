@@ -29,6 +29,13 @@ pub struct Vacuum {
     pub xmin_horizon_age_xids: i64,
     /// Dead row versions in `outbox.messages`, 0 to 1 (statistics).
     pub dead_tuple_ratio: f64,
+    /// The same, counted.
+    pub dead_tuples: i64,
+    /// Whether autovacuum will clean `outbox.messages`: on for the server
+    /// and not turned off for the table.
+    pub autovacuum: bool,
+    /// Whether the relay's role may `VACUUM outbox.messages` (its owner).
+    pub can_vacuum: bool,
 }
 
 /// Counting a huge backlog every few seconds would cost more than it tells.
@@ -65,7 +72,14 @@ pub const VACUUM: &str = "SELECT \
          (SELECT max(age(transaction)) FROM pg_prepared_xacts), \
          0)::int8, \
      coalesce((SELECT n_dead_tup::float8 / nullif(n_live_tup + n_dead_tup, 0) \
-         FROM pg_stat_user_tables WHERE relid = 'outbox.messages'::regclass), 0)::float8";
+         FROM pg_stat_user_tables WHERE relid = 'outbox.messages'::regclass), 0)::float8, \
+     coalesce((SELECT n_dead_tup FROM pg_stat_user_tables \
+         WHERE relid = 'outbox.messages'::regclass), 0)::int8, \
+     current_setting('autovacuum')::bool AND NOT coalesce( \
+         (SELECT 'autovacuum_enabled=false' = ANY(reloptions) FROM pg_class \
+          WHERE oid = 'outbox.messages'::regclass), false), \
+     coalesce((SELECT pg_has_role(relowner, 'USAGE') FROM pg_class \
+      WHERE oid = 'outbox.messages'::regclass), false)";
 
 /// Reads [`VACUUM`].
 pub async fn vacuum(
@@ -76,6 +90,9 @@ pub async fn vacuum(
         xmin_horizon_age_seconds: row.try_get(0)?,
         xmin_horizon_age_xids: row.try_get(1)?,
         dead_tuple_ratio: row.try_get(2)?,
+        dead_tuples: row.try_get(3)?,
+        autovacuum: row.try_get(4)?,
+        can_vacuum: row.try_get(5)?,
     })
 }
 
@@ -104,5 +121,14 @@ impl Store {
             .await
             .map_err(|e| StoreError::from_postgres(&e))?;
         Ok(stats)
+    }
+    /// `VACUUM outbox.messages`, for a server whose autovacuum is off (see
+    /// `maintenance`). It takes no lock that writers or the relay wait on.
+    pub async fn vacuum_messages(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .batch_execute("VACUUM outbox.messages")
+            .await
+            .map_err(|e| StoreError::from_postgres(&e))
     }
 }

@@ -88,6 +88,8 @@ pub(crate) struct Meters {
     pub broker_outages: Counter,
     pub database_outages: Counter,
     pub retention_deleted: Counter,
+    /// VACUUMs of `outbox.messages` the relay ran (autovacuum off).
+    pub vacuums: Counter,
     pub in_flight: Gauge,
     pub in_flight_bytes: Gauge,
     /// Outcomes the database refused to record, row by row.
@@ -126,6 +128,7 @@ impl Meters {
             broker_outages: counter!("outbox_outages_total", "server" => "rabbitmq"),
             database_outages: counter!("outbox_outages_total", "server" => "postgresql"),
             retention_deleted: counter!("outbox_retention_deleted_total"),
+            vacuums: counter!("outbox_vacuums_total"),
             in_flight: gauge!("outbox_in_flight"),
             in_flight_bytes: gauge!("outbox_in_flight_bytes"),
             mark_failures: counter!("outbox_mark_failures_total"),
@@ -178,6 +181,10 @@ fn describe() {
     describe_counter!(
         "outbox_retention_deleted_total",
         "Published rows deleted by retention."
+    );
+    describe_counter!(
+        "outbox_vacuums_total",
+        "VACUUMs of outbox.messages run by the relay because autovacuum is off."
     );
     describe_gauge!("outbox_in_flight", "Publishes awaiting a broker confirm.");
     describe_gauge!(

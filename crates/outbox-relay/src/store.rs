@@ -207,9 +207,11 @@ const DELETE_OLD: &str = "DELETE FROM outbox.messages WHERE id IN ( \
 /// Sessions holding a wake-up advisory lock (1869968482, 1 or 2) in this
 /// database that are not listening relays: an exclusive hold (a writer
 /// mid-commit, briefly; a transaction that fired the trigger early, or
-/// anyone, for long) or a shared one under another name.
-const WAKE_LOCK_HOLDERS: &str = "SELECT l.pid, l.objid::int8, l.mode, \
-     coalesce(a.usename::text, '?') FROM pg_locks l \
+/// anyone, for long) or a shared one under another name. With the holder's
+/// transaction (`virtualtransaction`, visible to every role): a busy
+/// writer seen at two checks is seen in two transactions, not one.
+const WAKE_LOCK_HOLDERS: &str = "SELECT coalesce(l.pid, 0), l.objid::int8, l.mode, \
+     coalesce(a.usename::text, '?'), coalesce(l.virtualtransaction, '?') FROM pg_locks l \
      LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
      WHERE l.locktype = 'advisory' AND l.classid = 1869968482 AND l.objsubid = 2 \
        AND l.objid IN (1, 2) AND l.granted \
@@ -219,11 +221,15 @@ const WAKE_LOCK_HOLDERS: &str = "SELECT l.pid, l.objid::int8, l.mode, \
 /// A session found holding a wake-up lock; see [`Store::wake_lock_holders`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct WakeLockHolder {
+    /// 0 for a prepared transaction.
     pub pid: i32,
     /// 1: the drain lock, 2: the listener lock.
     pub lock: i64,
     pub mode: String,
     pub role: String,
+    /// The holder's current transaction (`backend/local id`; `…/0` while
+    /// idle, which is how a session-level lock stays the same holder).
+    pub transaction: String,
 }
 
 impl Store {
@@ -463,6 +469,7 @@ impl Store {
                     lock: row.try_get(1)?,
                     mode: row.try_get(2)?,
                     role: row.try_get(3)?,
+                    transaction: row.try_get(4)?,
                 })
             })
             .collect::<Result<_, tokio_postgres::Error>>()

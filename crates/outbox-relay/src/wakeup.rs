@@ -38,7 +38,10 @@ pub(crate) struct Wakeup {
     next_probe: Instant,
     next_lock_check: Instant,
     /// Foreign holders of the wake-up locks seen at the last check: one
-    /// seen at two checks in a row is not a writer mid-commit.
+    /// seen in the same transaction at two checks in a row is not a writer
+    /// mid-commit. (A session holding a session-level lock while it runs
+    /// one short transaction after another is not caught: writers may then
+    /// skip wake-ups, and the sweep finds their rows within its interval.)
     suspects: HashSet<WakeLockHolder>,
     /// Wake-ups may be suppressed: the relay polls fast meanwhile.
     locks_held: bool,
