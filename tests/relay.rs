@@ -705,6 +705,49 @@ async fn zero_retention_deletes_rows_once_confirmed() {
     relay.stop().await;
 }
 
+/// Leases, marks and deletes leave dead row versions; with autovacuum off
+/// for the table nothing reclaimed them, and a 30 s retention still grew
+/// the table to 705 MiB over 2 million rows. The relay vacuums it then.
+#[tokio::test]
+async fn the_relay_vacuums_its_table_where_autovacuum_is_off() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    let mut client = db.connect().await;
+    client
+        .batch_execute("ALTER TABLE outbox.messages SET (autovacuum_enabled = false)")
+        .await
+        .expect("turn autovacuum off for the table");
+    let relay = RunningRelay::start(Settings {
+        retention: Some("0".into()),
+        ..test_settings(&db)
+    })
+    .await;
+    // More dead rows than the relay's threshold (10,000) once all are deleted.
+    let expected = enqueue(&mut client, &topology.exchange, "", 12_000, 1_000).await;
+    assert_eq!(
+        topology.receive(expected.len(), ARRIVAL).await.len(),
+        expected.len()
+    );
+    let deadline = Instant::now() + ARRIVAL;
+    loop {
+        let vacuums: i64 = client
+            .query_one(
+                "SELECT vacuum_count FROM pg_stat_user_tables \
+                 WHERE relid = 'outbox.messages'::regclass",
+                &[],
+            )
+            .await
+            .expect("vacuum count")
+            .get(0);
+        if vacuums > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "outbox.messages never vacuumed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn retention_deletes_published_rows_older_than_the_setting() {
     let db = TestDb::with_outbox().await;
