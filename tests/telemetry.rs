@@ -205,6 +205,50 @@ async fn relay_metrics_move_with_their_events_and_logs_are_json() {
     assert_eq!(relay.terminate().await, Some(0));
 }
 
+/// A channel on which every publish to an exchange is nacked is replaced
+/// (RabbitMQ 3.10 quorum queues can nack a channel opened during their
+/// election for good: see `nack_runs`), without an outage; the nacks still
+/// count as attempts, and another exchange's rows flow throughout.
+#[tokio::test]
+async fn relay_renews_a_channel_whose_publishes_to_an_exchange_are_all_nacked() {
+    let db = TestDb::with_outbox().await;
+    let good = Topology::fanout().await;
+    let nacking = nacking_exchange(&good.channel).await;
+    let client = db.connect().await;
+    let env = [
+        ("OUTBOX_MAX_ATTEMPTS", "2"),
+        ("OUTBOX_RETRY_BASE_MS", "200"),
+    ];
+    let (relay, addr) = start_relay(&db, &env).await;
+    let addr = addr.as_str();
+    wait_for_metric(addr, "outbox_listener_connected", &[], |v| v == 1.0).await;
+    assert_eq!(
+        Scrape::of(addr)
+            .await
+            .value("outbox_channel_renewals_total", &[]),
+        0.0
+    );
+    client
+        .batch_execute(&format!(
+            "INSERT INTO outbox.messages (exchange, routing_key, payload) \
+             SELECT '{nacking}', '', '{{}}' FROM generate_series(1, 20)"
+        ))
+        .await
+        .expect("rows for the nacking exchange");
+    wait_for_metric(addr, "outbox_channel_renewals_total", &[], |n| n >= 1.0).await;
+    enqueue(&client, &good.exchange, "", &json!({ "after": "renewal" })).await;
+    assert_eq!(good.receive(1, PATIENCE).await.len(), 1);
+    // Both attempts of each nacked row counted; none was an outage.
+    wait_for_metric(addr, "outbox_dead_messages", &[], |n| n == 20.0).await;
+    let scrape = Scrape::of(addr).await;
+    assert_eq!(
+        scrape.value("outbox_publish_failures_total", &[("reason", "nack")]),
+        40.0
+    );
+    assert_eq!(scrape.value("outbox_outages_total", &[]), 0.0);
+    assert_eq!(relay.terminate().await, Some(0));
+}
+
 #[tokio::test]
 async fn relay_readyz_follows_the_broker_and_the_database() {
     let db = TestDb::with_outbox().await;

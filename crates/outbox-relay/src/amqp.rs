@@ -72,6 +72,19 @@ impl Broker {
         })
     }
 
+    /// Replaces the channel with a new one in confirm mode (see
+    /// [`crate::nack_runs`]); call it with nothing in flight.
+    pub(crate) async fn renew_channel(&mut self) -> Result<(), lapin::Error> {
+        let channel = self.connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let old = std::mem::replace(&mut self.channel, channel);
+        let close = old.close(200, "renewed".into());
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+        Ok(())
+    }
+
     pub(crate) fn is_connected(&self) -> bool {
         self.connection.status().connected() && self.channel.status().connected()
     }

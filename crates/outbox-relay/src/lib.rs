@@ -17,6 +17,7 @@ pub(crate) mod maintenance;
 pub(crate) mod marker;
 pub(crate) mod meters;
 pub mod migrate;
+pub(crate) mod nack_runs;
 mod outage;
 mod relay;
 mod start;

@@ -90,6 +90,8 @@ pub(crate) struct Meters {
     pub retention_deleted: Counter,
     /// VACUUMs of `outbox.messages` the relay ran (autovacuum off).
     pub vacuums: Counter,
+    /// Channels replaced because an exchange's publishes were all nacked.
+    pub channel_renewals: Counter,
     pub in_flight: Gauge,
     pub in_flight_bytes: Gauge,
     /// Outcomes the database refused to record, row by row.
@@ -129,6 +131,7 @@ impl Meters {
             database_outages: counter!("outbox_outages_total", "server" => "postgresql"),
             retention_deleted: counter!("outbox_retention_deleted_total"),
             vacuums: counter!("outbox_vacuums_total"),
+            channel_renewals: counter!("outbox_channel_renewals_total"),
             in_flight: gauge!("outbox_in_flight"),
             in_flight_bytes: gauge!("outbox_in_flight_bytes"),
             mark_failures: counter!("outbox_mark_failures_total"),
@@ -185,6 +188,10 @@ fn describe() {
     describe_counter!(
         "outbox_vacuums_total",
         "VACUUMs of outbox.messages run by the relay because autovacuum is off."
+    );
+    describe_counter!(
+        "outbox_channel_renewals_total",
+        "Publishing channels replaced because every publish to an exchange was nacked."
     );
     describe_gauge!("outbox_in_flight", "Publishes awaiting a broker confirm.");
     describe_gauge!(

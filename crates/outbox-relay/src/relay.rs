@@ -24,6 +24,7 @@ use crate::cursor::Cursor;
 use crate::listener::Woken;
 use crate::marker::{Mark, Marker};
 use crate::meters::{BROKER, DATABASE, Fault, Meters, Wake};
+use crate::nack_runs::NackRuns;
 use crate::outage::{Outage, Outages};
 use crate::store::{Claimed, Store};
 use crate::wakeup::{IDLE_RECHECKS, Wakeup, next_recheck};
@@ -50,6 +51,8 @@ pub(crate) struct Relay {
     window: Window,
     /// Where claims start scanning.
     cursor: Cursor,
+    /// Exchanges whose publishes are all nacked on this channel.
+    nack_runs: NackRuns,
     outages: Outages,
     meters: Meters,
     health: Health,
@@ -68,6 +71,7 @@ impl Relay {
         Relay {
             window: Window::new(config.confirm_timeout),
             cursor: Cursor::new(config.sweep_interval),
+            nack_runs: NackRuns::default(),
             config,
             store,
             broker: Some(broker),
@@ -155,7 +159,10 @@ impl Relay {
                 .config
                 .max_in_flight_bytes
                 .saturating_sub(self.window.bytes());
-            if !exhausted && free >= refill_at && bytes_free > 0 {
+            // A channel to renew takes no more rows until what it has in
+            // flight settled.
+            let renewing = self.renew_channel_when_idle().await?;
+            if !renewing && !exhausted && free >= refill_at && bytes_free > 0 {
                 let limit = free.min(self.config.batch_size as usize);
                 let claimed_at = Instant::now();
                 let (rows, nothing_more) = self.claim_draining(limit, bytes_free).await?;
@@ -164,7 +171,7 @@ impl Relay {
                 self.publish_all(rows, claimed_at).await?;
             }
             if self.window.is_empty() {
-                if !exhausted && bytes_free > 0 {
+                if !exhausted && bytes_free > 0 && !renewing {
                     continue;
                 }
                 if self.marker.unsettled() == 0 {
@@ -280,6 +287,7 @@ impl Relay {
             self.cursor.settled(now, row.row());
             match row {
                 Settled::Published(row) => {
+                    self.nack_runs.acked(&row.exchange);
                     self.meters.published.increment(1);
                     if let Ok(age) = row.pending_since.elapsed() {
                         self.meters.enqueue_to_confirm.record(age.as_secs_f64());
@@ -287,6 +295,9 @@ impl Relay {
                     self.marker.send(Mark::Published(row.held()));
                 }
                 Settled::Failed(row, fault, error) => {
+                    if fault == Fault::Nacked {
+                        self.nack_runs.nacked(&row.exchange, now);
+                    }
                     self.meters.failure(fault).increment(1);
                     self.marker.send(Mark::Failed {
                         row: Box::new(row),
@@ -304,6 +315,31 @@ impl Relay {
             Some(error) => Err(Outage::Broker(error)),
             None => Ok(()),
         }
+    }
+
+    /// Opens a new channel once an exchange's run of nacks calls for one
+    /// ([`crate::nack_runs`]) and nothing is in flight; true while one is
+    /// due but confirms are outstanding.
+    async fn renew_channel_when_idle(&mut self) -> Result<bool, Outage> {
+        let Some(exchange) = self.nack_runs.renewal_due(Instant::now()) else {
+            return Ok(false);
+        };
+        if !self.window.is_empty() {
+            return Ok(true);
+        }
+        tracing::warn!(
+            exchange,
+            "every recent publish to this exchange was nacked; opening a new channel"
+        );
+        self.nack_runs.renewed();
+        if let Some(broker) = self.broker.as_mut() {
+            broker
+                .renew_channel()
+                .await
+                .map_err(|e| Outage::Broker(e.to_string()))?;
+            self.meters.channel_renewals.increment(1);
+        }
+        Ok(false)
     }
 
     /// Releases rows unpublished or of unknown outcome; claims scan from
@@ -358,6 +394,7 @@ impl Relay {
         .map_err(|e| Outage::Broker(format!("{e:#}")))?;
         tracing::info!("connected to RabbitMQ");
         self.broker = Some(broker);
+        self.nack_runs.renewed();
         self.health.set(BROKER, true);
         Ok(())
     }
