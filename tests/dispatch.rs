@@ -449,6 +449,7 @@ async fn dispatch_reconnects_when_its_broker_connection_is_cut() {
     let mut config = settings.validate().expect("valid settings");
     config.consumer.name = unique_name("dispatch");
     let connection = config.consumer.name.clone();
+    let lanes = i64::from(config.consumer.lanes);
     let consumer = RunningDispatch::start_config(config).await;
     let fixture = Fixture {
         publisher: Publisher::new(&names.exchange).await,
@@ -460,7 +461,8 @@ async fn dispatch_reconnects_when_its_broker_connection_is_cut() {
     for order_id in 1..=ORDERS {
         fixture.publisher.order(order_id).await;
     }
-    wait_for_blocked_handlers(&fixture.db, 8).await;
+    // Every lane's transaction waits on the lock, deliveries in hand.
+    wait_for_blocked_handlers(&fixture.db, lanes).await;
 
     tokio::task::spawn_blocking(move || close_broker_connection(&connection))
         .await
@@ -471,6 +473,71 @@ async fn dispatch_reconnects_when_its_broker_connection_is_cut() {
     assert_eq!(fixture.consumer.get("/readyz").await.0, 200);
     let db = fixture.stop_with_queues_empty().await;
     assert_eq!(inbox(&db).await, ORDERS);
+}
+
+/// A backlog is handled in batches, one transaction each (the inbox rows of
+/// a batch share their transaction's `now()`), and a batch with a poison
+/// message, a message that keeps failing and a repeated copy in it commits
+/// everything else: the poison and the failing one are dead-lettered, the
+/// copy changes nothing. Each order lands once.
+#[tokio::test]
+async fn dispatch_commits_a_backlog_in_batches_and_takes_a_failing_batch_apart() {
+    const ORDERS: i64 = 200;
+    let db = dispatch_db().await;
+    fail_order_666(&db).await;
+    let settings = Settings {
+        lanes: Some(1),
+        batch_size: Some(50),
+        prefetch: Some(250),
+        ..test_settings(&db)
+    };
+    let fixture = Fixture::start_with(db, settings).await;
+    // The first delivery's transaction waits on the lock while the backlog
+    // arrives behind it.
+    let lock = lock_deliveries(&fixture.db).await;
+    fixture.publisher.order(ORDERS + 1).await;
+    wait_for_blocked_handlers(&fixture.db, 1).await;
+    let repeated = Uuid::new_v4();
+    for order_id in 1..=ORDERS {
+        match order_id {
+            50 => fixture.publisher.order(-50).await,
+            100 => fixture.publisher.order(666).await,
+            _ => fixture.publisher.order(order_id).await,
+        };
+        if order_id == 150 {
+            fixture.publisher.order_as(150, repeated).await;
+            fixture.publisher.order_as(150, repeated).await;
+        }
+    }
+    wait_until("the backlog is delivered", || async {
+        ready(&fixture.names.queue).await == 0
+    })
+    .await;
+    lock.batch_execute("ROLLBACK").await.expect("unlock");
+    // 1..=200 without 50 and 100, 150 twice (two message ids), and 201.
+    let landed = ORDERS - 2 + 1;
+    fixture.wait_for_deliveries(landed).await;
+    wait_until(
+        "the poison and the failing order are dead-lettered",
+        || async { ready(&fixture.names.dead_letter_queue).await == 2 },
+    )
+    .await;
+    let db = fixture.stop_with_queues_empty().await;
+    assert_eq!(inbox(&db).await, landed + 1, "one inbox row per message id");
+    let transactions = count(
+        &db,
+        "SELECT count(DISTINCT processed_at) FROM dispatch.inbox",
+    )
+    .await;
+    println!(
+        "{} messages committed in {transactions} transactions",
+        landed + 1
+    );
+    assert!(
+        transactions <= 20,
+        "{} messages took {transactions} transactions",
+        landed + 1
+    );
 }
 
 /// Test 6: an order whose insert always fails with a serialization failure

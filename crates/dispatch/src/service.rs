@@ -1,5 +1,5 @@
 //! The dispatch service wired together: the schema, a pool sized to the
-//! prefetch, the HTTP API, and the consumer with the [`Dispatcher`]
+//! consumer's lanes, the HTTP API, and the consumer with the [`Dispatcher`]
 //! handler, all stopped by one cancellation token.
 //!
 //! [`Dispatcher`]: crate::deliveries::Dispatcher
@@ -29,8 +29,8 @@ pub async fn serve(
     // Before anything records: metrics sent to no recorder are lost.
     outbox_service::telemetry::prometheus();
     let target = config.database()?;
-    // One connection per concurrent handler, and two for the HTTP API.
-    let pool = outbox_service::db::pool(&target, usize::from(config.consumer.prefetch) + 2).await?;
+    // One connection per lane (a transaction each), and two for the HTTP API.
+    let pool = outbox_service::db::pool(&target, usize::from(config.consumer.lanes) + 2).await?;
     let mut client = pool.get().await?;
     migrate::migrate(&mut client)
         .await

@@ -2,13 +2,14 @@
 //! [`Handler`]; the consumer's life cycle is:
 //!
 //! ```text
-//! connect ─► declare topology ─► consume (manual acks, prefetch N) ─► one
-//! worker per delivery, up to N at once (see `worker`) ─► on a lost
-//! connection: drop every worker (their deliveries go back to the queue
-//! with the channel), back off, reconnect ─► on shutdown: stop consuming,
-//! let workers finish for a while, close (unacked deliveries go back)
+//! connect ─► declare topology ─► consume (manual acks, prefetch N) ─►
+//! lanes, each handling a batch at a time in one transaction (see `lanes`,
+//! `batch`) ─► on a lost connection: drop every lane (their deliveries go
+//! back to the queue with the channel), back off, reconnect ─► on
+//! shutdown: stop consuming, let the batches in progress finish for a
+//! while, close (unacked deliveries go back)
 //! ```
-//! A session's workers never outlive it, so no delivery tag from before a
+//! A session's lanes never outlive it, so no delivery tag from before a
 //! reconnect is ever used on the new channel.
 
 use std::path::PathBuf;
@@ -20,15 +21,15 @@ use futures::StreamExt;
 use outbox_service::backoff::Backoff;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::broker::Broker;
 use crate::handler::Handler;
 use crate::health;
 use crate::inbox::Inbox;
+use crate::lanes::Lanes;
 use crate::meters::Meters;
 use crate::topology::Topology;
-use crate::worker::{self, Outcome, Shared};
+use crate::worker::{Outcome, Shared};
 use outbox_service::health::Health;
 
 /// Everything a consumer needs besides its handler and its pool.
@@ -37,9 +38,14 @@ pub struct ConsumerConfig {
     pub amqp_url: String,
     pub amqp_ca_file: Option<PathBuf>,
     pub topology: Topology,
-    /// Unacked deliveries at once, which is also how many handlers run
-    /// concurrently (size the pool to match).
+    /// Unacked deliveries at once; `lanes` × `batch_size` or more keeps
+    /// every lane's batches full under load.
     pub prefetch: u16,
+    /// Transactions at once (size the pool to match): a key's messages
+    /// always take the same lane, keyless ones the first free one.
+    pub lanes: u16,
+    /// Most deliveries handled in one transaction.
+    pub batch_size: u16,
     /// Deliveries of a message that fails transiently before it is
     /// dead-lettered.
     pub max_deliveries: u32,
@@ -55,7 +61,9 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
-    pub const DEFAULT_PREFETCH: u16 = 16;
+    pub const DEFAULT_PREFETCH: u16 = 256;
+    pub const DEFAULT_LANES: u16 = 4;
+    pub const DEFAULT_BATCH_SIZE: u16 = 64;
     pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
     pub const DEFAULT_RETRY_BASE: Duration = Duration::from_secs(1);
     pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(60);
@@ -69,6 +77,8 @@ impl ConsumerConfig {
             amqp_ca_file: None,
             topology,
             prefetch: Self::DEFAULT_PREFETCH,
+            lanes: Self::DEFAULT_LANES,
+            batch_size: Self::DEFAULT_BATCH_SIZE,
             max_deliveries: Self::DEFAULT_MAX_DELIVERIES,
             retry_base: Self::DEFAULT_RETRY_BASE,
             retry_max: Self::DEFAULT_RETRY_MAX,
@@ -156,45 +166,53 @@ async fn session<H: Handler>(shared: &Arc<Shared<H>>, broker: Broker) -> Ended {
     };
     health::set_consuming(&shared.health, true);
     let config = &shared.config;
-    tracing::info!(queue = %config.topology.queue, prefetch = config.prefetch, "consuming");
+    tracing::info!(
+        queue = %config.topology.queue,
+        prefetch = config.prefetch,
+        lanes = config.lanes,
+        batch_size = config.batch_size,
+        "consuming"
+    );
     let publisher = broker.publisher();
-    let mut workers = JoinSet::new();
+    let mut tasks = JoinSet::new();
+    let lanes = Lanes::start(shared, &publisher, &mut tasks);
     let ended = loop {
-        shared.meters.in_flight.set(workers.len() as f64);
         tokio::select! {
             _ = shared.shutdown.cancelled() => break Ended::Shutdown,
             next = deliveries.next() => match next {
                 Some(Ok(delivery)) => {
-                    let span = worker::span(&delivery);
-                    let work = worker::process(shared.clone(), publisher.clone(), delivery);
-                    workers.spawn(work.instrument(span));
+                    shared.meters.in_flight.increment(1.0);
+                    lanes.send(delivery);
                 }
                 Some(Err(error)) => break Ended::Lost(error.into()),
                 None => break Ended::Lost(anyhow::anyhow!("the broker cancelled the consumer")),
             },
-            Some(done) = workers.join_next() => match done {
+            Some(done) = tasks.join_next() => match done {
                 Ok(Outcome::Settled) => {}
                 Ok(Outcome::BrokerFailed(error)) => break Ended::Lost(error.into()),
-                // A bug of ours; closing the channel gives its delivery back.
-                Err(error) => break Ended::Lost(anyhow::Error::new(error).context("a worker failed")),
+                // A bug of ours; closing the channel gives its deliveries back.
+                Err(error) => break Ended::Lost(anyhow::Error::new(error).context("a lane failed")),
             },
         }
     };
+    drop(lanes);
     if let Ended::Shutdown = ended {
         broker.cancel(&tag).await;
-        let finish = async { while workers.join_next().await.is_some() {} };
+        // Lanes finish the batch in hand and stop; what they had queued
+        // goes back with the channel.
+        let finish = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(shared.config.shutdown_timeout, finish)
             .await
             .is_err()
         {
             tracing::warn!(
-                left = workers.len(),
+                lanes = tasks.len(),
                 "handlers still running at the shutdown timeout; giving their deliveries back"
             );
         }
     }
-    workers.abort_all();
-    while workers.join_next().await.is_some() {}
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
     shared.meters.in_flight.set(0.0);
     broker.close().await;
     ended

@@ -1,11 +1,15 @@
-//! The effectively-once step. In one transaction: record the message id in
-//! the inbox table, run the handler, commit. A message whose id is in the
-//! inbox already was handled before, so it changes nothing; two copies in
-//! flight at once serialize on the inbox row's primary key.
+//! The effectively-once step. In one transaction: record the message ids
+//! of a batch in the inbox table, run the handler for each new one in
+//! delivery order, commit. A message whose id is in the inbox already was
+//! handled before, so it changes nothing; two copies in flight at once
+//! serialize on the inbox row's primary key.
+
+use std::collections::HashSet;
 
 use deadpool_postgres::{Object, Pool};
 use futures::FutureExt;
 use tokio_postgres::types::Type;
+use uuid::Uuid;
 
 use crate::handler::{Handler, HandlerError, Incoming, classify};
 
@@ -16,6 +20,16 @@ pub(crate) enum Handled {
     Committed,
     /// Its id was in the inbox already: nothing was written.
     Duplicate,
+}
+
+/// Why a batch did not commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BatchFailure {
+    /// The handler of the message at this index failed; nothing committed.
+    Message(usize, HandlerError),
+    /// The batch's own statements (connection, inbox insert, commit)
+    /// failed: no one message is to blame.
+    Batch(HandlerError),
 }
 
 /// The inbox table: any table with a `message_id uuid` primary key.
@@ -62,7 +76,8 @@ impl Inbox {
         Ok(Inbox {
             table: table.into(),
             insert: format!(
-                "INSERT INTO {table} (message_id) VALUES ($1) ON CONFLICT DO NOTHING RETURNING 1"
+                "INSERT INTO {table} (message_id) SELECT unnest($1::uuid[]) \
+                 ON CONFLICT DO NOTHING RETURNING message_id"
             ),
         })
     }
@@ -82,55 +97,76 @@ impl Inbox {
         client.batch_execute(&create).await
     }
 
-    /// Handles `message` once. A failure on a connection that is gone is
-    /// `Unavailable`, whatever the query said: the server, not the message,
-    /// is at fault.
+    /// Handles each of `messages` once, in one transaction. A failure on a
+    /// connection that is gone is `Unavailable`, whatever the query said:
+    /// the server, not the message, is at fault.
     pub(crate) async fn handle<H: Handler>(
         &self,
         pool: &Pool,
         handler: &H,
-        message: &Incoming,
-    ) -> Result<Handled, HandlerError> {
-        let mut client = pool
-            .get()
-            .await
-            .map_err(|e| HandlerError::Unavailable(outbox_service::db::pool_error(&e)))?;
-        match self.transaction(&mut client, handler, message).await {
-            Err(HandlerError::Transient(reason)) if client.is_closed() => {
-                Err(HandlerError::Unavailable(reason))
-            }
+        messages: &[&Incoming],
+    ) -> Result<Vec<Handled>, BatchFailure> {
+        let mut client = pool.get().await.map_err(|e| {
+            BatchFailure::Batch(HandlerError::Unavailable(outbox_service::db::pool_error(
+                &e,
+            )))
+        })?;
+        let result = self.transaction(&mut client, handler, messages).await;
+        let closed = client.is_closed();
+        let unavailable = |error| match error {
+            HandlerError::Transient(reason) if closed => HandlerError::Unavailable(reason),
             other => other,
-        }
+        };
+        result.map_err(|failure| match failure {
+            BatchFailure::Message(at, error) => BatchFailure::Message(at, unavailable(error)),
+            BatchFailure::Batch(error) => BatchFailure::Batch(unavailable(error)),
+        })
     }
 
     async fn transaction<H: Handler>(
         &self,
         client: &mut Object,
         handler: &H,
-        message: &Incoming,
-    ) -> Result<Handled, HandlerError> {
-        let tx = client.transaction().await.map_err(|e| classify(&e))?;
-        let recorded = tx
-            .query_typed(&self.insert, &[(&message.message_id, Type::UUID)])
+        messages: &[&Incoming],
+    ) -> Result<Vec<Handled>, BatchFailure> {
+        let batch = |e: tokio_postgres::Error| BatchFailure::Batch(classify(&e));
+        let tx = client.transaction().await.map_err(batch)?;
+        let ids: Vec<Uuid> = messages.iter().map(|m| m.message_id).collect();
+        let mut new: HashSet<Uuid> = tx
+            .query_typed(&self.insert, &[(&ids, Type::UUID_ARRAY)])
             .await
-            .map_err(|e| classify(&e))?;
-        if recorded.is_empty() {
-            // Dropping `tx` rolls back: there was nothing to write anyway.
-            return Ok(Handled::Duplicate);
+            .map_err(batch)?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let mut handled = Vec::with_capacity(messages.len());
+        for (at, message) in messages.iter().enumerate() {
+            // A second copy in the same batch is a duplicate too.
+            if !new.remove(&message.message_id) {
+                handled.push(Handled::Duplicate);
+                continue;
+            }
+            // A panicking handler must not leave its delivery unacked
+            // forever: it counts as a transient failure, so it ends in the
+            // dead-letter queue if it keeps panicking.
+            std::panic::AssertUnwindSafe(handler.handle(&tx, message))
+                .catch_unwind()
+                .await
+                .map_err(|panic| {
+                    HandlerError::Transient(format!("handler panicked: {}", panic_text(&panic)))
+                })
+                .and_then(|result| result)
+                .map_err(|error| BatchFailure::Message(at, error))?;
+            handled.push(Handled::Committed);
         }
-        // A panicking handler must not leave its delivery unacked forever:
-        // it counts as a transient failure, so it ends in the dead-letter
-        // queue if it keeps panicking.
-        std::panic::AssertUnwindSafe(handler.handle(&tx, message))
-            .catch_unwind()
-            .await
-            .map_err(|panic| {
-                HandlerError::Transient(format!("handler panicked: {}", panic_text(&panic)))
-            })??;
+        if handled.iter().all(|h| *h == Handled::Duplicate) {
+            // Dropping `tx` rolls back: there was nothing to write anyway.
+            return Ok(handled);
+        }
         // A commit that fails on a lost connection may still have happened;
-        // the redelivery then finds the inbox row.
-        tx.commit().await.map_err(|e| classify(&e))?;
-        Ok(Handled::Committed)
+        // the redelivery then finds the inbox rows.
+        tx.commit().await.map_err(batch)?;
+        Ok(handled)
     }
 }
 

@@ -11,16 +11,20 @@
 //! `outbox_service::endpoint`.
 //!
 //! - `consumer`: the life cycle (connect, declare, consume, reconnect, stop);
-//! - `worker`: one delivery's life (parse, inbox + handler, ack or move);
+//! - `lanes`: which lane a delivery takes (its key's, or the first free);
+//! - `batch`: a lane's batch in one transaction, taken apart on a failure;
+//! - `worker`: how one delivery ends (parse, ack, retry or dead-letter);
 //! - `inbox`: the effectively-once transaction;
 //! - `broker`, `topology`: the RabbitMQ side;
 //! - `handler`: what a user implements; `meters`, `health`: observability.
 
+mod batch;
 mod broker;
 mod consumer;
 mod handler;
 pub mod health;
 mod inbox;
+mod lanes;
 mod meters;
 mod topology;
 mod worker;
@@ -31,6 +35,7 @@ pub use broker::{DELIVERIES_HEADER, ERROR_HEADER, RETRIES_HEADER};
 pub use consumer::{ConsumerConfig, run};
 pub use handler::{Handler, HandlerError, Incoming, classify};
 pub use inbox::{BadTableName, Inbox, plain_table_name};
+pub use lanes::KEY_HEADER;
 pub use topology::{QueueType, Topology};
 
 use deadpool_postgres::Pool;

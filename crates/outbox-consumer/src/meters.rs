@@ -46,6 +46,7 @@ pub(crate) struct Meters {
     pub received: Counter,
     settled: [Counter; Settled::ALL.len()],
     pub handle_seconds: Histogram,
+    pub batch_size: Histogram,
     pub in_flight: Gauge,
 }
 
@@ -58,6 +59,7 @@ impl Meters {
             settled: Settled::ALL
                 .map(|s| counter!("consumer_messages_total", "outcome" => s.label())),
             handle_seconds: histogram!("consumer_handle_seconds"),
+            batch_size: histogram!("consumer_batch_size"),
             in_flight: gauge!("consumer_in_flight"),
         }
     }
@@ -81,7 +83,11 @@ fn describe() {
     describe_histogram!(
         "consumer_handle_seconds",
         metrics::Unit::Seconds,
-        "One transaction: inbox row and handler."
+        "One transaction: a batch's inbox rows and handlers."
+    );
+    describe_histogram!(
+        "consumer_batch_size",
+        "Deliveries handled in one transaction (before any is taken apart)."
     );
     describe_gauge!("consumer_in_flight", "Deliveries in hand.");
     describe_gauge!("consumer_consuming", "1 while subscribed to the queue.");

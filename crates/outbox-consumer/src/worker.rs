@@ -1,41 +1,40 @@
-//! One delivery's life. Each ends in exactly one of: ack after commit (or
-//! after finding the message in the inbox), a confirmed copy in the retry
-//! or the dead-letter queue and then the ack, or no ack at all (given back
-//! at shutdown, or lost with the connection) so that it is redelivered.
+//! How one delivery ends. Each ends in exactly one of: ack after its
+//! batch committed (or after finding the message in the inbox), a
+//! confirmed copy in the retry or the dead-letter queue and then the ack,
+//! or no ack at all (given back at shutdown, or lost with the connection)
+//! so that it is redelivered. Batches are in `batch`.
 //!
 //! ```text
 //! parse ─ bad ──────────────────────────────────────────► dead-letter
 //!   └─ too many deliveries ─────────────────────────────► dead-letter
-//!   └─ inbox + handler in one transaction ─ ok ─────────► ack
+//!   └─ inbox + handler, in its batch's transaction ─ ok ► ack
 //!        ├─ poison ─────────────────────────────────────► dead-letter
 //!        ├─ transient ─ deliveries left ─► retry queue (backoff as TTL)
 //!        │             └─ none left ────────────────────► dead-letter
-//!        └─ unavailable ─► wait, same delivery again (counts nothing)
+//!        └─ unavailable ─► wait, same batch again (counts nothing)
 //! ```
 //! A bad message leaves the queue at once (to the dead-letter or the retry
 //! queue), so it never occupies a prefetch slot while good ones wait.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use lapin::types::AMQPValue;
-use outbox_service::backoff::Backoff;
 use outbox_service::traceparent;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::broker::{BrokerError, Publisher, delivery_number};
 use crate::consumer::ConsumerConfig;
-use crate::handler::{Handler, HandlerError, Incoming};
-use crate::health;
-use crate::inbox::{Handled, Inbox};
+use crate::handler::{Handler, Incoming};
+use crate::inbox::Inbox;
 use crate::meters::{Meters, Settled};
 use outbox_service::health::Health;
 
-/// What the workers of all sessions share.
+/// What the lanes of all sessions share.
 pub(crate) struct Shared<H> {
     pub handler: H,
     pub pool: Pool,
@@ -46,89 +45,100 @@ pub(crate) struct Shared<H> {
     pub shutdown: CancellationToken,
 }
 
-/// How a delivery ended, for the session.
+/// How a lane ended, for the session.
 #[derive(Debug)]
 pub(crate) enum Outcome {
-    /// Acked, or deliberately left unacked: nothing for the session to do.
+    /// Shutdown, or the session dropped it: nothing for the session to do.
     Settled,
     /// The broker failed under us: the session must reconnect.
     BrokerFailed(BrokerError),
 }
 
-pub(crate) async fn process<H: Handler>(
-    shared: Arc<Shared<H>>,
-    publisher: Publisher,
+/// A delivery fit for a handler.
+pub(crate) struct Item {
+    pub delivery: Delivery,
+    pub message: Incoming,
+    /// Which delivery of the message this is, from 1.
+    pub deliveries: u32,
+}
+
+/// Why a handled message failed, once an unavailable database is ruled out.
+#[derive(Debug)]
+pub(crate) enum Failed {
+    Poison(String),
+    Transient(String),
+}
+
+/// An [`Item`] for `delivery`, or `None` once it is dead-lettered (no
+/// usable message id, or more deliveries than allowed).
+pub(crate) async fn admit<H: Handler>(
+    shared: &Shared<H>,
+    publisher: &Publisher,
     delivery: Delivery,
-) -> Outcome {
+) -> Result<Option<Item>, BrokerError> {
     shared.meters.received.increment(1);
     let deliveries = delivery_number(&delivery);
     let max = shared.config.max_deliveries;
-    let meters = &shared.meters;
-    let message = match incoming(&delivery, deliveries) {
-        Ok(message) => message,
-        Err(bad) => {
-            let reason = bad.to_string();
-            return dead_letter(&publisher, &delivery, deliveries, &reason, meters).await;
+    let reason = match incoming(&delivery, deliveries) {
+        Err(bad) => bad.to_string(),
+        // A quorum queue counted redeliveries: the consumer died handling it.
+        Ok(_) if deliveries > max => {
+            format!("delivered {deliveries} times, more than the limit of {max}")
+        }
+        Ok(message) => {
+            return Ok(Some(Item {
+                delivery,
+                message,
+                deliveries,
+            }));
         }
     };
-    if deliveries > max {
-        // A quorum queue counted redeliveries: the consumer died handling it.
-        let reason = format!("delivered {deliveries} times, more than the limit of {max}");
-        return dead_letter(&publisher, &delivery, deliveries, &reason, meters).await;
-    }
-    let mut outage = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    loop {
-        let started = Instant::now();
-        let result = shared
-            .inbox
-            .handle(&shared.pool, &shared.handler, &message)
-            .await;
-        meters
-            .handle_seconds
-            .record(started.elapsed().as_secs_f64());
-        let reason = match result {
-            Ok(handled) => {
-                health::database_up(&shared.health);
-                let outcome = match handled {
-                    Handled::Committed => Settled::Processed,
-                    Handled::Duplicate => Settled::Duplicate,
-                };
-                return ack(&delivery, outcome, meters).await;
+    let span = span(&delivery);
+    dead_letter(publisher, &delivery, deliveries, &reason, &shared.meters)
+        .instrument(span)
+        .await?;
+    Ok(None)
+}
+
+/// Settles an item whose handler failed: dead-lettered when poison or out
+/// of deliveries, else copied to the retry queue; then acked.
+pub(crate) async fn settle_failure<H: Handler>(
+    shared: &Shared<H>,
+    publisher: &Publisher,
+    item: Item,
+    failed: Failed,
+) -> Result<(), BrokerError> {
+    let span = span(&item.delivery);
+    async {
+        let (delivery, deliveries) = (&item.delivery, item.deliveries);
+        let max = shared.config.max_deliveries;
+        let meters = &shared.meters;
+        match failed {
+            Failed::Poison(reason) => {
+                dead_letter(publisher, delivery, deliveries, &reason, meters).await
             }
-            Err(HandlerError::Poison(reason)) => {
-                return dead_letter(&publisher, &delivery, deliveries, &reason, meters).await;
-            }
-            Err(HandlerError::Transient(reason)) if deliveries >= max => {
+            Failed::Transient(reason) if deliveries >= max => {
                 let reason = format!("failed on delivery {deliveries} of {max}: {reason}");
-                return dead_letter(&publisher, &delivery, deliveries, &reason, meters).await;
+                dead_letter(publisher, delivery, deliveries, &reason, meters).await
             }
-            Err(HandlerError::Transient(reason)) => {
+            Failed::Transient(reason) => {
                 let delay = retry_delay(&shared.config, deliveries);
                 tracing::info!(
-                    message_id = %message.message_id,
+                    message_id = %item.message.message_id,
                     deliveries,
                     ?delay,
                     %reason,
                     "transient failure; retrying later"
                 );
-                return match publisher.retry(&delivery, deliveries, delay, &reason).await {
-                    Ok(()) => ack(&delivery, Settled::Retried, meters).await,
-                    Err(error) => Outcome::BrokerFailed(error),
-                };
+                publisher
+                    .retry(delivery, deliveries, delay, &reason)
+                    .await?;
+                ack(delivery, Settled::Retried, meters).await
             }
-            Err(HandlerError::Unavailable(reason)) => reason,
-        };
-        health::database_down(&shared.health, &reason);
-        tokio::select! {
-            _ = shared.shutdown.cancelled() => {
-                // Unacked: the broker redelivers it when the channel closes.
-                meters.settled(Settled::GivenBack).increment(1);
-                tracing::debug!(outcome = Settled::GivenBack.label(), "message settled");
-                return Outcome::Settled;
-            }
-            _ = tokio::time::sleep(outage.next_delay()) => {}
         }
     }
+    .instrument(span)
+    .await
 }
 
 /// The span every log line about this delivery is in: its message id and,
@@ -203,30 +213,32 @@ async fn dead_letter(
     deliveries: u32,
     reason: &str,
     meters: &Meters,
-) -> Outcome {
+) -> Result<(), BrokerError> {
     tracing::warn!(
         message_id = delivery.properties.message_id().as_ref().map_or("", |m| m.as_str()),
         deliveries,
         %reason,
         "dead-lettering message"
     );
-    match publisher.dead_letter(delivery, deliveries, reason).await {
-        Ok(()) => ack(delivery, Settled::DeadLettered, meters).await,
-        Err(error) => Outcome::BrokerFailed(error),
-    }
+    publisher.dead_letter(delivery, deliveries, reason).await?;
+    ack(delivery, Settled::DeadLettered, meters).await
 }
 
-async fn ack(delivery: &Delivery, outcome: Settled, meters: &Meters) -> Outcome {
+pub(crate) async fn ack(
+    delivery: &Delivery,
+    outcome: Settled,
+    meters: &Meters,
+) -> Result<(), BrokerError> {
     match delivery.acker.ack(BasicAckOptions::default()).await {
         Ok(true) => {
             meters.settled(outcome).increment(1);
-            tracing::debug!(outcome = outcome.label(), "message settled");
-            Outcome::Settled
+            tracing::debug!(message_id = ?delivery.properties.message_id(), outcome = outcome.label(), "message settled");
+            Ok(())
         }
         // The channel closed under us: the broker redelivers the message,
         // and the inbox (or the copy already made) absorbs the repeat.
-        Ok(false) => Outcome::BrokerFailed(BrokerError::AckLost),
-        Err(error) => Outcome::BrokerFailed(BrokerError::Ack(error)),
+        Ok(false) => Err(BrokerError::AckLost),
+        Err(error) => Err(BrokerError::Ack(error)),
     }
 }
 

@@ -25,6 +25,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const PROPERTIES_ROOM: usize = 1024;
 /// How long an exchange checked to exist is trusted before checking again.
 const EXCHANGE_CACHE_TTL: Duration = Duration::from_secs(60);
+/// The header carrying a row's `ordering_key`.
+pub(crate) const KEY_HEADER: &str = "x-outbox-key";
 
 /// An open connection with a channel in confirm mode.
 pub(crate) struct Broker {
@@ -125,7 +127,10 @@ impl Broker {
                 ),
             )));
         }
-        if let Some(problem) = header_problem(&row.headers, self.header_budget()) {
+        // The ordering key travels as a header of its own.
+        let key_room = row.ordering_key.as_ref().map_or(0, |key| key.len() + 32);
+        let budget = self.header_budget().saturating_sub(key_room);
+        if let Some(problem) = header_problem(&row.headers, budget) {
             return Ok(Pending::Done(Outcome::Rejected(Fault::BadHeaders, problem)));
         }
         if !self.exchange_exists(&row.exchange).await? {
@@ -315,7 +320,20 @@ fn properties(row: &Claimed) -> BasicProperties {
         .with_content_type(row.content_type.as_str().into())
         .with_delivery_mode(2)
         .with_timestamp(timestamp)
-        .with_headers(field_table(&row.headers))
+        .with_headers(headers(row))
+}
+
+/// The row's headers, and its ordering key as `x-outbox-key`: consumers
+/// keep a key's messages in one lane (`outbox_consumer::KEY_HEADER`).
+fn headers(row: &Claimed) -> FieldTable {
+    let mut table = field_table(&row.headers);
+    if let Some(key) = &row.ordering_key {
+        table.insert(
+            KEY_HEADER.into(),
+            AMQPValue::LongString(LongString::from(key.as_str())),
+        );
+    }
+    table
 }
 
 /// JSON headers as an AMQP field table (objects nest, arrays become arrays).

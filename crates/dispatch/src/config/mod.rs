@@ -117,6 +117,8 @@ impl Settings {
         let base = ConsumerConfig::new(&amqp_url, topology, INBOX_TABLE);
         let consumer = ConsumerConfig {
             prefetch: at_least_one("DISPATCH_PREFETCH", self.prefetch, base.prefetch)?,
+            lanes: at_least_one("DISPATCH_LANES", self.lanes, base.lanes)?,
+            batch_size: at_least_one("DISPATCH_BATCH_SIZE", self.batch_size, base.batch_size)?,
             max_deliveries: check(
                 "DISPATCH_MAX_DELIVERIES",
                 self.max_deliveries,

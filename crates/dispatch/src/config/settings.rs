@@ -59,8 +59,14 @@ pub struct Settings {
     #[arg(long, env = "DISPATCH_QUEUE_EXPIRES_MS")]
     pub queue_expires_ms: Option<u64>,
 
-    #[arg(long, env = "DISPATCH_PREFETCH", help = with_default!("Unacked deliveries at once, which is also how many handlers run concurrently", ConsumerConfig::DEFAULT_PREFETCH))]
+    #[arg(long, env = "DISPATCH_PREFETCH", help = with_default!("Unacked deliveries at once; LANES x BATCH_SIZE or more keeps batches full", ConsumerConfig::DEFAULT_PREFETCH))]
     pub prefetch: Option<u16>,
+
+    #[arg(long, env = "DISPATCH_LANES", help = with_default!("Transactions at once; an order key's messages always take the same lane", ConsumerConfig::DEFAULT_LANES))]
+    pub lanes: Option<u16>,
+
+    #[arg(long, env = "DISPATCH_BATCH_SIZE", help = with_default!("Most deliveries handled in one transaction", ConsumerConfig::DEFAULT_BATCH_SIZE))]
+    pub batch_size: Option<u16>,
 
     #[arg(long, env = "DISPATCH_MAX_DELIVERIES", help = with_default!("Deliveries of a transiently failing message before it is dead-lettered", ConsumerConfig::DEFAULT_MAX_DELIVERIES))]
     pub max_deliveries: Option<u32>,

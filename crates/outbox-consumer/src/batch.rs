@@ -1,0 +1,157 @@
+//! One lane's batch: the deliveries ready at once, handled in one
+//! transaction and acked after its commit. One commit and one inbox insert
+//! for many messages is what lets a consumer keep pace with the relay.
+//!
+//! A batch that fails is taken apart without blaming the innocent: when the
+//! handler of message *k* fails, the transaction rolls back, the messages
+//! before *k* commit as a batch of their own, *k* is settled as its error
+//! says (see `worker`), and the rest form the next batch, in that order, so
+//! a lane's effects keep their delivery order. When the batch's own
+//! statements fail (the inbox insert, the commit: a serialization failure,
+//! say), each message gets a transaction of its own. An unavailable
+//! database redoes the same batch after a backoff, counting nothing.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use lapin::message::Delivery;
+use outbox_service::backoff::Backoff;
+
+use crate::broker::{BrokerError, Publisher};
+use crate::handler::{Handler, HandlerError, Incoming};
+use crate::health;
+use crate::inbox::{BatchFailure, Handled};
+use crate::meters::Settled;
+use crate::worker::{Failed, Item, Shared, ack, admit, settle_failure};
+
+/// What is left to do with a batch, in order.
+enum Step {
+    /// Handle these in one transaction.
+    Commit(Vec<Item>),
+    /// Settle this one failure.
+    Settle(Box<Item>, Failed),
+}
+
+/// Handles `deliveries` (one lane's, in delivery order) until each is
+/// settled, or given back at shutdown. `Err` means the broker failed: the
+/// session reconnects, and whatever is unacked is redelivered.
+pub(crate) async fn handle<H: Handler>(
+    shared: &Shared<H>,
+    publisher: &Publisher,
+    deliveries: Vec<Delivery>,
+) -> Result<(), BrokerError> {
+    let mut items = Vec::with_capacity(deliveries.len());
+    for delivery in deliveries {
+        if let Some(item) = admit(shared, publisher, delivery).await? {
+            items.push(item);
+        }
+    }
+    shared.meters.batch_size.record(items.len() as f64);
+    let mut todo = VecDeque::from([Step::Commit(items)]);
+    let mut outage = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    while let Some(step) = todo.pop_front() {
+        let mut segment = match step {
+            Step::Settle(item, failed) => {
+                settle_failure(shared, publisher, *item, failed).await?;
+                continue;
+            }
+            Step::Commit(segment) if segment.is_empty() => continue,
+            Step::Commit(segment) => segment,
+        };
+        let started = Instant::now();
+        let messages: Vec<&Incoming> = segment.iter().map(|item| &item.message).collect();
+        let result = shared
+            .inbox
+            .handle(&shared.pool, &shared.handler, &messages)
+            .await;
+        shared
+            .meters
+            .handle_seconds
+            .record(started.elapsed().as_secs_f64());
+        let failure = match result {
+            Ok(handled) => {
+                health::database_up(&shared.health);
+                outage.reset();
+                ack_all(shared, segment, handled).await?;
+                continue;
+            }
+            Err(failure) => failure,
+        };
+        match failure {
+            BatchFailure::Message(_, HandlerError::Unavailable(reason))
+            | BatchFailure::Batch(HandlerError::Unavailable(reason)) => {
+                health::database_down(&shared.health, &reason);
+                let left = segment.len() + todo.iter().map(Step::len).sum::<usize>();
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => {
+                        // Unacked: the broker redelivers them when the
+                        // channel closes.
+                        shared.meters.settled(Settled::GivenBack).increment(left as u64);
+                        return Ok(());
+                    }
+                    _ = tokio::time::sleep(outage.next_delay()) => {}
+                }
+                todo.push_front(Step::Commit(segment));
+            }
+            BatchFailure::Message(at, error) => {
+                let rest = segment.split_off(at + 1);
+                todo.push_front(Step::Commit(rest));
+                if let Some(failed) = segment.pop() {
+                    todo.push_front(Step::Settle(Box::new(failed), fault(error)));
+                }
+                todo.push_front(Step::Commit(segment));
+            }
+            BatchFailure::Batch(error) if segment.len() == 1 => {
+                if let Some(item) = segment.pop() {
+                    todo.push_front(Step::Settle(Box::new(item), fault(error)));
+                }
+            }
+            BatchFailure::Batch(error) => {
+                tracing::debug!(%error, size = segment.len(), "batch failed; one transaction each");
+                for item in segment.into_iter().rev() {
+                    todo.push_front(Step::Commit(vec![item]));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Step {
+    fn len(&self) -> usize {
+        match self {
+            Step::Commit(items) => items.len(),
+            Step::Settle(..) => 1,
+        }
+    }
+}
+
+/// The error of a handled message, an unavailable database ruled out.
+fn fault(error: HandlerError) -> Failed {
+    match error {
+        HandlerError::Poison(reason) => Failed::Poison(reason),
+        HandlerError::Transient(reason) | HandlerError::Unavailable(reason) => {
+            Failed::Transient(reason)
+        }
+    }
+}
+
+/// Acks a committed batch, all at once (the frames go out in order).
+async fn ack_all<H: Handler>(
+    shared: &Shared<H>,
+    segment: Vec<Item>,
+    handled: Vec<Handled>,
+) -> Result<(), BrokerError> {
+    let acks = segment.iter().zip(handled).map(|(item, handled)| {
+        let outcome = match handled {
+            Handled::Committed => Settled::Processed,
+            Handled::Duplicate => Settled::Duplicate,
+        };
+        ack(&item.delivery, outcome, &shared.meters)
+    });
+    futures::future::join_all(acks)
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>, _>>()
+        .map(|_| ())
+}

@@ -1,0 +1,129 @@
+//! Deliveries in lanes. A lane is a task that handles one batch at a time
+//! (see `batch`), so `lanes` transactions run at once. A keyed message
+//! (header `x-outbox-key`, which the relay sets from the row's
+//! `ordering_key`) always goes to its key's lane, so one consumer commits a
+//! key's effects in delivery order. A keyless one goes to a queue all lanes
+//! take from when they are free, so a slow message holds up only its own
+//! batch and its lane's keys, never the others.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+
+use lapin::message::Delivery;
+use lapin::types::AMQPValue;
+use tokio::sync::Mutex;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::task::JoinSet;
+
+use crate::batch;
+use crate::broker::Publisher;
+use crate::handler::Handler;
+use crate::worker::{Outcome, Shared};
+
+/// The header naming a message's ordering key.
+pub const KEY_HEADER: &str = "x-outbox-key";
+
+type Keyless = Arc<Mutex<UnboundedReceiver<Delivery>>>;
+
+/// Where the session hands deliveries; dropping it ends the lanes once
+/// their queues are empty. (Prefetch bounds what the queues hold.)
+pub(crate) struct Lanes {
+    keyed: Vec<UnboundedSender<Delivery>>,
+    keyless: UnboundedSender<Delivery>,
+}
+
+impl Lanes {
+    /// Starts the lanes as tasks of `tasks`.
+    pub(crate) fn start<H: Handler>(
+        shared: &Arc<Shared<H>>,
+        publisher: &Publisher,
+        tasks: &mut JoinSet<Outcome>,
+    ) -> Lanes {
+        let (keyless, keyless_queue) = unbounded_channel();
+        let keyless_queue: Keyless = Arc::new(Mutex::new(keyless_queue));
+        let keyed = (0..shared.config.lanes.max(1))
+            .map(|_| {
+                let (sender, own) = unbounded_channel();
+                tasks.spawn(lane(
+                    shared.clone(),
+                    publisher.clone(),
+                    own,
+                    keyless_queue.clone(),
+                ));
+                sender
+            })
+            .collect();
+        Lanes { keyed, keyless }
+    }
+
+    pub(crate) fn send(&self, delivery: Delivery) {
+        let lane = ordering_key(&delivery).map(|key| {
+            let mut hasher = DefaultHasher::new();
+            key.hash(&mut hasher);
+            self.keyed[(hasher.finish() % self.keyed.len() as u64) as usize].clone()
+        });
+        // A lane gone means the session is ending: the delivery goes back
+        // to the queue with the channel.
+        let _ = lane.as_ref().unwrap_or(&self.keyless).send(delivery);
+    }
+}
+
+/// The ordering key a delivery carries, if any.
+fn ordering_key(delivery: &Delivery) -> Option<&[u8]> {
+    let headers = delivery.properties.headers().as_ref()?;
+    match headers.inner().get(KEY_HEADER)? {
+        AMQPValue::LongString(key) => Some(key.as_bytes()),
+        AMQPValue::ShortString(key) => Some(key.as_str().as_bytes()),
+        _ => None,
+    }
+}
+
+async fn lane<H: Handler>(
+    shared: Arc<Shared<H>>,
+    publisher: Publisher,
+    mut own: UnboundedReceiver<Delivery>,
+    keyless: Keyless,
+) -> Outcome {
+    while let Some(deliveries) = next_batch(&shared, &mut own, &keyless).await {
+        let taken = deliveries.len();
+        let handled = batch::handle(&shared, &publisher, deliveries).await;
+        shared.meters.in_flight.decrement(taken as f64);
+        if let Err(error) = handled {
+            return Outcome::BrokerFailed(error);
+        }
+    }
+    Outcome::Settled
+}
+
+/// The next batch: waits for one delivery (the lane's own first), then
+/// takes what else is ready, up to `batch_size`. `None` at shutdown or once
+/// the session dropped the lanes.
+async fn next_batch<H: Handler>(
+    shared: &Shared<H>,
+    own: &mut UnboundedReceiver<Delivery>,
+    keyless: &Keyless,
+) -> Option<Vec<Delivery>> {
+    let first = tokio::select! {
+        biased;
+        _ = shared.shutdown.cancelled() => return None,
+        first = own.recv() => first?,
+        first = async { keyless.lock().await.recv().await } => first?,
+    };
+    let limit = usize::from(shared.config.batch_size.max(1));
+    let mut batch = vec![first];
+    while batch.len() < limit {
+        match own.try_recv() {
+            Ok(delivery) => batch.push(delivery),
+            Err(_) => break,
+        }
+    }
+    if let Ok(mut queue) = keyless.try_lock() {
+        while batch.len() < limit {
+            match queue.try_recv() {
+                Ok(delivery) => batch.push(delivery),
+                Err(_) => break,
+            }
+        }
+    }
+    Some(batch)
+}
