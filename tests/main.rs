@@ -6,6 +6,7 @@ mod alerts;
 mod capture;
 mod commands;
 mod consumer_example;
+mod consumer_library;
 mod dispatch;
 mod docker;
 mod enqueue;

@@ -19,6 +19,11 @@ pub enum Command {
     /// and time it until every row is confirmed; then time a bare lapin
     /// publish-and-confirm loop of N messages for comparison.
     Drain(DrainArgs),
+    /// Consumer drain: the relay drains a backlog of orders into the
+    /// stopped dispatch consumer's queue, then the consumer is started and
+    /// timed until every order is in its inbox: its rate beside the
+    /// relay's, in the same run (and, with `--keys`, the key order kept).
+    Consume(ConsumeArgs),
     /// Latency at a steady write rate: commit → consumer received, commit →
     /// delivery row committed by the dispatch consumer, and the relay's own
     /// enqueue → confirm, per wake-up mode and for a bare NOTIFY bridge.
@@ -85,6 +90,40 @@ pub struct DrainArgs {
     /// Skip the bare lapin loop.
     #[arg(long)]
     pub no_bare: bool,
+
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    /// Orders waiting in the outbox when the relay starts.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub backlog: u32,
+
+    /// Rows carry an ordering key, one of this many (`customer-N`).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub keys: Option<u32>,
+
+    /// The relay's max_in_flight.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub window: u32,
+
+    /// Rows the relay claims per query.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: u32,
+
+    /// The consumer's DISPATCH_LANES [default: the consumer's].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub lanes: Option<u16>,
+
+    /// The consumer's DISPATCH_BATCH_SIZE [default: the consumer's].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub batch_size: Option<u16>,
+
+    /// The consumer's DISPATCH_PREFETCH [default: the consumer's].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: Option<u16>,
 
     #[command(flatten)]
     pub common: Common,

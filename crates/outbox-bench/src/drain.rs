@@ -61,7 +61,7 @@ pub async fn run(args: DrainArgs) -> anyhow::Result<()> {
 async fn measure(fixture: &Fixture, args: &DrainArgs) -> anyhow::Result<DrainResult> {
     let client = fixture.connect_db().await?;
     let insert_seconds = insert_backlog(&client, &fixture.exchange, args.backlog).await?;
-    let relay = drain_with_relay(fixture, &client, args).await?;
+    let relay = drain_with_relay(fixture, &client, args.backlog, args.window, args.batch).await?;
     let relay_queued = fixture.queued().await?;
     fixture.purge().await?;
     let held = if args.hold_horizon {
@@ -71,7 +71,8 @@ async fn measure(fixture: &Fixture, args: &DrainArgs) -> anyhow::Result<DrainRes
         holder
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")
             .await?;
-        let held = drain_with_relay(fixture, &client, args).await?;
+        let held =
+            drain_with_relay(fixture, &client, args.backlog, args.window, args.batch).await?;
         holder.batch_execute("ROLLBACK").await?;
         fixture.purge().await?;
         Some(held)
@@ -120,22 +121,26 @@ async fn insert_backlog(client: &Client, exchange: &str, backlog: u32) -> anyhow
     Ok(started.elapsed().as_secs_f64())
 }
 
-async fn drain_with_relay(
+/// Starts a relay on `backlog` pending rows and times it until none is
+/// pending (the bench queue's depth marks the thirds).
+pub(crate) async fn drain_with_relay(
     fixture: &Fixture,
     client: &Client,
-    args: &DrainArgs,
+    backlog: u32,
+    window: u32,
+    batch: u32,
 ) -> anyhow::Result<Timed> {
     let settings = outbox_relay::Settings {
         database_url: Some(fixture.db_url.clone()),
         amqp_url: Some(fixture.amqp_url.clone()),
-        max_in_flight: Some(args.window),
-        batch_size: Some(args.batch),
+        max_in_flight: Some(window),
+        batch_size: Some(batch),
         ..outbox_relay::Settings::default()
     };
     let started = Instant::now();
     let mut relay = Relay::start(settings)?;
     let mut last_progress = Instant::now();
-    let bar = crate::progress::bar(u64::from(args.backlog), "drain: relay");
+    let bar = crate::progress::bar(u64::from(backlog), "drain: relay");
     // When the queue first held a third and two thirds of the backlog.
     let mut marks = Vec::with_capacity(2);
     loop {
@@ -143,7 +148,7 @@ async fn drain_with_relay(
         relay.check_running().await?;
         if marks.len() < 2 {
             let queued = u64::from(fixture.queued().await?);
-            let next = (marks.len() as u64 + 1) * u64::from(args.backlog) / 3;
+            let next = (marks.len() as u64 + 1) * u64::from(backlog) / 3;
             if queued >= next {
                 marks.push(started.elapsed().as_secs_f64());
             }

@@ -213,7 +213,7 @@ async fn measure(
 ) -> anyhow::Result<LatencyResult> {
     let consumer = Consumer::start(fixture).await?;
     let delivered = Delivered::start(&fixture.dispatch_db_url).await?;
-    let mut dispatch = fixture.start_dispatch().await?;
+    let mut dispatch = fixture.start_dispatch(&[]).await?;
     let mut running = Running::start(fixture, publisher).await?;
     let outcome = async {
         warm_up(fixture, publisher, &delivered.arrivals, &mut running).await?;

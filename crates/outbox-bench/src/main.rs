@@ -12,6 +12,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 mod bridge;
 mod capture;
 mod cli;
+mod consume;
 mod drain;
 mod latency;
 mod observe;
@@ -57,6 +58,7 @@ async fn main() -> ExitCode {
 async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Drain(args) => drain::run(args).await?,
+        Command::Consume(args) => consume::run(args).await?,
         Command::Latency(args) => latency::run(args).await?,
         Command::Soak(args) => soak::run(args).await?,
         Command::WritePath(args) => return write_path::run(&args),

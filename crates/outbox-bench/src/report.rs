@@ -114,7 +114,7 @@ pub fn millis(ms: f64) -> String {
     }
 }
 
-fn machine() -> String {
+pub fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     match crate::setup::load_average() {
         Some(load) => format!("{cores} cores, load {load:.2}"),

@@ -164,21 +164,20 @@ impl Fixture {
     }
 
     /// Starts the dispatch consumer (the `dispatch` binary) on this
-    /// fixture's exchange and database; returns once it consumes.
-    pub async fn start_dispatch(&self) -> anyhow::Result<Process> {
+    /// fixture's exchange and database, with `settings` on top; returns
+    /// once it consumes.
+    pub async fn start_dispatch(&self, settings: &[(&str, &str)]) -> anyhow::Result<Process> {
         let expires = QUEUE_EXPIRES_MS.to_string();
-        let mut dispatch = Process::spawn(
-            "dispatch",
-            &[],
-            &[
-                ("DISPATCH_DATABASE_URL", &self.dispatch_db_url),
-                ("DISPATCH_AMQP_URL", &self.amqp_url),
-                ("DISPATCH_EXCHANGE", &self.exchange),
-                ("DISPATCH_QUEUE", &self.dispatch_queue),
-                ("DISPATCH_QUEUE_EXPIRES_MS", &expires),
-                ("DISPATCH_HTTP_ADDR", "127.0.0.1:0"),
-            ],
-        )?;
+        let mut env = vec![
+            ("DISPATCH_DATABASE_URL", self.dispatch_db_url.as_str()),
+            ("DISPATCH_AMQP_URL", &self.amqp_url),
+            ("DISPATCH_EXCHANGE", &self.exchange),
+            ("DISPATCH_QUEUE", &self.dispatch_queue),
+            ("DISPATCH_QUEUE_EXPIRES_MS", &expires),
+            ("DISPATCH_HTTP_ADDR", "127.0.0.1:0"),
+        ];
+        env.extend_from_slice(settings);
+        let mut dispatch = Process::spawn("dispatch", &[], &env)?;
         let deadline = Instant::now() + CHILD_START_TIMEOUT;
         while self.consumers(&self.dispatch_queue).await < 1 {
             dispatch.check_running()?;

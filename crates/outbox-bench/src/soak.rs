@@ -138,7 +138,7 @@ async fn measure(
     let consumer = Consumer::start(fixture).await?;
     let delivered = Delivered::start(&fixture.dispatch_db_url).await?;
     let dispatch = match with_dispatch {
-        true => Some(fixture.start_dispatch().await?),
+        true => Some(fixture.start_dispatch(&[]).await?),
         false => None,
     };
     // Without the consumer, the bench queue's arrivals are the end of the line.

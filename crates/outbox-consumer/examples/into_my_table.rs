@@ -133,7 +133,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ..ConsumerConfig::new(&args.amqp_url, topology, &inbox_table)
     };
     // One connection per handler running at once, and one for `/readyz`.
-    let pool = outbox_service::db::pool(&target, usize::from(config.prefetch) + 1).await?;
+    let pool = outbox_service::db::pool(&target, usize::from(config.lanes) + 1).await?;
 
     let client = pool.get().await?;
     inbox

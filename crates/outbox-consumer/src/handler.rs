@@ -60,10 +60,13 @@ pub enum HandlerError {
 
 /// Handles one message inside the consumer's transaction. The consumer has
 /// already recorded `message.message_id` in the inbox in `tx`, and commits
-/// `tx` only when this returns `Ok`; any error rolls everything back.
+/// `tx` only when every message of the batch returned `Ok`; an error rolls
+/// the batch back (the others are then committed without this one). `tx`
+/// holds the batch's other messages too: do not leave session state behind
+/// (`SET` without `LOCAL`).
 ///
 /// Implement it with a plain `async fn`; the future must be `Send` because
-/// handlers run concurrently on the runtime's threads.
+/// lanes run concurrently on the runtime's threads.
 pub trait Handler: Send + Sync + 'static {
     fn handle(
         &self,

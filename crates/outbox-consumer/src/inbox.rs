@@ -163,6 +163,11 @@ impl Inbox {
             // Dropping `tx` rolls back: there was nothing to write anyway.
             return Ok(handled);
         }
+        // A handler that caught a failed statement and returned `Ok` leaves
+        // the transaction aborted, and COMMIT then rolls back without an
+        // error: the batch would be acked with nothing written. This fails
+        // instead, and one transaction each then finds the culprit.
+        tx.batch_execute("SELECT 1").await.map_err(batch)?;
         // A commit that fails on a lost connection may still have happened;
         // the redelivery then finds the inbox rows.
         tx.commit().await.map_err(batch)?;

@@ -135,10 +135,15 @@ pub struct Store {
 /// of each key is claimable). $3 says whether a dead head blocks its key.
 /// $5 bounds the payload bytes taken (the first row is always taken):
 /// $6 is the id the scan starts after (see `cursor`).
+/// The earlier-row test compares `(ordering_key, id)` as a row: only the
+/// pending-by-key index can serve that. Written `e.id < m.id`, the planner
+/// sometimes probed the primary key instead, walking every older row for
+/// each candidate: on a keyed backlog of 20,000 rows (50 keys) one claim
+/// took 11.2 s instead of 0.11 s, and the drain fell to 5 msg/s.
 /// `octet_length` reads a TOASTed value's size without fetching it.
 /// Headers come as text and are parsed per row, so one row that serde
 /// cannot decode is that row's problem, not a failed claim.
-const CLAIM: &str = "
+pub const CLAIM: &str = "
 WITH picked AS MATERIALIZED (
     SELECT m.id, octet_length(m.payload)::int8 AS size FROM outbox.messages m
     WHERE m.published_at IS NULL AND m.dead_at IS NULL AND m.id > $6
@@ -146,7 +151,8 @@ WITH picked AS MATERIALIZED (
       AND (m.locked_until IS NULL OR m.locked_until < now())
       AND (m.ordering_key IS NULL OR NOT EXISTS (
             SELECT 1 FROM outbox.messages e
-            WHERE e.ordering_key = m.ordering_key AND e.id < m.id
+            WHERE e.ordering_key = m.ordering_key
+              AND (e.ordering_key, e.id) < (m.ordering_key, m.id)
               AND e.published_at IS NULL
               AND ($3 OR e.dead_at IS NULL)))
     ORDER BY m.id
