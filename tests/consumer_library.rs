@@ -29,11 +29,8 @@ impl Handler for Swallowing {
     }
 }
 
-/// Without the consumer's check before COMMIT, the batch holding order 0
-/// was acked with nothing written: 14 orders lost.
-#[tokio::test]
-async fn a_handler_that_swallows_a_failed_statement_costs_its_batch_nothing() {
-    const ORDERS: i64 = 30;
+/// The test's inbox and effects tables in a fresh database.
+async fn database() -> TestDb {
     let db = TestDb::empty().await;
     db.connect()
         .await
@@ -44,18 +41,22 @@ async fn a_handler_that_swallows_a_failed_statement_costs_its_batch_nothing() {
         )
         .await
         .expect("tables");
+    db
+}
+
+/// A consumer of fresh names on `db`, with `adjust` applied to its config;
+/// its topology, and the task that stops when `shutdown` is cancelled.
+async fn start(
+    db: &TestDb,
+    adjust: impl FnOnce(&mut ConsumerConfig),
+    shutdown: &CancellationToken,
+) -> (Topology, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let mut topology = Topology::named(&unique_name("lib_ex"), &unique_name("lib_q"));
     topology.expires = Some(Duration::from_secs(300));
-    let config = ConsumerConfig {
-        lanes: 1,
-        max_deliveries: 2,
-        retry_base: Duration::from_millis(50),
-        retry_max: Duration::from_millis(100),
-        ..ConsumerConfig::new(&amqp_url(), topology.clone(), "inbox")
-    };
+    let mut config = ConsumerConfig::new(&amqp_url(), topology.clone(), "inbox");
+    adjust(&mut config);
     let target = outbox_service::db::parse_url(&db.url, None).expect("url");
-    let pool = outbox_service::db::pool(&target, 2).await.expect("pool");
-    let shutdown = CancellationToken::new();
+    let pool = outbox_service::db::pool(&target, 3).await.expect("pool");
     let consumer = tokio::spawn(outbox_consumer::run(
         config,
         pool,
@@ -64,6 +65,23 @@ async fn a_handler_that_swallows_a_failed_statement_costs_its_batch_nothing() {
         shutdown.clone(),
     ));
     wait_for_consumers(&topology.queue, 1).await;
+    (topology, consumer)
+}
+
+/// Without the consumer's check before COMMIT, the batch holding order 0
+/// was acked with nothing written: 14 orders lost.
+#[tokio::test]
+async fn a_handler_that_swallows_a_failed_statement_costs_its_batch_nothing() {
+    const ORDERS: i64 = 30;
+    let db = database().await;
+    let shutdown = CancellationToken::new();
+    let adjust = |config: &mut ConsumerConfig| {
+        config.lanes = 1;
+        config.max_deliveries = 2;
+        config.retry_base = Duration::from_millis(50);
+        config.retry_max = Duration::from_millis(100);
+    };
+    let (topology, consumer) = start(&db, adjust, &shutdown).await;
     let publisher = Publisher::new(&topology.exchange).await;
     // The first order's transaction waits on the lock while the rest
     // arrive, so they form one batch with order 0 in the middle.
@@ -102,4 +120,29 @@ async fn a_handler_that_swallows_a_failed_statement_costs_its_batch_nothing() {
     shutdown.cancel();
     consumer.await.expect("join").expect("consumer");
     assert_eq!(count(&db, "SELECT count(*) FROM inbox").await, ORDERS + 1);
+}
+
+/// Inbox rows older than `inbox_retention` go; the consumer goes on.
+#[tokio::test]
+async fn inbox_rows_past_their_retention_are_deleted() {
+    let db = database().await;
+    let shutdown = CancellationToken::new();
+    let retention = |config: &mut ConsumerConfig| {
+        config.inbox_retention = Some(Duration::from_millis(300));
+    };
+    let (topology, consumer) = start(&db, retention, &shutdown).await;
+    let publisher = Publisher::new(&topology.exchange).await;
+    for order in 1..=2 {
+        publisher.order(order).await;
+        wait_until("the order has its effect", || async {
+            count(&db, "SELECT count(*) FROM effects").await == order
+        })
+        .await;
+        wait_until("its inbox row is deleted", || async {
+            count(&db, "SELECT count(*) FROM inbox").await == 0
+        })
+        .await;
+    }
+    shutdown.cancel();
+    consumer.await.expect("join").expect("consumer");
 }

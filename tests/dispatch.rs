@@ -9,6 +9,7 @@ use std::process::Command;
 
 use ::dispatch::Settings;
 use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable};
 use outbox_consumer::Topology;
 use outbox_tests::dispatch::*;
 use outbox_tests::relay::{RunningRelay, test_settings as relay_settings};
@@ -538,6 +539,29 @@ async fn dispatch_commits_a_backlog_in_batches_and_takes_a_failing_batch_apart()
         "{} messages took {transactions} transactions",
         landed + 1
     );
+}
+
+/// A publisher cannot forge the counts that dead-letter a message: a fresh
+/// order carrying `x-consumer-retries: 99` and `x-delivery-count: 99` is
+/// its first delivery, and lands (it was dead-lettered at once before).
+#[tokio::test]
+async fn dispatch_a_fresh_message_cannot_forge_its_delivery_count() {
+    let fixture = Fixture::start().await;
+    let mut headers = FieldTable::default();
+    headers.insert("x-consumer-retries".into(), AMQPValue::LongUInt(99));
+    headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(99));
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id(Uuid::new_v4().to_string().into())
+        .with_headers(headers);
+    fixture
+        .publisher
+        .raw(br#"{"orderId": 7}"#, properties)
+        .await;
+    fixture.wait_for_deliveries(1).await;
+    let dead_letter_queue = fixture.names.dead_letter_queue.clone();
+    fixture.stop_with_queues_empty().await;
+    assert_eq!(ready(&dead_letter_queue).await, 0);
 }
 
 /// Test 6: an order whose insert always fails with a serialization failure

@@ -216,8 +216,14 @@ impl Publisher {
 }
 
 /// Deliveries of this message so far, this one included: 1 + transient
-/// failures carried in `x-consumer-retries` + returns counted by a quorum queue.
-pub(crate) fn delivery_number(delivery: &Delivery) -> u32 {
+/// failures carried in `x-consumer-retries` + returns counted by a quorum
+/// queue. Only counts a publisher cannot forge are read: the retries of a
+/// copy that came back from our retry queue (through the default exchange,
+/// routed by the queue's name, which a publisher limited to its own
+/// exchange cannot use), and the quorum queue's count on a delivery the
+/// broker flags as redelivered. A fresh message carrying
+/// `x-consumer-retries: 99` is delivery 1.
+pub(crate) fn delivery_number(delivery: &Delivery, queue: &str) -> u32 {
     let count = |key: &str| {
         delivery
             .properties
@@ -227,8 +233,19 @@ pub(crate) fn delivery_number(delivery: &Delivery) -> u32 {
             .and_then(as_u32)
             .unwrap_or(0)
     };
-    1u32.saturating_add(count(RETRIES_HEADER))
-        .saturating_add(count(DELIVERY_COUNT_HEADER))
+    let from_retry_queue =
+        delivery.exchange.as_str().is_empty() && delivery.routing_key.as_str() == queue;
+    let retries = if from_retry_queue {
+        count(RETRIES_HEADER)
+    } else {
+        0
+    };
+    let returns = if delivery.redelivered {
+        count(DELIVERY_COUNT_HEADER)
+    } else {
+        0
+    };
+    1u32.saturating_add(retries).saturating_add(returns)
 }
 
 /// Any integer header value that fits; publishers pick various widths.
@@ -308,8 +325,10 @@ fn long_string(value: &str) -> AMQPValue {
 mod tests {
     use super::*;
 
+    /// A delivery with `headers` as it comes back from the retry queue
+    /// (default exchange, routed by the queue's name `q`), redelivered.
     fn delivery(headers: FieldTable) -> Delivery {
-        let mut delivery = Delivery::mock(1, "ex".into(), "rk".into(), false, b"{}".to_vec());
+        let mut delivery = Delivery::mock(1, "".into(), "q".into(), true, b"{}".to_vec());
         delivery.properties = BasicProperties::default()
             .with_headers(headers)
             .with_expiration("500".into())
@@ -319,7 +338,7 @@ mod tests {
 
     #[test]
     fn first_delivery_is_number_one() {
-        assert_eq!(delivery_number(&delivery(FieldTable::default())), 1);
+        assert_eq!(delivery_number(&delivery(FieldTable::default()), "q"), 1);
     }
 
     #[test]
@@ -327,7 +346,23 @@ mod tests {
         let mut headers = FieldTable::default();
         headers.insert(RETRIES_HEADER.into(), AMQPValue::LongUInt(2));
         headers.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongLongInt(1));
-        assert_eq!(delivery_number(&delivery(headers)), 4);
+        assert_eq!(delivery_number(&delivery(headers), "q"), 4);
+    }
+
+    #[test]
+    fn a_fresh_message_cannot_forge_its_counts() {
+        let mut headers = FieldTable::default();
+        headers.insert(RETRIES_HEADER.into(), AMQPValue::LongUInt(99));
+        headers.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongLongInt(99));
+        let mut fresh = delivery(headers);
+        fresh.exchange = "orders".into();
+        fresh.routing_key = "".into();
+        fresh.redelivered = false;
+        assert_eq!(delivery_number(&fresh, "q"), 1);
+        // Through the default exchange to another queue: not our retry queue.
+        fresh.exchange = "".into();
+        fresh.routing_key = "other".into();
+        assert_eq!(delivery_number(&fresh, "q"), 1);
     }
 
     #[test]
@@ -335,7 +370,7 @@ mod tests {
         let mut headers = FieldTable::default();
         headers.insert(RETRIES_HEADER.into(), long_string("many"));
         headers.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongLongInt(-3));
-        assert_eq!(delivery_number(&delivery(headers)), 1);
+        assert_eq!(delivery_number(&delivery(headers), "q"), 1);
     }
 
     #[test]

@@ -56,6 +56,10 @@ pub struct ConsumerConfig {
     pub shutdown_timeout: Duration,
     /// `schema.table` with a `message_id uuid` primary key.
     pub inbox_table: String,
+    /// Inbox rows older than this are deleted (it needs a `processed_at`
+    /// column): a copy arriving later is no longer recognised as one.
+    /// `None` keeps every row.
+    pub inbox_retention: Option<Duration>,
     /// Shown as the connection name in RabbitMQ and prefixes consumer tags.
     pub name: String,
 }
@@ -84,6 +88,7 @@ impl ConsumerConfig {
             retry_max: Self::DEFAULT_RETRY_MAX,
             shutdown_timeout: Self::DEFAULT_SHUTDOWN_TIMEOUT,
             inbox_table: inbox_table.into(),
+            inbox_retention: None,
             name: "outbox-consumer".into(),
         }
     }
@@ -116,6 +121,18 @@ pub async fn run<H: Handler>(
         shutdown,
     });
     let config = &shared.config;
+    // Stops with the consumer, however `run` returns.
+    let retention_stop = shared.shutdown.child_token();
+    let _stop_retention = retention_stop.clone().drop_guard();
+    if let Some(retention) = config.inbox_retention {
+        tokio::spawn(crate::retention::run(
+            shared.pool.clone(),
+            shared.inbox.clone(),
+            retention,
+            shared.meters.clone(),
+            retention_stop,
+        ));
+    }
     let topology = Arc::new(config.topology.clone());
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut connected_once = false;

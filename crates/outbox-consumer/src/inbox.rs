@@ -5,6 +5,7 @@
 //! serialize on the inbox row's primary key.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use deadpool_postgres::{Object, Pool};
 use futures::FutureExt;
@@ -37,6 +38,7 @@ pub(crate) enum BatchFailure {
 pub struct Inbox {
     table: String,
     insert: String,
+    delete_expired: String,
 }
 
 /// A table name that cannot be put into SQL as it is.
@@ -79,6 +81,11 @@ impl Inbox {
                 "INSERT INTO {table} (message_id) SELECT unnest($1::uuid[]) \
                  ON CONFLICT DO NOTHING RETURNING message_id"
             ),
+            delete_expired: format!(
+                "DELETE FROM {table} WHERE message_id IN (SELECT message_id FROM {table} \
+                 WHERE processed_at < now() - $1 * interval '1 millisecond' \
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)"
+            ),
         })
     }
 
@@ -95,6 +102,23 @@ impl Inbox {
             self.table
         );
         client.batch_execute(&create).await
+    }
+
+    /// Deletes up to `limit` rows processed more than `retention` ago (see
+    /// `retention`); how many.
+    pub(crate) async fn delete_expired(
+        &self,
+        client: &impl tokio_postgres::GenericClient,
+        retention: Duration,
+        limit: i64,
+    ) -> Result<u64, tokio_postgres::Error> {
+        let millis = retention.as_secs_f64() * 1000.0;
+        client
+            .execute_typed(
+                &self.delete_expired,
+                &[(&millis, Type::FLOAT8), (&limit, Type::INT8)],
+            )
+            .await
     }
 
     /// Handles each of `messages` once, in one transaction. A failure on a

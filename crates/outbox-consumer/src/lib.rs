@@ -14,7 +14,7 @@
 //! - `lanes`: which lane a delivery takes (its key's, or the first free);
 //! - `batch`: a lane's batch in one transaction, taken apart on a failure;
 //! - `worker`: how one delivery ends (parse, ack, retry or dead-letter);
-//! - `inbox`: the effectively-once transaction;
+//! - `inbox`: the effectively-once transaction; `retention`: its old rows;
 //! - `broker`, `topology`: the RabbitMQ side;
 //! - `handler`: what a user implements; `meters`, `health`: observability.
 
@@ -26,6 +26,7 @@ pub mod health;
 mod inbox;
 mod lanes;
 mod meters;
+mod retention;
 mod topology;
 mod worker;
 

@@ -48,6 +48,7 @@ pub(crate) struct Meters {
     pub handle_seconds: Histogram,
     pub batch_size: Histogram,
     pub in_flight: Gauge,
+    pub inbox_deleted: Counter,
 }
 
 impl Meters {
@@ -61,6 +62,7 @@ impl Meters {
             handle_seconds: histogram!("consumer_handle_seconds"),
             batch_size: histogram!("consumer_batch_size"),
             in_flight: gauge!("consumer_in_flight"),
+            inbox_deleted: counter!("consumer_inbox_deleted_total"),
         }
     }
 
@@ -90,6 +92,10 @@ fn describe() {
         "Deliveries handled in one transaction (before any is taken apart)."
     );
     describe_gauge!("consumer_in_flight", "Deliveries in hand.");
+    describe_counter!(
+        "consumer_inbox_deleted_total",
+        "Inbox rows deleted by retention (older than inbox_retention)."
+    );
     describe_gauge!("consumer_consuming", "1 while subscribed to the queue.");
     describe_gauge!(
         "consumer_database_available",

@@ -77,7 +77,7 @@ pub(crate) async fn admit<H: Handler>(
     delivery: Delivery,
 ) -> Result<Option<Item>, BrokerError> {
     shared.meters.received.increment(1);
-    let deliveries = delivery_number(&delivery);
+    let deliveries = delivery_number(&delivery, &shared.config.topology.queue);
     let max = shared.config.max_deliveries;
     let reason = match incoming(&delivery, deliveries) {
         Err(bad) => bad.to_string(),

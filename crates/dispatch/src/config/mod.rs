@@ -32,6 +32,10 @@ pub mod defaults {
     pub const RIDERS: &str = "Zhang Fei";
     /// The seed's slow dispatcher took 3 s.
     pub const SLOW_ORDER_MS: u64 = 3000;
+    /// A week: far beyond any copy still on its way (a retry waits at most
+    /// `DISPATCH_RETRY_MAX_MS` per delivery), short enough that the inbox
+    /// is a week of orders, not all of them.
+    pub const INBOX_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 }
 
 /// Created by `sql/dispatch/V1__dispatch.sql`.
@@ -143,6 +147,15 @@ impl Settings {
                 base.shutdown_timeout,
                 limits::SHUTDOWN_TIMEOUT_MS,
             )?,
+            inbox_retention: match millis(
+                "DISPATCH_INBOX_RETENTION_MS",
+                self.inbox_retention_ms,
+                Duration::from_millis(defaults::INBOX_RETENTION_MS),
+                limits::INBOX_RETENTION_MS,
+            )? {
+                Duration::ZERO => None,
+                retention => Some(retention),
+            },
             amqp_ca_file: self.amqp_ca_file,
             name: "dispatch".into(),
             ..base

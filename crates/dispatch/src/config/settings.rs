@@ -77,6 +77,9 @@ pub struct Settings {
     #[arg(long, env = "DISPATCH_RETRY_MAX_MS", help = with_default!("Longest retry delay in milliseconds", ConsumerConfig::DEFAULT_RETRY_MAX.as_millis()))]
     pub retry_max_ms: Option<u64>,
 
+    #[arg(long, env = "DISPATCH_INBOX_RETENTION_MS", help = with_default!("Inbox rows older than this many milliseconds are deleted (a copy arriving later is handled again); 0 keeps them all", defaults::INBOX_RETENTION_MS))]
+    pub inbox_retention_ms: Option<u64>,
+
     #[arg(long, env = "DISPATCH_SHUTDOWN_TIMEOUT_MS", help = with_default!("Milliseconds shutdown waits for handlers in progress", ConsumerConfig::DEFAULT_SHUTDOWN_TIMEOUT.as_millis()))]
     pub shutdown_timeout_ms: Option<u64>,
 
