@@ -847,7 +847,6 @@ async fn wake_ups_deliver_without_the_sweep_also_after_the_listener_dies() {
 /// drain ran at 5 msg/s.
 #[tokio::test]
 async fn relay_keyed_claim_probes_the_key_index_whatever_the_statistics() {
-    use tokio_postgres::types::Type;
     let db = TestDb::with_outbox().await;
     let client = db.connect().await;
     client
@@ -862,14 +861,7 @@ async fn relay_keyed_claim_probes_the_key_index_whatever_the_statistics() {
     let explain = client
         .prepare_typed(
             &format!("EXPLAIN {}", outbox_relay::store::CLAIM),
-            &[
-                Type::INT8,
-                Type::TEXT,
-                Type::BOOL,
-                Type::FLOAT8,
-                Type::INT8,
-                Type::INT8,
-            ],
+            &outbox_relay::store::CLAIM_TYPES,
         )
         .await
         .expect("prepare");

@@ -171,7 +171,8 @@ RETURNING m.id, m.message_id, m.exchange, m.routing_key, m.payload, m.content_ty
           m.headers::text, m.ordering_key, m.attempts, coalesce(m.replayed_at, m.created_at),
           (SELECT count(*) FROM picked)";
 
-const CLAIM_TYPES: [Type; 6] = [
+/// The types of [`CLAIM`]'s parameters.
+pub const CLAIM_TYPES: [Type; 6] = [
     Type::INT8,
     Type::TEXT,
     Type::BOOL,
