@@ -564,6 +564,57 @@ async fn dispatch_a_fresh_message_cannot_forge_its_delivery_count() {
     assert_eq!(ready(&dead_letter_queue).await, 0);
 }
 
+/// A keyed order that fails transiently is retried in its lane, so its
+/// key's later orders commit after it: through the retry queue, as before,
+/// they passed it (orders 6 to 10 landed before 5).
+#[tokio::test]
+async fn dispatch_retries_a_keyed_message_in_place_and_keeps_its_key_in_order() {
+    let db = dispatch_db().await;
+    // Order 5 fails twice, then lands: a sequence is not rolled back with
+    // the transaction that advanced it.
+    db.connect()
+        .await
+        .batch_execute(
+            "CREATE SEQUENCE dispatch.flaky_5; \
+             CREATE FUNCTION dispatch.flaky() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.order_id = 5 AND nextval('dispatch.flaky_5') <= 2 THEN \
+                 RAISE EXCEPTION 'order 5 conflicts' USING ERRCODE = 'serialization_failure'; \
+             END IF; RETURN NEW; END $$; \
+             CREATE TRIGGER flaky BEFORE INSERT ON dispatch.deliveries \
+             FOR EACH ROW EXECUTE FUNCTION dispatch.flaky()",
+        )
+        .await
+        .expect("flaky trigger");
+    let settings = test_settings(&db);
+    let fixture = Fixture::start_with(db, settings).await;
+    for order_id in 1..=10 {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            outbox_consumer::KEY_HEADER.into(),
+            AMQPValue::LongString("customer-1".into()),
+        );
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(Uuid::new_v4().to_string().into())
+            .with_headers(headers);
+        let body = json!({ "orderId": order_id }).to_string();
+        fixture.publisher.raw(body.as_bytes(), properties).await;
+    }
+    fixture.wait_for_deliveries(10).await;
+    let committed: Vec<i64> = fixture
+        .db
+        .connect()
+        .await
+        .query("SELECT order_id FROM dispatch.deliveries ORDER BY id", &[])
+        .await
+        .expect("deliveries")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(committed, (1..=10).collect::<Vec<i64>>());
+    fixture.stop_with_queues_empty().await;
+}
+
 /// Test 6: an order whose insert always fails with a serialization failure
 /// is retried, then dead-lettered after the configured deliveries, while
 /// the others land.

@@ -9,7 +9,10 @@
 //! a lane's effects keep their delivery order. When the batch's own
 //! statements fail (the inbox insert, the commit: a serialization failure,
 //! say), each message gets a transaction of its own. An unavailable
-//! database redoes the same batch after a backoff, counting nothing.
+//! database redoes the same batch after a backoff, counting nothing. A
+//! keyed message that fails transiently is retried in place, after its
+//! backoff, before the rest of the batch: its key's later messages must
+//! not pass it (a copy through the retry queue would let them).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -21,8 +24,9 @@ use crate::broker::{BrokerError, Publisher};
 use crate::handler::{Handler, HandlerError, Incoming};
 use crate::health;
 use crate::inbox::{BatchFailure, Handled};
+use crate::lanes::ordering_key;
 use crate::meters::Settled;
-use crate::worker::{Failed, Item, Shared, ack, admit, settle_failure};
+use crate::worker::{Failed, Item, Shared, ack, admit, retry_delay, settle_failure};
 
 /// What is left to do with a batch, in order.
 enum Step {
@@ -51,6 +55,35 @@ pub(crate) async fn handle<H: Handler>(
     let mut outage = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     while let Some(step) = todo.pop_front() {
         let mut segment = match step {
+            Step::Settle(item, Failed::Transient(reason))
+                if ordering_key(&item.delivery).is_some()
+                    && item.deliveries < shared.config.max_deliveries =>
+            {
+                // In place: a copy through the retry queue would let the
+                // key's later messages pass it. The lane waits.
+                let mut item = *item;
+                let delay = retry_delay(&shared.config, item.deliveries);
+                tracing::info!(
+                    message_id = %item.message.message_id,
+                    deliveries = item.deliveries,
+                    ?delay,
+                    %reason,
+                    "transient failure of a keyed message; retrying it in its lane"
+                );
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => {
+                        let left = 1 + todo.iter().map(Step::len).sum::<usize>();
+                        shared.meters.settled(Settled::GivenBack).increment(left as u64);
+                        return Ok(());
+                    }
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                item.deliveries += 1;
+                item.message.delivery = item.deliveries;
+                shared.meters.retried_in_place.increment(1);
+                todo.push_front(Step::Commit(vec![item]));
+                continue;
+            }
             Step::Settle(item, failed) => {
                 settle_failure(shared, publisher, *item, failed).await?;
                 continue;

@@ -69,7 +69,7 @@ impl Lanes {
 }
 
 /// The ordering key a delivery carries, if any.
-fn ordering_key(delivery: &Delivery) -> Option<&[u8]> {
+pub(crate) fn ordering_key(delivery: &Delivery) -> Option<&[u8]> {
     let headers = delivery.properties.headers().as_ref()?;
     match headers.inner().get(KEY_HEADER)? {
         AMQPValue::LongString(key) => Some(key.as_bytes()),

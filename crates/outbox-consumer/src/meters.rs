@@ -49,6 +49,8 @@ pub(crate) struct Meters {
     pub batch_size: Histogram,
     pub in_flight: Gauge,
     pub inbox_deleted: Counter,
+    /// Transient failures of keyed messages, retried in their lane.
+    pub retried_in_place: Counter,
 }
 
 impl Meters {
@@ -63,6 +65,7 @@ impl Meters {
             batch_size: histogram!("consumer_batch_size"),
             in_flight: gauge!("consumer_in_flight"),
             inbox_deleted: counter!("consumer_inbox_deleted_total"),
+            retried_in_place: counter!("consumer_retried_in_place_total"),
         }
     }
 
@@ -92,6 +95,10 @@ fn describe() {
         "Deliveries handled in one transaction (before any is taken apart)."
     );
     describe_gauge!("consumer_in_flight", "Deliveries in hand.");
+    describe_counter!(
+        "consumer_retried_in_place_total",
+        "Transient failures of keyed messages retried in their lane (not through the retry queue)."
+    );
     describe_counter!(
         "consumer_inbox_deleted_total",
         "Inbox rows deleted by retention (older than inbox_retention)."

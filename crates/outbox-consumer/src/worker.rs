@@ -199,7 +199,7 @@ fn incoming(delivery: &Delivery, deliveries: u32) -> Result<Incoming, BadDeliver
 }
 
 /// `retry_base` doubled per earlier delivery, at most `retry_max`.
-fn retry_delay(config: &ConsumerConfig, deliveries: u32) -> Duration {
+pub(crate) fn retry_delay(config: &ConsumerConfig, deliveries: u32) -> Duration {
     let doublings = deliveries.saturating_sub(1).min(20);
     config
         .retry_base
