@@ -372,7 +372,9 @@ async fn traceparent_reaches_the_consumer_log_and_its_counters_move() {
     // Received: 4 messages, two of them redelivered from the retry queue.
     let scrape = Scrape::of(http).await;
     assert_eq!(scrape.value("consumer_received_total", &[]), 6.0);
-    assert_eq!(scrape.value("consumer_handle_seconds_count", &[]), 5.0);
+    // One transaction each at least (more when two arrive in one batch and
+    // it is taken apart).
+    assert!(scrape.value("consumer_handle_seconds_count", &[]) >= 5.0);
     assert_eq!(scrape.value("consumer_consuming", &[]), 1.0);
     assert_eq!(scrape.value("consumer_database_available", &[]), 1.0);
     for name in documented_metrics("dispatch_") {

@@ -4,9 +4,10 @@
 //!
 //! A batch that fails is taken apart without blaming the innocent: when the
 //! handler of message *k* fails, the transaction rolls back, the messages
-//! before *k* commit as a batch of their own, *k* is settled as its error
-//! says (see `worker`), and the rest form the next batch, in that order, so
-//! a lane's effects keep their delivery order. When the batch's own
+//! before *k* commit as a batch of their own, *k* is tried alone and, if it
+//! fails again, settled as its error says (see `worker`), and the rest form
+//! the next batch, in that order, so a lane's effects keep their delivery
+//! order. When the batch's own
 //! statements fail (the inbox insert, the commit: a serialization failure,
 //! say), each message gets a transaction of its own. An unavailable
 //! database redoes the same batch after a backoff, counting nothing. A
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
 use outbox_service::backoff::Backoff;
+use tracing::Instrument;
 
 use crate::broker::{BrokerError, Publisher};
 use crate::handler::{Handler, HandlerError, Incoming};
@@ -26,7 +28,7 @@ use crate::health;
 use crate::inbox::{BatchFailure, Handled};
 use crate::lanes::ordering_key;
 use crate::meters::Settled;
-use crate::worker::{Failed, Item, Shared, ack, admit, retry_delay, settle_failure};
+use crate::worker::{Failed, Item, Shared, ack, admit, retry_delay, settle_failure, span};
 
 /// What is left to do with a batch, in order.
 enum Step {
@@ -59,29 +61,11 @@ pub(crate) async fn handle<H: Handler>(
                 if ordering_key(&item.delivery).is_some()
                     && item.deliveries < shared.config.max_deliveries =>
             {
-                // In place: a copy through the retry queue would let the
-                // key's later messages pass it. The lane waits.
-                let mut item = *item;
-                let delay = retry_delay(&shared.config, item.deliveries);
-                tracing::info!(
-                    message_id = %item.message.message_id,
-                    deliveries = item.deliveries,
-                    ?delay,
-                    %reason,
-                    "transient failure of a keyed message; retrying it in its lane"
-                );
-                tokio::select! {
-                    _ = shared.shutdown.cancelled() => {
-                        let left = 1 + todo.iter().map(Step::len).sum::<usize>();
-                        shared.meters.settled(Settled::GivenBack).increment(left as u64);
-                        return Ok(());
-                    }
-                    _ = tokio::time::sleep(delay) => {}
+                let left = 1 + todo.iter().map(Step::len).sum::<usize>();
+                match retry_in_place(shared, *item, &reason, left).await {
+                    Some(item) => todo.push_front(Step::Commit(vec![item])),
+                    None => return Ok(()),
                 }
-                item.deliveries += 1;
-                item.message.delivery = item.deliveries;
-                shared.meters.retried_in_place.increment(1);
-                todo.push_front(Step::Commit(vec![item]));
                 continue;
             }
             Step::Settle(item, failed) => {
@@ -115,22 +99,25 @@ pub(crate) async fn handle<H: Handler>(
             | BatchFailure::Batch(HandlerError::Unavailable(reason)) => {
                 health::database_down(&shared.health, &reason);
                 let left = segment.len() + todo.iter().map(Step::len).sum::<usize>();
-                tokio::select! {
-                    _ = shared.shutdown.cancelled() => {
-                        // Unacked: the broker redelivers them when the
-                        // channel closes.
-                        shared.meters.settled(Settled::GivenBack).increment(left as u64);
-                        return Ok(());
-                    }
-                    _ = tokio::time::sleep(outage.next_delay()) => {}
+                if !wait_or_give_back(shared, outage.next_delay(), left).await {
+                    return Ok(());
                 }
                 todo.push_front(Step::Commit(segment));
             }
-            BatchFailure::Message(at, error) => {
+            BatchFailure::Message(_, error) if segment.len() == 1 => {
+                if let Some(item) = segment.pop() {
+                    todo.push_front(Step::Settle(Box::new(item), fault(error)));
+                }
+            }
+            BatchFailure::Message(at, _) => {
+                // The failing message is tried alone before it is blamed:
+                // its failure may be an earlier one's doing (a handler
+                // that swallowed a failed statement aborts the rest of
+                // the transaction).
                 let rest = segment.split_off(at + 1);
                 todo.push_front(Step::Commit(rest));
                 if let Some(failed) = segment.pop() {
-                    todo.push_front(Step::Settle(Box::new(failed), fault(error)));
+                    todo.push_front(Step::Commit(vec![failed]));
                 }
                 todo.push_front(Step::Commit(segment));
             }
@@ -148,6 +135,45 @@ pub(crate) async fn handle<H: Handler>(
         }
     }
     Ok(())
+}
+
+/// A keyed message's transient failure, retried in place after its
+/// backoff: a copy through the retry queue would let the key's later
+/// messages pass it, so the lane waits. `None` when shutdown came first.
+async fn retry_in_place<H: Handler>(
+    shared: &Shared<H>,
+    mut item: Item,
+    reason: &str,
+    left: usize,
+) -> Option<Item> {
+    let delay = retry_delay(&shared.config, item.deliveries);
+    tracing::info!(
+        message_id = %item.message.message_id,
+        deliveries = item.deliveries,
+        ?delay,
+        %reason,
+        "transient failure of a keyed message; retrying it in its lane"
+    );
+    if !wait_or_give_back(shared, delay, left).await {
+        return None;
+    }
+    item.deliveries += 1;
+    item.message.delivery = item.deliveries;
+    shared.meters.retried_in_place.increment(1);
+    Some(item)
+}
+
+/// Sleeps `delay`; false when shutdown came first, with the `left`
+/// deliveries counted as given back (unacked, the broker redelivers them
+/// when the channel closes).
+async fn wait_or_give_back<H: Handler>(shared: &Shared<H>, delay: Duration, left: usize) -> bool {
+    tokio::select! {
+        _ = shared.shutdown.cancelled() => {
+            shared.meters.settled(Settled::GivenBack).increment(left as u64);
+            false
+        }
+        _ = tokio::time::sleep(delay) => true,
+    }
 }
 
 impl Step {
@@ -180,7 +206,8 @@ async fn ack_all<H: Handler>(
             Handled::Committed => Settled::Processed,
             Handled::Duplicate => Settled::Duplicate,
         };
-        ack(&item.delivery, outcome, &shared.meters)
+        // In the delivery's span: its log line names the message and trace.
+        ack(&item.delivery, outcome, &shared.meters).instrument(span(&item.delivery))
     });
     futures::future::join_all(acks)
         .await

@@ -232,7 +232,7 @@ pub(crate) async fn ack(
     match delivery.acker.ack(BasicAckOptions::default()).await {
         Ok(true) => {
             meters.settled(outcome).increment(1);
-            tracing::debug!(message_id = ?delivery.properties.message_id(), outcome = outcome.label(), "message settled");
+            tracing::debug!(outcome = outcome.label(), "message settled");
             Ok(())
         }
         // The channel closed under us: the broker redelivers the message,
