@@ -570,21 +570,8 @@ async fn dispatch_a_fresh_message_cannot_forge_its_delivery_count() {
 #[tokio::test]
 async fn dispatch_retries_a_keyed_message_in_place_and_keeps_its_key_in_order() {
     let db = dispatch_db().await;
-    // Order 5 fails twice, then lands: a sequence is not rolled back with
-    // the transaction that advanced it.
-    db.connect()
-        .await
-        .batch_execute(
-            "CREATE SEQUENCE dispatch.flaky_5; \
-             CREATE FUNCTION dispatch.flaky() RETURNS trigger LANGUAGE plpgsql AS $$ \
-             BEGIN IF NEW.order_id = 5 AND nextval('dispatch.flaky_5') <= 2 THEN \
-                 RAISE EXCEPTION 'order 5 conflicts' USING ERRCODE = 'serialization_failure'; \
-             END IF; RETURN NEW; END $$; \
-             CREATE TRIGGER flaky BEFORE INSERT ON dispatch.deliveries \
-             FOR EACH ROW EXECUTE FUNCTION dispatch.flaky()",
-        )
-        .await
-        .expect("flaky trigger");
+    // Order 5 fails twice, then lands.
+    fail_order(&db, 5, Some(2)).await;
     let settings = test_settings(&db);
     let fixture = Fixture::start_with(db, settings).await;
     for order_id in 1..=10 {

@@ -182,16 +182,27 @@ where
 /// Makes every insert of order 666 into `dispatch.deliveries` fail with a
 /// serialization failure: a message the consumer retries, then dead-letters.
 pub async fn fail_order_666(db: &TestDb) {
+    fail_order(db, 666, None).await;
+}
+
+/// Every insert of `order_id` into `dispatch.deliveries` fails with a
+/// serialization failure, or only its first `times` (counted by a
+/// sequence, which a rolled-back transaction does not rewind).
+pub async fn fail_order(db: &TestDb, order_id: i64, times: Option<i64>) {
+    let limit = times.map_or(String::new(), |times| {
+        format!(" AND nextval('dispatch.flaky_count') <= {times}")
+    });
     db.connect()
         .await
-        .batch_execute(
-            "CREATE FUNCTION dispatch.flaky() RETURNS trigger LANGUAGE plpgsql AS $$ \
-             BEGIN IF NEW.order_id = 666 THEN \
-                 RAISE EXCEPTION 'order 666 conflicts' USING ERRCODE = 'serialization_failure'; \
+        .batch_execute(&format!(
+            "CREATE SEQUENCE dispatch.flaky_count; \
+             CREATE FUNCTION dispatch.flaky() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.order_id = {order_id}{limit} THEN \
+                 RAISE EXCEPTION 'order {order_id} conflicts' USING ERRCODE = 'serialization_failure'; \
              END IF; RETURN NEW; END $$; \
              CREATE TRIGGER flaky BEFORE INSERT ON dispatch.deliveries \
-             FOR EACH ROW EXECUTE FUNCTION dispatch.flaky()",
-        )
+             FOR EACH ROW EXECUTE FUNCTION dispatch.flaky()"
+        ))
         .await
         .expect("flaky trigger");
 }

@@ -57,14 +57,17 @@ impl Lanes {
     }
 
     pub(crate) fn send(&self, delivery: Delivery) {
-        let lane = ordering_key(&delivery).map(|key| {
-            let mut hasher = DefaultHasher::new();
-            key.hash(&mut hasher);
-            self.keyed[(hasher.finish() % self.keyed.len() as u64) as usize].clone()
-        });
+        let lane = match ordering_key(&delivery) {
+            Some(key) => {
+                let mut hasher = DefaultHasher::new();
+                key.hash(&mut hasher);
+                &self.keyed[(hasher.finish() % self.keyed.len() as u64) as usize]
+            }
+            None => &self.keyless,
+        };
         // A lane gone means the session is ending: the delivery goes back
         // to the queue with the channel.
-        let _ = lane.as_ref().unwrap_or(&self.keyless).send(delivery);
+        let _ = lane.send(delivery);
     }
 }
 
