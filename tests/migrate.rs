@@ -53,6 +53,7 @@ async fn migrating_an_empty_database_twice_applies_once() {
         vec![
             "outbox.captures",
             "outbox.dead_letters",
+            "outbox.key_sequences",
             "outbox.messages",
             "outbox.pending",
             "outbox.schema_history"

@@ -686,7 +686,7 @@ async fn faults_an_outcome_the_database_refuses_stalls_no_other_row() {
 
 #[tokio::test]
 async fn faults_a_relay_whose_lease_expired_cannot_settle_rows_taken_over() {
-    use outbox_relay::store::{Retried, Store};
+    use outbox_relay::store::{ClaimLimits, Retried, Store};
     let db = TestDb::with_outbox().await;
     let client = db.connect().await;
     enqueue(&client, "anywhere", "{}", None).await;
@@ -695,14 +695,14 @@ async fn faults_a_relay_whose_lease_expired_cannot_settle_rows_taken_over() {
     let current = Store::connect(&target, "current").await.expect("store");
     let lease = Duration::from_millis(200);
     let stale = late
-        .claim(0, 10, u64::MAX, lease, true)
+        .claim(ClaimLimits::from_start(10, lease))
         .await
         .expect("claim")
         .rows;
     assert_eq!(stale.len(), 1);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let taken = current
-        .claim(0, 10, u64::MAX, Duration::from_secs(30), true)
+        .claim(ClaimLimits::from_start(10, Duration::from_secs(30)))
         .await
         .expect("claim")
         .rows;

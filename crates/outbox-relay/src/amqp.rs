@@ -27,6 +27,8 @@ const PROPERTIES_ROOM: usize = 1024;
 const EXCHANGE_CACHE_TTL: Duration = Duration::from_secs(60);
 /// The header carrying a row's `ordering_key`.
 pub(crate) const KEY_HEADER: &str = "x-outbox-key";
+/// The header carrying a keyed row's `key_seq`.
+pub(crate) const SEQ_HEADER: &str = "x-outbox-seq";
 
 /// An open connection with a channel in confirm mode.
 pub(crate) struct Broker {
@@ -127,8 +129,9 @@ impl Broker {
                 ),
             )));
         }
-        // The ordering key travels as a header of its own.
-        let key_room = row.ordering_key.as_ref().map_or(0, |key| key.len() + 32);
+        // The ordering key and its sequence number travel as headers of
+        // their own.
+        let key_room = row.ordering_key.as_ref().map_or(0, |key| key.len() + 64);
         let budget = self.header_budget().saturating_sub(key_room);
         if let Some(problem) = header_problem(&row.headers, budget) {
             return Ok(Pending::Done(Outcome::Rejected(Fault::BadHeaders, problem)));
@@ -323,8 +326,11 @@ fn properties(row: &Claimed) -> BasicProperties {
         .with_headers(headers(row))
 }
 
-/// The row's headers, and its ordering key as `x-outbox-key`: consumers
-/// keep a key's messages in one lane (`outbox_consumer::KEY_HEADER`).
+/// The row's headers, its ordering key as `x-outbox-key` (consumers keep a
+/// key's messages in one lane: `outbox_consumer::KEY_HEADER`) and its
+/// number among the key's messages as `x-outbox-seq` (consumers put a
+/// key's messages back in order by it: `outbox_consumer::SEQ_HEADER`).
+/// Ours overwrite a row's own headers of those names.
 fn headers(row: &Claimed) -> FieldTable {
     let mut table = field_table(&row.headers);
     if let Some(key) = &row.ordering_key {
@@ -332,6 +338,9 @@ fn headers(row: &Claimed) -> FieldTable {
             KEY_HEADER.into(),
             AMQPValue::LongString(LongString::from(key.as_str())),
         );
+        if let Some(seq) = row.key_seq {
+            table.insert(SEQ_HEADER.into(), AMQPValue::LongLongInt(seq));
+        }
     }
     table
 }

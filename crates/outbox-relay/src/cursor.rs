@@ -1,4 +1,5 @@
-//! Where a claim starts scanning the pending index.
+//! Where a claim starts scanning the keyless pending index (keyed rows
+//! are found key by key, whatever their ids: see `store::CLAIM`).
 //!
 //! Published rows leave the pending index only once VACUUM may remove
 //! their old versions. While something holds the xmin horizon (a long
@@ -17,12 +18,8 @@
 //! retries, and rows another relay leaves behind. While another session
 //! holds the wake-up locks (typically a transaction that fired the trigger
 //! early and runs long, whose row commits late) every claim scans from 0.
-//!
-//! A keyed row's successor becomes claimable when the row is marked. Its
-//! id is above the row's, so the floor stays below every keyed row in
-//! flight, and for [`LAG`] after it settled (the mark lands meanwhile).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -42,8 +39,6 @@ pub(crate) struct Cursor {
     /// The highest id of each recent claim, oldest first: the floor once
     /// [`LAG`] old.
     recent: VecDeque<(Instant, i64)>,
-    /// Keyed rows claimed: `None` while in flight, else when they settled.
-    keyed: BTreeMap<i64, Option<Instant>>,
     /// A scan from the beginning (a sweep, rows given back), at this id.
     pass: Option<i64>,
 }
@@ -55,7 +50,6 @@ impl Cursor {
             next_pass: Instant::now() + every,
             floor: 0,
             recent: VecDeque::new(),
-            keyed: BTreeMap::new(),
             pass: None,
         }
     }
@@ -73,10 +67,7 @@ impl Cursor {
             self.floor = self.floor.max(id);
             self.recent.pop_front();
         }
-        self.keyed
-            .retain(|_, settled| settled.is_none_or(|at| now.duration_since(at) < LAG));
-        let below_keyed = self.keyed.keys().next().map_or(i64::MAX, |id| id - 1);
-        let floor = self.floor.min(below_keyed);
+        let floor = self.floor;
         match self.pass {
             Some(at) if at < floor => at,
             _ => {
@@ -86,12 +77,10 @@ impl Cursor {
         }
     }
 
-    /// Records a claim's rows (in id order); `exhausted` ends a pass.
+    /// Records a claim's rows (in id order; its keyed rows do not move the
+    /// cursor); `exhausted` ends a pass.
     pub(crate) fn claimed(&mut self, now: Instant, rows: &[Claimed], exhausted: bool) {
-        for row in rows.iter().filter(|row| row.ordering_key.is_some()) {
-            self.keyed.insert(row.id, None);
-        }
-        if let Some(last) = rows.last() {
+        if let Some(last) = rows.iter().rfind(|row| row.ordering_key.is_none()) {
             if self.recent.back().is_none_or(|&(_, id)| id < last.id) {
                 self.recent.push_back((now, last.id));
             }
@@ -101,13 +90,6 @@ impl Cursor {
         }
         if exhausted {
             self.pass = None;
-        }
-    }
-
-    /// A row left the window: a keyed one keeps the floor below it a while.
-    pub(crate) fn settled(&mut self, now: Instant, row: &Claimed) {
-        if let Some(settled) = self.keyed.get_mut(&row.id) {
-            *settled = Some(now);
         }
     }
 
@@ -192,18 +174,11 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_floor_stays_below_keyed_rows_until_they_settled_a_while_ago() {
+    async fn keyed_rows_do_not_move_the_floor() {
         let mut cursor = Cursor::new(HOUR);
         let t0 = Instant::now();
-        let claim = vec![row(5, Some("a")), row(6, None), row(9, Some("b"))];
+        let claim = vec![row(5, None), row(6, Some("a")), row(900, Some("b"))];
         cursor.claimed(t0, &claim, false);
-        cursor.claimed(t0, &rows(10..=50), false);
-        // Their successors (above 5 and 9) become claimable once marked.
-        assert_eq!(cursor.start(t0 + LAG * 3), 4);
-        cursor.settled(t0 + LAG * 3, &claim[0]);
-        assert_eq!(cursor.start(t0 + LAG * 3), 4);
-        assert_eq!(cursor.start(t0 + LAG * 4), 8);
-        cursor.settled(t0 + LAG * 4, &claim[2]);
-        assert_eq!(cursor.start(t0 + LAG * 5), 50);
+        assert_eq!(cursor.start(t0 + LAG), 5);
     }
 }

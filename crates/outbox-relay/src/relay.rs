@@ -26,7 +26,7 @@ use crate::marker::{Mark, Marker};
 use crate::meters::{BROKER, DATABASE, Fault, Meters, Wake};
 use crate::nack_runs::NackRuns;
 use crate::outage::{Outage, Outages};
-use crate::store::{Claimed, Store};
+use crate::store::{ClaimLimits, Claimed, Store};
 use crate::wakeup::{IDLE_RECHECKS, Wakeup, next_recheck};
 use crate::window::{Settled, Window};
 use outbox_service::health::Health;
@@ -49,8 +49,10 @@ pub(crate) struct Relay {
     marker: Marker,
     /// Published rows awaiting their confirm; at most `max_in_flight`.
     window: Window,
-    /// Where claims start scanning.
+    /// Where claims start scanning keyless rows.
     cursor: Cursor,
+    /// The ordering key the next claim looks at first.
+    next_key: String,
     /// Exchanges whose publishes are all nacked on this channel.
     nack_runs: NackRuns,
     outages: Outages,
@@ -71,6 +73,7 @@ impl Relay {
         Relay {
             window: Window::new(config.confirm_timeout),
             cursor: Cursor::new(config.sweep_interval),
+            next_key: String::new(),
             nack_runs: NackRuns::default(),
             config,
             store,
@@ -222,19 +225,19 @@ impl Relay {
             // has a low id and commits late.
             self.cursor.rewind();
         }
-        let after = self.cursor.start(now);
-        let ((), claim) = tokio::join!(
-            self.wakeup.begin_drain(),
-            self.store.claim(
-                after,
-                limit as u32,
-                bytes,
-                self.config.lease,
-                self.config.block_on_dead_head
-            )
-        );
+        let limits = ClaimLimits {
+            after: self.cursor.start(now),
+            keys_from: &self.next_key,
+            rows: limit as u32,
+            bytes,
+            lease: self.config.lease,
+            block_on_dead_head: self.config.block_on_dead_head,
+            followers: self.config.key_pipeline,
+        };
+        let ((), claim) = tokio::join!(self.wakeup.begin_drain(), self.store.claim(limits));
         let claim = claim.map_err(|e| Outage::Database(e.to_string()))?;
         self.cursor.claimed(now, &claim.rows, claim.exhausted);
+        self.next_key = claim.next_key;
         self.health.set(DATABASE, true);
         self.meters.claim_batch.record(claim.rows.len() as f64);
         Ok((claim.rows, claim.exhausted))
@@ -284,7 +287,6 @@ impl Relay {
         let mut lost = None;
         let now = Instant::now();
         for row in settled {
-            self.cursor.settled(now, row.row());
             match row {
                 Settled::Published(row) => {
                     self.nack_runs.acked(&row.exchange);
@@ -345,12 +347,7 @@ impl Relay {
     /// Releases rows unpublished or of unknown outcome; claims scan from
     /// the start again to find them.
     fn give_back(&mut self, rows: impl IntoIterator<Item = Claimed>) {
-        let now = Instant::now();
-        let rows: Vec<_> = rows
-            .into_iter()
-            .inspect(|row| self.cursor.settled(now, row))
-            .map(Claimed::held)
-            .collect();
+        let rows: Vec<_> = rows.into_iter().map(Claimed::held).collect();
         if rows.is_empty() {
             return;
         }

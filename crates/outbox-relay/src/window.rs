@@ -47,14 +47,6 @@ pub(crate) enum Settled {
     Lost(Claimed, String),
 }
 
-impl Settled {
-    pub(crate) fn row(&self) -> &Claimed {
-        match self {
-            Settled::Published(row) | Settled::Failed(row, ..) | Settled::Lost(row, _) => row,
-        }
-    }
-}
-
 /// A confirm's answer, or `None` past the deadline.
 type Answer = Option<(Outcome, Option<Returned>)>;
 

@@ -20,6 +20,8 @@ const MIB: u64 = 1 << 20;
 
 /// Rows per claim: one query's worth, its ids passed back as arrays.
 pub const BATCH_SIZE: RangeInclusive<u32> = 1..=10_000;
+/// Rows of one ordering key published after its head, per claim.
+pub const KEY_PIPELINE: RangeInclusive<u32> = 0..=10_000;
 /// Unconfirmed publishes: delivery tags are per channel, and RabbitMQ's
 /// own windows (prefetch, credit) stop at a 16-bit count.
 pub const MAX_IN_FLIGHT: RangeInclusive<u32> = 1..=65_535;

@@ -49,6 +49,8 @@ pub struct Config {
     /// soon as they are confirmed.
     pub retention: Duration,
     pub block_on_dead_head: bool,
+    /// Rows of a key claimed after its head (see `store::CLAIM`).
+    pub key_pipeline: u32,
     pub max_payload_bytes: u32,
     /// A confirm not back by then retries its row (an attempt): a queue
     /// that stopped answering must not hold the whole window.
@@ -174,6 +176,12 @@ impl Settings {
             block_on_dead_head: self
                 .block_on_dead_head
                 .unwrap_or(defaults::BLOCK_ON_DEAD_HEAD),
+            key_pipeline: check(
+                "OUTBOX_KEY_PIPELINE",
+                self.key_pipeline,
+                defaults::KEY_PIPELINE,
+                limits::KEY_PIPELINE,
+            )?,
             max_payload_bytes: check(
                 "OUTBOX_MAX_PAYLOAD_BYTES",
                 self.max_payload_bytes,

@@ -76,6 +76,10 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block_on_dead_head: Option<bool>,
 
+    #[arg(long, env = "OUTBOX_KEY_PIPELINE", help = with_default!("Rows of an ordering key published after its head without waiting for its confirm (0: one at a time); consumers put them back in order by `x-outbox-seq`", defaults::KEY_PIPELINE))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_pipeline: Option<u32>,
+
     #[arg(long, env = "OUTBOX_MAX_PAYLOAD_BYTES", help = with_default!("Largest payload published, in bytes; larger ones count as failed attempts", defaults::MAX_PAYLOAD_BYTES))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_payload_bytes: Option<u32>,
