@@ -871,7 +871,7 @@ async fn relay_keyed_claim_finds_heads_key_by_key_without_walking_the_backlog() 
     let claim = |followers: i64, lease: &'static str| {
         let (client, explain) = (&client, &explain);
         async move {
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
                 &500_i64,
                 &lease,
                 &true,
@@ -880,6 +880,7 @@ async fn relay_keyed_claim_finds_heads_key_by_key_without_walking_the_backlog() 
                 &0_i64,
                 &"",
                 &followers,
+                &"bench#",
             ];
             let plan: serde_json::Value = client
                 .query_one(explain, &params)

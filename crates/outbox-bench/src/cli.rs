@@ -113,6 +113,11 @@ pub struct ConsumeArgs {
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch: u32,
 
+    /// The relay's OUTBOX_KEY_PIPELINE: rows of a key published after its
+    /// head without waiting for its confirm.
+    #[arg(long, default_value_t = 0)]
+    pub key_pipeline: u32,
+
     /// The consumer's DISPATCH_LANES [default: the consumer's].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub lanes: Option<u16>,

@@ -61,7 +61,15 @@ async fn measure(fixture: &Fixture, args: &ConsumeArgs) -> anyhow::Result<Consum
     fixture.start_dispatch(&env).await?.stop().await?;
     let client = fixture.connect_db().await?;
     insert_orders(&client, &fixture.exchange, args.backlog, args.keys).await?;
-    let relay = drain_with_relay(fixture, &client, args.backlog, args.window, args.batch).await?;
+    let relay = drain_with_relay(
+        fixture,
+        &client,
+        args.backlog,
+        args.window,
+        args.batch,
+        args.key_pipeline,
+    )
+    .await?;
     fixture.purge().await?;
 
     let dispatch_db = setup::connect(&fixture.dispatch_db_url).await?;

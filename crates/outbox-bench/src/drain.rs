@@ -61,7 +61,7 @@ pub async fn run(args: DrainArgs) -> anyhow::Result<()> {
 async fn measure(fixture: &Fixture, args: &DrainArgs) -> anyhow::Result<DrainResult> {
     let client = fixture.connect_db().await?;
     let insert_seconds = insert_backlog(&client, &fixture.exchange, args.backlog).await?;
-    let relay = drain_with_relay(fixture, &client, args.backlog, args.window, args.batch).await?;
+    let relay = drain_with_relay(fixture, &client, args.backlog, args.window, args.batch, 0).await?;
     let relay_queued = fixture.queued().await?;
     fixture.purge().await?;
     let held = if args.hold_horizon {
@@ -72,7 +72,7 @@ async fn measure(fixture: &Fixture, args: &DrainArgs) -> anyhow::Result<DrainRes
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")
             .await?;
         let held =
-            drain_with_relay(fixture, &client, args.backlog, args.window, args.batch).await?;
+            drain_with_relay(fixture, &client, args.backlog, args.window, args.batch, 0).await?;
         holder.batch_execute("ROLLBACK").await?;
         fixture.purge().await?;
         Some(held)
@@ -129,12 +129,14 @@ pub(crate) async fn drain_with_relay(
     backlog: u32,
     window: u32,
     batch: u32,
+    key_pipeline: u32,
 ) -> anyhow::Result<Timed> {
     let settings = outbox_relay::Settings {
         database_url: Some(fixture.db_url.clone()),
         amqp_url: Some(fixture.amqp_url.clone()),
         max_in_flight: Some(window),
         batch_size: Some(batch),
+        key_pipeline: Some(key_pipeline),
         ..outbox_relay::Settings::default()
     };
     let started = Instant::now();

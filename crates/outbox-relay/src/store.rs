@@ -174,7 +174,10 @@ pub struct Store {
 /// dead head blocks its key. After a head come up to $8 of its key's next
 /// rows (fewer when the claim's $1 rows are shared among many heads), up
 /// to the first that cannot go now (leased, waiting for a retry, dead):
-/// published together on one channel, they reach a queue in order. $5
+/// published together on one channel, they reach a queue in order. With
+/// $8 above 0, rows this relay ($9: its id and `#`) has in flight do not
+/// count as a key's head: the next rows go out behind them on the same
+/// channel without waiting for their confirms. $5
 /// bounds the payload bytes taken (the first row is always taken).
 ///
 /// Heads are found key by key on the pending-by-key index (a skip scan:
@@ -209,6 +212,8 @@ WITH RECURSIVE keys AS (
         SELECT id, dead_at, next_attempt_at, locked_until FROM outbox.messages
         WHERE ordering_key = k.ordering_key AND (ordering_key, id) > (k.ordering_key, 0)
           AND published_at IS NULL AND ($3 OR dead_at IS NULL)
+          AND NOT ($8 > 0 AND coalesce(
+                   left(locked_by, length($9)) = $9 AND locked_until > now(), false))
         ORDER BY ordering_key, id LIMIT 1) h
     WHERE h.dead_at IS NULL AND h.next_attempt_at <= now()
       AND (h.locked_until IS NULL OR h.locked_until < now())
@@ -276,7 +281,7 @@ RETURNING m.id, m.message_id, m.exchange, m.routing_key, m.payload, m.content_ty
           (SELECT max(ordering_key) FROM keys)";
 
 /// The types of [`CLAIM`]'s parameters.
-pub const CLAIM_TYPES: [Type; 8] = [
+pub const CLAIM_TYPES: [Type; 9] = [
     Type::INT8,
     Type::TEXT,
     Type::BOOL,
@@ -285,6 +290,7 @@ pub const CLAIM_TYPES: [Type; 8] = [
     Type::INT8,
     Type::TEXT,
     Type::INT8,
+    Type::TEXT,
 ];
 
 /// Every state change is fenced on the lease token: only rows this
@@ -403,7 +409,8 @@ impl Store {
         let bytes = i64::try_from(limits.bytes).unwrap_or(i64::MAX);
         let followers = i64::from(limits.followers);
         let token = self.next_lease();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+        let ours = format!("{}#", self.relay_id);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
             &limit,
             &token,
             &limits.block_on_dead_head,
@@ -412,6 +419,7 @@ impl Store {
             &limits.after,
             &limits.keys_from,
             &followers,
+            &ours,
         ];
         let rows = if self.prepared_claims {
             let statement = client
