@@ -1,8 +1,11 @@
 //! The consumer library run in this process with a handler of the test's
 //! own: what a careless handler cannot do to the messages batched with it.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
+use lapin::types::FieldTable;
 use outbox_consumer::{ConsumerConfig, Handler, HandlerError, Incoming, Topology};
 use outbox_tests::dispatch::{Publisher, count, ready, wait_for_consumers, wait_until};
 use outbox_tests::*;
@@ -51,6 +54,16 @@ async fn start(
     adjust: impl FnOnce(&mut ConsumerConfig),
     shutdown: &CancellationToken,
 ) -> (Topology, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    start_with(db, Swallowing, adjust, shutdown).await
+}
+
+/// [`start`] with a handler of the caller's.
+async fn start_with<H: Handler>(
+    db: &TestDb,
+    handler: H,
+    adjust: impl FnOnce(&mut ConsumerConfig),
+    shutdown: &CancellationToken,
+) -> (Topology, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let mut topology = Topology::named(&unique_name("lib_ex"), &unique_name("lib_q"));
     topology.expires = Some(Duration::from_secs(300));
     let mut config = ConsumerConfig::new(&amqp_url(), topology.clone(), "inbox");
@@ -60,7 +73,7 @@ async fn start(
     let consumer = tokio::spawn(outbox_consumer::run(
         config,
         pool,
-        Swallowing,
+        handler,
         outbox_consumer::health::new(),
         shutdown.clone(),
     ));
@@ -145,4 +158,143 @@ async fn inbox_rows_past_their_retention_are_deleted() {
     }
     shutdown.cancel();
     consumer.await.expect("join").expect("consumer");
+}
+
+/// Records each message's `{"key", "n"}` in `effects_log`, in the order
+/// the consumer handles them.
+struct Recording;
+
+impl Handler for Recording {
+    async fn handle(&self, tx: &Transaction<'_>, message: &Incoming) -> Result<(), HandlerError> {
+        let body: serde_json::Value = serde_json::from_slice(&message.body)
+            .map_err(|e| HandlerError::Poison(e.to_string()))?;
+        let key = body["key"].as_str().unwrap_or_default();
+        let n = body["n"].as_i64().unwrap_or_default();
+        tx.execute(
+            "INSERT INTO effects_log (key, n) VALUES ($1, $2)",
+            &[&key, &n],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// A relay pipelining keys publishes a key's rows without waiting for each
+/// confirm, so when one row is returned (its exchange routes it nowhere
+/// yet), the rows behind it reach the queue first and the returned one
+/// comes after its retry. The consumer holds the early ones by their
+/// `x-outbox-seq` until it comes: the effects of each key are in order.
+/// Without the sequencer, rows 6.. of each key were handled before row 5.
+#[tokio::test]
+async fn a_pipelined_key_whose_row_was_returned_keeps_its_order_at_the_consumer() {
+    const KEYS: i64 = 4;
+    const ROWS: i64 = 30;
+    let db = TestDb::with_outbox().await;
+    db.connect()
+        .await
+        .batch_execute(
+            "CREATE TABLE inbox (message_id uuid PRIMARY KEY, \
+                 processed_at timestamptz NOT NULL DEFAULT now()); \
+             CREATE TABLE effects_log (id bigserial PRIMARY KEY, key text, n bigint)",
+        )
+        .await
+        .expect("tables");
+    let shutdown = CancellationToken::new();
+    let adjust = |config: &mut ConsumerConfig| {
+        config.lanes = 2;
+        config.key_gap_wait = Duration::from_secs(120);
+    };
+    let (topology, consumer) = start_with(&db, Recording, adjust, &shutdown).await;
+    // Row 5 of each key goes through a gate that routes nowhere until the
+    // test binds it to the consumer's queue.
+    let gate = unique_name("gate");
+    let channel = outbox_tests::broker::connect()
+        .await
+        .create_channel()
+        .await
+        .expect("channel");
+    channel
+        .exchange_declare(
+            gate.as_str().into(),
+            lapin::ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare the gate");
+    db.connect()
+        .await
+        .execute(
+            "INSERT INTO outbox.messages (exchange, routing_key, payload, ordering_key) \
+             SELECT CASE WHEN n = 5 THEN $1 ELSE $2 END, 'open', \
+                    convert_to(json_build_object('key', 'k' || key, 'n', n)::text, 'UTF8'), \
+                    'k' || key \
+             FROM generate_series(1, $3::int) n, generate_series(1, $4::int) key ORDER BY n, key",
+            &[&gate, &topology.exchange, &(ROWS as i32), &(KEYS as i32)],
+        )
+        .await
+        .expect("keyed rows");
+    let mut settings = outbox_tests::relay::test_settings(&db);
+    settings.key_pipeline = Some(64);
+    settings.max_attempts = Some(1_000);
+    let relay = outbox_tests::relay::RunningRelay::start(settings).await;
+    wait_until("rows behind each returned row 5 are published", || async {
+        count(
+            &db,
+            "SELECT count(DISTINCT ordering_key) FROM outbox.messages \
+             WHERE published_at IS NOT NULL AND convert_from(payload, 'UTF8')::jsonb->>'n' = '6'",
+        )
+        .await
+            == KEYS
+    })
+    .await;
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.messages WHERE published_at IS NULL AND attempts > 0"
+        )
+        .await,
+        KEYS,
+        "each row 5 was returned, and only those"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM effects_log WHERE n > 5").await,
+        0,
+        "rows behind a missing one wait"
+    );
+    channel
+        .queue_bind(
+            topology.queue.as_str().into(),
+            gate.as_str().into(),
+            "open".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("open the gate");
+    wait_until("every row has its effect", || async {
+        count(&db, "SELECT count(*) FROM effects_log").await == KEYS * ROWS
+    })
+    .await;
+    relay.stop().await;
+    shutdown.cancel();
+    consumer.await.expect("join").expect("consumer");
+    let log = db
+        .connect()
+        .await
+        .query("SELECT key, n FROM effects_log ORDER BY id", &[])
+        .await
+        .expect("log");
+    let mut seen: HashMap<String, Vec<i64>> = HashMap::new();
+    for row in log {
+        seen.entry(row.get(0)).or_default().push(row.get(1));
+    }
+    let in_order: Vec<i64> = (1..=ROWS).collect();
+    for (key, ns) in seen {
+        assert_eq!(ns, in_order, "key {key}");
+    }
 }

@@ -61,7 +61,8 @@ pub async fn run(args: DrainArgs) -> anyhow::Result<()> {
 async fn measure(fixture: &Fixture, args: &DrainArgs) -> anyhow::Result<DrainResult> {
     let client = fixture.connect_db().await?;
     let insert_seconds = insert_backlog(&client, &fixture.exchange, args.backlog).await?;
-    let relay = drain_with_relay(fixture, &client, args.backlog, args.window, args.batch, 0).await?;
+    let relay =
+        drain_with_relay(fixture, &client, args.backlog, args.window, args.batch, 0).await?;
     let relay_queued = fixture.queued().await?;
     fixture.purge().await?;
     let held = if args.hold_horizon {

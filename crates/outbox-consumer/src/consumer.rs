@@ -28,6 +28,7 @@ use crate::health;
 use crate::inbox::Inbox;
 use crate::lanes::Lanes;
 use crate::meters::Meters;
+use crate::sequencer::Bounds;
 use crate::topology::Topology;
 use crate::worker::{Outcome, Shared};
 use outbox_service::health::Health;
@@ -60,6 +61,9 @@ pub struct ConsumerConfig {
     /// column): a copy arriving later is no longer recognised as one.
     /// `None` keeps every row.
     pub inbox_retention: Option<Duration>,
+    /// How long a keyed message that came before an earlier one of its key
+    /// (`x-outbox-seq`) waits for it before it is handled without it.
+    pub key_gap_wait: Duration,
     /// Shown as the connection name in RabbitMQ and prefixes consumer tags.
     pub name: String,
 }
@@ -72,6 +76,8 @@ impl ConsumerConfig {
     pub const DEFAULT_RETRY_BASE: Duration = Duration::from_secs(1);
     pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(60);
     pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Longer than a relay's confirm timeout (10 s) and first retry (1 s).
+    pub const DEFAULT_KEY_GAP_WAIT: Duration = Duration::from_secs(15);
 
     /// Defaults for everything but the broker, the topology and the inbox
     /// table (`schema.table` with a `message_id uuid` primary key).
@@ -87,6 +93,7 @@ impl ConsumerConfig {
             retry_base: Self::DEFAULT_RETRY_BASE,
             retry_max: Self::DEFAULT_RETRY_MAX,
             shutdown_timeout: Self::DEFAULT_SHUTDOWN_TIMEOUT,
+            key_gap_wait: Self::DEFAULT_KEY_GAP_WAIT,
             inbox_table: inbox_table.into(),
             inbox_retention: None,
             name: "outbox-consumer".into(),
@@ -111,6 +118,13 @@ pub async fn run<H: Handler>(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let inbox = Inbox::new(&config.inbox_table)?;
+    let bounds = Bounds {
+        wait: config.key_gap_wait,
+        // Held deliveries stay unacked: a prefetch window full of them
+        // would keep the missing one from being delivered at all.
+        most_held: usize::from(config.prefetch / 2).max(1),
+        held: Arc::default(),
+    };
     let shared = Arc::new(Shared {
         handler,
         pool,
@@ -119,6 +133,7 @@ pub async fn run<H: Handler>(
         health,
         meters: Meters::new(),
         shutdown,
+        bounds,
     });
     let config = &shared.config;
     // Stops with the consumer, however `run` returns.

@@ -4,7 +4,9 @@
 //! `ordering_key`) always goes to its key's lane, so one consumer commits a
 //! key's effects in delivery order. A keyless one goes to a queue all lanes
 //! take from when they are free, so a slow message holds up only its own
-//! batch and its lane's keys, never the others.
+//! batch and its lane's keys, never the others. Before its batch, a keyed
+//! message that came before an earlier one of its key waits in the lane's
+//! `sequencer`.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
@@ -14,14 +16,20 @@ use lapin::types::AMQPValue;
 use tokio::sync::Mutex;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::batch;
 use crate::broker::Publisher;
 use crate::handler::Handler;
+use crate::meters::Settled;
+use crate::sequencer::Sequencer;
 use crate::worker::{Outcome, Shared};
 
 /// The header naming a message's ordering key.
 pub const KEY_HEADER: &str = "x-outbox-key";
+/// The header numbering a keyed message among its key's (from the relay's
+/// `key_seq`): consecutive, with no gaps.
+pub const SEQ_HEADER: &str = "x-outbox-seq";
 
 type Keyless = Arc<Mutex<UnboundedReceiver<Delivery>>>;
 
@@ -81,36 +89,93 @@ pub(crate) fn ordering_key(delivery: &Delivery) -> Option<&[u8]> {
     }
 }
 
+/// The sequence number a keyed delivery carries, if any.
+pub(crate) fn sequence(delivery: &Delivery) -> Option<i64> {
+    let headers = delivery.properties.headers().as_ref()?;
+    match headers.inner().get(SEQ_HEADER)? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        _ => None,
+    }
+}
+
 async fn lane<H: Handler>(
     shared: Arc<Shared<H>>,
     publisher: Publisher,
     mut own: UnboundedReceiver<Delivery>,
     keyless: Keyless,
 ) -> Outcome {
-    while let Some(deliveries) = next_batch(&shared, &mut own, &keyless).await {
-        let taken = deliveries.len();
-        let handled = batch::handle(&shared, &publisher, deliveries).await;
+    let mut sequencer = Sequencer::new(shared.bounds.clone());
+    let outcome = loop {
+        let Some(deliveries) = next_batch(&shared, &mut own, &keyless, sequencer.deadline()).await
+        else {
+            break Outcome::Settled;
+        };
+        let ready = in_order(&shared, &mut sequencer, deliveries);
+        if ready.is_empty() {
+            continue;
+        }
+        let taken = ready.len();
+        let handled = batch::handle(&shared, &publisher, ready).await;
         shared.meters.in_flight.decrement(taken as f64);
         if let Err(error) = handled {
-            return Outcome::BrokerFailed(error);
+            break Outcome::BrokerFailed(error);
+        }
+    };
+    // Unacked, they come again with the next channel.
+    let held = sequencer.holding();
+    shared
+        .meters
+        .settled(Settled::GivenBack)
+        .increment(held as u64);
+    shared.meters.in_flight.decrement(held as f64);
+    outcome
+}
+
+/// What of `deliveries` (and of the messages held before) may be handled
+/// now, in order: a keyed, numbered message waits in the sequencer while
+/// an earlier one of its key is missing.
+fn in_order<H: Handler>(
+    shared: &Shared<H>,
+    sequencer: &mut Sequencer<Delivery>,
+    deliveries: Vec<Delivery>,
+) -> Vec<Delivery> {
+    let now = Instant::now();
+    let mut ready = Vec::with_capacity(deliveries.len());
+    sequencer.expire(now, &mut ready);
+    for delivery in deliveries {
+        let numbered = ordering_key(&delivery)
+            .map(<[u8]>::to_vec)
+            .zip(sequence(&delivery));
+        match numbered {
+            Some((key, seq)) => sequencer.offer(&key, seq, delivery, now, &mut ready),
+            None => ready.push(delivery),
         }
     }
-    Outcome::Settled
+    shared.meters.key_gaps.increment(sequencer.take_gaps());
+    shared.meters.key_held.set(shared.bounds.held_now() as f64);
+    ready
 }
 
 /// The next batch: waits for one delivery (the lane's own first), then
-/// takes what else is ready, up to `batch_size`. `None` at shutdown or once
-/// the session dropped the lanes.
+/// takes what else is ready, up to `batch_size`. Empty when `deadline`
+/// (a held message's) comes first; `None` at shutdown or once the session
+/// dropped the lanes.
 async fn next_batch<H: Handler>(
     shared: &Shared<H>,
     own: &mut UnboundedReceiver<Delivery>,
     keyless: &Keyless,
+    deadline: Option<Instant>,
 ) -> Option<Vec<Delivery>> {
     let first = tokio::select! {
         biased;
         _ = shared.shutdown.cancelled() => return None,
         first = own.recv() => first?,
         first = async { keyless.lock().await.recv().await } => first?,
+        _ = sleep_until(deadline) => return Some(Vec::new()),
     };
     let limit = usize::from(shared.config.batch_size.max(1));
     let mut batch = vec![first];
@@ -129,4 +194,12 @@ async fn next_batch<H: Handler>(
         }
     }
     Some(batch)
+}
+
+/// Sleeps until `deadline`, or for ever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }

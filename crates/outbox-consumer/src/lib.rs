@@ -27,6 +27,7 @@ mod inbox;
 mod lanes;
 mod meters;
 mod retention;
+mod sequencer;
 mod topology;
 mod worker;
 
@@ -36,7 +37,7 @@ pub use broker::{DELIVERIES_HEADER, ERROR_HEADER, RETRIES_HEADER};
 pub use consumer::{ConsumerConfig, run};
 pub use handler::{Handler, HandlerError, Incoming, classify};
 pub use inbox::{BadTableName, Inbox, plain_table_name};
-pub use lanes::KEY_HEADER;
+pub use lanes::{KEY_HEADER, SEQ_HEADER};
 pub use topology::{QueueType, Topology};
 
 use deadpool_postgres::Pool;

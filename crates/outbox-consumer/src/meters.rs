@@ -51,6 +51,10 @@ pub(crate) struct Meters {
     pub inbox_deleted: Counter,
     /// Transient failures of keyed messages, retried in their lane.
     pub retried_in_place: Counter,
+    /// Keys moved past a missing message (see `sequencer`).
+    pub key_gaps: Counter,
+    /// Early keyed messages waiting for an earlier one of their key.
+    pub key_held: Gauge,
 }
 
 impl Meters {
@@ -66,6 +70,8 @@ impl Meters {
             in_flight: gauge!("consumer_in_flight"),
             inbox_deleted: counter!("consumer_inbox_deleted_total"),
             retried_in_place: counter!("consumer_retried_in_place_total"),
+            key_gaps: counter!("consumer_key_gaps_total"),
+            key_held: gauge!("consumer_key_held"),
         }
     }
 
@@ -98,6 +104,14 @@ fn describe() {
     describe_counter!(
         "consumer_retried_in_place_total",
         "Transient failures of keyed messages retried in their lane (not through the retry queue)."
+    );
+    describe_counter!(
+        "consumer_key_gaps_total",
+        "Keys whose later messages were handled without a missing earlier one (waited key_gap_wait, or too many held)."
+    );
+    describe_gauge!(
+        "consumer_key_held",
+        "Keyed messages that came before an earlier one of their key, waiting for it."
     );
     describe_counter!(
         "consumer_inbox_deleted_total",

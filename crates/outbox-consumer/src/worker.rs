@@ -32,6 +32,7 @@ use crate::consumer::ConsumerConfig;
 use crate::handler::{Handler, Incoming};
 use crate::inbox::Inbox;
 use crate::meters::{Meters, Settled};
+use crate::sequencer::Bounds;
 use outbox_service::health::Health;
 
 /// What the lanes of all sessions share.
@@ -43,6 +44,8 @@ pub(crate) struct Shared<H> {
     pub health: Health,
     pub meters: Meters,
     pub shutdown: CancellationToken,
+    /// How long and how many keyed messages may wait for earlier ones.
+    pub bounds: Bounds,
 }
 
 /// How a lane ended, for the session.

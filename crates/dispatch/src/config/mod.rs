@@ -156,6 +156,12 @@ impl Settings {
                 Duration::ZERO => None,
                 retention => Some(retention),
             },
+            key_gap_wait: millis(
+                "DISPATCH_KEY_GAP_WAIT_MS",
+                self.key_gap_wait_ms,
+                base.key_gap_wait,
+                limits::KEY_GAP_WAIT_MS,
+            )?,
             amqp_ca_file: self.amqp_ca_file,
             name: "dispatch".into(),
             ..base
