@@ -435,6 +435,17 @@ async fn faults_a_frozen_relay_gives_the_drain_lock_back() {
 
 #[tokio::test]
 async fn faults_a_relay_frozen_past_its_lease_keeps_key_order_and_publishes_at_most_twice() {
+    frozen_relays_keep_key_order(&[]).await;
+}
+
+/// The same with keys pipelined: a frozen relay holds up to 64 rows of a
+/// key behind its head, which the other relay takes over from the head.
+#[tokio::test]
+async fn faults_a_pipelining_relay_frozen_past_its_lease_keeps_key_order() {
+    frozen_relays_keep_key_order(&[("OUTBOX_KEY_PIPELINE", "64")]).await;
+}
+
+async fn frozen_relays_keep_key_order(extra: &[(&str, &str)]) {
     let db = TestDb::with_outbox().await;
     let topology = Topology::fanout().await;
     // 200 keys of 10 messages of 32 KiB: publishing a claim's heads takes
@@ -450,11 +461,12 @@ async fn faults_a_relay_frozen_past_its_lease_keeps_key_order_and_publishes_at_m
         )
         .await
         .expect("enqueue keyed rows");
-    let settings = [
+    let mut settings = vec![
         ("OUTBOX_LEASE_MS", "2000"),
         ("OUTBOX_CONFIRM_TIMEOUT_MS", "1000"),
         ("OUTBOX_SWEEP_INTERVAL_MS", "100"),
     ];
+    settings.extend_from_slice(extra);
     let frozen = RelayProcess(relay_run_command(&db, &settings).spawn().expect("spawn"));
     wait_for_count(
         &db,

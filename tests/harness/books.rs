@@ -293,6 +293,7 @@ pub async fn settle_and_check(
     let duplicated = (deliveries.len() - delivered.len()) + wrong_message + strangers;
 
     let extra_copies = check_broker_order(pipeline, &app, load, expected, scenario).await;
+    check_effect_order(&app, &dispatch, scenario).await;
     let books = Books {
         lost,
         duplicated,
@@ -356,6 +357,47 @@ async fn check_broker_order(
     let missing = load.orders.values().filter(|id| !seen.contains(id)).count();
     assert_eq!(missing, 0, "{scenario}: orders never routed by the broker");
     copies
+}
+
+/// Per-key order as the consumer committed it: `dispatch.deliveries.id`
+/// is taken at the insert, inside the consumer's transaction, and a key's
+/// messages are handled one after another in its lane, so for each key
+/// the deliveries' ids follow the outbox rows' ids.
+async fn check_effect_order(app: &Client, dispatch: &Client, scenario: &str) {
+    let keyed: HashMap<Uuid, (String, i64)> = app
+        .query(
+            "SELECT message_id, ordering_key, id FROM outbox.messages WHERE ordering_key IS NOT NULL",
+            &[],
+        )
+        .await
+        .expect("keyed rows")
+        .iter()
+        .map(|row| (row.get(0), (row.get(1), row.get(2))))
+        .collect();
+    let effects: Vec<Uuid> = dispatch
+        .query("SELECT message_id FROM dispatch.deliveries ORDER BY id", &[])
+        .await
+        .expect("deliveries")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut last_per_key: HashMap<&str, i64> = HashMap::new();
+    let mut inversions = Vec::new();
+    for id in &effects {
+        if let Some((key, row)) = keyed.get(id) {
+            let last = last_per_key.entry(key.as_str()).or_insert(0);
+            if *row < *last {
+                inversions.push((key.clone(), *row, *last));
+            }
+            *last = (*last).max(*row);
+        }
+    }
+    assert!(
+        inversions.is_empty(),
+        "{scenario}: {} keyed deliveries committed before an earlier one of their key, e.g. {:?}",
+        inversions.len(),
+        &inversions[..inversions.len().min(5)]
+    );
 }
 
 /// Reads the audit queue until it has `at_least` messages and stays quiet;
