@@ -375,7 +375,10 @@ async fn check_effect_order(app: &Client, dispatch: &Client, scenario: &str) {
         .map(|row| (row.get(0), (row.get(1), row.get(2))))
         .collect();
     let effects: Vec<Uuid> = dispatch
-        .query("SELECT message_id FROM dispatch.deliveries ORDER BY id", &[])
+        .query(
+            "SELECT message_id FROM dispatch.deliveries ORDER BY id",
+            &[],
+        )
         .await
         .expect("deliveries")
         .iter()

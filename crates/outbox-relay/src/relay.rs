@@ -125,6 +125,10 @@ impl Relay {
             };
             if sweep_due {
                 next_sweep = Instant::now() + self.config.sweep_interval;
+                // The sweep scans from the start: a row committed late
+                // below the floor waits one sweep interval at most, not
+                // until the cursor's own pass comes round too.
+                self.cursor.rewind();
             }
             match self.drain(shutdown).await {
                 Ok(claimed) => {
