@@ -18,3 +18,41 @@ async fn faults_consumer_sigkilled_with_deliveries_unacked() {
     )
     .await;
 }
+
+/// Scenario 6b: two dispatch processes on a single-active-consumer queue,
+/// the relay pipelining keys, one consumer or the other SIGKILLed in turn.
+/// RabbitMQ delivers to one of them at a time and hands the queue over with
+/// the unacked deliveries back in their places: each key's effects still
+/// commit in order (the books check it), none lost, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_single_active_consumers_sigkilled_in_turn() {
+    let consumers = [("DISPATCH_SINGLE_ACTIVE_CONSUMER", "true")];
+    let mut pipeline = Pipeline::start(1, &[("OUTBOX_KEY_PIPELINE", "64")], &consumers).await;
+    let mut second = KilledOnDrop(pipeline.spawn_second_consumer());
+    let mut strikes = 0;
+    under_repeated_fault(
+        &mut pipeline,
+        Duration::from_secs(2),
+        "6b. two single-active consumers, one SIGKILLed in turn",
+        "SIGKILLs",
+        |pipeline| {
+            strikes += 1;
+            if strikes % 2 == 1 {
+                pipeline.kill_and_restart_consumer();
+            } else {
+                second = KilledOnDrop(pipeline.spawn_second_consumer());
+            }
+        },
+    )
+    .await;
+}
+
+/// A child process SIGKILLed when dropped, a failed assertion included.
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

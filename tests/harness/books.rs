@@ -321,16 +321,7 @@ async fn check_broker_order(
     expected: &Expected,
     scenario: &str,
 ) -> usize {
-    let keyed: HashMap<Uuid, (String, i64)> = app
-        .query(
-            "SELECT message_id, ordering_key, id FROM outbox.messages WHERE ordering_key IS NOT NULL",
-            &[],
-        )
-        .await
-        .expect("keyed rows")
-        .iter()
-        .map(|row| (row.get(0), (row.get(1), row.get(2))))
-        .collect();
+    let keyed = keyed_rows(app).await;
     let routed = drain_queue(
         &pipeline.servers.amqp_url,
         &pipeline.audit_queue,
@@ -359,21 +350,25 @@ async fn check_broker_order(
     copies
 }
 
+/// Each keyed message's key and outbox row id.
+async fn keyed_rows(app: &Client) -> HashMap<Uuid, (String, i64)> {
+    app.query(
+        "SELECT message_id, ordering_key, id FROM outbox.messages WHERE ordering_key IS NOT NULL",
+        &[],
+    )
+    .await
+    .expect("keyed rows")
+    .iter()
+    .map(|row| (row.get(0), (row.get(1), row.get(2))))
+    .collect()
+}
+
 /// Per-key order as the consumer committed it: `dispatch.deliveries.id`
 /// is taken at the insert, inside the consumer's transaction, and a key's
 /// messages are handled one after another in its lane, so for each key
 /// the deliveries' ids follow the outbox rows' ids.
 async fn check_effect_order(app: &Client, dispatch: &Client, scenario: &str) {
-    let keyed: HashMap<Uuid, (String, i64)> = app
-        .query(
-            "SELECT message_id, ordering_key, id FROM outbox.messages WHERE ordering_key IS NOT NULL",
-            &[],
-        )
-        .await
-        .expect("keyed rows")
-        .iter()
-        .map(|row| (row.get(0), (row.get(1), row.get(2))))
-        .collect();
+    let keyed = keyed_rows(app).await;
     let effects: Vec<Uuid> = dispatch
         .query(
             "SELECT message_id FROM dispatch.deliveries ORDER BY id",

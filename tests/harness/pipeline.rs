@@ -126,6 +126,13 @@ impl Pipeline {
         self.relays[index] = self.spawn_relay();
     }
 
+    /// Another dispatch process on the same queue, with its own HTTP port.
+    pub fn spawn_second_consumer(&self) -> Child {
+        let mut env = borrowed(&self.consumer_env);
+        env.push(("DISPATCH_HTTP_ADDR", "127.0.0.1:0"));
+        spawn_dispatch_process(&self.dispatch, &env)
+    }
+
     /// SIGKILLs the consumer, deliveries in hand, and starts a new one.
     pub fn kill_and_restart_consumer(&mut self) {
         kill(&mut self.consumer);

@@ -39,6 +39,11 @@ pub struct Topology {
     /// Lets idle queues expire (`x-expires`) and exchanges auto-delete, for
     /// throwaway set-ups such as tests; `None` keeps everything.
     pub expires: Option<Duration>,
+    /// Declares the queue with `x-single-active-consumer`: of several
+    /// consumer processes on it, RabbitMQ delivers to one at a time and
+    /// hands over to the next when it goes, with its unacked deliveries
+    /// back in their places, so a key's order holds across the handover.
+    pub single_active_consumer: bool,
 }
 
 impl Topology {
@@ -52,6 +57,7 @@ impl Topology {
             dead_letter_queue: format!("{queue}.dlq"),
             queue_type: QueueType::Classic,
             expires: None,
+            single_active_consumer: false,
         }
     }
 
@@ -64,6 +70,9 @@ impl Topology {
             "x-dead-letter-exchange".into(),
             string(&self.dead_letter_exchange),
         );
+        if self.single_active_consumer {
+            main.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        }
         self.queue(channel, &self.queue, main).await?;
 
         // Expired retries go back to the queue through the default exchange.

@@ -106,6 +106,7 @@ impl Settings {
                 "quorum" => QueueType::Quorum,
                 other => bail!("DISPATCH_QUEUE_TYPE must be `classic` or `quorum`, not `{other}`"),
             },
+            single_active_consumer: self.single_active_consumer.unwrap_or(false),
             expires: match self.queue_expires_ms {
                 None => None,
                 some => Some(millis(

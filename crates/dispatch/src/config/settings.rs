@@ -55,6 +55,9 @@ pub struct Settings {
     #[arg(long, env = "DISPATCH_QUEUE_TYPE", help = with_default!("`classic`, or `quorum` for a clustered RabbitMQ (3.10 or later)", defaults::QUEUE_TYPE))]
     pub queue_type: Option<String>,
 
+    #[arg(long, env = "DISPATCH_SINGLE_ACTIVE_CONSUMER", help = with_default!("Declare the queue with x-single-active-consumer: several dispatch processes, one consuming at a time, the next taking over in order (an existing queue must be deleted to change it)", false))]
+    pub single_active_consumer: Option<bool>,
+
     /// Let the queues expire after this many idle milliseconds, and the exchanges go with them (for throwaway set-ups).
     #[arg(long, env = "DISPATCH_QUEUE_EXPIRES_MS")]
     pub queue_expires_ms: Option<u64>,
