@@ -880,7 +880,7 @@ async fn relay_keyed_claim_finds_heads_key_by_key_without_walking_the_backlog() 
                 &0_i64,
                 &"",
                 &followers,
-                &"bench#",
+                &Vec::<i64>::new(),
             ];
             let plan: serde_json::Value = client
                 .query_one(explain, &params)

@@ -37,6 +37,10 @@ const REFILL_POLL: Duration = Duration::from_millis(1);
 /// How often the relay claims while another session holds the wake-up
 /// locks (writers' wake-ups may not come).
 const FAST_POLL: Duration = Duration::from_millis(10);
+/// How long a confirmed row, its mark perhaps not landed yet, does not
+/// hold its key back (see `store::CLAIM`, $9); a mark slower than that
+/// only makes the key wait for it.
+const MARKING: Duration = Duration::from_secs(1);
 
 pub(crate) struct Relay {
     config: Config,
@@ -53,6 +57,9 @@ pub(crate) struct Relay {
     cursor: Cursor,
     /// The ordering key the next claim looks at first.
     next_key: String,
+    /// Rows confirmed lately, whose marks may not have landed: with the
+    /// window's rows, they are published and do not hold their keys back.
+    confirmed: std::collections::VecDeque<(Instant, i64)>,
     /// Exchanges whose publishes are all nacked on this channel.
     nack_runs: NackRuns,
     outages: Outages,
@@ -74,6 +81,7 @@ impl Relay {
             window: Window::new(config.confirm_timeout),
             cursor: Cursor::new(config.sweep_interval),
             next_key: String::new(),
+            confirmed: std::collections::VecDeque::new(),
             nack_runs: NackRuns::default(),
             config,
             store,
@@ -229,7 +237,9 @@ impl Relay {
             // has a low id and commits late.
             self.cursor.rewind();
         }
+        let in_flight = self.published_unmarked(now);
         let limits = ClaimLimits {
+            in_flight: &in_flight,
             after: self.cursor.start(now),
             keys_from: &self.next_key,
             rows: limit as u32,
@@ -245,6 +255,29 @@ impl Relay {
         self.health.set(DATABASE, true);
         self.meters.claim_batch.record(claim.rows.len() as f64);
         Ok((claim.rows, claim.exhausted))
+    }
+
+    /// Rows awaiting their confirms, and rows confirmed within [`MARKING`]
+    /// while marks are outstanding: published either way. Only with keys
+    /// pipelined.
+    fn published_unmarked(&mut self, now: Instant) -> Vec<i64> {
+        if self.config.key_pipeline == 0 {
+            self.confirmed.clear();
+            return Vec::new();
+        }
+        if self.marker.unsettled() == 0 {
+            self.confirmed.clear();
+        }
+        while self
+            .confirmed
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) >= MARKING)
+        {
+            self.confirmed.pop_front();
+        }
+        let mut ids = self.window.keyed_ids();
+        ids.extend(self.confirmed.iter().map(|(_, id)| *id));
+        ids
     }
 
     /// Publishes a claim's rows in id order. A row is published only while
@@ -297,6 +330,9 @@ impl Relay {
                     self.meters.published.increment(1);
                     if let Ok(age) = row.pending_since.elapsed() {
                         self.meters.enqueue_to_confirm.record(age.as_secs_f64());
+                    }
+                    if self.config.key_pipeline > 0 && row.ordering_key.is_some() {
+                        self.confirmed.push_back((now, row.id));
                     }
                     self.marker.send(Mark::Published(row.held()));
                 }

@@ -94,6 +94,8 @@ pub struct ClaimLimits<'a> {
     pub block_on_dead_head: bool,
     /// Rows of a key taken after its head.
     pub followers: u32,
+    /// Ids of the rows published and awaiting their confirms.
+    pub in_flight: &'a [i64],
 }
 
 impl ClaimLimits<'static> {
@@ -107,6 +109,7 @@ impl ClaimLimits<'static> {
             lease,
             block_on_dead_head: true,
             followers: 0,
+            in_flight: &[],
         }
     }
 }
@@ -175,9 +178,13 @@ pub struct Store {
 /// rows (fewer when the claim's $1 rows are shared among many heads), up
 /// to the first that cannot go now (leased, waiting for a retry, dead):
 /// published together on one channel, they reach a queue in order. With
-/// $8 above 0, rows this relay ($9: its id and `#`) has in flight do not
-/// count as a key's head: the next rows go out behind them on the same
-/// channel without waiting for their confirms. $5
+/// $8 above 0, the rows in $9 (those this relay has published and
+/// awaits confirms for) do not count as a key's head: the next rows go
+/// out behind them on the same channel without waiting for their
+/// confirms. Only rows truly in flight: one given back unpublished, or
+/// failed, is still leased until its mark lands, and a key must wait for
+/// it (matching "leased by this relay" instead let a later row of the key
+/// pass one given back when its lease ran short).
 /// bounds the payload bytes taken (the first row is always taken).
 ///
 /// Heads are found key by key on the pending-by-key index (a skip scan:
@@ -212,8 +219,7 @@ WITH RECURSIVE keys AS (
         SELECT id, dead_at, next_attempt_at, locked_until FROM outbox.messages
         WHERE ordering_key = k.ordering_key AND (ordering_key, id) > (k.ordering_key, 0)
           AND published_at IS NULL AND ($3 OR dead_at IS NULL)
-          AND NOT ($8 > 0 AND coalesce(
-                   left(locked_by, length($9)) = $9 AND locked_until > now(), false))
+          AND NOT ($8 > 0 AND id = ANY ($9))
         ORDER BY ordering_key, id LIMIT 1) h
     WHERE h.dead_at IS NULL AND h.next_attempt_at <= now()
       AND (h.locked_until IS NULL OR h.locked_until < now())
@@ -290,7 +296,7 @@ pub const CLAIM_TYPES: [Type; 9] = [
     Type::INT8,
     Type::TEXT,
     Type::INT8,
-    Type::TEXT,
+    Type::INT8_ARRAY,
 ];
 
 /// Every state change is fenced on the lease token: only rows this
@@ -409,7 +415,6 @@ impl Store {
         let bytes = i64::try_from(limits.bytes).unwrap_or(i64::MAX);
         let followers = i64::from(limits.followers);
         let token = self.next_lease();
-        let ours = format!("{}#", self.relay_id);
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
             &limit,
             &token,
@@ -419,7 +424,7 @@ impl Store {
             &limits.after,
             &limits.keys_from,
             &followers,
-            &ours,
+            &limits.in_flight,
         ];
         let rows = if self.prepared_claims {
             let statement = client

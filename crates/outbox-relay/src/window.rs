@@ -93,6 +93,15 @@ impl Window {
         }));
     }
 
+    /// The ids of the keyed rows awaiting their confirms.
+    pub(crate) fn keyed_ids(&self) -> Vec<i64> {
+        self.rows
+            .values()
+            .filter(|(row, _)| row.ordering_key.is_some())
+            .map(|(row, _)| row.id)
+            .collect()
+    }
+
     /// Confirms outstanding.
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.len()
