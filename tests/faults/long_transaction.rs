@@ -76,9 +76,13 @@ async fn faults_long_transaction_commits_after_several_sweeps() {
         worst.as_millis()
     ));
     // One sweep interval, plus room for the publish, its confirm and the
-    // mark on a loaded machine.
+    // mark on a loaded machine. Claims no longer scan from below the keyed
+    // rows in flight, so the row is found by the sweep's pass alone, and
+    // its publish then waits behind the load's backlog: 514 ms typically,
+    // 2,343 and 2,358 ms in two full-suite runs whose backlog took 12 s
+    // to settle.
     assert!(
-        worst < Duration::from_millis(SWEEP_MS + 1000),
+        worst < Duration::from_millis(SWEEP_MS + 2000),
         "published {worst:?} after commit"
     );
 }
