@@ -109,7 +109,7 @@ async fn dispatch_migrations_apply_twice() {
     let db = TestDb::empty().await;
     let mut client = db.connect().await;
     let first = ::dispatch::migrate(&mut client).await.expect("first");
-    assert_eq!(first, ["V1__dispatch", "V3__roles"]);
+    assert_eq!(first, ["V1__dispatch", "V3__roles", "V4__inbox_keys"]);
     let second = ::dispatch::migrate(&mut client).await.expect("second");
     assert!(second.is_empty(), "second run applied {second:?}");
     let tables: Vec<String> = client
@@ -121,7 +121,10 @@ async fn dispatch_migrations_apply_twice() {
         .await
         .expect("tables")
         .get(0);
-    assert_eq!(tables, ["deliveries", "inbox", "schema_history"]);
+    assert_eq!(
+        tables,
+        ["deliveries", "inbox", "inbox_keys", "schema_history"]
+    );
     let bad_status = client
         .execute(
             "INSERT INTO dispatch.deliveries (order_id, rider, status, message_id) \

@@ -118,6 +118,7 @@ pub async fn run<H: Handler>(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let inbox = Inbox::new(&config.inbox_table)?;
+    inbox.check(&pool).await?;
     let bounds = Bounds {
         wait: config.key_gap_wait,
         // Held deliveries stay unacked: a prefetch window full of them

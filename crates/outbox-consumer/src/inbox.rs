@@ -3,16 +3,24 @@
 //! delivery order, commit. A message whose id is in the inbox already was
 //! handled before, so it changes nothing; two copies in flight at once
 //! serialize on the inbox row's primary key.
+//!
+//! The same transaction moves each key's watermark (`<inbox>_keys`: the
+//! highest `x-outbox-seq` of the key whose effect committed), so a
+//! consumer that starts, or takes over a queue, knows which number each
+//! key expects next (see `sequencer`). Dedup stays with the inbox: a
+//! message below the watermark may be one that came late, past a gap the
+//! consumer gave up waiting for, and it is handled, not dropped.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use deadpool_postgres::{Object, Pool};
 use futures::FutureExt;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 use crate::handler::{Handler, HandlerError, Incoming, classify};
+use crate::lanes::numbered;
 
 /// What became of a message that did not fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,8 +45,11 @@ pub(crate) enum BatchFailure {
 #[derive(Debug, Clone)]
 pub struct Inbox {
     table: String,
+    keys: String,
     insert: String,
     delete_expired: String,
+    advance_keys: String,
+    watermarks: String,
 }
 
 /// A table name that cannot be put into SQL as it is.
@@ -75,8 +86,20 @@ impl Inbox {
             what: "inbox table",
             ..bad
         })?;
+        let keys = format!("{table}_keys");
         Ok(Inbox {
             table: table.into(),
+            // Sorted, so two batches lock shared keys in the same order.
+            advance_keys: format!(
+                "INSERT INTO {keys} AS k (ordering_key, last_seq) \
+                 SELECT key, seq FROM unnest($1::bytea[], $2::int8[]) AS t(key, seq) ORDER BY key \
+                 ON CONFLICT (ordering_key) DO UPDATE \
+                 SET last_seq = greatest(k.last_seq, excluded.last_seq), updated_at = now()"
+            ),
+            watermarks: format!(
+                "SELECT ordering_key, last_seq FROM {keys} WHERE ordering_key = ANY($1::bytea[])"
+            ),
+            keys,
             insert: format!(
                 "INSERT INTO {table} (message_id) SELECT unnest($1::uuid[]) \
                  ON CONFLICT DO NOTHING RETURNING message_id"
@@ -89,19 +112,103 @@ impl Inbox {
         })
     }
 
-    /// Creates the table if it is missing (its schema must exist): for
-    /// users without a migration of their own; `message_id` is all the
-    /// consumer needs, `processed_at` serves a retention job.
+    /// The key watermark table: the inbox table's name with `_keys`.
+    pub fn keys_table(&self) -> &str {
+        &self.keys
+    }
+
+    /// Creates the inbox and key watermark tables if they are missing (the
+    /// schema must exist): for users without a migration of their own.
+    /// `message_id` is all the inbox needs, `processed_at` serves a
+    /// retention job; the key table holds one row per ordering key.
     pub async fn create_table(
         &self,
         client: &impl tokio_postgres::GenericClient,
     ) -> Result<(), tokio_postgres::Error> {
         let create = format!(
             "CREATE TABLE IF NOT EXISTS {} (message_id uuid PRIMARY KEY, \
-             processed_at timestamptz NOT NULL DEFAULT now())",
-            self.table
+             processed_at timestamptz NOT NULL DEFAULT now()); \
+             CREATE TABLE IF NOT EXISTS {} (ordering_key bytea PRIMARY KEY, \
+             last_seq bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())",
+            self.table, self.keys
         );
         client.batch_execute(&create).await
+    }
+
+    /// Fails when a table the consumer writes is missing or out of reach
+    /// (SQLSTATE class 42: undefined table or column, no privilege), with
+    /// the fix in the message. A database that does not answer is not
+    /// checked: the lanes wait it out.
+    pub(crate) async fn check(&self, pool: &Pool) -> anyhow::Result<()> {
+        let Ok(client) = pool.get().await else {
+            return Ok(());
+        };
+        let tables = [
+            (&self.table, "message_id"),
+            (&self.keys, "ordering_key, last_seq, updated_at"),
+        ];
+        for (table, columns) in tables {
+            let probe = format!("SELECT {columns} FROM {table} LIMIT 0");
+            match client.simple_query(&probe).await {
+                Err(error) if error.code().is_some_and(|c| c.code().starts_with("42")) => {
+                    anyhow::bail!(
+                        "cannot use table `{table}`: {} (create the inbox and `{}` with \
+                         Inbox::create_table, or see the consumer's README)",
+                        outbox::error_line(&error),
+                        self.keys
+                    )
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The highest number whose effect committed, for those of `keys` that
+    /// have one.
+    pub(crate) async fn watermarks(
+        &self,
+        pool: &Pool,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<(Vec<u8>, i64)>, HandlerError> {
+        let client = pool
+            .get()
+            .await
+            .map_err(|e| HandlerError::Unavailable(outbox_service::db::pool_error(&e)))?;
+        let rows = client
+            .query_typed(&self.watermarks, &[(&keys, Type::BYTEA_ARRAY)])
+            .await
+            .map_err(|e| match classify(&e) {
+                HandlerError::Transient(reason) if client.is_closed() => {
+                    HandlerError::Unavailable(reason)
+                }
+                other => other,
+            })?;
+        Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+    }
+
+    /// Moves the watermarks of a message that was settled without a
+    /// commit (dead-lettered), on its own: a consumer that starts later
+    /// then does not wait for it.
+    pub(crate) async fn advance_alone(
+        &self,
+        pool: &Pool,
+        key: &[u8],
+        seq: i64,
+    ) -> Result<(), String> {
+        let client = pool
+            .get()
+            .await
+            .map_err(|e| outbox_service::db::pool_error(&e))?;
+        let (keys, seqs) = (vec![key.to_vec()], vec![seq]);
+        client
+            .execute_typed(
+                &self.advance_keys,
+                &[(&keys, Type::BYTEA_ARRAY), (&seqs, Type::INT8_ARRAY)],
+            )
+            .await
+            .map(drop)
+            .map_err(|e| outbox::error_line(&e))
     }
 
     /// Deletes up to `limit` rows processed more than `retention` ago (see
@@ -160,13 +267,24 @@ impl Inbox {
         let client: &mut tokio_postgres::Client = client;
         let tx = client.transaction().await.map_err(batch)?;
         let ids: Vec<Uuid> = messages.iter().map(|m| m.message_id).collect();
-        let mut new: HashSet<Uuid> = tx
-            .query_typed(&self.insert, &[(&ids, Type::UUID_ARRAY)])
+        let (keys, seqs) = highest_per_key(messages);
+        let id_params = [(&ids as &(dyn ToSql + Sync), Type::UUID_ARRAY)];
+        let inserted = tx.query_typed(&self.insert, &id_params);
+        // Sent with the insert, in one round trip. A copy's number is at
+        // or below its key's watermark already, so counting it moves
+        // nothing.
+        let advanced = async {
+            if keys.is_empty() {
+                return Ok(0);
+            }
+            tx.execute_typed(
+                &self.advance_keys,
+                &[(&keys, Type::BYTEA_ARRAY), (&seqs, Type::INT8_ARRAY)],
+            )
             .await
-            .map_err(batch)?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
+        };
+        let (inserted, _) = futures::try_join!(inserted, advanced).map_err(batch)?;
+        let mut new: HashSet<Uuid> = inserted.iter().map(|row| row.get(0)).collect();
         let mut handled = Vec::with_capacity(messages.len());
         for (at, message) in messages.iter().enumerate() {
             // A second copy in the same batch is a duplicate too.
@@ -207,6 +325,20 @@ impl Inbox {
         std::mem::forget(tx);
         Ok(handled)
     }
+}
+
+/// Each key's highest number among `messages` (an upsert may touch a row
+/// only once).
+fn highest_per_key(messages: &[&Incoming]) -> (Vec<Vec<u8>>, Vec<i64>) {
+    let mut highest: HashMap<&[u8], i64> = HashMap::new();
+    for (key, seq) in messages.iter().filter_map(|m| numbered(&m.properties)) {
+        let top = highest.entry(key).or_insert(seq);
+        *top = (*top).max(seq);
+    }
+    highest
+        .into_iter()
+        .map(|(key, seq)| (key.to_vec(), seq))
+        .unzip()
 }
 
 fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> &str {

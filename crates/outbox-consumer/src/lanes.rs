@@ -6,13 +6,18 @@
 //! take from when they are free, so a slow message holds up only its own
 //! batch and its lane's keys, never the others. Before its batch, a keyed
 //! message that came before an earlier one of its key waits in the lane's
-//! `sequencer`.
+//! `sequencer`, which learns each key's watermark from the database the
+//! first time the lane sees the key.
 
+use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
+use std::time::Duration;
 
+use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
+use outbox_service::backoff::Backoff;
 use tokio::sync::Mutex;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::task::JoinSet;
@@ -21,6 +26,8 @@ use tokio::time::Instant;
 use crate::batch;
 use crate::broker::Publisher;
 use crate::handler::Handler;
+use crate::handler::HandlerError;
+use crate::health;
 use crate::meters::Settled;
 use crate::sequencer::Sequencer;
 use crate::worker::{Outcome, Shared};
@@ -81,7 +88,16 @@ impl Lanes {
 
 /// The ordering key a delivery carries, if any.
 pub(crate) fn ordering_key(delivery: &Delivery) -> Option<&[u8]> {
-    let headers = delivery.properties.headers().as_ref()?;
+    key_of(&delivery.properties)
+}
+
+/// The ordering key and sequence number a message carries, if both.
+pub(crate) fn numbered(properties: &BasicProperties) -> Option<(&[u8], i64)> {
+    key_of(properties).zip(sequence(properties))
+}
+
+fn key_of(properties: &BasicProperties) -> Option<&[u8]> {
+    let headers = properties.headers().as_ref()?;
     match headers.inner().get(KEY_HEADER)? {
         AMQPValue::LongString(key) => Some(key.as_bytes()),
         AMQPValue::ShortString(key) => Some(key.as_str().as_bytes()),
@@ -89,9 +105,9 @@ pub(crate) fn ordering_key(delivery: &Delivery) -> Option<&[u8]> {
     }
 }
 
-/// The sequence number a keyed delivery carries, if any.
-pub(crate) fn sequence(delivery: &Delivery) -> Option<i64> {
-    let headers = delivery.properties.headers().as_ref()?;
+/// The sequence number a message carries, if any.
+fn sequence(properties: &BasicProperties) -> Option<i64> {
+    let headers = properties.headers().as_ref()?;
     match headers.inner().get(SEQ_HEADER)? {
         AMQPValue::LongLongInt(n) => Some(*n),
         AMQPValue::LongInt(n) => Some(i64::from(*n)),
@@ -114,6 +130,15 @@ async fn lane<H: Handler>(
         else {
             break Outcome::Settled;
         };
+        if !learn_keys(&shared, &mut sequencer, &deliveries).await {
+            let taken = deliveries.len();
+            shared
+                .meters
+                .settled(Settled::GivenBack)
+                .increment(taken as u64);
+            shared.meters.in_flight.decrement(taken as f64);
+            break Outcome::Settled;
+        }
         let ready = in_order(&shared, &mut sequencer, deliveries);
         if ready.is_empty() {
             continue;
@@ -135,6 +160,51 @@ async fn lane<H: Handler>(
     outcome
 }
 
+/// Learns the watermark of each key among `deliveries` that the lane does
+/// not know yet. While the database cannot answer it tries again (the
+/// deliveries stay unacked); false when shutdown came first.
+async fn learn_keys<H: Handler>(
+    shared: &Shared<H>,
+    sequencer: &mut Sequencer<Delivery>,
+    deliveries: &[Delivery],
+) -> bool {
+    let mut unknown: Vec<Vec<u8>> = deliveries
+        .iter()
+        .filter_map(|delivery| numbered(&delivery.properties))
+        .filter(|(key, _)| !sequencer.knows(key))
+        .map(|(key, _)| key.to_vec())
+        .collect();
+    if unknown.is_empty() {
+        return true;
+    }
+    unknown.sort_unstable();
+    unknown.dedup();
+    let mut outage = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let reason = match shared.inbox.watermarks(&shared.pool, &unknown).await {
+            Ok(found) => {
+                health::database_up(&shared.health);
+                let found: HashMap<Vec<u8>, i64> = found.into_iter().collect();
+                for key in &unknown {
+                    sequencer.learn(key, found.get(key).copied());
+                }
+                return true;
+            }
+            Err(HandlerError::Unavailable(reason)) => {
+                health::database_down(&shared.health, &reason);
+                reason
+            }
+            Err(other) => other.to_string(),
+        };
+        let delay = outage.next_delay();
+        tracing::warn!(%reason, ?delay, "cannot read the keys' watermarks; trying again");
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
 /// What of `deliveries` (and of the messages held before) may be handled
 /// now, in order: a keyed, numbered message waits in the sequencer while
 /// an earlier one of its key is missing.
@@ -147,9 +217,7 @@ fn in_order<H: Handler>(
     let mut ready = Vec::with_capacity(deliveries.len());
     sequencer.expire(now, &mut ready);
     for delivery in deliveries {
-        let numbered = ordering_key(&delivery)
-            .map(<[u8]>::to_vec)
-            .zip(sequence(&delivery));
+        let numbered = numbered(&delivery.properties).map(|(key, seq)| (key.to_vec(), seq));
         match numbered {
             Some((key, seq)) => sequencer.offer(&key, seq, delivery, now, &mut ready),
             None => ready.push(delivery),

@@ -13,10 +13,15 @@
 //! metered (`consumer_key_gaps_total`): an operator who discarded a dead
 //! row (`outbox-relay dead discard`) leaves such a gap for good.
 //!
-//! A message at or below the key's next expected number is a copy or a
-//! late one and goes on at once: the inbox recognises a copy. The expected
-//! numbers live in memory, per lane (a key always takes the same lane), so
-//! after a restart the first message of each key is taken as it comes.
+//! A message below the key's next expected number is a copy or a late one
+//! and goes on at once: the inbox recognises a copy. The expected numbers
+//! are kept per lane (a key always takes the same lane); the lane learns a
+//! key's from its watermark in the database (`<inbox>_keys`, moved in the
+//! transaction of each effect) the first time it sees the key, so a
+//! consumer that restarts, or takes a queue over, expects what the last
+//! one committed. A key with no watermark expects 1, the relay's first
+//! number. Past `MOST_KEYS` a lane forgets the keys it holds nothing for,
+//! and learns them again when they come back.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -46,6 +51,9 @@ struct Held<T> {
     since: Instant,
 }
 
+/// Keys a lane remembers before it forgets the idle ones.
+const MOST_KEYS: usize = 100_000;
+
 /// One lane's keys.
 pub(crate) struct Sequencer<T> {
     bounds: Bounds,
@@ -65,6 +73,23 @@ impl<T> Sequencer<T> {
             held: HashMap::new(),
             gaps: 0,
         }
+    }
+
+    /// Whether the key's next number is known (else [`Self::learn`] it
+    /// before offering its messages).
+    pub(crate) fn knows(&self, key: &[u8]) -> bool {
+        self.next.contains_key(key)
+    }
+
+    /// The key's watermark from the database: the highest number that
+    /// committed, or `None` for a key with no effect yet.
+    pub(crate) fn learn(&mut self, key: &[u8], watermark: Option<i64>) {
+        if self.next.len() >= MOST_KEYS {
+            let held = &self.held;
+            self.next.retain(|key, _| held.contains_key(key));
+        }
+        let next = watermark.map_or(1, |last| last.saturating_add(1));
+        self.next.entry(key.to_vec()).or_insert(next);
     }
 
     /// Takes a keyed, numbered message; appends to `ready`, in order, what
@@ -100,6 +125,7 @@ impl<T> Sequencer<T> {
             }
             // A copy, or one that came after its key moved past it.
             Some(next) if seq < next => ready.push(item),
+            // Next, or a key not learned (taken as it comes).
             _ => {
                 ready.push(item);
                 self.next.insert(key.to_vec(), seq + 1);
@@ -244,6 +270,39 @@ mod tests {
         assert_eq!(offer(&mut s, "a", &[1, 2, 1], now), [1, 2, 1]);
         assert_eq!(offer(&mut s, "a", &[5, 5], now), Vec::<i64>::new());
         assert_eq!(offer(&mut s, "a", &[3, 4], now), [3, 4, 5, 5]);
+    }
+
+    #[test]
+    fn a_learned_watermark_holds_what_comes_after_the_next_number() {
+        let mut s = sequencer(100);
+        let now = Instant::now();
+        assert!(!s.knows(b"a"));
+        s.learn(b"a", Some(4));
+        s.learn(b"new", None);
+        assert!(s.knows(b"a") && s.knows(b"new"));
+        assert_eq!(offer(&mut s, "a", &[6, 4], now), [4], "6 waits for 5");
+        assert_eq!(offer(&mut s, "a", &[5], now), [5, 6]);
+        assert!(offer(&mut s, "new", &[2], now).is_empty(), "2 waits for 1");
+        assert_eq!(offer(&mut s, "new", &[1], now), [1, 2]);
+        s.learn(b"a", Some(1));
+        assert_eq!(
+            offer(&mut s, "a", &[7], now),
+            [7],
+            "known keys are not relearned"
+        );
+    }
+
+    #[test]
+    fn a_full_lane_forgets_keys_it_holds_nothing_for() {
+        let mut s = sequencer(usize::MAX);
+        let now = Instant::now();
+        s.learn(b"held", Some(0));
+        offer(&mut s, "held", &[2], now);
+        for n in 0..MOST_KEYS {
+            s.learn(n.to_string().as_bytes(), Some(1));
+        }
+        assert_eq!(s.next.len(), 2, "the held key, and the one that overflowed");
+        assert_eq!(offer(&mut s, "held", &[1], now), [1, 2]);
     }
 
     #[test]

@@ -31,6 +31,7 @@ use crate::broker::{BrokerError, Publisher, delivery_number};
 use crate::consumer::ConsumerConfig;
 use crate::handler::{Handler, Incoming};
 use crate::inbox::Inbox;
+use crate::lanes::numbered;
 use crate::meters::{Meters, Settled};
 use crate::sequencer::Bounds;
 use outbox_service::health::Health;
@@ -97,9 +98,13 @@ pub(crate) async fn admit<H: Handler>(
         }
     };
     let span = span(&delivery);
-    dead_letter(publisher, &delivery, deliveries, &reason, &shared.meters)
-        .instrument(span)
-        .await?;
+    async {
+        dead_letter(publisher, &delivery, deliveries, &reason, &shared.meters).await?;
+        pass_key(shared, &delivery).await;
+        Ok::<(), BrokerError>(())
+    }
+    .instrument(span)
+    .await?;
     Ok(None)
 }
 
@@ -118,11 +123,15 @@ pub(crate) async fn settle_failure<H: Handler>(
         let meters = &shared.meters;
         match failed {
             Failed::Poison(reason) => {
-                dead_letter(publisher, delivery, deliveries, &reason, meters).await
+                dead_letter(publisher, delivery, deliveries, &reason, meters).await?;
+                pass_key(shared, delivery).await;
+                Ok(())
             }
             Failed::Transient(reason) if deliveries >= max => {
                 let reason = format!("failed on delivery {deliveries} of {max}: {reason}");
-                dead_letter(publisher, delivery, deliveries, &reason, meters).await
+                dead_letter(publisher, delivery, deliveries, &reason, meters).await?;
+                pass_key(shared, delivery).await;
+                Ok(())
             }
             Failed::Transient(reason) => {
                 let delay = retry_delay(&shared.config, deliveries);
@@ -142,6 +151,22 @@ pub(crate) async fn settle_failure<H: Handler>(
     }
     .instrument(span)
     .await
+}
+
+/// Moves a dead-lettered keyed message's watermark past it, so that a
+/// consumer that starts later does not wait for it. At worst (the database
+/// does not answer) that consumer waits `key_gap_wait` once.
+async fn pass_key<H: Handler>(shared: &Shared<H>, delivery: &Delivery) {
+    let Some((key, seq)) = numbered(&delivery.properties) else {
+        return;
+    };
+    if let Err(reason) = shared.inbox.advance_alone(&shared.pool, key, seq).await {
+        tracing::warn!(
+            %reason,
+            seq,
+            "cannot move the key's watermark past a dead-lettered message"
+        );
+    }
 }
 
 /// The span every log line about this delivery is in: its message id and,
