@@ -274,6 +274,39 @@ async fn dispatch_handles_a_repeated_message_once() {
 
 /// Test 3: poison between good messages. The good ones all land; each
 /// poison one sits in the dead-letter queue with its reason.
+/// A keyed order dead-lettered as poison still moves its key's watermark
+/// (`dispatch.inbox_keys`): a consumer that starts later expects the number
+/// after it, instead of waiting `key_gap_wait` for a message that is gone.
+/// Without it the watermark stayed at 1.
+#[tokio::test]
+async fn dispatch_a_dead_lettered_keyed_order_moves_its_keys_watermark() {
+    let fixture = Fixture::start().await;
+    let keyed = |seq: i64| {
+        let mut headers = FieldTable::default();
+        headers.insert("x-outbox-key".into(), AMQPValue::LongString("c-7".into()));
+        headers.insert("x-outbox-seq".into(), AMQPValue::LongLongInt(seq));
+        BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(Uuid::new_v4().to_string().into())
+            .with_headers(headers)
+    };
+    fixture.publisher.raw(br#"{"orderId": 1}"#, keyed(1)).await;
+    fixture.publisher.raw(b"not json", keyed(2)).await;
+    fixture.wait_for_deliveries(1).await;
+    assert_eq!(take(&fixture.names.dead_letter_queue, 1).await.len(), 1);
+    wait_until("the watermark passes the dead letter", || async {
+        count(
+            &fixture.db,
+            "SELECT coalesce(max(last_seq), 0) FROM dispatch.inbox_keys \
+             WHERE ordering_key = 'c-7'::bytea",
+        )
+        .await
+            == 2
+    })
+    .await;
+    fixture.stop_with_queues_empty().await;
+}
+
 #[tokio::test]
 async fn dispatch_dead_letters_poison_and_keeps_going() {
     let fixture = Fixture::start().await;
