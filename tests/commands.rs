@@ -6,6 +6,7 @@ use std::collections::HashSet;
 
 use ::dispatch::Settings as DispatchSettings;
 use lapin::ExchangeKind;
+use lapin::types::AMQPValue;
 use outbox_relay::Settings;
 use outbox_tests::broker::{Topology, message_id};
 use outbox_tests::dispatch::{PATIENCE, RunningDispatch, count, topology, wait_until};
@@ -214,6 +215,34 @@ async fn dead_letters_are_listed_shown_requeued_and_discarded() {
         .expect_code(1);
     let out = relay_command(&db.url, &["dead", "list"]).await;
     assert!(out.expect_code(0).contains("no dead letters"));
+    relay.stop().await;
+}
+
+/// A key's dead head discarded gives its number back: the key's next row
+/// goes out as `x-outbox-seq: 1`, so a consumer expecting 1 takes it at
+/// once instead of waiting `key_gap_wait` for a number that never comes.
+/// Without it the next row went out as 2.
+#[tokio::test]
+async fn a_discarded_dead_head_gives_its_number_back_to_its_key() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::new(ExchangeKind::Direct, "now").await;
+    let relay = impatient_relay(&db).await;
+    let client = db.connect().await;
+    let dead = enqueue(&client, &topology.exchange, "nowhere", 1, Some("k")).await;
+    wait_for_count(&db, DEAD, 1).await;
+    enqueue(&client, &topology.exchange, "now", 1, Some("k")).await;
+    let out = relay_command(&db.url, &["dead", "discard", &dead[0].to_string()]).await;
+    assert!(
+        out.expect_code(0).contains("1 dead letter(s) deleted"),
+        "{out:#?}"
+    );
+    let arrived = topology.receive(1, PATIENCE).await;
+    let seq = arrived[0]
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-outbox-seq").cloned());
+    assert_eq!(seq, Some(AMQPValue::LongLongInt(1)), "the key's next row");
     relay.stop().await;
 }
 

@@ -11,7 +11,8 @@
 //! a full prefetch window would keep the missing one from being
 //! delivered at all). Past either bound the gap is accepted, logged and
 //! metered (`consumer_key_gaps_total`): an operator who discarded a dead
-//! row (`outbox-relay dead discard`) leaves such a gap for good.
+//! row that rows behind it had been numbered after (`outbox-relay dead
+//! discard`) leaves such a gap for good.
 //!
 //! A message below the key's next expected number is a copy or a late one
 //! and goes on at once: the inbox recognises a copy. The expected numbers

@@ -96,9 +96,28 @@ const REQUEUE: &str = "SELECT id, message_id, outbox.retry_dead(message_id) FROM
 const REQUEUE_ALL: &str =
     "SELECT id, message_id, outbox.retry_dead(message_id) FROM outbox.dead_letters";
 
-const DISCARD: &str = "DELETE FROM outbox.messages \
-     WHERE dead_at IS NOT NULL AND published_at IS NULL AND (id = ANY($1) OR message_id = ANY($2)) \
-     RETURNING id, message_id";
+/// Deletes the named dead letters. A key's numbers (`x-outbox-seq`) must
+/// stay without gaps, or its consumer waits for the missing one: so when
+/// the discarded rows hold a key's last numbers given out, the key takes
+/// them back (`last` goes down to the highest number not discarded), and
+/// the key's next row gets the first of them. A number below a row still
+/// in flight is not taken back: that gap stays, and a consumer waits
+/// `key_gap_wait` once for it.
+const DISCARD: &str = "\
+WITH discarded AS (
+    DELETE FROM outbox.messages
+    WHERE dead_at IS NOT NULL AND published_at IS NULL AND (id = ANY($1) OR message_id = ANY($2))
+    RETURNING id, message_id, ordering_key, key_seq
+), taken_back AS (
+    UPDATE outbox.key_sequences s
+    SET last = (SELECT max(n) FROM generate_series(greatest(s.last - k.count, 0), s.last) n
+                WHERE n <> ALL (k.seqs))
+    FROM (SELECT ordering_key, count(*) AS count, array_agg(key_seq) AS seqs
+          FROM discarded WHERE key_seq IS NOT NULL GROUP BY ordering_key) k
+    WHERE s.ordering_key = k.ordering_key
+    RETURNING 1
+)
+SELECT id, message_id FROM discarded";
 
 pub async fn run(args: DeadArgs) -> anyhow::Result<()> {
     let (client, _) = args.database.connect().await?;
