@@ -307,6 +307,43 @@ async fn dispatch_a_dead_lettered_keyed_order_moves_its_keys_watermark() {
     fixture.stop_with_queues_empty().await;
 }
 
+/// A keyed order whose key is too large for the watermark table's index
+/// (a hostile publisher's: the relay's keys fit an index already) is
+/// poison on its first delivery, and the order beside it lands. As a
+/// transient failure it was retried in its lane for 15 s first.
+#[tokio::test]
+async fn dispatch_dead_letters_a_key_too_large_to_index_at_once() {
+    let fixture = Fixture::start().await;
+    let huge: String = (0..600)
+        .map(|_| Uuid::new_v4().simple().to_string())
+        .collect();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-outbox-key".into(),
+        AMQPValue::LongString(huge.as_str().into()),
+    );
+    headers.insert("x-outbox-seq".into(), AMQPValue::LongLongInt(1));
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id(Uuid::new_v4().to_string().into())
+        .with_headers(headers);
+    fixture
+        .publisher
+        .raw(br#"{"orderId": 1}"#, properties)
+        .await;
+    fixture.publisher.order(2).await;
+    let dead = take(&fixture.names.dead_letter_queue, 1).await;
+    assert_eq!(dead.len(), 1);
+    let error = header(&dead[0], "x-consumer-error").unwrap_or_default();
+    assert!(error.contains("index row"), "{error}");
+    assert_eq!(
+        header(&dead[0], "x-consumer-deliveries").as_deref(),
+        Some("1")
+    );
+    fixture.wait_for_deliveries(1).await;
+    fixture.stop_with_queues_empty().await;
+}
+
 #[tokio::test]
 async fn dispatch_dead_letters_poison_and_keeps_going() {
     let fixture = Fixture::start().await;

@@ -102,7 +102,10 @@ pub fn classify(error: &tokio_postgres::Error) -> HandlerError {
         // admin_shutdown, crash_shutdown, cannot_connect_now; a read-only
         // standby after a failover.
         || ["57P01", "57P02", "57P03", "25006"].contains(&code);
-    let poison = code.starts_with("22") || ["23502", "23514"].contains(&code);
+    // Class 54, a program limit (an index row too large for a key the
+    // publisher made huge): the same message hits it every time.
+    let poison =
+        code.starts_with("22") || code.starts_with("54") || ["23502", "23514"].contains(&code);
     if unavailable {
         HandlerError::Unavailable(line)
     } else if poison {

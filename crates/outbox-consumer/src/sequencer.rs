@@ -129,7 +129,7 @@ impl<T> Sequencer<T> {
             // Next, or a key not learned (taken as it comes).
             _ => {
                 ready.push(item);
-                self.next.insert(key.to_vec(), seq + 1);
+                self.next.insert(key.to_vec(), seq.saturating_add(1));
                 self.release(key, ready);
             }
         }
@@ -209,7 +209,7 @@ impl<T> Sequencer<T> {
         while let Some(copies) = by_seq.remove(&*next) {
             self.bounds.held.fetch_sub(copies.len(), Ordering::Relaxed);
             ready.extend(copies.into_iter().map(|held| held.item));
-            *next += 1;
+            *next = next.saturating_add(1);
         }
         if by_seq.is_empty() {
             self.held.remove(key);
@@ -304,6 +304,18 @@ mod tests {
         }
         assert_eq!(s.next.len(), 2, "the held key, and the one that overflowed");
         assert_eq!(offer(&mut s, "held", &[1], now), [1, 2]);
+    }
+
+    #[test]
+    fn numbers_at_the_ends_of_the_range_do_not_overflow() {
+        let mut s = sequencer(100);
+        let now = Instant::now();
+        assert_eq!(
+            offer(&mut s, "a", &[i64::MAX, i64::MAX, 3], now),
+            [i64::MAX, i64::MAX, 3]
+        );
+        s.learn(b"b", Some(i64::MAX));
+        assert_eq!(offer(&mut s, "b", &[i64::MIN, 1], now), [i64::MIN, 1]);
     }
 
     #[test]
