@@ -153,10 +153,19 @@ async fn a_handler_that_swallows_a_failed_statement_costs_its_batch_nothing() {
     assert_eq!(count(&db, "SELECT count(*) FROM inbox").await, ORDERS + 1);
 }
 
-/// Inbox rows older than `inbox_retention` go; the consumer goes on.
+/// Inbox rows older than `inbox_retention` go, and so do the watermarks
+/// of keys idle that long; the consumer goes on.
 #[tokio::test]
 async fn inbox_rows_past_their_retention_are_deleted() {
     let db = database().await;
+    db.connect()
+        .await
+        .batch_execute(
+            "INSERT INTO inbox_keys (ordering_key, last_seq, updated_at) VALUES \
+             ('idle', 5, now() - interval '1 hour'), ('busy', 5, now() + interval '1 hour')",
+        )
+        .await
+        .expect("watermarks");
     let shutdown = CancellationToken::new();
     let retention = |config: &mut ConsumerConfig| {
         config.inbox_retention = Some(Duration::from_millis(300));
@@ -174,6 +183,17 @@ async fn inbox_rows_past_their_retention_are_deleted() {
         })
         .await;
     }
+    let keys = db
+        .connect()
+        .await
+        .query_one(
+            "SELECT array_agg(convert_from(ordering_key, 'UTF8')) FROM inbox_keys",
+            &[],
+        )
+        .await
+        .expect("keys")
+        .get::<_, Vec<String>>(0);
+    assert_eq!(keys, ["busy"], "the idle key's watermark went");
     shutdown.cancel();
     consumer.await.expect("join").expect("consumer");
 }

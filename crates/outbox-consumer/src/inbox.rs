@@ -48,6 +48,7 @@ pub struct Inbox {
     keys: String,
     insert: String,
     delete_expired: String,
+    delete_idle_keys: String,
     advance_keys: String,
     watermarks: String,
 }
@@ -98,6 +99,11 @@ impl Inbox {
             ),
             watermarks: format!(
                 "SELECT ordering_key, last_seq FROM {keys} WHERE ordering_key = ANY($1::bytea[])"
+            ),
+            delete_idle_keys: format!(
+                "DELETE FROM {keys} WHERE ordering_key IN (SELECT ordering_key FROM {keys} \
+                 WHERE updated_at < now() - $1 * interval '1 millisecond' \
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)"
             ),
             keys,
             insert: format!(
@@ -212,19 +218,23 @@ impl Inbox {
     }
 
     /// Deletes up to `limit` rows processed more than `retention` ago (see
-    /// `retention`); how many.
+    /// `retention`), of the inbox or, with `keys`, of the keys idle that
+    /// long; how many.
     pub(crate) async fn delete_expired(
         &self,
         client: &impl tokio_postgres::GenericClient,
+        keys: bool,
         retention: Duration,
         limit: i64,
     ) -> Result<u64, tokio_postgres::Error> {
         let millis = retention.as_secs_f64() * 1000.0;
+        let delete = if keys {
+            &self.delete_idle_keys
+        } else {
+            &self.delete_expired
+        };
         client
-            .execute_typed(
-                &self.delete_expired,
-                &[(&millis, Type::FLOAT8), (&limit, Type::INT8)],
-            )
+            .execute_typed(delete, &[(&millis, Type::FLOAT8), (&limit, Type::INT8)])
             .await
     }
 

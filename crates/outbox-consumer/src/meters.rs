@@ -49,6 +49,8 @@ pub(crate) struct Meters {
     pub batch_size: Histogram,
     pub in_flight: Gauge,
     pub inbox_deleted: Counter,
+    /// Key table rows of keys idle past the retention.
+    pub key_watermarks_deleted: Counter,
     /// Transient failures of keyed messages, retried in their lane.
     pub retried_in_place: Counter,
     /// Keys moved past a missing message (see `sequencer`).
@@ -69,6 +71,7 @@ impl Meters {
             batch_size: histogram!("consumer_batch_size"),
             in_flight: gauge!("consumer_in_flight"),
             inbox_deleted: counter!("consumer_inbox_deleted_total"),
+            key_watermarks_deleted: counter!("consumer_key_watermarks_deleted_total"),
             retried_in_place: counter!("consumer_retried_in_place_total"),
             key_gaps: counter!("consumer_key_gaps_total"),
             key_held: gauge!("consumer_key_held"),
@@ -116,6 +119,10 @@ fn describe() {
     describe_counter!(
         "consumer_inbox_deleted_total",
         "Inbox rows deleted by retention (older than inbox_retention)."
+    );
+    describe_counter!(
+        "consumer_key_watermarks_deleted_total",
+        "Key table rows deleted by retention (keys idle longer than inbox_retention)."
     );
     describe_gauge!("consumer_consuming", "1 while subscribed to the queue.");
     describe_gauge!(

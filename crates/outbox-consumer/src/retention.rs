@@ -3,6 +3,11 @@
 //! twice. Rows older than `inbox_retention` are deleted in batches, every
 //! tenth of it (at most a minute), so the table stays as big as that window
 //! and not as big as history. It needs the inbox's `processed_at` column.
+//!
+//! The key table's rows of keys idle that long go too: a key's row is one
+//! per key, but keys may be as many as messages (an order id). A key
+//! forgotten so expects 1 again, so its next message waits
+//! `key_gap_wait` once, unless it is number 1.
 
 use std::time::Duration;
 
@@ -40,27 +45,38 @@ pub(crate) async fn run(
                 continue;
             }
         };
-        loop {
-            match inbox.delete_expired(&**client, retention, BATCH).await {
-                Ok(deleted) => {
-                    meters.inbox_deleted.increment(deleted);
-                    if deleted < BATCH as u64 {
+        for keys in [false, true] {
+            let deleted = if keys {
+                &meters.key_watermarks_deleted
+            } else {
+                &meters.inbox_deleted
+            };
+            loop {
+                match inbox
+                    .delete_expired(&**client, keys, retention, BATCH)
+                    .await
+                {
+                    Ok(rows) => {
+                        deleted.increment(rows);
+                        if rows < BATCH as u64 {
+                            break;
+                        }
+                    }
+                    Err(error) if error.code().map(|c| c.code()) == Some(UNDEFINED_COLUMN) => {
+                        tracing::error!(
+                            error = %outbox::error_line(&error),
+                            "inbox retention needs a `processed_at timestamptz` column \
+                             (and `updated_at` in the key table); it is off"
+                        );
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::warn!(
+                            error = %outbox::error_line(&error),
+                            "inbox retention failed; trying again later"
+                        );
                         break;
                     }
-                }
-                Err(error) if error.code().map(|c| c.code()) == Some(UNDEFINED_COLUMN) => {
-                    tracing::error!(
-                        error = %outbox::error_line(&error),
-                        "inbox retention needs a `processed_at timestamptz` column; it is off"
-                    );
-                    return;
-                }
-                Err(error) => {
-                    tracing::warn!(
-                        error = %outbox::error_line(&error),
-                        "inbox retention failed; trying again later"
-                    );
-                    break;
                 }
             }
         }
