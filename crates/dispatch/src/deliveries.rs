@@ -1,6 +1,7 @@
 //! The dispatch center's own business: an order message becomes a delivery
 //! with a rider (the seed's `kd_order` row), and the HTTP API reads it back.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
@@ -9,7 +10,7 @@ use tokio_postgres::Transaction;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 
-use outbox_consumer::{Handler, HandlerError, Incoming};
+use outbox_consumer::{BatchError, Handler, HandlerError, Incoming};
 
 /// The order message the order service publishes through the outbox.
 /// Only `orderId` is needed here; the rest is for people reading the queue,
@@ -48,14 +49,16 @@ pub struct Dispatcher {
 const INSERT: &str = "INSERT INTO dispatch.deliveries (order_id, rider, message_id) \
      VALUES ($1, $2, $3) ON CONFLICT (order_id) DO NOTHING RETURNING id";
 
+/// [`INSERT`] for a batch, in delivery order (so the deliveries' ids are).
+const INSERT_MANY: &str = "INSERT INTO dispatch.deliveries (order_id, rider, message_id) \
+     SELECT order_id, rider, message_id \
+     FROM unnest($1::int8[], $2::text[], $3::uuid[]) WITH ORDINALITY AS t(order_id, rider, message_id, n) \
+     ORDER BY n ON CONFLICT (order_id) DO NOTHING RETURNING message_id";
+
 impl Handler for Dispatcher {
     async fn handle(&self, tx: &Transaction<'_>, message: &Incoming) -> Result<(), HandlerError> {
         let order = parse(message)?;
-        if let Some(slow) = self.slow_order
-            && slow.order_id == order.order_id
-        {
-            tokio::time::sleep(slow.delay).await;
-        }
+        self.slow_down(order.order_id).await;
         let rider = self.rider(order.order_id);
         let inserted = tx
             .query_typed(
@@ -73,9 +76,55 @@ impl Handler for Dispatcher {
         }
         Ok(())
     }
+
+    /// One insert for the batch: one round trip instead of one a message.
+    async fn handle_batch(
+        &self,
+        tx: &Transaction<'_>,
+        messages: &[&Incoming],
+    ) -> Result<(), BatchError> {
+        let mut order_ids = Vec::with_capacity(messages.len());
+        for (at, message) in messages.iter().enumerate() {
+            let order = parse(message).map_err(|error| BatchError::at(at, error))?;
+            self.slow_down(order.order_id).await;
+            order_ids.push(order.order_id);
+        }
+        let riders: Vec<&str> = order_ids.iter().map(|&id| self.rider(id)).collect();
+        let message_ids: Vec<Uuid> = messages.iter().map(|m| m.message_id).collect();
+        let inserted = tx
+            .query_typed(
+                INSERT_MANY,
+                &[
+                    (&order_ids, Type::INT8_ARRAY),
+                    (&riders, Type::TEXT_ARRAY),
+                    (&message_ids, Type::UUID_ARRAY),
+                ],
+            )
+            .await
+            .map_err(|e| BatchError::somewhere(e.into()))?;
+        if inserted.len() < messages.len() {
+            let landed: HashSet<Uuid> = inserted.iter().map(|row| row.get(0)).collect();
+            for (order_id, message_id) in order_ids.iter().zip(&message_ids) {
+                if !landed.contains(message_id) {
+                    tracing::info!(order_id, %message_id,
+                        "order already has a delivery; this message changes nothing");
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Dispatcher {
+    /// The seed's slow order takes its time.
+    async fn slow_down(&self, order_id: i64) {
+        if let Some(slow) = self.slow_order
+            && slow.order_id == order_id
+        {
+            tokio::time::sleep(slow.delay).await;
+        }
+    }
+
     fn rider(&self, order_id: i64) -> &str {
         let count = i64::try_from(self.riders.len()).unwrap_or(i64::MAX).max(1);
         let index = usize::try_from(order_id.rem_euclid(count)).unwrap_or(0);

@@ -7,7 +7,9 @@
 //! before *k* commit as a batch of their own, *k* is tried alone and, if it
 //! fails again, settled as its error says (see `worker`), and the rest form
 //! the next batch, in that order, so a lane's effects keep their delivery
-//! order. When the batch's own
+//! order. When the handler's `handle_batch` fails without naming the
+//! message at fault, the batch is done again calling `handle` for each
+//! message in turn, which names it. When the batch's own
 //! statements fail (the inbox insert, the commit: a serialization failure,
 //! say), each message gets a transaction of its own. An unavailable
 //! database redoes the same batch after a backoff, counting nothing. A
@@ -32,8 +34,11 @@ use crate::worker::{Failed, Item, Shared, ack, admit, retry_delay, settle_failur
 
 /// What is left to do with a batch, in order.
 enum Step {
-    /// Handle these in one transaction.
+    /// Handle these in one transaction (with the handler's `handle_batch`).
     Commit(Vec<Item>),
+    /// The same, calling the handler's `handle` for each in turn: after
+    /// `handle_batch` failed without naming the message at fault.
+    CommitOneByOne(Vec<Item>),
     /// Settle this one failure.
     Settle(Box<Item>, Failed),
 }
@@ -56,7 +61,7 @@ pub(crate) async fn handle<H: Handler>(
     let mut todo = VecDeque::from([Step::Commit(items)]);
     let mut outage = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     while let Some(step) = todo.pop_front() {
-        let mut segment = match step {
+        let segment = match step {
             Step::Settle(item, Failed::Transient(reason))
                 if ordering_key(&item.delivery).is_some()
                     && item.deliveries < shared.config.max_deliveries =>
@@ -72,14 +77,18 @@ pub(crate) async fn handle<H: Handler>(
                 settle_failure(shared, publisher, *item, failed).await?;
                 continue;
             }
-            Step::Commit(segment) if segment.is_empty() => continue,
-            Step::Commit(segment) => segment,
+            Step::Commit(segment) | Step::CommitOneByOne(segment) if segment.is_empty() => {
+                continue;
+            }
+            Step::Commit(segment) => (segment, false),
+            Step::CommitOneByOne(segment) => (segment, true),
         };
+        let (mut segment, one_by_one) = segment;
         let started = Instant::now();
         let messages: Vec<&Incoming> = segment.iter().map(|item| &item.message).collect();
         let result = shared
             .inbox
-            .handle(&shared.pool, &shared.handler, &messages)
+            .handle(&shared.pool, &shared.handler, &messages, one_by_one)
             .await;
         shared
             .meters
@@ -96,7 +105,8 @@ pub(crate) async fn handle<H: Handler>(
         };
         match failure {
             BatchFailure::Message(_, HandlerError::Unavailable(reason))
-            | BatchFailure::Batch(HandlerError::Unavailable(reason)) => {
+            | BatchFailure::Batch(HandlerError::Unavailable(reason))
+            | BatchFailure::Somewhere(HandlerError::Unavailable(reason)) => {
                 health::database_down(&shared.health, &reason);
                 let left = segment.len() + todo.iter().map(Step::len).sum::<usize>();
                 if !wait_or_give_back(shared, outage.next_delay(), left).await {
@@ -121,10 +131,14 @@ pub(crate) async fn handle<H: Handler>(
                 }
                 todo.push_front(Step::Commit(segment));
             }
-            BatchFailure::Batch(error) if segment.len() == 1 => {
+            BatchFailure::Batch(error) | BatchFailure::Somewhere(error) if segment.len() == 1 => {
                 if let Some(item) = segment.pop() {
                     todo.push_front(Step::Settle(Box::new(item), fault(error)));
                 }
+            }
+            BatchFailure::Somewhere(error) => {
+                tracing::debug!(%error, size = segment.len(), "batch failed; handling it one by one");
+                todo.push_front(Step::CommitOneByOne(segment));
             }
             BatchFailure::Batch(error) => {
                 tracing::debug!(%error, size = segment.len(), "batch failed; one transaction each");
@@ -179,7 +193,7 @@ async fn wait_or_give_back<H: Handler>(shared: &Shared<H>, delay: Duration, left
 impl Step {
     fn len(&self) -> usize {
         match self {
-            Step::Commit(items) => items.len(),
+            Step::Commit(items) | Step::CommitOneByOne(items) => items.len(),
             Step::Settle(..) => 1,
         }
     }

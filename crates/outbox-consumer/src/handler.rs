@@ -11,6 +11,8 @@
 
 use std::future::Future;
 
+use futures::FutureExt;
+
 use lapin::BasicProperties;
 use tokio_postgres::Transaction;
 use uuid::Uuid;
@@ -67,12 +69,81 @@ pub enum HandlerError {
 ///
 /// Implement it with a plain `async fn`; the future must be `Send` because
 /// lanes run concurrently on the runtime's threads.
+///
+/// `handle_batch` writes several messages at once (one statement for all,
+/// instead of a round trip each); by default it calls `handle` for each.
+/// Implement it when one statement can do the batch's writes: it must have
+/// the same effect as `handle` for each message in turn.
 pub trait Handler: Send + Sync + 'static {
     fn handle(
         &self,
         tx: &Transaction<'_>,
         message: &Incoming,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// The effects of `messages` (new ones, in delivery order), in `tx`.
+    /// An error names the message at fault when it can (`BatchError::at`);
+    /// one that cannot (`BatchError::somewhere`: one statement for all
+    /// failed) has the consumer redo the batch with `handle`, one message
+    /// after another in one transaction, to find the one at fault.
+    fn handle_batch(
+        &self,
+        tx: &Transaction<'_>,
+        messages: &[&Incoming],
+    ) -> impl Future<Output = Result<(), BatchError>> + Send {
+        async move {
+            for (at, message) in messages.iter().enumerate() {
+                caught(self.handle(tx, message))
+                    .await
+                    .and_then(|handled| handled)
+                    .map_err(|error| BatchError::at(at, error))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Why `handle_batch` failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchError {
+    /// The index in `messages` of the one at fault, if known.
+    pub index: Option<usize>,
+    pub error: HandlerError,
+}
+
+impl BatchError {
+    /// The message at `index` failed.
+    pub fn at(index: usize, error: HandlerError) -> BatchError {
+        BatchError {
+            index: Some(index),
+            error,
+        }
+    }
+
+    /// One of the messages failed, which one is not known.
+    pub fn somewhere(error: HandlerError) -> BatchError {
+        BatchError { index: None, error }
+    }
+}
+
+/// A handler's future, with a panic made a transient failure: a panicking
+/// handler must not leave its delivery unacked forever, and it ends in the
+/// dead-letter queue if it keeps panicking.
+pub(crate) async fn caught<F: Future>(handled: F) -> Result<F::Output, HandlerError> {
+    std::panic::AssertUnwindSafe(handled)
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
+            HandlerError::Transient(format!("handler panicked: {}", panic_text(&panic)))
+        })
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message")
 }
 
 impl From<tokio_postgres::Error> for HandlerError {

@@ -15,11 +15,10 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use deadpool_postgres::{Object, Pool};
-use futures::FutureExt;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
-use crate::handler::{Handler, HandlerError, Incoming, classify};
+use crate::handler::{BatchError, Handler, HandlerError, Incoming, caught, classify};
 use crate::lanes::numbered;
 
 /// What became of a message that did not fail.
@@ -39,6 +38,8 @@ pub(crate) enum BatchFailure {
     /// The batch's own statements (connection, inbox insert, commit)
     /// failed: no one message is to blame.
     Batch(HandlerError),
+    /// `handle_batch` failed without naming the message at fault.
+    Somewhere(HandlerError),
 }
 
 /// The inbox table: any table with a `message_id uuid` primary key.
@@ -241,18 +242,23 @@ impl Inbox {
     /// Handles each of `messages` once, in one transaction. A failure on a
     /// connection that is gone is `Unavailable`, whatever the query said:
     /// the server, not the message, is at fault.
+    /// `one_by_one` calls the handler's `handle` for each message instead
+    /// of its `handle_batch`, to find the one at fault.
     pub(crate) async fn handle<H: Handler>(
         &self,
         pool: &Pool,
         handler: &H,
         messages: &[&Incoming],
+        one_by_one: bool,
     ) -> Result<Vec<Handled>, BatchFailure> {
         let mut client = pool.get().await.map_err(|e| {
             BatchFailure::Batch(HandlerError::Unavailable(outbox_service::db::pool_error(
                 &e,
             )))
         })?;
-        let result = self.transaction(&mut client, handler, messages).await;
+        let result = self
+            .transaction(&mut client, handler, messages, one_by_one)
+            .await;
         let closed = client.is_closed();
         let unavailable = |error| match error {
             HandlerError::Transient(reason) if closed => HandlerError::Unavailable(reason),
@@ -261,6 +267,7 @@ impl Inbox {
         result.map_err(|failure| match failure {
             BatchFailure::Message(at, error) => BatchFailure::Message(at, unavailable(error)),
             BatchFailure::Batch(error) => BatchFailure::Batch(unavailable(error)),
+            BatchFailure::Somewhere(error) => BatchFailure::Somewhere(unavailable(error)),
         })
     }
 
@@ -269,6 +276,7 @@ impl Inbox {
         client: &mut Object,
         handler: &H,
         messages: &[&Incoming],
+        one_by_one: bool,
     ) -> Result<Vec<Handled>, BatchFailure> {
         let batch = |e: tokio_postgres::Error| BatchFailure::Batch(classify(&e));
         // tokio-postgres' own transaction (not deadpool's wrapper): the
@@ -296,25 +304,43 @@ impl Inbox {
         let (inserted, _) = futures::try_join!(inserted, advanced).map_err(batch)?;
         let mut new: HashSet<Uuid> = inserted.iter().map(|row| row.get(0)).collect();
         let mut handled = Vec::with_capacity(messages.len());
+        let mut fresh = Vec::with_capacity(messages.len());
+        let mut positions = Vec::with_capacity(messages.len());
         for (at, message) in messages.iter().enumerate() {
             // A second copy in the same batch is a duplicate too.
-            if !new.remove(&message.message_id) {
+            if new.remove(&message.message_id) {
+                handled.push(Handled::Committed);
+                fresh.push(*message);
+                positions.push(at);
+            } else {
                 handled.push(Handled::Duplicate);
-                continue;
             }
-            // A panicking handler must not leave its delivery unacked
-            // forever: it counts as a transient failure, so it ends in the
-            // dead-letter queue if it keeps panicking.
-            std::panic::AssertUnwindSafe(handler.handle(&tx, message))
-                .catch_unwind()
-                .await
-                .map_err(|panic| {
-                    HandlerError::Transient(format!("handler panicked: {}", panic_text(&panic)))
-                })
-                .and_then(|result| result)
-                .map_err(|error| BatchFailure::Message(at, error))?;
-            handled.push(Handled::Committed);
         }
+        if fresh.is_empty() {
+            // Dropping `tx` rolls back: there was nothing to write anyway.
+            return Ok(handled);
+        }
+        let written = if one_by_one {
+            let mut written = Ok(());
+            for (at, message) in fresh.iter().enumerate() {
+                let handled = caught(handler.handle(&tx, message)).await;
+                if let Err(error) = handled.and_then(|handled| handled) {
+                    written = Err(BatchError::at(at, error));
+                    break;
+                }
+            }
+            written
+        } else {
+            // A panic in the user's own `handle_batch` names no message.
+            caught(handler.handle_batch(&tx, &fresh))
+                .await
+                .map_err(BatchError::somewhere)
+                .and_then(|handled| handled)
+        };
+        written.map_err(|failed| match failed.index.and_then(|i| positions.get(i)) {
+            Some(&at) => BatchFailure::Message(at, failed.error),
+            None => BatchFailure::Somewhere(failed.error),
+        })?;
         if handled.iter().all(|h| *h == Handled::Duplicate) {
             // Dropping `tx` rolls back: there was nothing to write anyway.
             return Ok(handled);
@@ -349,14 +375,6 @@ fn highest_per_key(messages: &[&Incoming]) -> (Vec<Vec<u8>>, Vec<i64>) {
         .into_iter()
         .map(|(key, seq)| (key.to_vec(), seq))
         .unzip()
-}
-
-fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("no message")
 }
 
 #[cfg(test)]

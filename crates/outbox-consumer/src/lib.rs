@@ -35,7 +35,7 @@ mod worker;
 // names), what runs it, and the headers its dead letters carry.
 pub use broker::{DELIVERIES_HEADER, ERROR_HEADER, RETRIES_HEADER};
 pub use consumer::{ConsumerConfig, run};
-pub use handler::{Handler, HandlerError, Incoming, classify};
+pub use handler::{BatchError, Handler, HandlerError, Incoming, classify};
 pub use inbox::{BadTableName, Inbox, plain_table_name};
 pub use lanes::{KEY_HEADER, SEQ_HEADER};
 pub use topology::{QueueType, Topology};
