@@ -274,6 +274,18 @@ async fn dispatch_handles_a_repeated_message_once() {
 
 /// Test 3: poison between good messages. The good ones all land; each
 /// poison one sits in the dead-letter queue with its reason.
+/// A JSON message under a new id, with these headers.
+fn order_with_headers<const N: usize>(headers: [(&str, AMQPValue); N]) -> BasicProperties {
+    let mut table = FieldTable::default();
+    for (name, value) in headers {
+        table.insert(name.into(), value);
+    }
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id(Uuid::new_v4().to_string().into())
+        .with_headers(table)
+}
+
 /// A keyed order dead-lettered as poison still moves its key's watermark
 /// (`dispatch.inbox_keys`): a consumer that starts later expects the number
 /// after it, instead of waiting `key_gap_wait` for a message that is gone.
@@ -282,13 +294,10 @@ async fn dispatch_handles_a_repeated_message_once() {
 async fn dispatch_a_dead_lettered_keyed_order_moves_its_keys_watermark() {
     let fixture = Fixture::start().await;
     let keyed = |seq: i64| {
-        let mut headers = FieldTable::default();
-        headers.insert("x-outbox-key".into(), AMQPValue::LongString("c-7".into()));
-        headers.insert("x-outbox-seq".into(), AMQPValue::LongLongInt(seq));
-        BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_message_id(Uuid::new_v4().to_string().into())
-            .with_headers(headers)
+        order_with_headers([
+            ("x-outbox-key", AMQPValue::LongString("c-7".into())),
+            ("x-outbox-seq", AMQPValue::LongLongInt(seq)),
+        ])
     };
     fixture.publisher.raw(br#"{"orderId": 1}"#, keyed(1)).await;
     fixture.publisher.raw(b"not json", keyed(2)).await;
@@ -317,16 +326,10 @@ async fn dispatch_dead_letters_a_key_too_large_to_index_at_once() {
     let huge: String = (0..600)
         .map(|_| Uuid::new_v4().simple().to_string())
         .collect();
-    let mut headers = FieldTable::default();
-    headers.insert(
-        "x-outbox-key".into(),
-        AMQPValue::LongString(huge.as_str().into()),
-    );
-    headers.insert("x-outbox-seq".into(), AMQPValue::LongLongInt(1));
-    let properties = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_message_id(Uuid::new_v4().to_string().into())
-        .with_headers(headers);
+    let properties = order_with_headers([
+        ("x-outbox-key", AMQPValue::LongString(huge.as_str().into())),
+        ("x-outbox-seq", AMQPValue::LongLongInt(1)),
+    ]);
     fixture
         .publisher
         .raw(br#"{"orderId": 1}"#, properties)
@@ -620,13 +623,10 @@ async fn dispatch_commits_a_backlog_in_batches_and_takes_a_failing_batch_apart()
 #[tokio::test]
 async fn dispatch_a_fresh_message_cannot_forge_its_delivery_count() {
     let fixture = Fixture::start().await;
-    let mut headers = FieldTable::default();
-    headers.insert("x-consumer-retries".into(), AMQPValue::LongUInt(99));
-    headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(99));
-    let properties = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_message_id(Uuid::new_v4().to_string().into())
-        .with_headers(headers);
+    let properties = order_with_headers([
+        ("x-consumer-retries", AMQPValue::LongUInt(99)),
+        ("x-delivery-count", AMQPValue::LongLongInt(99)),
+    ]);
     fixture
         .publisher
         .raw(br#"{"orderId": 7}"#, properties)

@@ -131,12 +131,7 @@ async fn lane<H: Handler>(
             break Outcome::Settled;
         };
         if !learn_keys(&shared, &mut sequencer, &deliveries).await {
-            let taken = deliveries.len();
-            shared
-                .meters
-                .settled(Settled::GivenBack)
-                .increment(taken as u64);
-            shared.meters.in_flight.decrement(taken as f64);
+            given_back(&shared, deliveries.len());
             break Outcome::Settled;
         }
         let ready = in_order(&shared, &mut sequencer, deliveries);
@@ -150,14 +145,18 @@ async fn lane<H: Handler>(
             break Outcome::BrokerFailed(error);
         }
     };
-    // Unacked, they come again with the next channel.
-    let held = sequencer.holding();
+    given_back(&shared, sequencer.holding());
+    outcome
+}
+
+/// Counts deliveries the lane leaves unacked: they come again with the
+/// next channel.
+fn given_back<H: Handler>(shared: &Shared<H>, count: usize) {
     shared
         .meters
         .settled(Settled::GivenBack)
-        .increment(held as u64);
-    shared.meters.in_flight.decrement(held as f64);
-    outcome
+        .increment(count as u64);
+    shared.meters.in_flight.decrement(count as f64);
 }
 
 /// Learns the watermark of each key among `deliveries` that the lane does
