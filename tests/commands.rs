@@ -246,6 +246,48 @@ async fn a_discarded_dead_head_gives_its_number_back_to_its_key() {
     relay.stop().await;
 }
 
+/// Only a number no consumer can have seen is given back: a dead row
+/// whose last confirm timed out (the broker may have taken it) or that was
+/// replayed (published before) keeps its number out of reach, and its
+/// key's next row gets the number after it. Giving those back would send
+/// a second message under a number a consumer already applied.
+#[tokio::test]
+async fn a_discarded_dead_row_that_may_have_been_delivered_keeps_its_number() {
+    let db = TestDb::with_outbox().await;
+    let client = db.connect().await;
+    let cases = [
+        ("refused", "returned: NO_ROUTE", false, 0),
+        (
+            "timed-out",
+            "no confirm from the broker within 10000 ms",
+            false,
+            1,
+        ),
+        ("replayed", "returned: NO_ROUTE", true, 1),
+    ];
+    for (key, error, replayed, last) in cases {
+        let id = enqueue(&client, "nowhere", "", 1, Some(key)).await[0];
+        client
+            .batch_execute(&format!(
+                "INSERT INTO outbox.key_sequences (ordering_key, last) VALUES ('{key}', 1); \
+                 UPDATE outbox.messages SET key_seq = 1, dead_at = now(), attempts = 5, \
+                     last_error = '{error}', replayed_at = CASE WHEN {replayed} THEN now() END \
+                 WHERE message_id = '{id}'"
+            ))
+            .await
+            .expect("a dead row");
+        relay_command(&db.url, &["dead", "discard", &id.to_string()])
+            .await
+            .expect_code(0);
+        let kept = count(
+            &db,
+            &format!("SELECT last FROM outbox.key_sequences WHERE ordering_key = '{key}'"),
+        )
+        .await;
+        assert_eq!(kept, last, "{key}");
+    }
+}
+
 #[tokio::test]
 async fn replay_publishes_published_messages_again_with_the_same_id() {
     let db = TestDb::with_outbox().await;

@@ -364,35 +364,66 @@ async fn returned_row_keeps_its_order(restart: bool) {
     }
 }
 
-/// An inbox made before key watermarks, without its `_keys` table: the
-/// consumer refuses to start, naming the table and the fix, instead of
-/// failing each keyed batch.
+/// Inbox and key tables that cannot serve: the consumer refuses to start,
+/// naming the table and the fix, instead of failing each batch. Before
+/// the check ran each statement, the text key stalled every keyed lane
+/// (its watermark read failed for ever), the integer watermark panicked
+/// the session, and the inbox without a unique `message_id` deduplicated
+/// nothing.
 #[tokio::test]
-async fn a_consumer_without_its_key_table_refuses_to_start_and_says_why() {
-    let db = TestDb::empty().await;
-    db.connect()
-        .await
-        .batch_execute("CREATE TABLE inbox (message_id uuid PRIMARY KEY)")
-        .await
-        .expect("inbox only");
-    let topology = Topology::named(&unique_name("lib_ex"), &unique_name("lib_q"));
-    let config = ConsumerConfig::new(&amqp_url(), topology, "inbox");
-    let target = outbox_service::db::parse_url(&db.url, None).expect("url");
-    let pool = outbox_service::db::pool(&target, 1).await.expect("pool");
-    let started = outbox_consumer::run(
-        config,
-        pool,
-        Recording,
-        outbox_consumer::health::new(),
-        CancellationToken::new(),
-    );
-    let error = tokio::time::timeout(Duration::from_secs(10), started)
-        .await
-        .expect("it does not wait")
-        .expect_err("no key table");
-    let line = outbox::chain_line(error.as_ref());
-    assert!(
-        line.contains("`inbox_keys`") && line.contains("Inbox::create_table"),
-        "{line}"
-    );
+async fn a_consumer_whose_tables_cannot_serve_refuses_to_start_and_says_why() {
+    let inbox = "CREATE TABLE inbox (message_id uuid PRIMARY KEY)";
+    let keys = |key: &str, seq: &str| {
+        format!(
+            "CREATE TABLE inbox_keys (ordering_key {key} PRIMARY KEY, last_seq {seq} NOT NULL, updated_at timestamptz)"
+        )
+    };
+    let cases = [
+        (inbox.to_string(), "inbox_keys\" does not exist"),
+        (
+            format!("{inbox}; {}", keys("text", "bigint")),
+            "operator does not exist",
+        ),
+        (
+            format!("{inbox}; {}", keys("bytea", "integer")),
+            "last_seq int4, not bytea and bigint",
+        ),
+        (
+            format!(
+                "CREATE TABLE inbox (message_id uuid); {}",
+                keys("bytea", "bigint")
+            ),
+            "no unique or exclusion constraint",
+        ),
+    ];
+    for (tables, reason) in cases {
+        let db = TestDb::empty().await;
+        db.connect()
+            .await
+            .batch_execute(&tables)
+            .await
+            .expect("tables");
+        let topology = Topology::named(&unique_name("lib_ex"), &unique_name("lib_q"));
+        let config = ConsumerConfig::new(&amqp_url(), topology, "inbox");
+        let target = outbox_service::db::parse_url(&db.url, None).expect("url");
+        let pool = outbox_service::db::pool(&target, 1).await.expect("pool");
+        let started = outbox_consumer::run(
+            config,
+            pool,
+            Recording,
+            outbox_consumer::health::new(),
+            CancellationToken::new(),
+        );
+        let error = tokio::time::timeout(Duration::from_secs(10), started)
+            .await
+            .expect("it does not wait")
+            .expect_err("tables that cannot serve");
+        let line = outbox::chain_line(error.as_ref());
+        assert!(
+            line.contains(reason)
+                && line.contains("`inbox_keys`")
+                && line.contains("Inbox::create_table"),
+            "{tables}: {line}"
+        );
+    }
 }

@@ -107,9 +107,13 @@ impl Inbox {
                  LIMIT $2 FOR UPDATE SKIP LOCKED)"
             ),
             keys,
+            // Sorted, so two batches holding copies of the same messages
+            // lock them in the same order; the conflict target makes an
+            // inbox without a unique `message_id` (which would dedup
+            // nothing) an error.
             insert: format!(
-                "INSERT INTO {table} (message_id) SELECT unnest($1::uuid[]) \
-                 ON CONFLICT DO NOTHING RETURNING message_id"
+                "INSERT INTO {table} (message_id) SELECT id FROM unnest($1::uuid[]) AS id \
+                 ORDER BY id ON CONFLICT (message_id) DO NOTHING RETURNING message_id"
             ),
             delete_expired: format!(
                 "DELETE FROM {table} WHERE message_id IN (SELECT message_id FROM {table} \
@@ -142,33 +146,61 @@ impl Inbox {
         client.batch_execute(&create).await
     }
 
-    /// Fails when a table the consumer writes is missing or out of reach
-    /// (SQLSTATE class 42: undefined table or column, no privilege), with
-    /// the fix in the message. A database that does not answer is not
-    /// checked: the lanes wait it out.
+    /// Fails when the inbox or the key table cannot serve: missing, out of
+    /// the role's reach, a column of another type, an inbox without a
+    /// unique `message_id`. Each statement the consumer runs on them is
+    /// run once with nothing to write, in a transaction rolled back, and
+    /// an error of SQLSTATE class 42 is fatal, with the fix in the message.
+    /// A database that does not answer is not checked: the lanes wait it
+    /// out.
     pub(crate) async fn check(&self, pool: &Pool) -> anyhow::Result<()> {
-        let Ok(client) = pool.get().await else {
+        let Ok(mut client) = pool.get().await else {
             return Ok(());
         };
-        let tables = [
-            (&self.table, "message_id"),
-            (&self.keys, "ordering_key, last_seq, updated_at"),
-        ];
-        for (table, columns) in tables {
-            let probe = format!("SELECT {columns} FROM {table} LIMIT 0");
-            match client.simple_query(&probe).await {
-                Err(error) if error.code().is_some_and(|c| c.code().starts_with("42")) => {
-                    anyhow::bail!(
-                        "cannot use table `{table}`: {} (create the inbox and `{}` with \
-                         Inbox::create_table, or see the consumer's README)",
-                        outbox::error_line(&error),
-                        self.keys
-                    )
-                }
-                _ => {}
-            }
+        let client: &mut tokio_postgres::Client = &mut client;
+        let Ok(tx) = client.transaction().await else {
+            return Ok(());
+        };
+        let (ids, keys, seqs) = (Vec::<Uuid>::new(), Vec::<Vec<u8>>::new(), Vec::<i64>::new());
+        let probed = async {
+            tx.query_typed(&self.insert, &[(&ids, Type::UUID_ARRAY)])
+                .await?;
+            tx.execute_typed(
+                &self.advance_keys,
+                &[(&keys, Type::BYTEA_ARRAY), (&seqs, Type::INT8_ARRAY)],
+            )
+            .await?;
+            let read = tx
+                .prepare_typed(&self.watermarks, &[Type::BYTEA_ARRAY])
+                .await?;
+            tx.query(&read, &[&keys]).await?;
+            let types: Vec<Type> = read.columns().iter().map(|c| c.type_().clone()).collect();
+            Ok::<_, tokio_postgres::Error>(types)
         }
-        Ok(())
+        .await;
+        let fix = format!(
+            "create them with Inbox::create_table, or see the consumer's README for \
+             `{}` and `{}`",
+            self.table, self.keys
+        );
+        match probed {
+            Ok(types) if types == [Type::BYTEA, Type::INT8] => Ok(()),
+            Ok(types) => anyhow::bail!(
+                "table `{}` has ordering_key {} and last_seq {}, not bytea and bigint ({fix})",
+                self.keys,
+                types.first().map_or("?", |t| t.name()),
+                types.get(1).map_or("?", |t| t.name()),
+            ),
+            Err(error) if error.code().is_some_and(|c| c.code().starts_with("42")) => {
+                anyhow::bail!(
+                    "cannot use the inbox `{}` or its key table `{}`: {} ({fix})",
+                    self.table,
+                    self.keys,
+                    outbox::error_line(&error)
+                )
+            }
+            Err(_) => Ok(()),
+        }
     }
 
     /// The highest number whose effect committed, for those of `keys` that
@@ -191,7 +223,10 @@ impl Inbox {
                 }
                 other => other,
             })?;
-        Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(|e| classify(&e))
     }
 
     /// Moves the watermarks of a message that was settled without a

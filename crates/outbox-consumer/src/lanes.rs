@@ -91,9 +91,11 @@ pub(crate) fn ordering_key(delivery: &Delivery) -> Option<&[u8]> {
     key_of(&delivery.properties)
 }
 
-/// The ordering key and sequence number a message carries, if both.
+/// The ordering key and sequence number a message carries, if both. The
+/// relay numbers from 1: a number below that is no number (it would set
+/// its key's watermark below where the relay starts).
 pub(crate) fn numbered(properties: &BasicProperties) -> Option<(&[u8], i64)> {
-    key_of(properties).zip(sequence(properties))
+    key_of(properties).zip(sequence(properties).filter(|&seq| seq >= 1))
 }
 
 fn key_of(properties: &BasicProperties) -> Option<&[u8]> {
@@ -167,11 +169,16 @@ async fn learn_keys<H: Handler>(
     sequencer: &mut Sequencer<Delivery>,
     deliveries: &[Delivery],
 ) -> bool {
-    let mut unknown: Vec<Vec<u8>> = deliveries
+    let coming: Vec<&[u8]> = deliveries
         .iter()
         .filter_map(|delivery| numbered(&delivery.properties))
-        .filter(|(key, _)| !sequencer.knows(key))
-        .map(|(key, _)| key.to_vec())
+        .map(|(key, _)| key)
+        .collect();
+    sequencer.forget_idle(&coming);
+    let mut unknown: Vec<Vec<u8>> = coming
+        .into_iter()
+        .filter(|key| !sequencer.knows(key))
+        .map(<[u8]>::to_vec)
         .collect();
     if unknown.is_empty() {
         return true;
@@ -268,5 +275,28 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::FieldTable;
+
+    fn keyed(seq: i64) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(KEY_HEADER.into(), AMQPValue::LongString("k".into()));
+        headers.insert(SEQ_HEADER.into(), AMQPValue::LongLongInt(seq));
+        BasicProperties::default().with_headers(headers)
+    }
+
+    /// A number below the relay's first would set its key's watermark
+    /// below 1, and the key's real message 1 would then wait for numbers
+    /// that never come.
+    #[test]
+    fn numbers_below_one_are_no_numbers() {
+        assert_eq!(numbered(&keyed(1)), Some((&b"k"[..], 1)));
+        assert_eq!(numbered(&keyed(0)), None);
+        assert_eq!(numbered(&keyed(-5)), None);
     }
 }

@@ -85,12 +85,21 @@ impl<T> Sequencer<T> {
     /// The key's watermark from the database: the highest number that
     /// committed, or `None` for a key with no effect yet.
     pub(crate) fn learn(&mut self, key: &[u8], watermark: Option<i64>) {
-        if self.next.len() >= MOST_KEYS {
-            let held = &self.held;
-            self.next.retain(|key, _| held.contains_key(key));
-        }
         let next = watermark.map_or(1, |last| last.saturating_add(1));
         self.next.entry(key.to_vec()).or_insert(next);
+    }
+
+    /// Past `MOST_KEYS`, forgets the keys that hold nothing and are not
+    /// among `coming` (the keys of the messages about to be offered: a key
+    /// forgotten between learning and offering would take its message as
+    /// it comes).
+    pub(crate) fn forget_idle(&mut self, coming: &[&[u8]]) {
+        if self.next.len() < MOST_KEYS {
+            return;
+        }
+        let held = &self.held;
+        self.next
+            .retain(|key, _| held.contains_key(key) || coming.contains(&key.as_slice()));
     }
 
     /// Takes a keyed, numbered message; appends to `ready`, in order, what
@@ -294,15 +303,22 @@ mod tests {
     }
 
     #[test]
-    fn a_full_lane_forgets_keys_it_holds_nothing_for() {
+    fn a_full_lane_forgets_keys_it_holds_nothing_for_unless_they_are_coming() {
         let mut s = sequencer(usize::MAX);
         let now = Instant::now();
         s.learn(b"held", Some(0));
         offer(&mut s, "held", &[2], now);
-        for n in 0..MOST_KEYS {
+        s.learn(b"coming", Some(4));
+        for n in 2..MOST_KEYS {
             s.learn(n.to_string().as_bytes(), Some(1));
         }
-        assert_eq!(s.next.len(), 2, "the held key, and the one that overflowed");
+        s.forget_idle(&[b"coming"]);
+        assert_eq!(s.next.len(), 2, "the held key and the coming one");
+        assert!(s.knows(b"coming"));
+        assert!(
+            offer(&mut s, "coming", &[6], now).is_empty(),
+            "6 still waits for 5"
+        );
         assert_eq!(offer(&mut s, "held", &[1], now), [1, 2]);
     }
 

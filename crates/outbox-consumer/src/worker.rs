@@ -97,14 +97,13 @@ pub(crate) async fn admit<H: Handler>(
             }));
         }
     };
+    // Its key's watermark stays: the messages before it in the batch have
+    // not committed yet, and a consumer that starts later waits
+    // `key_gap_wait` for this one at most.
     let span = span(&delivery);
-    async {
-        dead_letter(publisher, &delivery, deliveries, &reason, &shared.meters).await?;
-        pass_key(shared, &delivery).await;
-        Ok::<(), BrokerError>(())
-    }
-    .instrument(span)
-    .await?;
+    dead_letter(publisher, &delivery, deliveries, &reason, &shared.meters)
+        .instrument(span)
+        .await?;
     Ok(None)
 }
 
@@ -123,15 +122,11 @@ pub(crate) async fn settle_failure<H: Handler>(
         let meters = &shared.meters;
         match failed {
             Failed::Poison(reason) => {
-                dead_letter(publisher, delivery, deliveries, &reason, meters).await?;
-                pass_key(shared, delivery).await;
-                Ok(())
+                dead_letter_passing_key(shared, publisher, delivery, deliveries, &reason).await
             }
             Failed::Transient(reason) if deliveries >= max => {
                 let reason = format!("failed on delivery {deliveries} of {max}: {reason}");
-                dead_letter(publisher, delivery, deliveries, &reason, meters).await?;
-                pass_key(shared, delivery).await;
-                Ok(())
+                dead_letter_passing_key(shared, publisher, delivery, deliveries, &reason).await
             }
             Failed::Transient(reason) => {
                 let delay = retry_delay(&shared.config, deliveries);
@@ -242,14 +237,38 @@ async fn dead_letter(
     reason: &str,
     meters: &Meters,
 ) -> Result<(), BrokerError> {
+    copy_to_dead_letters(publisher, delivery, deliveries, reason).await?;
+    ack(delivery, Settled::DeadLettered, meters).await
+}
+
+/// [`dead_letter`] that also moves a keyed message's watermark past it,
+/// between the confirmed copy and the ack: a consumer that takes over
+/// after the ack then does not wait for it.
+async fn dead_letter_passing_key<H: Handler>(
+    shared: &Shared<H>,
+    publisher: &Publisher,
+    delivery: &Delivery,
+    deliveries: u32,
+    reason: &str,
+) -> Result<(), BrokerError> {
+    copy_to_dead_letters(publisher, delivery, deliveries, reason).await?;
+    pass_key(shared, delivery).await;
+    ack(delivery, Settled::DeadLettered, &shared.meters).await
+}
+
+async fn copy_to_dead_letters(
+    publisher: &Publisher,
+    delivery: &Delivery,
+    deliveries: u32,
+    reason: &str,
+) -> Result<(), BrokerError> {
     tracing::warn!(
         message_id = delivery.properties.message_id().as_ref().map_or("", |m| m.as_str()),
         deliveries,
         %reason,
         "dead-lettering message"
     );
-    publisher.dead_letter(delivery, deliveries, reason).await?;
-    ack(delivery, Settled::DeadLettered, meters).await
+    publisher.dead_letter(delivery, deliveries, reason).await
 }
 
 pub(crate) async fn ack(

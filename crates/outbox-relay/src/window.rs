@@ -32,6 +32,10 @@ use crate::amqp::{Outcome, Returned};
 use crate::meters::Fault;
 use crate::store::Claimed;
 
+/// How a row's `last_error` starts when its confirm did not come in time:
+/// the broker may have taken it (`dead discard` tells by it).
+pub(crate) const NO_CONFIRM: &str = "no confirm from the broker within";
+
 /// Most returns remembered for rows no longer in the window (their
 /// confirm timed out): bounded, and cleared whenever the window empties.
 const MAX_STRAY_RETURNS: usize = 10_000;
@@ -196,7 +200,7 @@ impl Window {
     ) {
         let Some((outcome, returned)) = answer else {
             let waited = self.deadline.as_millis();
-            let why = format!("no confirm from the broker within {waited} ms");
+            let why = format!("{NO_CONFIRM} {waited} ms");
             settled.push(Settled::Failed(row, Fault::ConfirmTimeout, why));
             return;
         };

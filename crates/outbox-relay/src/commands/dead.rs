@@ -10,6 +10,8 @@ use serde_json::Value;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 
+use crate::window::NO_CONFIRM;
+
 use super::{
     DatabaseArgs, MessageRef, format_time, query_error, split_refs, unmatched, wake_relays,
 };
@@ -100,14 +102,22 @@ const REQUEUE_ALL: &str =
 /// stay without gaps, or its consumer waits for the missing one: so when
 /// the discarded rows hold a key's last numbers given out, the key takes
 /// them back (`last` goes down to the highest number not discarded), and
-/// the key's next row gets the first of them. A number below a row still
-/// in flight is not taken back: that gap stays, and a consumer waits
-/// `key_gap_wait` once for it.
+/// the key's next row gets the first of them. Only numbers no consumer
+/// can have seen are taken back: not a replayed row's (it was published
+/// before), nor one whose last attempt timed out (`$3`: the broker may
+/// have taken it), since a second message under a number already applied
+/// would pass as a copy. A number not taken back stays a gap (as one
+/// below a row already numbered does), and a consumer waits
+/// `key_gap_wait` once for it. A claim numbering the key at the same
+/// moment may also write its own `last` over the one taken back: a gap
+/// again, no worse.
 const DISCARD: &str = "\
 WITH discarded AS (
     DELETE FROM outbox.messages
     WHERE dead_at IS NOT NULL AND published_at IS NULL AND (id = ANY($1) OR message_id = ANY($2))
-    RETURNING id, message_id, ordering_key, key_seq
+    RETURNING id, message_id, ordering_key,
+              CASE WHEN replayed_at IS NULL AND coalesce(last_error, '') NOT LIKE $3 || '%'
+                   THEN key_seq END AS key_seq
 ), taken_back AS (
     UPDATE outbox.key_sequences s
     SET last = (SELECT max(n) FROM generate_series(greatest(s.last - k.count, 0), s.last) n
@@ -278,7 +288,11 @@ async fn discard(client: &tokio_postgres::Client, refs: &[MessageRef]) -> anyhow
     let rows = client
         .query_typed(
             DISCARD,
-            &[(&ids, Type::INT8_ARRAY), (&message_ids, Type::UUID_ARRAY)],
+            &[
+                (&ids, Type::INT8_ARRAY),
+                (&message_ids, Type::UUID_ARRAY),
+                (&NO_CONFIRM, Type::TEXT),
+            ],
         )
         .await
         .map_err(query_error("discard dead letters"))?;
