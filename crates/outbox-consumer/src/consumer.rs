@@ -28,7 +28,7 @@ use crate::health;
 use crate::inbox::Inbox;
 use crate::lanes::Lanes;
 use crate::meters::Meters;
-use crate::sequencer::Bounds;
+use crate::sequencer::{Bounds, most_held};
 use crate::topology::Topology;
 use crate::worker::{Outcome, Shared};
 use outbox_service::health::Health;
@@ -121,9 +121,7 @@ pub async fn run<H: Handler>(
     inbox.check(&pool).await?;
     let bounds = Bounds {
         wait: config.key_gap_wait,
-        // Held deliveries stay unacked: a prefetch window full of them
-        // would keep the missing one from being delivered at all.
-        most_held: usize::from(config.prefetch / 2).max(1),
+        most_held: most_held(config.prefetch),
         held: Arc::default(),
     };
     let shared = Arc::new(Shared {

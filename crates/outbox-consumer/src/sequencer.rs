@@ -52,6 +52,18 @@ struct Held<T> {
     since: Instant,
 }
 
+/// How many deliveries may wait for earlier ones with this prefetch. Held
+/// deliveries stay unacked, and a prefetch window full of them would keep
+/// the missing one from being delivered at all: half of it, and none with
+/// a prefetch of 1 (waiting could only time out). Prefetch 0 is unbounded
+/// at the broker: the bound is ours.
+pub(crate) fn most_held(prefetch: u16) -> usize {
+    match prefetch {
+        0 => 10_000,
+        prefetch => usize::from(prefetch / 2),
+    }
+}
+
 /// Keys a lane remembers before it forgets the idle ones.
 const MOST_KEYS: usize = 100_000;
 
@@ -332,6 +344,21 @@ mod tests {
         );
         s.learn(b"b", Some(i64::MAX));
         assert_eq!(offer(&mut s, "b", &[i64::MIN, 1], now), [i64::MIN, 1]);
+    }
+
+    /// With prefetch 1 the one delivery in hand cannot wait for the one
+    /// missing (the broker delivers nothing more until it is acked): it
+    /// waited `key_gap_wait` for nothing.
+    #[test]
+    fn nothing_waits_when_the_prefetch_has_no_room_for_the_missing_one() {
+        assert_eq!(most_held(1), 0);
+        assert_eq!(most_held(3), 1);
+        assert_eq!(most_held(256), 128);
+        assert_eq!(most_held(0), 10_000, "unbounded at the broker");
+        let mut s = sequencer(most_held(1));
+        let now = Instant::now();
+        offer(&mut s, "a", &[1], now);
+        assert_eq!(offer(&mut s, "a", &[3], now), [3], "taken at once");
     }
 
     #[test]
