@@ -11,7 +11,7 @@
 //! message below the watermark may be one that came late, past a gap the
 //! consumer gave up waiting for, and it is handled, not dropped.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use deadpool_postgres::{Object, Pool};
@@ -19,7 +19,7 @@ use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 use crate::handler::{BatchError, Handler, HandlerError, Incoming, caught, classify};
-use crate::lanes::numbered;
+use crate::keys::{Keys, highest_per_key};
 
 /// What became of a message that did not fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,12 +46,10 @@ pub(crate) enum BatchFailure {
 #[derive(Debug, Clone)]
 pub struct Inbox {
     table: String,
-    keys: String,
+    /// Its key table.
+    pub(crate) keys: Keys,
     insert: String,
     delete_expired: String,
-    delete_idle_keys: String,
-    advance_keys: String,
-    watermarks: String,
 }
 
 /// A table name that cannot be put into SQL as it is.
@@ -88,25 +86,9 @@ impl Inbox {
             what: "inbox table",
             ..bad
         })?;
-        let keys = format!("{table}_keys");
         Ok(Inbox {
             table: table.into(),
-            // Sorted, so two batches lock shared keys in the same order.
-            advance_keys: format!(
-                "INSERT INTO {keys} AS k (ordering_key, last_seq) \
-                 SELECT key, seq FROM unnest($1::bytea[], $2::int8[]) AS t(key, seq) ORDER BY key \
-                 ON CONFLICT (ordering_key) DO UPDATE \
-                 SET last_seq = greatest(k.last_seq, excluded.last_seq), updated_at = now()"
-            ),
-            watermarks: format!(
-                "SELECT ordering_key, last_seq FROM {keys} WHERE ordering_key = ANY($1::bytea[])"
-            ),
-            delete_idle_keys: format!(
-                "DELETE FROM {keys} WHERE ordering_key IN (SELECT ordering_key FROM {keys} \
-                 WHERE updated_at < now() - $1 * interval '1 millisecond' \
-                 LIMIT $2 FOR UPDATE SKIP LOCKED)"
-            ),
-            keys,
+            keys: Keys::new(table),
             // Sorted, so two batches holding copies of the same messages
             // lock them in the same order; the conflict target makes an
             // inbox without a unique `message_id` (which would dedup
@@ -125,7 +107,7 @@ impl Inbox {
 
     /// The key watermark table: the inbox table's name with `_keys`.
     pub fn keys_table(&self) -> &str {
-        &self.keys
+        self.keys.table()
     }
 
     /// Creates the inbox and key watermark tables if they are missing (the
@@ -138,10 +120,9 @@ impl Inbox {
     ) -> Result<(), tokio_postgres::Error> {
         let create = format!(
             "CREATE TABLE IF NOT EXISTS {} (message_id uuid PRIMARY KEY, \
-             processed_at timestamptz NOT NULL DEFAULT now()); \
-             CREATE TABLE IF NOT EXISTS {} (ordering_key bytea PRIMARY KEY, \
-             last_seq bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())",
-            self.table, self.keys
+             processed_at timestamptz NOT NULL DEFAULT now()); {}",
+            self.table,
+            self.keys.create()
         );
         client.batch_execute(&create).await
     }
@@ -161,33 +142,24 @@ impl Inbox {
         let Ok(tx) = client.transaction().await else {
             return Ok(());
         };
-        let (ids, keys, seqs) = (Vec::<Uuid>::new(), Vec::<Vec<u8>>::new(), Vec::<i64>::new());
+        let ids = Vec::<Uuid>::new();
         let probed = async {
             tx.query_typed(&self.insert, &[(&ids, Type::UUID_ARRAY)])
                 .await?;
-            tx.execute_typed(
-                &self.advance_keys,
-                &[(&keys, Type::BYTEA_ARRAY), (&seqs, Type::INT8_ARRAY)],
-            )
-            .await?;
-            let read = tx
-                .prepare_typed(&self.watermarks, &[Type::BYTEA_ARRAY])
-                .await?;
-            tx.query(&read, &[&keys]).await?;
-            let types: Vec<Type> = read.columns().iter().map(|c| c.type_().clone()).collect();
-            Ok::<_, tokio_postgres::Error>(types)
+            self.keys.probe(&tx).await
         }
         .await;
         let fix = format!(
             "create them with Inbox::create_table, or see the consumer's README for \
              `{}` and `{}`",
-            self.table, self.keys
+            self.table,
+            self.keys.table()
         );
         match probed {
             Ok(types) if types == [Type::BYTEA, Type::INT8] => Ok(()),
             Ok(types) => anyhow::bail!(
                 "table `{}` has ordering_key {} and last_seq {}, not bytea and bigint ({fix})",
-                self.keys,
+                self.keys.table(),
                 types.first().map_or("?", |t| t.name()),
                 types.get(1).map_or("?", |t| t.name()),
             ),
@@ -195,62 +167,12 @@ impl Inbox {
                 anyhow::bail!(
                     "cannot use the inbox `{}` or its key table `{}`: {} ({fix})",
                     self.table,
-                    self.keys,
+                    self.keys.table(),
                     outbox::error_line(&error)
                 )
             }
             Err(_) => Ok(()),
         }
-    }
-
-    /// The highest number whose effect committed, for those of `keys` that
-    /// have one.
-    pub(crate) async fn watermarks(
-        &self,
-        pool: &Pool,
-        keys: &[Vec<u8>],
-    ) -> Result<Vec<(Vec<u8>, i64)>, HandlerError> {
-        let client = pool
-            .get()
-            .await
-            .map_err(|e| HandlerError::Unavailable(outbox_service::db::pool_error(&e)))?;
-        let rows = client
-            .query_typed(&self.watermarks, &[(&keys, Type::BYTEA_ARRAY)])
-            .await
-            .map_err(|e| match classify(&e) {
-                HandlerError::Transient(reason) if client.is_closed() => {
-                    HandlerError::Unavailable(reason)
-                }
-                other => other,
-            })?;
-        rows.iter()
-            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-            .collect::<Result<_, tokio_postgres::Error>>()
-            .map_err(|e| classify(&e))
-    }
-
-    /// Moves the watermarks of a message that was settled without a
-    /// commit (dead-lettered), on its own: a consumer that starts later
-    /// then does not wait for it.
-    pub(crate) async fn advance_alone(
-        &self,
-        pool: &Pool,
-        key: &[u8],
-        seq: i64,
-    ) -> Result<(), String> {
-        let client = pool
-            .get()
-            .await
-            .map_err(|e| outbox_service::db::pool_error(&e))?;
-        let (keys, seqs) = (vec![key.to_vec()], vec![seq]);
-        client
-            .execute_typed(
-                &self.advance_keys,
-                &[(&keys, Type::BYTEA_ARRAY), (&seqs, Type::INT8_ARRAY)],
-            )
-            .await
-            .map(drop)
-            .map_err(|e| outbox::error_line(&e))
     }
 
     /// Deletes up to `limit` rows processed more than `retention` ago (see
@@ -265,7 +187,7 @@ impl Inbox {
     ) -> Result<u64, tokio_postgres::Error> {
         let millis = retention.as_secs_f64() * 1000.0;
         let delete = if keys {
-            &self.delete_idle_keys
+            self.keys.delete_idle()
         } else {
             &self.delete_expired
         };
@@ -330,11 +252,7 @@ impl Inbox {
             if keys.is_empty() {
                 return Ok(0);
             }
-            tx.execute_typed(
-                &self.advance_keys,
-                &[(&keys, Type::BYTEA_ARRAY), (&seqs, Type::INT8_ARRAY)],
-            )
-            .await
+            self.keys.advance(&tx, &keys, &seqs).await
         };
         let (inserted, _) = futures::try_join!(inserted, advanced).map_err(batch)?;
         let mut new: HashSet<Uuid> = inserted.iter().map(|row| row.get(0)).collect();
@@ -396,20 +314,6 @@ impl Inbox {
         std::mem::forget(tx);
         Ok(handled)
     }
-}
-
-/// Each key's highest number among `messages` (an upsert may touch a row
-/// only once).
-fn highest_per_key(messages: &[&Incoming]) -> (Vec<Vec<u8>>, Vec<i64>) {
-    let mut highest: HashMap<&[u8], i64> = HashMap::new();
-    for (key, seq) in messages.iter().filter_map(|m| numbered(&m.properties)) {
-        let top = highest.entry(key).or_insert(seq);
-        *top = (*top).max(seq);
-    }
-    highest
-        .into_iter()
-        .map(|(key, seq)| (key.to_vec(), seq))
-        .unzip()
 }
 
 #[cfg(test)]

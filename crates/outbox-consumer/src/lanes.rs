@@ -187,7 +187,7 @@ async fn learn_keys<H: Handler>(
     unknown.dedup();
     let mut outage = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
-        let reason = match shared.inbox.watermarks(&shared.pool, &unknown).await {
+        let reason = match shared.inbox.keys.watermarks(&shared.pool, &unknown).await {
             Ok(found) => {
                 health::database_up(&shared.health);
                 let found: HashMap<Vec<u8>, i64> = found.into_iter().collect();

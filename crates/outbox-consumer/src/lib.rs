@@ -14,7 +14,8 @@
 //! - `lanes`: which lane a delivery takes (its key's, or the first free);
 //! - `batch`: a lane's batch in one transaction, taken apart on a failure;
 //! - `worker`: how one delivery ends (parse, ack, retry or dead-letter);
-//! - `inbox`: the effectively-once transaction; `retention`: its old rows;
+//! - `inbox`: the effectively-once transaction; `keys`: each key's
+//!   watermark beside it; `retention`: their old rows;
 //! - `broker`, `topology`: the RabbitMQ side;
 //! - `handler`: what a user implements; `meters`, `health`: observability.
 
@@ -24,6 +25,7 @@ mod consumer;
 mod handler;
 pub mod health;
 mod inbox;
+mod keys;
 mod lanes;
 mod meters;
 mod retention;

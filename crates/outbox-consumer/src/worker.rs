@@ -155,7 +155,12 @@ async fn pass_key<H: Handler>(shared: &Shared<H>, delivery: &Delivery) {
     let Some((key, seq)) = numbered(&delivery.properties) else {
         return;
     };
-    if let Err(reason) = shared.inbox.advance_alone(&shared.pool, key, seq).await {
+    if let Err(reason) = shared
+        .inbox
+        .keys
+        .advance_alone(&shared.pool, key, seq)
+        .await
+    {
         tracing::warn!(
             %reason,
             seq,
