@@ -368,8 +368,8 @@ async fn returned_row_keeps_its_order(restart: bool) {
 /// naming the table and the fix, instead of failing each batch. Before
 /// the check ran each statement, the text key stalled every keyed lane
 /// (its watermark read failed for ever), the integer watermark panicked
-/// the session, and the inbox without a unique `message_id` deduplicated
-/// nothing.
+/// the session, the inbox without a unique `message_id` deduplicated
+/// nothing, and a role without UPDATE on the key table passed the check.
 #[tokio::test]
 async fn a_consumer_whose_tables_cannot_serve_refuses_to_start_and_says_why() {
     let inbox = "CREATE TABLE inbox (message_id uuid PRIMARY KEY)";
@@ -403,27 +403,51 @@ async fn a_consumer_whose_tables_cannot_serve_refuses_to_start_and_says_why() {
             .batch_execute(&tables)
             .await
             .expect("tables");
-        let topology = Topology::named(&unique_name("lib_ex"), &unique_name("lib_q"));
-        let config = ConsumerConfig::new(&amqp_url(), topology, "inbox");
-        let target = outbox_service::db::parse_url(&db.url, None).expect("url");
-        let pool = outbox_service::db::pool(&target, 1).await.expect("pool");
-        let started = outbox_consumer::run(
-            config,
-            pool,
-            Recording,
-            outbox_consumer::health::new(),
-            CancellationToken::new(),
-        );
-        let error = tokio::time::timeout(Duration::from_secs(10), started)
-            .await
-            .expect("it does not wait")
-            .expect_err("tables that cannot serve");
-        let line = outbox::chain_line(error.as_ref());
-        assert!(
-            line.contains(reason)
-                && line.contains("`inbox_keys`")
-                && line.contains("Inbox::create_table"),
-            "{tables}: {line}"
-        );
+        let line = refused_start(&db.url).await;
+        assert!(line.contains(reason), "{tables}: {line}");
     }
+    // A role that may insert into the key table but not update it: each
+    // batch's upsert would fail, retrying keyed messages into the
+    // dead-letter queue.
+    let role = TestRole::create("lib_consumer").await;
+    let db = TestDb::empty().await;
+    create_inbox(&db).await;
+    db.connect()
+        .await
+        .batch_execute(&format!(
+            "GRANT SELECT, INSERT ON inbox, inbox_keys TO {}",
+            role.name
+        ))
+        .await
+        .expect("grants");
+    let line = refused_start(&role.url(&db)).await;
+    assert!(
+        line.contains("permission denied for table inbox_keys"),
+        "{line}"
+    );
+}
+
+/// The one-line error of a consumer on `url` that must refuse to start.
+async fn refused_start(url: &str) -> String {
+    let topology = Topology::named(&unique_name("lib_ex"), &unique_name("lib_q"));
+    let config = ConsumerConfig::new(&amqp_url(), topology, "inbox");
+    let target = outbox_service::db::parse_url(url, None).expect("url");
+    let pool = outbox_service::db::pool(&target, 1).await.expect("pool");
+    let started = outbox_consumer::run(
+        config,
+        pool,
+        Recording,
+        outbox_consumer::health::new(),
+        CancellationToken::new(),
+    );
+    let error = tokio::time::timeout(Duration::from_secs(10), started)
+        .await
+        .expect("it does not wait")
+        .expect_err("tables that cannot serve");
+    let line = outbox::chain_line(error.as_ref());
+    assert!(
+        line.contains("`inbox_keys`") && line.contains("Inbox::create_table"),
+        "{line}"
+    );
+    line
 }
