@@ -308,7 +308,22 @@ async fn returned_row_keeps_its_order(restart: bool) {
         KEYS,
         "each row 5 was returned, and only those"
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every published row is in the consumer's hands (none left in the
+    // queue) and rows 1 to 4 have their effects: what is left, it holds.
+    let held_in_hand = || async {
+        wait_until("the consumer holds every row behind row 5", || async {
+            count(
+                &db,
+                "SELECT count(*) FROM outbox.messages WHERE published_at IS NOT NULL",
+            )
+            .await
+                == KEYS * (ROWS - 1)
+                && ready(&topology.queue).await == 0
+                && count(&db, "SELECT count(*) FROM effects_log").await == KEYS * 4
+        })
+        .await;
+    };
+    held_in_hand().await;
     assert_eq!(
         count(&db, "SELECT count(*) FROM effects_log WHERE n > 5").await,
         0,
@@ -319,7 +334,7 @@ async fn returned_row_keeps_its_order(restart: bool) {
         consumer.await.expect("join").expect("consumer");
         shutdown = CancellationToken::new();
         consumer = consume(&db, &topology, Recording, adjust, &shutdown).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        held_in_hand().await;
         assert_eq!(
             count(&db, "SELECT count(*) FROM effects_log WHERE n > 5").await,
             0,

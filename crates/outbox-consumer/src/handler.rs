@@ -12,7 +12,6 @@
 use std::future::Future;
 
 use futures::FutureExt;
-
 use lapin::BasicProperties;
 use tokio_postgres::Transaction;
 use uuid::Uuid;

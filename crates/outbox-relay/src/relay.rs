@@ -13,6 +13,7 @@
 //! database gives leases back, waits with backoff and reconnects
 //! (`outage`); it never counts as a message's attempt.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -59,7 +60,7 @@ pub(crate) struct Relay {
     next_key: String,
     /// Rows confirmed lately, whose marks may not have landed: with the
     /// window's rows, they are published and do not hold their keys back.
-    confirmed: std::collections::VecDeque<(Instant, i64)>,
+    confirmed: VecDeque<(Instant, i64)>,
     /// Exchanges whose publishes are all nacked on this channel.
     nack_runs: NackRuns,
     outages: Outages,
@@ -81,7 +82,7 @@ impl Relay {
             window: Window::new(config.confirm_timeout),
             cursor: Cursor::new(config.sweep_interval),
             next_key: String::new(),
-            confirmed: std::collections::VecDeque::new(),
+            confirmed: VecDeque::new(),
             nack_runs: NackRuns::default(),
             config,
             store,

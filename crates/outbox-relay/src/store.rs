@@ -94,7 +94,9 @@ pub struct ClaimLimits<'a> {
     pub block_on_dead_head: bool,
     /// Rows of a key taken after its head.
     pub followers: u32,
-    /// Ids of the rows published and awaiting their confirms.
+    /// Ids of the keyed rows published and not yet marked (awaiting
+    /// their confirms, or confirmed lately): with `followers` above 0
+    /// they do not hold their keys back.
     pub in_flight: &'a [i64],
 }
 
@@ -184,8 +186,8 @@ pub struct Store {
 /// confirms. Only rows truly in flight: one given back unpublished, or
 /// failed, is still leased until its mark lands, and a key must wait for
 /// it (matching "leased by this relay" instead let a later row of the key
-/// pass one given back when its lease ran short).
-/// bounds the payload bytes taken (the first row is always taken).
+/// pass one given back when its lease ran short). $5 bounds the payload
+/// bytes taken (the first row is always taken).
 ///
 /// Heads are found key by key on the pending-by-key index (a skip scan:
 /// one probe per key; comparing `(ordering_key, id)` as a row keeps the
