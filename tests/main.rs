@@ -15,6 +15,7 @@ mod faults;
 mod migrate;
 mod orders;
 mod relay;
+mod retries;
 mod roles;
 mod secrets;
 mod telemetry;

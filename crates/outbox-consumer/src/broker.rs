@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::message::Delivery;
 use lapin::options::{
@@ -25,14 +25,21 @@ pub const RETRIES_HEADER: &str = "x-consumer-retries";
 pub const ERROR_HEADER: &str = "x-consumer-error";
 /// How many deliveries a dead-lettered message had.
 pub const DELIVERIES_HEADER: &str = "x-consumer-deliveries";
-/// Set by quorum queues: how often this copy went back to the queue.
+/// Set by quorum queues: how often this copy went back to the queue,
+/// graceful returns included (before RabbitMQ 4.3), so never read as a
+/// count of failures; dropped from copies.
 const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+/// When a copy in the retry queue is due back (Unix epoch milliseconds).
+pub(crate) const RETRY_AT_HEADER: &str = "x-consumer-retry-at";
 /// The last transient failure, on copies in the retry queue.
 const LAST_ERROR_HEADER: &str = "x-consumer-last-error";
 
 pub(crate) struct Broker {
     connection: Connection,
     consuming: Channel,
+    /// Takes copies from the retry queue (see `retrier`); a channel of its
+    /// own so that its prefetch does not share the queue's.
+    retrying: Channel,
     publisher: Publisher,
 }
 
@@ -51,6 +58,10 @@ impl Broker {
         consuming
             .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
+        let retrying = connection.create_channel().await?;
+        retrying
+            .basic_qos(prefetch.max(1), BasicQosOptions::default())
+            .await?;
         let publishing = connection.create_channel().await?;
         publishing
             .confirm_select(ConfirmSelectOptions::default())
@@ -65,6 +76,7 @@ impl Broker {
         Ok(Broker {
             connection,
             consuming,
+            retrying,
             publisher: Publisher {
                 channel: publishing,
                 topology,
@@ -73,21 +85,23 @@ impl Broker {
     }
 
     pub(crate) async fn consume(&self, tag: &str) -> Result<Consumer, lapin::Error> {
-        self.consuming
-            .basic_consume(
-                self.publisher.topology.queue.as_str().into(),
-                tag.into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
+        subscribe(&self.consuming, &self.publisher.topology.queue, tag).await
     }
 
-    /// Stops new deliveries; those in hand can still be acked.
-    pub(crate) async fn cancel(&self, tag: &str) {
+    /// Copies waiting in the retry queue, for the `retrier` to bring back.
+    pub(crate) async fn consume_retries(&self, tag: &str) -> Result<Consumer, lapin::Error> {
+        subscribe(&self.retrying, &self.publisher.topology.retry_queue, tag).await
+    }
+
+    /// Stops new deliveries of both queues; those in hand can still be acked.
+    pub(crate) async fn cancel(&self, tag: &str, retries_tag: &str) {
         let _ = self
             .consuming
             .basic_cancel(tag.into(), Default::default())
+            .await;
+        let _ = self
+            .retrying
+            .basic_cancel(retries_tag.into(), Default::default())
             .await;
     }
 
@@ -99,6 +113,17 @@ impl Broker {
     pub(crate) async fn close(&self) {
         let _ = self.connection.close(200, "consumer stopping".into()).await;
     }
+}
+
+async fn subscribe(channel: &Channel, queue: &str, tag: &str) -> Result<Consumer, lapin::Error> {
+    channel
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
 }
 
 /// Why the broker failed under a delivery: the session must reconnect.
@@ -125,6 +150,17 @@ pub(crate) enum BrokerError {
     Ack(#[source] lapin::Error),
 }
 
+impl BrokerError {
+    /// The broker works but its queue would not take the copy: it is
+    /// missing (returned) or full with `reject-publish` (nacked).
+    pub(crate) fn refused(&self) -> bool {
+        matches!(
+            self,
+            BrokerError::Returned { .. } | BrokerError::Nacked { .. }
+        )
+    }
+}
+
 /// Moves deliveries to the retry or the dead-letter queue.
 #[derive(Clone)]
 pub(crate) struct Publisher {
@@ -133,8 +169,12 @@ pub(crate) struct Publisher {
 }
 
 impl Publisher {
-    /// Puts a copy in the retry queue that comes back to the queue after
-    /// `delay`, counting `deliveries` so far. `Err` means the broker failed.
+    /// Puts a copy in the retry queue, due back in the queue after `delay`
+    /// (`x-consumer-retry-at`), counting `deliveries` so far. `Err` means
+    /// the broker failed. The copy has no TTL: RabbitMQ dead-letters an
+    /// expired message at most once, and one that the queue refuses at
+    /// that moment (a length limit, the queue deleted and declared again)
+    /// would be gone. The `retrier` brings it back with a confirm instead.
     pub(crate) async fn retry(
         &self,
         delivery: &Delivery,
@@ -145,9 +185,24 @@ impl Publisher {
         let mut headers = copied_headers(delivery);
         headers.insert(RETRIES_HEADER.into(), AMQPValue::LongUInt(deliveries));
         headers.insert(LAST_ERROR_HEADER.into(), long_string(reason));
-        let expiration = delay.as_millis().max(1).to_string();
-        let properties = copied_properties(delivery, headers).with_expiration(expiration.into());
+        let due = SystemTime::now() + delay;
+        let due_ms = due.duration_since(UNIX_EPOCH).map_or(0, |since| {
+            i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+        });
+        headers.insert(RETRY_AT_HEADER.into(), AMQPValue::LongLongInt(due_ms));
+        let properties = copied_properties(delivery, headers);
         self.publish("", &self.topology.retry_queue, delivery, properties)
+            .await
+    }
+
+    /// Puts a copy from the retry queue back in the queue, through the
+    /// default exchange (what `delivery_number` trusts). `Err` with
+    /// [`BrokerError::refused`] means the queue would not take it now.
+    pub(crate) async fn send_back(&self, delivery: &Delivery) -> Result<(), BrokerError> {
+        let mut headers = copied_headers(delivery);
+        headers.remove(RETRY_AT_HEADER);
+        let properties = copied_properties(delivery, headers);
+        self.publish("", &self.topology.queue, delivery, properties)
             .await
     }
 
@@ -216,36 +271,41 @@ impl Publisher {
 }
 
 /// Deliveries of this message so far, this one included: 1 + transient
-/// failures carried in `x-consumer-retries` + returns counted by a quorum
-/// queue. Only counts a publisher cannot forge are read: the retries of a
-/// copy that came back from our retry queue (through the default exchange,
-/// routed by the queue's name, which a publisher limited to its own
-/// exchange cannot use), and the quorum queue's count on a delivery the
-/// broker flags as redelivered. A fresh message carrying
+/// failures carried in `x-consumer-retries`. Only real failures count: not
+/// a graceful return, a lost connection or a consumer restart, which a
+/// quorum queue's `x-delivery-count` counts too (before RabbitMQ 4.3), so
+/// it is not read. Only a count a publisher cannot forge is read: the
+/// retries of a copy that came back from our retry queue (through the
+/// default exchange, routed by the queue's name, which a publisher limited
+/// to its own exchange cannot use). A fresh message carrying
 /// `x-consumer-retries: 99` is delivery 1.
 pub(crate) fn delivery_number(delivery: &Delivery, queue: &str) -> u32 {
-    let count = |key: &str| {
-        delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|headers| headers.inner().get(key))
-            .and_then(as_u32)
-            .unwrap_or(0)
-    };
     let from_retry_queue =
         delivery.exchange.as_str().is_empty() && delivery.routing_key.as_str() == queue;
-    let retries = if from_retry_queue {
-        count(RETRIES_HEADER)
-    } else {
-        0
+    let retries = from_retry_queue
+        .then(|| header_u32(delivery, RETRIES_HEADER))
+        .flatten()
+        .unwrap_or(0);
+    1u32.saturating_add(retries)
+}
+
+/// When a copy in the retry queue is due back, if it says.
+pub(crate) fn retry_at(delivery: &Delivery) -> Option<SystemTime> {
+    let headers = delivery.properties.headers().as_ref()?;
+    let millis = match headers.inner().get(RETRY_AT_HEADER)? {
+        AMQPValue::LongLongInt(millis) => u64::try_from(*millis).ok()?,
+        _ => return None,
     };
-    let returns = if delivery.redelivered {
-        count(DELIVERY_COUNT_HEADER)
-    } else {
-        0
-    };
-    1u32.saturating_add(retries).saturating_add(returns)
+    UNIX_EPOCH.checked_add(Duration::from_millis(millis))
+}
+
+fn header_u32(delivery: &Delivery, key: &str) -> Option<u32> {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get(key))
+        .and_then(as_u32)
 }
 
 /// Any integer header value that fits; publishers pick various widths.
@@ -341,12 +401,15 @@ mod tests {
         assert_eq!(delivery_number(&delivery(FieldTable::default()), "q"), 1);
     }
 
+    /// A quorum queue counts graceful returns (a consumer restarted, a
+    /// lane given back) as deliveries: eight rolling restarts dead-lettered
+    /// good messages as "delivered 6 times" when that count was read.
     #[test]
-    fn retries_and_quorum_returns_both_count() {
+    fn retries_count_and_quorum_returns_do_not() {
         let mut headers = FieldTable::default();
         headers.insert(RETRIES_HEADER.into(), AMQPValue::LongUInt(2));
-        headers.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongLongInt(1));
-        assert_eq!(delivery_number(&delivery(headers), "q"), 4);
+        headers.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongLongInt(7));
+        assert_eq!(delivery_number(&delivery(headers), "q"), 3);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! ```text
 //! connect ─► declare topology ─► consume (manual acks, prefetch N) ─►
 //! lanes, each handling a batch at a time in one transaction (see `lanes`,
-//! `batch`) ─► on a lost connection: drop every lane (their deliveries go
+//! `batch`); the retry queue's copies back into the queue when due (see
+//! `retrier`) ─► on a lost connection: drop every lane (their deliveries go
 //! back to the queue with the channel), back off, reconnect ─► on
 //! shutdown: stop consuming, let the batches in progress finish for a
 //! while, close (unacked deliveries go back)
@@ -188,8 +189,16 @@ pub async fn run<H: Handler>(
 /// Consumes on one connection until it fails or shutdown.
 async fn session<H: Handler>(shared: &Arc<Shared<H>>, broker: Broker) -> Ended {
     let tag = format!("{}-{}", shared.config.name, uuid::Uuid::new_v4().simple());
-    let mut deliveries = match broker.consume(&tag).await {
-        Ok(consumer) => consumer,
+    let retries_tag = format!("{tag}-retries");
+    let subscribed = match broker.consume(&tag).await {
+        Ok(deliveries) => broker
+            .consume_retries(&retries_tag)
+            .await
+            .map(|retries| (deliveries, retries)),
+        Err(error) => Err(error),
+    };
+    let (mut deliveries, mut retries) = match subscribed {
+        Ok(both) => both,
         Err(error) => {
             broker.close().await;
             return Ended::Lost(anyhow::Error::new(error).context("cannot consume"));
@@ -218,6 +227,13 @@ async fn session<H: Handler>(shared: &Arc<Shared<H>>, broker: Broker) -> Ended {
                 Some(Err(error)) => break Ended::Lost(error.into()),
                 None => break Ended::Lost(anyhow::anyhow!("the broker cancelled the consumer")),
             },
+            next = retries.next() => match next {
+                Some(Ok(copy)) => {
+                    tasks.spawn(crate::retrier::bring_back(shared.clone(), publisher.clone(), copy));
+                }
+                Some(Err(error)) => break Ended::Lost(error.into()),
+                None => break Ended::Lost(anyhow::anyhow!("the broker cancelled the retry queue's consumer")),
+            },
             Some(done) = tasks.join_next() => match done {
                 Ok(Outcome::Settled) => {}
                 Ok(Outcome::BrokerFailed(error)) => break Ended::Lost(error.into()),
@@ -228,7 +244,7 @@ async fn session<H: Handler>(shared: &Arc<Shared<H>>, broker: Broker) -> Ended {
     };
     drop(lanes);
     if let Ended::Shutdown = ended {
-        broker.cancel(&tag).await;
+        broker.cancel(&tag, &retries_tag).await;
         // Lanes finish the batch in hand and stop; what they had queued
         // goes back with the channel.
         let finish = async { while tasks.join_next().await.is_some() {} };

@@ -16,6 +16,7 @@
 //! - `worker`: how one delivery ends (parse, ack, retry or dead-letter);
 //! - `inbox`: the effectively-once transaction; `keys`: each key's
 //!   watermark beside it; `retention`: their old rows;
+//! - `retrier`: brings retried messages back when they are due;
 //! - `broker`, `topology`: the RabbitMQ side;
 //! - `handler`: what a user implements; `meters`, `health`: observability.
 
@@ -29,6 +30,7 @@ mod keys;
 mod lanes;
 mod meters;
 mod retention;
+mod retrier;
 mod sequencer;
 mod topology;
 mod worker;

@@ -57,6 +57,8 @@ pub(crate) struct Meters {
     pub key_gaps: Counter,
     /// Early keyed messages waiting for an earlier one of their key.
     pub key_held: Gauge,
+    /// Retried messages the queue would not take back yet (see `retrier`).
+    pub retries_refused: Counter,
 }
 
 impl Meters {
@@ -75,6 +77,7 @@ impl Meters {
             retried_in_place: counter!("consumer_retried_in_place_total"),
             key_gaps: counter!("consumer_key_gaps_total"),
             key_held: gauge!("consumer_key_held"),
+            retries_refused: counter!("consumer_retries_refused_total"),
         }
     }
 
@@ -115,6 +118,10 @@ fn describe() {
     describe_gauge!(
         "consumer_key_held",
         "Keyed messages that came before an earlier one of their key, waiting for it."
+    );
+    describe_counter!(
+        "consumer_retries_refused_total",
+        "Times the queue refused a retried message back (missing, or full with reject-publish); it stays in the retry queue and is offered again."
     );
     describe_counter!(
         "consumer_inbox_deleted_total",

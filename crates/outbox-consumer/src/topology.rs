@@ -3,14 +3,17 @@
 //!
 //! ```text
 //! exchange (fanout) ─► queue ─► consumer ─┬─ commit ─► ack
-//!                        ▲                ├─ transient ─► retry queue (per-message TTL)
-//!                        └── expired ─────┘       (back through the default exchange)
-//!                                         └─ poison, too many deliveries ─►
+//!                        ▲                ├─ transient ─► retry queue (due time in a header)
+//!                        └── due, confirmed ──────┘  (the consumer brings it back: `retrier`)
+//!                                         └─ poison, out of deliveries ─►
 //!                                            dead-letter exchange (fanout) ─► dead-letter queue
 //! ```
 //! The queue also names the dead-letter exchange as its own
 //! `x-dead-letter-exchange`, so whatever the broker itself drops (a length
-//! limit or TTL set by a policy) lands in the dead-letter queue too.
+//! limit or TTL set by a policy) lands in the dead-letter queue too. The
+//! retry queue still dead-letters into the queue: copies made by earlier
+//! consumer versions carry a TTL, and keeping its arguments lets it be declared
+//! again as it is.
 
 use std::time::Duration;
 
@@ -75,7 +78,8 @@ impl Topology {
         }
         self.queue(channel, &self.queue, main).await?;
 
-        // Expired retries go back to the queue through the default exchange.
+        // Only copies with a TTL (older consumers', or a policy's) expire
+        // into the queue; ours are brought back by the `retrier`.
         let mut retry = self.arguments();
         retry.insert("x-dead-letter-exchange".into(), string(""));
         retry.insert("x-dead-letter-routing-key".into(), string(&self.queue));

@@ -6,7 +6,6 @@
 //!
 //! ```text
 //! parse ─ bad ──────────────────────────────────────────► dead-letter
-//!   └─ too many deliveries ─────────────────────────────► dead-letter
 //!   └─ inbox + handler, in its batch's transaction ─ ok ► ack
 //!        ├─ poison ─────────────────────────────────────► dead-letter
 //!        ├─ transient ─ deliveries left ─► retry queue (backoff as TTL)
@@ -15,6 +14,9 @@
 //! ```
 //! A bad message leaves the queue at once (to the dead-letter or the retry
 //! queue), so it never occupies a prefetch slot while good ones wait.
+//! Only failures count towards the delivery limit, and only once the inbox
+//! has had its say: a message already applied is acked as a duplicate
+//! however often it came.
 
 use std::time::Duration;
 
@@ -74,7 +76,8 @@ pub(crate) enum Failed {
 }
 
 /// An [`Item`] for `delivery`, or `None` once it is dead-lettered (no
-/// usable message id, or more deliveries than allowed).
+/// usable message id). How often it came counts for nothing here: the
+/// limit applies when it fails (`settle_failure`), after the inbox.
 pub(crate) async fn admit<H: Handler>(
     shared: &Shared<H>,
     publisher: &Publisher,
@@ -82,13 +85,8 @@ pub(crate) async fn admit<H: Handler>(
 ) -> Result<Option<Item>, BrokerError> {
     shared.meters.received.increment(1);
     let deliveries = delivery_number(&delivery, &shared.config.topology.queue);
-    let max = shared.config.max_deliveries;
     let reason = match incoming(&delivery, deliveries) {
         Err(bad) => bad.to_string(),
-        // A quorum queue counted redeliveries: the consumer died handling it.
-        Ok(_) if deliveries > max => {
-            format!("delivered {deliveries} times, more than the limit of {max}")
-        }
         Ok(message) => {
             return Ok(Some(Item {
                 delivery,
