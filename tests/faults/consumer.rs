@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use outbox_tests::dispatch::fail_order;
 use outbox_tests::pipeline::{Pipeline, under_repeated_fault};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,6 +44,45 @@ async fn faults_single_active_consumers_sigkilled_in_turn() {
                 second = KilledOnDrop(pipeline.spawn_second_consumer());
             }
         },
+    )
+    .await;
+}
+
+/// Scenario 6c: rolling restarts (SIGTERM) of a consumer on a quorum
+/// queue with a slow database, orders in hand given back at each one, and
+/// an order that fails transiently twice (a keyless one: through the retry
+/// queue). The queue counts every return in `x-delivery-count`; only real
+/// failures may count towards the dead-letter queue, so nothing is dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_consumer_restarted_gracefully_on_a_quorum_queue() {
+    let consumer = [
+        ("DISPATCH_QUEUE_TYPE", "quorum"),
+        ("DISPATCH_PREFETCH", "40"),
+        ("DISPATCH_SHUTDOWN_TIMEOUT_MS", "200"),
+        ("DISPATCH_RETRY_BASE_MS", "300"),
+        ("DISPATCH_RETRY_MAX_MS", "600"),
+    ];
+    let mut pipeline = Pipeline::start(1, &[], &consumer).await;
+    // A slow database keeps batches in hand when the SIGTERM comes.
+    pipeline
+        .dispatch_db
+        .connect()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION dispatch.slow() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN PERFORM pg_sleep(0.002); RETURN NEW; END $$; \
+             CREATE TRIGGER slow BEFORE INSERT ON dispatch.deliveries \
+             FOR EACH ROW EXECUTE FUNCTION dispatch.slow()",
+        )
+        .await
+        .expect("slow trigger");
+    fail_order(&pipeline.dispatch_db, 1001, Some(2)).await;
+    under_repeated_fault(
+        &mut pipeline,
+        Duration::from_secs(2),
+        "6c. consumer on a quorum queue, SIGTERMed and restarted",
+        "graceful restarts",
+        Pipeline::terminate_and_restart_consumer,
     )
     .await;
 }

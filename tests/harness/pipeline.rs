@@ -139,6 +139,18 @@ impl Pipeline {
         self.consumer = spawn_dispatch_process(&self.dispatch, &borrowed(&self.consumer_env));
     }
 
+    /// Stops the consumer as an orchestrator's rolling restart would
+    /// (SIGTERM: it finishes its batches in hand for its shutdown timeout
+    /// and gives the rest back) and starts a new one.
+    pub fn terminate_and_restart_consumer(&mut self) {
+        let pid = self.consumer.id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        let _ = self.consumer.wait();
+        self.consumer = spawn_dispatch_process(&self.dispatch, &borrowed(&self.consumer_env));
+    }
+
     async fn declare_audit_queue(&self) {
         let connection = connect_to(&self.servers.amqp_url).await;
         let channel = connection.create_channel().await.expect("channel");
