@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use outbox_tests::broker::{Topology, connect_to, message_id};
+use outbox_tests::broker::{Topology, connect_to, message_id, resume_queue, suspend_queue};
 use outbox_tests::dispatch::{PATIENCE, count, wait_until};
 use outbox_tests::observe::{Logged, Scrape, logged_address, wait_for_metric};
 use outbox_tests::proxy::Proxy;
@@ -160,6 +160,64 @@ async fn faults_a_silent_broker_is_an_outage_not_dead_messages() {
         .collect();
     assert_eq!(silent.len(), 1, "{silent:?}");
     assert_eq!(silent[0]["level"], "WARN", "{:?}", silent[0]);
+    assert_eq!(relay.terminate().await, Some(0));
+}
+
+/// Thaws a suspended queue however the test ends.
+struct Suspended(String);
+
+impl Drop for Suspended {
+    fn drop(&mut self) {
+        resume_queue(&self.0);
+    }
+}
+
+/// The other side: a queue that stops confirming while the broker still
+/// answers is its rows' fault (attempts), even when nothing published
+/// after them is confirmed: the probe is answered. No outage.
+#[tokio::test]
+async fn faults_a_stuck_queue_alone_is_still_its_rows_fault() {
+    let db = TestDb::with_outbox().await;
+    let stuck = Topology::fanout().await;
+    suspend_queue(&stuck.queue);
+    let _thaw = Suspended(stuck.queue.clone());
+    let confirm_timeout = CONFIRM_TIMEOUT_MS.to_string();
+    let env = [
+        ("OUTBOX_CONFIRM_TIMEOUT_MS", confirm_timeout.as_str()),
+        ("OUTBOX_MAX_ATTEMPTS", "20"),
+    ];
+    let mut command = relay_run_command(&db, &env);
+    command.arg("--log-format").arg("json");
+    let relay = Logged::spawn(command);
+    let addr = logged_address(&relay, "serving /metrics, /healthz and /readyz", "addr").await;
+    let addr = addr.as_str();
+    wait_until("the relay is ready", || async {
+        get(addr, "/readyz").await == 200
+    })
+    .await;
+    let client = db.connect().await;
+    for n in 0..3 {
+        client
+            .execute(
+                "SELECT outbox.enqueue($1, '', jsonb_build_object('n', $2::int))",
+                &[&stuck.exchange, &n],
+            )
+            .await
+            .expect("enqueue");
+    }
+    let charged = "SELECT count(*) FROM outbox.messages \
+                   WHERE attempts >= 2 AND last_error LIKE 'no confirm%'";
+    wait_until("each stuck row counted two attempts", || async {
+        count(&db, charged).await == 3
+    })
+    .await;
+    let scrape = Scrape::of(addr).await;
+    assert_eq!(
+        scrape.value("outbox_outages_total", &[("server", "rabbitmq")]),
+        0.0
+    );
+    assert_eq!(scrape.value("outbox_broker_connected", &[]), 1.0);
+    assert_eq!(get(addr, "/readyz").await, 200);
     assert_eq!(relay.terminate().await, Some(0));
 }
 
