@@ -15,3 +15,4 @@ mod hostile;
 mod long_transaction;
 mod poison;
 mod relays;
+mod silent_broker;

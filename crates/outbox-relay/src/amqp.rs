@@ -7,7 +7,9 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lapin::message::BasicReturnMessage;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::options::{
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::{
@@ -19,6 +21,9 @@ use crate::meters::Fault;
 use crate::store::Claimed;
 
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long closing a connection that stopped answering may take: its
+/// close-ok will not come either.
+const SILENT_CLOSE_TIMEOUT: Duration = Duration::from_millis(100);
 /// Frame bytes kept for everything in a content header but the headers
 /// (frame and class fields, message id, content type of at most 255 bytes,
 /// delivery mode, timestamp).
@@ -40,6 +45,10 @@ pub(crate) struct Broker {
     /// (An exchange deleted while cached still closes the channel once: that
     /// counts as an outage, and the reconnected broker starts a new cache.)
     known_exchanges: HashMap<String, Instant>,
+    /// How long any round trip with the broker may take (the confirm
+    /// timeout): past it the broker is silent, and nothing may wait on it
+    /// for ever (a black-holed network answers nothing and closes nothing).
+    answer_within: Duration,
 }
 
 /// What the broker said about one publish.
@@ -56,37 +65,63 @@ pub(crate) enum Outcome {
     Lost(String),
 }
 
+impl Outcome {
+    /// The broker's own answer (an ack or a nack), not one the relay gave
+    /// before publishing: it shows the broker read the publish.
+    pub(crate) fn answered_by_broker(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Confirmed | Outcome::Rejected(Fault::Nacked, _)
+        )
+    }
+}
+
 impl Broker {
     /// Connects to the first node of `urls` that answers (see
-    /// [`outbox_service::amqp`]) and opens the confirm-mode channel.
+    /// [`outbox_service::amqp`], bounded there) and opens the confirm-mode
+    /// channel, each round trip within `answer_within`.
     pub(crate) async fn connect(
         urls: &str,
         ca_file: Option<&Path>,
         name: &str,
+        answer_within: Duration,
     ) -> anyhow::Result<Broker> {
         let connection = outbox_service::amqp::connect(urls, ca_file, name).await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let channel = match within(answer_within, confirm_channel(&connection)).await {
+            Ok(channel) => channel,
+            Err(error) => {
+                let _ =
+                    tokio::time::timeout(SILENT_CLOSE_TIMEOUT, connection.close(200, "".into()))
+                        .await;
+                return Err(error.into());
+            }
+        };
         Ok(Broker {
             connection,
             channel,
             known_exchanges: HashMap::new(),
+            answer_within,
         })
     }
 
     /// Replaces the channel with a new one in confirm mode (see
     /// [`crate::nack_runs`]); call it with nothing in flight.
-    pub(crate) async fn renew_channel(&mut self) -> Result<(), lapin::Error> {
-        let channel = self.connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+    pub(crate) async fn renew_channel(&mut self) -> Result<(), PublishError> {
+        let channel = within(self.answer_within, confirm_channel(&self.connection)).await?;
         let old = std::mem::replace(&mut self.channel, channel);
         let close = old.close(200, "renewed".into());
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT.min(self.answer_within), close).await;
         Ok(())
+    }
+
+    /// A round trip on the publishing channel (a `basic.qos` that changes
+    /// nothing, the channel consumes nothing) within `answer_within`. The
+    /// broker handles a channel's frames in order, so an answer shows it
+    /// read every publish sent before: a confirm missing for one of those
+    /// is that message's (its queue's) fault, not the broker's.
+    pub(crate) async fn probe(&self) -> Result<(), PublishError> {
+        let qos = self.channel.basic_qos(0, BasicQosOptions::default());
+        within(self.answer_within, async { Ok(qos.await?) }).await
     }
 
     pub(crate) fn is_connected(&self) -> bool {
@@ -136,25 +171,25 @@ impl Broker {
         if let Some(problem) = header_problem(&row.headers, budget) {
             return Ok(Pending::Done(Outcome::Rejected(Fault::BadHeaders, problem)));
         }
-        if !self.exchange_exists(&row.exchange).await? {
+        if !within(self.answer_within, self.exchange_exists(&row.exchange)).await? {
             return Ok(Pending::Done(Outcome::Rejected(
                 Fault::NoExchange,
                 format!("exchange `{}` does not exist", row.exchange),
             )));
         }
-        let confirm = self
-            .channel
-            .basic_publish(
-                ShortString::from(row.exchange.as_str()),
-                ShortString::from(row.routing_key.as_str()),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &row.payload,
-                properties(row),
-            )
-            .await?;
+        // Resolves once the frames are written: a socket that stopped
+        // draining (a black-holed network) must not hold the relay.
+        let publish = self.channel.basic_publish(
+            ShortString::from(row.exchange.as_str()),
+            ShortString::from(row.routing_key.as_str()),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            &row.payload,
+            properties(row),
+        );
+        let confirm = within(self.answer_within, async { Ok(publish.await?) }).await?;
         Ok(Pending::Confirm(confirm))
     }
 
@@ -167,7 +202,7 @@ impl Broker {
         }
     }
 
-    async fn exchange_exists(&mut self, exchange: &str) -> Result<bool, lapin::Error> {
+    async fn exchange_exists(&mut self, exchange: &str) -> Result<bool, PublishError> {
         // The default exchange always exists (and may not be declared, even
         // passively). `amq.*` names are checked like any other: only the
         // broker's own exist, and a missing one closes the channel.
@@ -200,15 +235,43 @@ impl Broker {
                 Ok(true)
             }
             Err(error) if is_not_found(&error) => Ok(false),
-            Err(error) => Err(error),
+            Err(error) => Err(error.into()),
         }
     }
 
     /// Bounded: a broker that stopped answering must not hold up shutdown.
     pub(crate) async fn close(&self) {
         let close = self.connection.close(200, "relay stopping".into());
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT.min(self.answer_within), close).await;
     }
+
+    /// Closes a connection that stopped answering without waiting for its
+    /// close-ok (lapin's heartbeat, or the kernel, ends the socket).
+    pub(crate) async fn abandon(&self) {
+        let close = self
+            .connection
+            .close(200, "the broker stopped answering".into());
+        let _ = tokio::time::timeout(SILENT_CLOSE_TIMEOUT, close).await;
+    }
+}
+
+/// A new channel in confirm mode.
+async fn confirm_channel(connection: &Connection) -> Result<Channel, PublishError> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+/// `work`, or [`PublishError::Silent`] past `limit`.
+async fn within<T>(
+    limit: Duration,
+    work: impl Future<Output = Result<T, PublishError>>,
+) -> Result<T, PublishError> {
+    tokio::time::timeout(limit, work)
+        .await
+        .unwrap_or(Err(PublishError::Silent(limit)))
 }
 
 /// A channel closed by the broker because of one message, not an outage:
@@ -242,11 +305,16 @@ impl ChannelFault {
     }
 }
 
-/// Why a publish could not be sent: the connection's fault, never the row's.
+/// Why a publish (or another round trip) failed: the connection's fault,
+/// never the row's.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum PublishError {
     #[error("not connected")]
     NotConnected,
+    /// No answer within the deadline: the broker (or the network to it)
+    /// stopped answering without closing anything.
+    #[error("no answer from the broker within {} ms", .0.as_millis())]
+    Silent(Duration),
     /// lapin's text is what [`ChannelFault::from_error`] reads.
     #[error(transparent)]
     Broker(#[from] lapin::Error),

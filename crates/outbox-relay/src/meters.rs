@@ -19,11 +19,14 @@ pub(crate) enum Fault {
     /// Its headers cannot be framed: a field name over 255 bytes, or more
     /// than a frame holds.
     BadHeaders,
-    /// No confirm within `OUTBOX_CONFIRM_TIMEOUT_MS` (a queue that stopped
-    /// answering): counts an attempt, the row is retried later.
+    /// No confirm within `OUTBOX_CONFIRM_TIMEOUT_MS` though the broker
+    /// still answers (a queue that stopped confirming): counts an attempt,
+    /// the row is retried later. A broker that answers nothing is an
+    /// outage instead (`ConnectionLost`).
     ConfirmTimeout,
-    /// The connection or channel failed before the confirm (not the
-    /// message's fault: no attempt is counted, the row is published again).
+    /// The connection or channel failed, or stopped answering, before the
+    /// confirm (not the message's fault: no attempt is counted, the row is
+    /// published again).
     ConnectionLost,
 }
 

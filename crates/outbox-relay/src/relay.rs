@@ -11,7 +11,10 @@
 //! The wake-up's connection and locks live in `wakeup`, the window in
 //! `window`, the statements in `store`. An outage of the broker or the
 //! database gives leases back, waits with backoff and reconnects
-//! (`outage`); it never counts as a message's attempt.
+//! (`outage`); it never counts as a message's attempt. A broker that stops
+//! answering without closing anything (a black-holed network) is such an
+//! outage too: a confirm past its deadline is the row's fault only once
+//! the broker shows it still answers (`window`, `Broker::probe`).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -217,8 +220,11 @@ impl Relay {
                     continue;
                 }
             };
-            self.settle(settled)?;
+            let unanswered = self.settle(settled)?;
             self.show_window();
+            if !unanswered.is_empty() {
+                self.ask_the_broker(unanswered).await?;
+            }
         }
     }
 
@@ -311,7 +317,7 @@ impl Relay {
                 Err(error) => {
                     self.give_back(std::iter::once(row).chain(rows));
                     self.meters.failure(Fault::ConnectionLost).increment(1);
-                    return Err(Outage::Broker(error.to_string()));
+                    return Err(Outage::from(error));
                 }
             }
         }
@@ -319,10 +325,12 @@ impl Relay {
         Ok(())
     }
 
-    /// Hands settled rows to the marker. A lost confirm means the channel
-    /// is gone: the rest of the window is given back and the drain stops.
-    fn settle(&mut self, settled: Vec<Settled>) -> Result<(), Outage> {
+    /// Hands settled rows to the marker, and returns the unanswered ones
+    /// (see [`Relay::ask_the_broker`]). A lost confirm means the channel is
+    /// gone: the rest of the window is given back and the drain stops.
+    fn settle(&mut self, settled: Vec<Settled>) -> Result<Vec<Claimed>, Outage> {
         let mut lost = None;
+        let mut unanswered = Vec::new();
         let now = Instant::now();
         for row in settled {
             match row {
@@ -347,6 +355,7 @@ impl Relay {
                         error,
                     });
                 }
+                Settled::Unanswered(row) => unanswered.push(row),
                 Settled::Lost(row, error) => {
                     self.meters.failure(Fault::ConnectionLost).increment(1);
                     self.give_back([row]);
@@ -355,8 +364,39 @@ impl Relay {
             }
         }
         match lost {
-            Some(error) => Err(Outage::Broker(error)),
-            None => Ok(()),
+            Some(error) => {
+                self.give_back(unanswered);
+                Err(Outage::Broker(error))
+            }
+            None => Ok(unanswered),
+        }
+    }
+
+    /// Rows whose confirms did not come, with no answer from the broker
+    /// since they were published: a probe on the channel tells a queue that
+    /// stopped confirming (the broker answers: each row's fault, an
+    /// attempt) from a broker that stopped answering (an outage: they are
+    /// given back, no attempt counted, and the connection is replaced).
+    async fn ask_the_broker(&mut self, rows: Vec<Claimed>) -> Result<(), Outage> {
+        let through = self.window.last_slot();
+        let answer = match self.broker.as_ref() {
+            Some(broker) => broker.probe().await,
+            None => Err(PublishError::NotConnected),
+        };
+        match answer {
+            Ok(()) => {
+                self.window.read_through(through);
+                let failed = rows.into_iter().map(|row| self.window.unconfirmed(row));
+                let failed: Vec<_> = failed.collect();
+                self.settle(failed).map(drop)
+            }
+            Err(error) => {
+                self.meters
+                    .failure(Fault::ConnectionLost)
+                    .increment(rows.len() as u64);
+                self.give_back(rows);
+                Err(Outage::from(error))
+            }
         }
     }
 
@@ -376,10 +416,7 @@ impl Relay {
         );
         self.nack_runs.renewed();
         if let Some(broker) = self.broker.as_mut() {
-            broker
-                .renew_channel()
-                .await
-                .map_err(|e| Outage::Broker(e.to_string()))?;
+            broker.renew_channel().await.map_err(Outage::from)?;
             self.meters.channel_renewals.increment(1);
         }
         Ok(false)
@@ -397,14 +434,17 @@ impl Relay {
     }
 
     /// Waits up to `limit` for the window to settle, then gives back what
-    /// has not (its outcome unknown: published again, at least once).
+    /// has not (its outcome unknown: published again, at least once), the
+    /// unanswered rows too: no probe is made on the way out.
     async fn settle_in_flight(&mut self, limit: Duration) {
         let deadline = Instant::now() + limit;
         while !self.window.is_empty() {
             let Ok(settled) = tokio::time::timeout_at(deadline, self.window.settled()).await else {
                 break;
             };
-            let _ = self.settle(settled);
+            if let Ok(unanswered) = self.settle(settled) {
+                self.give_back(unanswered);
+            }
         }
         let unanswered = self.window.abandon();
         self.give_back(unanswered);
@@ -427,6 +467,7 @@ impl Relay {
             &self.config.amqp_url,
             self.config.amqp_ca_file.as_deref(),
             "outbox-relay",
+            self.config.confirm_timeout,
         )
         .await
         .map_err(|e| Outage::Broker(format!("{e:#}")))?;
@@ -439,6 +480,16 @@ impl Relay {
 
     async fn wait_out(&mut self, outage: Outage, shutdown: &CancellationToken) {
         self.cursor.rewind();
+        if let Outage::BrokerSilent(_) = &outage {
+            // Nothing more will come on this connection: everything in
+            // flight goes back at once, and the close is not waited for.
+            let unanswered = self.window.abandon();
+            self.give_back(unanswered);
+            self.show_window();
+            if let Some(broker) = self.broker.take() {
+                broker.abandon().await;
+            }
+        }
         if let Outage::Broker(error) = &outage {
             self.settle_in_flight(Duration::from_secs(1)).await;
             if let Some(broker) = self.broker.take() {

@@ -37,8 +37,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await?
         .prepare_claims(config.mode == Mode::Notify);
     health.set(DATABASE, true);
-    let broker =
-        Broker::connect(&config.amqp_url, config.amqp_ca_file.as_deref(), &relay_id).await?;
+    let broker = Broker::connect(
+        &config.amqp_url,
+        config.amqp_ca_file.as_deref(),
+        &relay_id,
+        config.confirm_timeout,
+    )
+    .await?;
     health.set(BROKER, true);
     let marker = Marker::spawn(
         store.clone(),

@@ -13,9 +13,15 @@
 //! end, however long other confirms take, and only resolved confirms are
 //! touched, never the whole window.
 //!
-//! A confirm that does not come within the deadline is given up on: the
-//! row is handed back as a failure (its attempt is counted and it is
-//! retried later), so one stuck queue holds one slot, never the window.
+//! A confirm that does not come within the deadline is given up on, so one
+//! stuck queue holds one slot, never the window. Whose fault it is depends
+//! on whether the broker still answers: it read every publish before the
+//! latest one it acked or nacked (one channel, one TCP stream, in order),
+//! so a row published before an answered one failed on its own (a queue
+//! that stopped confirming: an attempt). Without such an answer the row is
+//! [`Settled::Unanswered`]: the relay asks the broker (a probe on the
+//! channel, [`Window::read_through`] on an answer) before it blames the
+//! row; a broker that answers nothing is an outage, not N bad messages.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -45,8 +51,12 @@ const MAX_STRAY_RETURNS: usize = 10_000;
 pub(crate) enum Settled {
     /// Acked and not returned: mark it published.
     Published(Claimed),
-    /// The row's own fault (nack, return, no confirm in time): an attempt.
+    /// The row's own fault (nack, return, no confirm in time though the
+    /// broker answered for a later publish): an attempt.
     Failed(Claimed, Fault, String),
+    /// No confirm in time, and nothing shows that the broker read it: the
+    /// broker itself may have stopped answering. Not yet anyone's fault.
+    Unanswered(Claimed),
     /// Its channel or connection failed: not the row's fault.
     Lost(Claimed, String),
 }
@@ -66,6 +76,9 @@ pub(crate) struct Window {
     returned: HashMap<String, String>,
     bytes: u64,
     deadline: Duration,
+    /// The latest slot the broker is known to have read: it acked or
+    /// nacked that publish or a later one, or answered a probe sent after.
+    read_through: Option<u64>,
 }
 
 impl Window {
@@ -77,6 +90,7 @@ impl Window {
             returned: HashMap::new(),
             bytes: 0,
             deadline,
+            read_through: None,
         }
     }
 
@@ -120,6 +134,26 @@ impl Window {
         self.in_flight.is_empty()
     }
 
+    /// The slot of the latest publish, to pass to [`Window::read_through`]
+    /// when a probe sent after it is answered.
+    pub(crate) fn last_slot(&self) -> Option<u64> {
+        self.next_slot.checked_sub(1)
+    }
+
+    /// The broker answered something sent after publish `slot`: it read
+    /// every publish up to it.
+    pub(crate) fn read_through(&mut self, slot: Option<u64>) {
+        self.read_through = self.read_through.max(slot);
+    }
+
+    /// An unanswered row once the broker is known to have read it: the
+    /// missing confirm is the row's (its queue's) fault.
+    pub(crate) fn unconfirmed(&self, row: Claimed) -> Settled {
+        let waited = self.deadline.as_millis();
+        let why = format!("{NO_CONFIRM} {waited} ms");
+        Settled::Failed(row, Fault::ConfirmTimeout, why)
+    }
+
     /// Waits until at least one row is settled, and returns all that are.
     /// Outside tokio's cooperative budget: spent part-way through a round
     /// (each deadline is a timer), it would make ready confirms look
@@ -152,6 +186,7 @@ impl Window {
         let waker = Waker::from(woken.clone());
         let mut flagged = Context::from_waker(&waker);
         let mut acked = Vec::new();
+        let mut timed_out = Vec::new();
         let mut settled = Vec::new();
         loop {
             woken.set.store(false, Ordering::Relaxed);
@@ -159,13 +194,25 @@ impl Window {
                 Poll::Ready(Some((slot, answer))) => {
                     if let Some((row, size)) = self.rows.remove(&slot) {
                         self.bytes -= size;
-                        self.take(row, answer, &mut acked, &mut settled);
+                        match answer {
+                            Some(answer) => self.take(slot, row, answer, &mut acked, &mut settled),
+                            None => timed_out.push((slot, row)),
+                        }
                     }
                 }
                 Poll::Ready(None) => break,
                 // It woke us: it yielded with futures still ready.
                 Poll::Pending if woken.set.load(Ordering::Relaxed) => {}
                 Poll::Pending => break,
+            }
+        }
+        // Judged after the whole round: an answer collected in it may be
+        // for a publish later than a row that timed out.
+        for (slot, row) in timed_out {
+            if self.read_through.is_some_and(|read| read >= slot) {
+                settled.push(self.unconfirmed(row));
+            } else {
+                settled.push(Settled::Unanswered(row));
             }
         }
         // Every confirm resolved before the last row here was acked has
@@ -193,17 +240,15 @@ impl Window {
 
     fn take(
         &mut self,
+        slot: u64,
         row: Claimed,
-        answer: Answer,
+        (outcome, returned): (Outcome, Option<Returned>),
         acked: &mut Vec<Claimed>,
         settled: &mut Vec<Settled>,
     ) {
-        let Some((outcome, returned)) = answer else {
-            let waited = self.deadline.as_millis();
-            let why = format!("{NO_CONFIRM} {waited} ms");
-            settled.push(Settled::Failed(row, Fault::ConfirmTimeout, why));
-            return;
-        };
+        if outcome.answered_by_broker() {
+            self.read_through(Some(slot));
+        }
         if let Some(returned) = returned {
             if self.returned.len() >= MAX_STRAY_RETURNS {
                 self.returned.clear();
@@ -287,6 +332,7 @@ mod tests {
                 Settled::Failed(r, Fault::Returned, _) => (r.id, "returned"),
                 Settled::Failed(r, Fault::ConfirmTimeout, _) => (r.id, "timeout"),
                 Settled::Failed(r, _, _) => (r.id, "failed"),
+                Settled::Unanswered(r) => (r.id, "unanswered"),
                 Settled::Lost(r, _) => (r.id, "lost"),
             })
             .collect();
@@ -374,12 +420,76 @@ mod tests {
         let (_, _stuck) = publish(&mut window, 1);
         tokio::time::advance(Duration::from_secs(5)).await;
         let (_, young) = publish(&mut window, 2);
-        assert!(window.settled_now().is_empty());
-        let settled = window.settled().await;
-        assert_eq!(names(&settled), [(1, "timeout")]);
-        assert_eq!(window.in_flight(), 1);
+        // The broker answers for a publish after the stuck one: it read it.
         ack(young, None);
         assert_eq!(names(&window.settled().await), [(2, "published")]);
+        let settled = window.settled().await;
+        assert_eq!(names(&settled), [(1, "timeout")]);
+        assert!(window.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_with_no_later_answer_is_nobodys_fault_yet() {
+        let mut window = Window::new(Duration::from_secs(10));
+        let (_, first) = publish(&mut window, 1);
+        let (_, _stuck) = publish(&mut window, 2);
+        let (_, _silent) = publish(&mut window, 3);
+        // An answer for an earlier publish shows nothing about later ones.
+        ack(first, None);
+        assert_eq!(names(&window.settled().await), [(1, "published")]);
+        let mut settled = window.settled().await;
+        while settled.len() < 2 {
+            settled.extend(window.settled().await);
+        }
+        assert_eq!(names(&settled), [(2, "unanswered"), (3, "unanswered")]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_in_the_same_round_as_the_timeout_counts() {
+        let mut window = Window::new(Duration::from_secs(10));
+        let (_, _stuck) = publish(&mut window, 1);
+        let (_, later) = publish(&mut window, 2);
+        tokio::time::advance(Duration::from_secs(11)).await;
+        // The later ack is collected in the round that finds 1 timed out.
+        ack(later, None);
+        let settled = window.settled().await;
+        assert_eq!(names(&settled), [(1, "timeout"), (2, "published")]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_answered_after_the_publish_blames_the_row() {
+        let mut window = Window::new(Duration::from_secs(10));
+        let (_, _stuck) = publish(&mut window, 1);
+        let probed = window.last_slot();
+        window.read_through(probed);
+        // Published after the probe: not covered by it.
+        let (_, _after) = publish(&mut window, 2);
+        let mut settled = window.settled().await;
+        while settled.len() < 2 {
+            settled.extend(window.settled().await);
+        }
+        assert_eq!(names(&settled), [(1, "timeout"), (2, "unanswered")]);
+        let row = settled
+            .into_iter()
+            .find_map(|s| match s {
+                Settled::Unanswered(row) => Some(row),
+                _ => None,
+            })
+            .expect("row 2 unanswered");
+        assert_eq!(names(&[window.unconfirmed(row)]), [(2, "timeout")]);
+    }
+
+    #[tokio::test]
+    async fn a_local_refusal_is_no_answer_from_the_broker() {
+        let mut window = Window::new(Duration::from_secs(10));
+        let (_, refused) = publish(&mut window, 1);
+        let _ = refused.send((Outcome::Rejected(Fault::Oversized, "big".into()), None));
+        assert_eq!(names(&window.settled().await), [(1, "failed")]);
+        assert_eq!(window.read_through, None);
+        let (_, nacked) = publish(&mut window, 2);
+        let _ = nacked.send((Outcome::Rejected(Fault::Nacked, "nack".into()), None));
+        assert_eq!(names(&window.settled().await), [(2, "failed")]);
+        assert_eq!(window.read_through, Some(1));
     }
 
     #[tokio::test]

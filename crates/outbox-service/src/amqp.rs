@@ -2,12 +2,18 @@
 //! comma-separated: a connection goes to the first node that answers, and
 //! a reconnect tries them all again, so losing the node in use costs one
 //! reconnect. Every connect is bounded (lapin can hang on a rejected
-//! `connection.open`) and no error echoes a password.
+//! `connection.open`, and on a black-holed network that accepts the TCP
+//! connection and answers nothing) and no error echoes a password. A
+//! connection asks for [`DEFAULT_HEARTBEAT_SECS`] heartbeats unless its URL
+//! sets `heartbeat=`: lapin closes a connection that heard nothing from the
+//! broker for two intervals, so a silent broker is found even when idle
+//! (the server's default, 60 s, would take two minutes).
 
 use std::path::Path;
 use std::time::Duration;
 
 use lapin::tcp::OwnedTLSConfig;
+use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties, DefaultConnectionBuilder};
 
 use crate::secrets::{redact, scrub};
@@ -17,6 +23,9 @@ use crate::secrets::{redact, scrub};
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The heartbeat interval asked for when a URL does not set `heartbeat=`.
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 
 /// Why no node could be reached.
 #[derive(Debug, thiserror::Error)]
@@ -73,10 +82,20 @@ pub async fn connect(
         .transpose()?;
     let mut failures = Vec::new();
     for url in nodes(urls) {
+        let uri = match url.parse::<AMQPUri>() {
+            Ok(mut uri) => {
+                uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
+                uri
+            }
+            Err(error) => {
+                failures.push(format!("{}: {}", redact(url), scrub(&error, url)));
+                continue;
+            }
+        };
         let why = match DefaultConnectionBuilder::new() {
             Ok(builder) => {
                 let builder = builder
-                    .with_uri_str(url.to_string())
+                    .with_uri(uri)
                     .with_properties(
                         ConnectionProperties::default().with_connection_name(name.into()),
                     )

@@ -53,7 +53,9 @@ pub struct Config {
     pub key_pipeline: u32,
     pub max_payload_bytes: u32,
     /// A confirm not back by then retries its row (an attempt): a queue
-    /// that stopped answering must not hold the whole window.
+    /// that stopped answering must not hold the whole window. Unless the
+    /// broker answers nothing at all (a probe within this bound too): that
+    /// is an outage. Bounds every other round trip with the broker.
     pub confirm_timeout: Duration,
     /// Payload bytes claimed or unconfirmed at once (a row larger than
     /// this is still claimed, alone).

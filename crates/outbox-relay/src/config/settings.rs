@@ -84,7 +84,7 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_payload_bytes: Option<u32>,
 
-    #[arg(long, env = "OUTBOX_CONFIRM_TIMEOUT_MS", help = with_default!("Milliseconds a publish may wait for its broker confirm before its row is retried; below the lease", defaults::CONFIRM_TIMEOUT_MS))]
+    #[arg(long, env = "OUTBOX_CONFIRM_TIMEOUT_MS", help = with_default!("Milliseconds a publish may wait for its broker confirm before its row is retried (an outage instead when the broker answers nothing); below the lease", defaults::CONFIRM_TIMEOUT_MS))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub confirm_timeout_ms: Option<u64>,
 
