@@ -60,7 +60,7 @@ impl Broker {
             .await?;
         let retrying = connection.create_channel().await?;
         retrying
-            .basic_qos(prefetch.max(1), BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
         let publishing = connection.create_channel().await?;
         publishing
