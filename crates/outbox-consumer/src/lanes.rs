@@ -1,25 +1,30 @@
 //! Deliveries in lanes. A lane is a task that handles one batch at a time
-//! (see `batch`), so `lanes` transactions run at once. A keyed message
-//! (header `x-outbox-key`, which the relay sets from the row's
-//! `ordering_key`) always goes to its key's lane, so one consumer commits a
-//! key's effects in delivery order. A keyless one goes to a queue all lanes
-//! take from when they are free, so a slow message holds up only its own
-//! batch and its lane's keys, never the others. Before its batch, a keyed
-//! message that came before an earlier one of its key waits in the lane's
-//! `sequencer`, which learns each key's watermark from the database the
-//! first time the lane sees the key.
+//! (see `batch`), so `lanes` transactions run at once. A free lane takes
+//! the oldest work there is, keyless or keyed, up to `batch_size`. A keyed
+//! message (header `x-outbox-key`, which the relay sets from the row's
+//! `ordering_key`) is never in two lanes at once: while a lane has one of
+//! a key's messages in hand the key is busy, and the key's later messages
+//! wait in its backlog until that batch is done; they are then the next
+//! lane's, in delivery order. So one consumer commits a key's effects in
+//! order, and a slow message holds up its own batch and its own key's
+//! later messages, nothing else: the other keys and the keyless messages
+//! go to the other lanes. (Keys used to be pinned to a lane by hash: a
+//! stuck lane's queue filled with the keys that hash there until the
+//! prefetch window was full of them, and the broker delivered nothing
+//! more.) Before its batch, a keyed message that came before an earlier
+//! one of its key may wait in the `sequencer` (when `key_gap_wait` is
+//! set), which learns each key's watermark from the database the first
+//! time the consumer sees the key.
 
-use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 use outbox_service::backoff::Backoff;
-use tokio::sync::Mutex;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -28,7 +33,7 @@ use crate::broker::Publisher;
 use crate::handler::Handler;
 use crate::handler::HandlerError;
 use crate::health;
-use crate::meters::Settled;
+use crate::meters::{Meters, Settled};
 use crate::sequencer::Sequencer;
 use crate::worker::{Outcome, Shared};
 
@@ -38,13 +43,44 @@ pub const KEY_HEADER: &str = "x-outbox-key";
 /// `key_seq`): consecutive, with no gaps.
 pub const SEQ_HEADER: &str = "x-outbox-seq";
 
-type Keyless = Arc<Mutex<UnboundedReceiver<Delivery>>>;
+/// A delivery and when it came (a count, for "oldest first").
+type Arrived = (u64, Delivery);
 
-/// Where the session hands deliveries; dropping it ends the lanes once
-/// their queues are empty. (Prefetch bounds what the queues hold.)
+/// Where the session hands deliveries; [`Lanes::close`] ends the lanes.
+/// (Prefetch bounds what they hold.)
 pub(crate) struct Lanes {
-    keyed: Vec<UnboundedSender<Delivery>>,
-    keyless: UnboundedSender<Delivery>,
+    work: Arc<Work>,
+}
+
+/// The work the lanes share.
+struct Work {
+    state: Mutex<State>,
+    /// Something to take, or closed.
+    changed: Notify,
+}
+
+struct State {
+    arrivals: u64,
+    keyless: VecDeque<Arrived>,
+    /// Keys in a lane's hands (busy) or with messages waiting for a lane.
+    keys: HashMap<Vec<u8>, Backlog>,
+    /// Keys not busy whose messages wait, by their oldest one's arrival.
+    free: BTreeMap<u64, Vec<u8>>,
+    sequencer: Sequencer<Arrived>,
+    closed: bool,
+}
+
+/// A key's messages not yet in a lane's hands, in delivery order.
+#[derive(Default)]
+struct Backlog {
+    busy: bool,
+    waiting: VecDeque<Arrived>,
+}
+
+/// What a lane took: deliveries, and the keys it now has in hand.
+struct Taken {
+    deliveries: Vec<Arrived>,
+    keys: Vec<Vec<u8>>,
 }
 
 impl Lanes {
@@ -54,35 +90,177 @@ impl Lanes {
         publisher: &Publisher,
         tasks: &mut JoinSet<Outcome>,
     ) -> Lanes {
-        let (keyless, keyless_queue) = unbounded_channel();
-        let keyless_queue: Keyless = Arc::new(Mutex::new(keyless_queue));
-        let keyed = (0..shared.config.lanes.max(1))
-            .map(|_| {
-                let (sender, own) = unbounded_channel();
-                tasks.spawn(lane(
-                    shared.clone(),
-                    publisher.clone(),
-                    own,
-                    keyless_queue.clone(),
-                ));
-                sender
-            })
-            .collect();
-        Lanes { keyed, keyless }
+        let work = Arc::new(Work {
+            state: Mutex::new(State {
+                arrivals: 0,
+                keyless: VecDeque::new(),
+                keys: HashMap::new(),
+                free: BTreeMap::new(),
+                sequencer: Sequencer::new(shared.bounds.clone()),
+                closed: false,
+            }),
+            changed: Notify::new(),
+        });
+        for _ in 0..shared.config.lanes.max(1) {
+            tasks.spawn(lane(shared.clone(), publisher.clone(), work.clone()));
+        }
+        Lanes { work }
     }
 
     pub(crate) fn send(&self, delivery: Delivery) {
-        let lane = match ordering_key(&delivery) {
-            Some(key) => {
-                let mut hasher = DefaultHasher::new();
-                key.hash(&mut hasher);
-                &self.keyed[(hasher.finish() % self.keyed.len() as u64) as usize]
+        let mut state = self.work.lock();
+        let arrived = (state.arrivals, delivery);
+        state.arrivals += 1;
+        match ordering_key(&arrived.1).map(<[u8]>::to_vec) {
+            None => state.keyless.push_back(arrived),
+            Some(key) => state.wait(key, [arrived]),
+        }
+        drop(state);
+        self.work.changed.notify_one();
+    }
+
+    /// Lanes stop taking work: each ends after the batch in hand.
+    pub(crate) fn close(&self) {
+        self.work.lock().closed = true;
+        self.work.changed.notify_waiters();
+    }
+
+    /// Deliveries no lane took (held by the sequencer, or waiting): once
+    /// the lanes are gone they go back with the channel.
+    pub(crate) fn left(&self) -> usize {
+        let state = self.work.lock();
+        state.keyless.len()
+            + state.keys.values().map(|b| b.waiting.len()).sum::<usize>()
+            + state.sequencer.holding()
+    }
+}
+
+impl Work {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A lane that panicked holding the lock left nothing half-done
+        // that matters more than going on: the session ends on its panic.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The next batch, at most `limit`: waits until there is work, or a
+    /// held message's wait runs out. `None` at shutdown or once closed.
+    async fn take<H: Handler>(&self, shared: &Shared<H>, limit: usize) -> Option<Taken> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let deadline = {
+                let mut state = self.lock();
+                if state.closed {
+                    return None;
+                }
+                if let Some(taken) = state.take(limit, Instant::now()) {
+                    drop(state);
+                    // There may be more than one lane's worth.
+                    self.changed.notify_one();
+                    return Some(taken);
+                }
+                state.deadline()
+            };
+            tokio::select! {
+                biased;
+                _ = shared.shutdown.cancelled() => return None,
+                _ = &mut changed => {}
+                _ = sleep_until(deadline) => {}
             }
-            None => &self.keyless,
+        }
+    }
+
+    /// The lane is done with `keys`: their waiting messages are free.
+    fn release(&self, keys: Vec<Vec<u8>>) {
+        let mut state = self.lock();
+        for key in keys {
+            state.release(key);
+        }
+        drop(state);
+        self.changed.notify_waiters();
+    }
+}
+
+impl State {
+    /// Queues `arrived` (in order) behind the key's.
+    fn wait(&mut self, key: Vec<u8>, arrived: impl IntoIterator<Item = Arrived>) {
+        let backlog = self.keys.entry(key.clone()).or_default();
+        let was_free = !backlog.busy && backlog.waiting.is_empty();
+        backlog.waiting.extend(arrived);
+        if let (true, Some((first, _))) = (was_free, backlog.waiting.front()) {
+            self.free.insert(*first, key);
+        }
+    }
+
+    /// The oldest work, up to `limit`: keyless messages, and the waiting
+    /// messages of keys no lane has (which become busy).
+    fn take(&mut self, limit: usize, now: Instant) -> Option<Taken> {
+        let keys = &self.keys;
+        let expired = self.sequencer.expire(now, |key| !keys.contains_key(key));
+        for (key, items) in expired {
+            self.wait(key, items);
+        }
+        let mut taken = Taken {
+            deliveries: Vec::new(),
+            keys: Vec::new(),
         };
-        // A lane gone means the session is ending: the delivery goes back
-        // to the queue with the channel.
-        let _ = lane.send(delivery);
+        while taken.deliveries.len() < limit {
+            let keyless = self.keyless.front().map(|(n, _)| *n);
+            let keyed = self.free.first_key_value().map(|(n, _)| *n);
+            match (keyless, keyed) {
+                (Some(keyless), Some(keyed)) if keyless < keyed => {
+                    taken.deliveries.extend(self.keyless.pop_front());
+                }
+                (Some(_), None) => taken.deliveries.extend(self.keyless.pop_front()),
+                (_, Some(_)) => {
+                    let Some((_, key)) = self.free.pop_first() else {
+                        break;
+                    };
+                    let backlog = self.keys.entry(key.clone()).or_default();
+                    backlog.busy = true;
+                    let room = limit - taken.deliveries.len();
+                    let count = room.min(backlog.waiting.len());
+                    taken.deliveries.extend(backlog.waiting.drain(..count));
+                    taken.keys.push(key);
+                }
+                (None, None) => break,
+            }
+        }
+        (!taken.deliveries.is_empty()).then_some(taken)
+    }
+
+    /// A lane is done with `key`.
+    fn release(&mut self, key: Vec<u8>) {
+        let Some(backlog) = self.keys.get_mut(&key) else {
+            return;
+        };
+        backlog.busy = false;
+        match backlog.waiting.front() {
+            Some((first, _)) => {
+                self.free.insert(*first, key);
+            }
+            None => {
+                self.keys.remove(&key);
+            }
+        }
+    }
+
+    /// When the next held message's wait runs out (of keys no lane has:
+    /// a busy key's comes up when it is released).
+    fn deadline(&self) -> Option<Instant> {
+        self.sequencer.deadline(|key| !self.keys.contains_key(key))
+    }
+
+    /// Keyed messages waiting for their key's batch in another lane.
+    fn behind_busy_keys(&self) -> usize {
+        self.keys
+            .values()
+            .filter(|backlog| backlog.busy)
+            .map(|backlog| backlog.waiting.len())
+            .sum()
     }
 }
 
@@ -123,37 +301,40 @@ fn sequence(properties: &BasicProperties) -> Option<i64> {
 async fn lane<H: Handler>(
     shared: Arc<Shared<H>>,
     publisher: Publisher,
-    mut own: UnboundedReceiver<Delivery>,
-    keyless: Keyless,
+    work: Arc<Work>,
 ) -> Outcome {
-    let mut sequencer = Sequencer::new(shared.bounds.clone());
-    let outcome = loop {
-        let Some(deliveries) = next_batch(&shared, &mut own, &keyless, sequencer.deadline()).await
-        else {
-            break Outcome::Settled;
+    let limit = usize::from(shared.config.batch_size.max(1));
+    loop {
+        let Some(taken) = work.take(&shared, limit).await else {
+            return Outcome::Settled;
         };
-        if !learn_keys(&shared, &mut sequencer, &deliveries).await {
-            given_back(&shared, deliveries.len());
-            break Outcome::Settled;
+        shared
+            .meters
+            .key_backlog
+            .set(work.lock().behind_busy_keys() as f64);
+        if !learn_keys(&shared, &work, &taken.deliveries).await {
+            given_back(&shared, taken.deliveries.len());
+            return Outcome::Settled;
         }
-        let ready = in_order(&shared, &mut sequencer, deliveries);
-        if ready.is_empty() {
-            continue;
-        }
-        let taken = ready.len();
-        let handled = batch::handle(&shared, &publisher, ready).await;
-        shared.meters.in_flight.decrement(taken as f64);
+        let ready = in_order(&shared.meters, &work, taken.deliveries);
+        let handled = if ready.is_empty() {
+            Ok(())
+        } else {
+            let count = ready.len();
+            let handled = batch::handle(&shared, &publisher, ready).await;
+            shared.meters.in_flight.decrement(count as f64);
+            handled
+        };
         if let Err(error) = handled {
-            break Outcome::BrokerFailed(error);
+            // The session ends; the keys stay busy with it.
+            return Outcome::BrokerFailed(error);
         }
-    };
-    given_back(&shared, sequencer.holding());
-    outcome
+        work.release(taken.keys);
+    }
 }
 
-/// Counts deliveries the lane leaves unacked: they come again with the
-/// next channel.
-fn given_back<H: Handler>(shared: &Shared<H>, count: usize) {
+/// Counts deliveries left unacked: they come again with the next channel.
+pub(crate) fn given_back<H: Handler>(shared: &Shared<H>, count: usize) {
     shared
         .meters
         .settled(Settled::GivenBack)
@@ -161,25 +342,25 @@ fn given_back<H: Handler>(shared: &Shared<H>, count: usize) {
     shared.meters.in_flight.decrement(count as f64);
 }
 
-/// Learns the watermark of each key among `deliveries` that the lane does
-/// not know yet. While the database cannot answer it tries again (the
-/// deliveries stay unacked); false when shutdown came first.
-async fn learn_keys<H: Handler>(
-    shared: &Shared<H>,
-    sequencer: &mut Sequencer<Delivery>,
-    deliveries: &[Delivery],
-) -> bool {
-    let coming: Vec<&[u8]> = deliveries
-        .iter()
-        .filter_map(|delivery| numbered(&delivery.properties))
-        .map(|(key, _)| key)
-        .collect();
-    sequencer.forget_idle(&coming);
-    let mut unknown: Vec<Vec<u8>> = coming
-        .into_iter()
-        .filter(|key| !sequencer.knows(key))
-        .map(<[u8]>::to_vec)
-        .collect();
+/// Learns the watermark of each key among `deliveries` that the
+/// sequencer does not know yet. While the database cannot answer it tries
+/// again (the deliveries stay unacked); false when shutdown came first.
+async fn learn_keys<H: Handler>(shared: &Shared<H>, work: &Work, deliveries: &[Arrived]) -> bool {
+    let mut unknown: Vec<Vec<u8>> = {
+        let mut state = work.lock();
+        let State {
+            sequencer, keys, ..
+        } = &mut *state;
+        // The keys of these deliveries are busy: in `keys`.
+        sequencer.forget_idle(|key| keys.contains_key(key));
+        deliveries
+            .iter()
+            .filter_map(|(_, delivery)| numbered(&delivery.properties))
+            .map(|(key, _)| key)
+            .filter(|key| !sequencer.knows(key))
+            .map(<[u8]>::to_vec)
+            .collect()
+    };
     if unknown.is_empty() {
         return true;
     }
@@ -191,8 +372,9 @@ async fn learn_keys<H: Handler>(
             Ok(found) => {
                 health::database_up(&shared.health);
                 let found: HashMap<Vec<u8>, i64> = found.into_iter().collect();
+                let mut state = work.lock();
                 for key in &unknown {
-                    sequencer.learn(key, found.get(key).copied());
+                    state.sequencer.learn(key, found.get(key).copied());
                 }
                 return true;
             }
@@ -212,62 +394,28 @@ async fn learn_keys<H: Handler>(
 }
 
 /// What of `deliveries` (and of the messages held before) may be handled
-/// now, in order: a keyed, numbered message waits in the sequencer while
-/// an earlier one of its key is missing.
-fn in_order<H: Handler>(
-    shared: &Shared<H>,
-    sequencer: &mut Sequencer<Delivery>,
-    deliveries: Vec<Delivery>,
-) -> Vec<Delivery> {
+/// now, in order: a keyed, numbered message may wait in the sequencer
+/// while an earlier one of its key is missing.
+fn in_order(meters: &Meters, work: &Work, deliveries: Vec<Arrived>) -> Vec<Delivery> {
     let now = Instant::now();
     let mut ready = Vec::with_capacity(deliveries.len());
-    sequencer.expire(now, &mut ready);
-    for delivery in deliveries {
-        let numbered = numbered(&delivery.properties).map(|(key, seq)| (key.to_vec(), seq));
+    let mut state = work.lock();
+    for arrived in deliveries {
+        let numbered = numbered(&arrived.1.properties).map(|(key, seq)| (key.to_vec(), seq));
         match numbered {
-            Some((key, seq)) => sequencer.offer(&key, seq, delivery, now, &mut ready),
-            None => ready.push(delivery),
+            Some((key, seq)) => state.sequencer.offer(&key, seq, arrived, now, &mut ready),
+            None => ready.push(arrived),
         }
     }
-    shared.meters.key_gaps.increment(sequencer.take_gaps());
-    shared.meters.key_held.set(shared.bounds.held_now() as f64);
-    ready
-}
-
-/// The next batch: waits for one delivery (the lane's own first), then
-/// takes what else is ready, up to `batch_size`. Empty when `deadline`
-/// (a held message's) comes first; `None` at shutdown or once the session
-/// dropped the lanes.
-async fn next_batch<H: Handler>(
-    shared: &Shared<H>,
-    own: &mut UnboundedReceiver<Delivery>,
-    keyless: &Keyless,
-    deadline: Option<Instant>,
-) -> Option<Vec<Delivery>> {
-    let first = tokio::select! {
-        biased;
-        _ = shared.shutdown.cancelled() => return None,
-        first = own.recv() => first?,
-        first = async { keyless.lock().await.recv().await } => first?,
-        _ = sleep_until(deadline) => return Some(Vec::new()),
-    };
-    let limit = usize::from(shared.config.batch_size.max(1));
-    let mut batch = vec![first];
-    while batch.len() < limit {
-        match own.try_recv() {
-            Ok(delivery) => batch.push(delivery),
-            Err(_) => break,
-        }
+    meters.key_gaps.increment(state.sequencer.take_gaps());
+    let waits = state.sequencer.take_waits();
+    meters.key_held.set(state.sequencer.holding() as f64);
+    drop(state);
+    meters.key_waits.increment(waits.begun);
+    for waited in waits.ended {
+        meters.key_wait_seconds.record(waited.as_secs_f64());
     }
-    if let Ok(mut queue) = keyless.try_lock() {
-        while batch.len() < limit {
-            match queue.try_recv() {
-                Ok(delivery) => batch.push(delivery),
-                Err(_) => break,
-            }
-        }
-    }
-    Some(batch)
+    ready.into_iter().map(|(_, delivery)| delivery).collect()
 }
 
 /// Sleeps until `deadline`, or for ever without one.

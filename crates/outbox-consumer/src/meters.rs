@@ -57,6 +57,12 @@ pub(crate) struct Meters {
     pub key_gaps: Counter,
     /// Early keyed messages waiting for an earlier one of their key.
     pub key_held: Gauge,
+    /// Keys that began to wait for a missing earlier message.
+    pub key_waits: Counter,
+    /// How long each such wait lasted.
+    pub key_wait_seconds: Histogram,
+    /// Keyed messages waiting for their key's batch in another lane.
+    pub key_backlog: Gauge,
 }
 
 impl Meters {
@@ -75,6 +81,9 @@ impl Meters {
             retried_in_place: counter!("consumer_retried_in_place_total"),
             key_gaps: counter!("consumer_key_gaps_total"),
             key_held: gauge!("consumer_key_held"),
+            key_waits: counter!("consumer_key_waits_total"),
+            key_wait_seconds: histogram!("consumer_key_wait_seconds"),
+            key_backlog: gauge!("consumer_key_backlog"),
         }
     }
 
@@ -110,11 +119,24 @@ fn describe() {
     );
     describe_counter!(
         "consumer_key_gaps_total",
-        "Keys whose later messages were handled without a missing earlier one (waited key_gap_wait, or too many held)."
+        "Keys whose later messages were handled without a missing earlier one they waited for (key_gap_wait passed, or too many held)."
     );
     describe_gauge!(
         "consumer_key_held",
         "Keyed messages that came before an earlier one of their key, waiting for it."
+    );
+    describe_counter!(
+        "consumer_key_waits_total",
+        "Keys that began to hold messages for a missing earlier one (only with key_gap_wait set)."
+    );
+    describe_histogram!(
+        "consumer_key_wait_seconds",
+        metrics::Unit::Seconds,
+        "How long a key held messages for a missing earlier one, until it came or the gap was accepted."
+    );
+    describe_gauge!(
+        "consumer_key_backlog",
+        "Keyed messages in hand waiting for their key's batch in another lane (a slow key's own)."
     );
     describe_counter!(
         "consumer_inbox_deleted_total",
