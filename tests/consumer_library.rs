@@ -565,6 +565,7 @@ async fn a_slow_key_holds_up_only_its_own_messages() {
     tokio::time::timeout(PATIENCE, started.notified())
         .await
         .expect("the slow key's first message is in its handler");
+    let began = Instant::now();
     let mut keyless = 0;
     for n in 1..=PER_KEY {
         if n <= SLOW && n > 1 {
@@ -588,6 +589,10 @@ async fn a_slow_key_holds_up_only_its_own_messages() {
         count(&db, "SELECT count(*) FROM effects_log WHERE key = 'slow'").await,
         0,
         "the slow key waits for its first message"
+    );
+    eprintln!(
+        "{others} other messages committed in {:?} with one key stuck",
+        began.elapsed()
     );
     gate.add_permits(1);
     wait_until("the slow key's messages have their effects", || async {

@@ -11,7 +11,8 @@
 //! `outbox_service::endpoint`.
 //!
 //! - `consumer`: the life cycle (connect, declare, consume, reconnect, stop);
-//! - `lanes`: which lane a delivery takes (its key's, or the first free);
+//! - `lanes`: which lane takes a delivery (the first free, one lane per
+//!   key at a time); `sequencer`: a key's numbers back in order;
 //! - `batch`: a lane's batch in one transaction, taken apart on a failure;
 //! - `worker`: how one delivery ends (parse, ack, retry or dead-letter);
 //! - `inbox`: the effectively-once transaction; `keys`: each key's
