@@ -16,15 +16,14 @@
 //! set), which learns each key's watermark from the database the first
 //! time the consumer sees the key.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 use outbox_service::backoff::Backoff;
-use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -34,7 +33,7 @@ use crate::handler::Handler;
 use crate::handler::HandlerError;
 use crate::health;
 use crate::meters::{Meters, Settled};
-use crate::sequencer::Sequencer;
+use crate::work::{Arrived, Work};
 use crate::worker::{Outcome, Shared};
 
 /// The header naming a message's ordering key.
@@ -43,44 +42,10 @@ pub const KEY_HEADER: &str = "x-outbox-key";
 /// `key_seq`): consecutive, with no gaps.
 pub const SEQ_HEADER: &str = "x-outbox-seq";
 
-/// A delivery and when it came (a count, for "oldest first").
-type Arrived = (u64, Delivery);
-
 /// Where the session hands deliveries; [`Lanes::close`] ends the lanes.
 /// (Prefetch bounds what they hold.)
 pub(crate) struct Lanes {
     work: Arc<Work>,
-}
-
-/// The work the lanes share.
-struct Work {
-    state: Mutex<State>,
-    /// Something to take, or closed.
-    changed: Notify,
-}
-
-struct State {
-    arrivals: u64,
-    keyless: VecDeque<Arrived>,
-    /// Keys in a lane's hands (busy) or with messages waiting for a lane.
-    keys: HashMap<Vec<u8>, Backlog>,
-    /// Keys not busy whose messages wait, by their oldest one's arrival.
-    free: BTreeMap<u64, Vec<u8>>,
-    sequencer: Sequencer<Arrived>,
-    closed: bool,
-}
-
-/// A key's messages not yet in a lane's hands, in delivery order.
-#[derive(Default)]
-struct Backlog {
-    busy: bool,
-    waiting: VecDeque<Arrived>,
-}
-
-/// What a lane took: deliveries, and the keys it now has in hand.
-struct Taken {
-    deliveries: Vec<Arrived>,
-    keys: Vec<Vec<u8>>,
 }
 
 impl Lanes {
@@ -90,17 +55,7 @@ impl Lanes {
         publisher: &Publisher,
         tasks: &mut JoinSet<Outcome>,
     ) -> Lanes {
-        let work = Arc::new(Work {
-            state: Mutex::new(State {
-                arrivals: 0,
-                keyless: VecDeque::new(),
-                keys: HashMap::new(),
-                free: BTreeMap::new(),
-                sequencer: Sequencer::new(shared.bounds.clone()),
-                closed: false,
-            }),
-            changed: Notify::new(),
-        });
+        let work = Arc::new(Work::new(shared.bounds.clone()));
         for _ in 0..shared.config.lanes.max(1) {
             tasks.spawn(lane(shared.clone(), publisher.clone(), work.clone()));
         }
@@ -108,159 +63,18 @@ impl Lanes {
     }
 
     pub(crate) fn send(&self, delivery: Delivery) {
-        let mut state = self.work.lock();
-        let arrived = (state.arrivals, delivery);
-        state.arrivals += 1;
-        match ordering_key(&arrived.1).map(<[u8]>::to_vec) {
-            None => state.keyless.push_back(arrived),
-            Some(key) => state.wait(key, [arrived]),
-        }
-        drop(state);
-        self.work.changed.notify_one();
+        self.work.send(delivery);
     }
 
     /// Lanes stop taking work: each ends after the batch in hand.
     pub(crate) fn close(&self) {
-        self.work.lock().closed = true;
-        self.work.changed.notify_waiters();
+        self.work.close();
     }
 
     /// Deliveries no lane took (held by the sequencer, or waiting): once
     /// the lanes are gone they go back with the channel.
     pub(crate) fn left(&self) -> usize {
-        let state = self.work.lock();
-        state.keyless.len()
-            + state.keys.values().map(|b| b.waiting.len()).sum::<usize>()
-            + state.sequencer.holding()
-    }
-}
-
-impl Work {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A lane that panicked holding the lock left nothing half-done
-        // that matters more than going on: the session ends on its panic.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// The next batch, at most `limit`: waits until there is work, or a
-    /// held message's wait runs out. `None` at shutdown or once closed.
-    async fn take<H: Handler>(&self, shared: &Shared<H>, limit: usize) -> Option<Taken> {
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            let deadline = {
-                let mut state = self.lock();
-                if state.closed {
-                    return None;
-                }
-                if let Some(taken) = state.take(limit, Instant::now()) {
-                    drop(state);
-                    // There may be more than one lane's worth.
-                    self.changed.notify_one();
-                    return Some(taken);
-                }
-                state.deadline()
-            };
-            tokio::select! {
-                biased;
-                _ = shared.shutdown.cancelled() => return None,
-                _ = &mut changed => {}
-                _ = sleep_until(deadline) => {}
-            }
-        }
-    }
-
-    /// The lane is done with `keys`: their waiting messages are free.
-    fn release(&self, keys: Vec<Vec<u8>>) {
-        let mut state = self.lock();
-        for key in keys {
-            state.release(key);
-        }
-        drop(state);
-        self.changed.notify_waiters();
-    }
-}
-
-impl State {
-    /// Queues `arrived` (in order) behind the key's.
-    fn wait(&mut self, key: Vec<u8>, arrived: impl IntoIterator<Item = Arrived>) {
-        let backlog = self.keys.entry(key.clone()).or_default();
-        let was_free = !backlog.busy && backlog.waiting.is_empty();
-        backlog.waiting.extend(arrived);
-        if let (true, Some((first, _))) = (was_free, backlog.waiting.front()) {
-            self.free.insert(*first, key);
-        }
-    }
-
-    /// The oldest work, up to `limit`: keyless messages, and the waiting
-    /// messages of keys no lane has (which become busy).
-    fn take(&mut self, limit: usize, now: Instant) -> Option<Taken> {
-        let keys = &self.keys;
-        let expired = self.sequencer.expire(now, |key| !keys.contains_key(key));
-        for (key, items) in expired {
-            self.wait(key, items);
-        }
-        let mut taken = Taken {
-            deliveries: Vec::new(),
-            keys: Vec::new(),
-        };
-        while taken.deliveries.len() < limit {
-            let keyless = self.keyless.front().map(|(n, _)| *n);
-            let keyed = self.free.first_key_value().map(|(n, _)| *n);
-            match (keyless, keyed) {
-                (Some(keyless), Some(keyed)) if keyless < keyed => {
-                    taken.deliveries.extend(self.keyless.pop_front());
-                }
-                (Some(_), None) => taken.deliveries.extend(self.keyless.pop_front()),
-                (_, Some(_)) => {
-                    let Some((_, key)) = self.free.pop_first() else {
-                        break;
-                    };
-                    let backlog = self.keys.entry(key.clone()).or_default();
-                    backlog.busy = true;
-                    let room = limit - taken.deliveries.len();
-                    let count = room.min(backlog.waiting.len());
-                    taken.deliveries.extend(backlog.waiting.drain(..count));
-                    taken.keys.push(key);
-                }
-                (None, None) => break,
-            }
-        }
-        (!taken.deliveries.is_empty()).then_some(taken)
-    }
-
-    /// A lane is done with `key`.
-    fn release(&mut self, key: Vec<u8>) {
-        let Some(backlog) = self.keys.get_mut(&key) else {
-            return;
-        };
-        backlog.busy = false;
-        match backlog.waiting.front() {
-            Some((first, _)) => {
-                self.free.insert(*first, key);
-            }
-            None => {
-                self.keys.remove(&key);
-            }
-        }
-    }
-
-    /// When the next held message's wait runs out (of keys no lane has:
-    /// a busy key's comes up when it is released).
-    fn deadline(&self) -> Option<Instant> {
-        self.sequencer.deadline(|key| !self.keys.contains_key(key))
-    }
-
-    /// Keyed messages waiting for their key's batch in another lane.
-    fn behind_busy_keys(&self) -> usize {
-        self.keys
-            .values()
-            .filter(|backlog| backlog.busy)
-            .map(|backlog| backlog.waiting.len())
-            .sum()
+        self.work.left()
     }
 }
 
@@ -305,13 +119,13 @@ async fn lane<H: Handler>(
 ) -> Outcome {
     let limit = usize::from(shared.config.batch_size.max(1));
     loop {
-        let Some(taken) = work.take(&shared, limit).await else {
+        let Some(taken) = work.take(&shared.shutdown, limit).await else {
             return Outcome::Settled;
         };
         shared
             .meters
             .key_backlog
-            .set(work.lock().behind_busy_keys() as f64);
+            .set(work.behind_busy_keys() as f64);
         if !learn_keys(&shared, &work, &taken.deliveries).await {
             given_back(&shared, taken.deliveries.len());
             return Outcome::Settled;
@@ -346,13 +160,9 @@ pub(crate) fn given_back<H: Handler>(shared: &Shared<H>, count: usize) {
 /// sequencer does not know yet. While the database cannot answer it tries
 /// again (the deliveries stay unacked); false when shutdown came first.
 async fn learn_keys<H: Handler>(shared: &Shared<H>, work: &Work, deliveries: &[Arrived]) -> bool {
-    let mut unknown: Vec<Vec<u8>> = {
-        let mut state = work.lock();
-        let State {
-            sequencer, keys, ..
-        } = &mut *state;
-        // The keys of these deliveries are busy: in `keys`.
-        sequencer.forget_idle(|key| keys.contains_key(key));
+    let mut unknown: Vec<Vec<u8>> = work.sequencer(|sequencer, in_hand| {
+        // The keys of these deliveries are in this lane's hands.
+        sequencer.forget_idle(in_hand);
         deliveries
             .iter()
             .filter_map(|(_, delivery)| numbered(&delivery.properties))
@@ -360,7 +170,7 @@ async fn learn_keys<H: Handler>(shared: &Shared<H>, work: &Work, deliveries: &[A
             .filter(|key| !sequencer.knows(key))
             .map(<[u8]>::to_vec)
             .collect()
-    };
+    });
     if unknown.is_empty() {
         return true;
     }
@@ -372,10 +182,11 @@ async fn learn_keys<H: Handler>(shared: &Shared<H>, work: &Work, deliveries: &[A
             Ok(found) => {
                 health::database_up(&shared.health);
                 let found: HashMap<Vec<u8>, i64> = found.into_iter().collect();
-                let mut state = work.lock();
-                for key in &unknown {
-                    state.sequencer.learn(key, found.get(key).copied());
-                }
+                work.sequencer(|sequencer, _| {
+                    for key in &unknown {
+                        sequencer.learn(key, found.get(key).copied());
+                    }
+                });
                 return true;
             }
             Err(HandlerError::Unavailable(reason)) => {
@@ -399,31 +210,27 @@ async fn learn_keys<H: Handler>(shared: &Shared<H>, work: &Work, deliveries: &[A
 fn in_order(meters: &Meters, work: &Work, deliveries: Vec<Arrived>) -> Vec<Delivery> {
     let now = Instant::now();
     let mut ready = Vec::with_capacity(deliveries.len());
-    let mut state = work.lock();
-    for arrived in deliveries {
-        let numbered = numbered(&arrived.1.properties).map(|(key, seq)| (key.to_vec(), seq));
-        match numbered {
-            Some((key, seq)) => state.sequencer.offer(&key, seq, arrived, now, &mut ready),
-            None => ready.push(arrived),
+    let (gaps, waits, held) = work.sequencer(|sequencer, _| {
+        for arrived in deliveries {
+            let numbered = numbered(&arrived.1.properties).map(|(key, seq)| (key.to_vec(), seq));
+            match numbered {
+                Some((key, seq)) => sequencer.offer(&key, seq, arrived, now, &mut ready),
+                None => ready.push(arrived),
+            }
         }
-    }
-    meters.key_gaps.increment(state.sequencer.take_gaps());
-    let waits = state.sequencer.take_waits();
-    meters.key_held.set(state.sequencer.holding() as f64);
-    drop(state);
+        (
+            sequencer.take_gaps(),
+            sequencer.take_waits(),
+            sequencer.holding(),
+        )
+    });
+    meters.key_gaps.increment(gaps);
+    meters.key_held.set(held as f64);
     meters.key_waits.increment(waits.begun);
     for waited in waits.ended {
         meters.key_wait_seconds.record(waited.as_secs_f64());
     }
     ready.into_iter().map(|(_, delivery)| delivery).collect()
-}
-
-/// Sleeps until `deadline`, or for ever without one.
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]
