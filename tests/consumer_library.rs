@@ -9,7 +9,9 @@ use lapin::BasicProperties;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use outbox_consumer::{ConsumerConfig, Handler, HandlerError, Inbox, Incoming, Topology};
-use outbox_tests::dispatch::{PATIENCE, Publisher, count, ready, wait_for_consumers, wait_until};
+use outbox_tests::dispatch::{
+    PATIENCE, Publisher, count, queue_state, ready, wait_for_consumers, wait_until,
+};
 use outbox_tests::*;
 use tokio::sync::{Notify, Semaphore};
 use tokio_postgres::Transaction;
@@ -79,7 +81,8 @@ async fn start_with<H: Handler>(
     (topology, consumer)
 }
 
-/// A consumer of `topology` on `db`, once it is subscribed.
+/// A consumer of `topology` on `db`, once it is subscribed (beside any
+/// already there).
 async fn consume<H: Handler>(
     db: &TestDb,
     topology: &Topology,
@@ -91,6 +94,8 @@ async fn consume<H: Handler>(
     adjust(&mut config);
     let target = outbox_service::db::parse_url(&db.url, None).expect("url");
     let pool = outbox_service::db::pool(&target, 3).await.expect("pool");
+    // Others may consume the queue already (it may not exist yet).
+    let before = queue_state(&topology.queue).await.map_or(0, |(_, c)| c);
     let consumer = tokio::spawn(outbox_consumer::run(
         config,
         pool,
@@ -98,7 +103,7 @@ async fn consume<H: Handler>(
         outbox_consumer::health::new(),
         shutdown.clone(),
     ));
-    wait_for_consumers(&topology.queue, 1).await;
+    wait_for_consumers(&topology.queue, before + 1).await;
     consumer
 }
 
@@ -625,7 +630,6 @@ async fn two_consumers_on_one_queue_do_not_wait_for_each_others_numbers() {
     let shutdown = CancellationToken::new();
     let (topology, first) = start_with(&db, Recording, |_| {}, &shutdown).await;
     let second = consume(&db, &topology, Recording, |_| {}, &shutdown).await;
-    wait_for_consumers(&topology.queue, 2).await;
     let publisher = Publisher::new(&topology.exchange).await;
     let began = Instant::now();
     for n in 1..=PER_KEY {
