@@ -27,7 +27,12 @@ async fn faults_consumer_sigkilled_with_deliveries_unacked() {
 /// commit in order (the books check it), none lost, none twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_single_active_consumers_sigkilled_in_turn() {
-    let consumers = [("DISPATCH_SINGLE_ACTIVE_CONSUMER", "true")];
+    // The consumer waits for a key's missing number: behind a pipelining
+    // relay it can still come, and the active consumer sees every number.
+    let consumers = [
+        ("DISPATCH_SINGLE_ACTIVE_CONSUMER", "true"),
+        ("DISPATCH_KEY_GAP_WAIT_MS", "15000"),
+    ];
     let mut pipeline = Pipeline::start(1, &[("OUTBOX_KEY_PIPELINE", "64")], &consumers).await;
     let mut second = KilledOnDrop(pipeline.spawn_second_consumer());
     let mut strikes = 0;

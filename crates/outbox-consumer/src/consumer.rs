@@ -5,7 +5,7 @@
 //! connect ─► declare topology ─► consume (manual acks, prefetch N) ─►
 //! lanes, each handling a batch at a time in one transaction (see `lanes`,
 //! `batch`); the retry queue's copies back into the queue when due (see
-//! `retrier`) ─► on a lost connection: drop every lane (their deliveries go
+//! `retrier`) ─► on a lost connection: stop every lane (their deliveries go
 //! back to the queue with the channel), back off, reconnect ─► on
 //! shutdown: stop consuming, let the batches in progress finish for a
 //! while, close (unacked deliveries go back)
@@ -43,8 +43,8 @@ pub struct ConsumerConfig {
     /// Unacked deliveries at once; `lanes` × `batch_size` or more keeps
     /// every lane's batches full under load.
     pub prefetch: u16,
-    /// Transactions at once (size the pool to match): a key's messages
-    /// always take the same lane, keyless ones the first free one.
+    /// Transactions at once (size the pool to match): a free lane takes
+    /// the oldest work whose key no other lane has in hand (see `lanes`).
     pub lanes: u16,
     /// Most deliveries handled in one transaction.
     pub batch_size: u16,
@@ -63,7 +63,15 @@ pub struct ConsumerConfig {
     /// `None` keeps every row.
     pub inbox_retention: Option<Duration>,
     /// How long a keyed message that came before an earlier one of its key
-    /// (`x-outbox-seq`) waits for it before it is handled without it.
+    /// (`x-outbox-seq`) waits for it before it is handled without it. Zero
+    /// (the default): it does not wait. Waiting helps only where the
+    /// missing number can still come to this consumer: behind a relay
+    /// that pipelines keys (`OUTBOX_KEY_PIPELINE`), for a consumer that
+    /// sees every number of its keys (alone on its queue, or its queue's
+    /// single active consumer, bound to every exchange its keys go to).
+    /// Anywhere else a number it has not seen went to another consumer or
+    /// another queue, and waiting for it only stalls the key (see
+    /// `sequencer`).
     pub key_gap_wait: Duration,
     /// Shown as the connection name in RabbitMQ and prefixes consumer tags.
     pub name: String,
@@ -77,8 +85,11 @@ impl ConsumerConfig {
     pub const DEFAULT_RETRY_BASE: Duration = Duration::from_secs(1);
     pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(60);
     pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
-    /// Longer than a relay's confirm timeout (10 s) and first retry (1 s).
-    pub const DEFAULT_KEY_GAP_WAIT: Duration = Duration::from_secs(15);
+    /// Off: see [`ConsumerConfig::key_gap_wait`].
+    pub const DEFAULT_KEY_GAP_WAIT: Duration = Duration::ZERO;
+    /// What to set behind a pipelining relay: longer than its confirm
+    /// timeout (10 s) and first retry (1 s).
+    pub const PIPELINED_KEY_GAP_WAIT: Duration = Duration::from_secs(15);
 
     /// Defaults for everything but the broker, the topology and the inbox
     /// table (`schema.table` with a `message_id uuid` primary key).
@@ -242,11 +253,11 @@ async fn session<H: Handler>(shared: &Arc<Shared<H>>, broker: Broker) -> Ended {
             },
         }
     };
-    drop(lanes);
+    lanes.close();
     if let Ended::Shutdown = ended {
         broker.cancel(&tag, &retries_tag).await;
-        // Lanes finish the batch in hand and stop; what they had queued
-        // goes back with the channel.
+        // Lanes finish the batch in hand and stop; what no lane took goes
+        // back with the channel.
         let finish = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(shared.config.shutdown_timeout, finish)
             .await
@@ -260,6 +271,7 @@ async fn session<H: Handler>(shared: &Arc<Shared<H>>, broker: Broker) -> Ended {
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
+    crate::lanes::given_back(shared, lanes.left());
     shared.meters.in_flight.set(0.0);
     broker.close().await;
     ended

@@ -1,16 +1,22 @@
 //! Deliveries in lanes. A lane is a task that handles one batch at a time
-//! (see `batch`), so `lanes` transactions run at once. A keyed message
-//! (header `x-outbox-key`, which the relay sets from the row's
-//! `ordering_key`) always goes to its key's lane, so one consumer commits a
-//! key's effects in delivery order. A keyless one goes to a queue all lanes
-//! take from when they are free, so a slow message holds up only its own
-//! batch and its lane's keys, never the others. Before its batch, a keyed
-//! message that came before an earlier one of its key waits in the lane's
-//! `sequencer`, which learns each key's watermark from the database the
-//! first time the lane sees the key.
+//! (see `batch`), so `lanes` transactions run at once. A free lane takes
+//! the oldest work there is, keyless or keyed, up to `batch_size`. A keyed
+//! message (header `x-outbox-key`, which the relay sets from the row's
+//! `ordering_key`) is never in two lanes at once: while a lane has one of
+//! a key's messages in hand the key is busy, and the key's later messages
+//! wait in its backlog until that batch is done; they are then the next
+//! lane's, in delivery order. So one consumer commits a key's effects in
+//! order, and a slow message holds up its own batch and its own key's
+//! later messages, nothing else: the other keys and the keyless messages
+//! go to the other lanes. (Keys used to be pinned to a lane by hash: a
+//! stuck lane's queue filled with the keys that hash there until the
+//! prefetch window was full of them, and the broker delivered nothing
+//! more.) Before its batch, a keyed message that came before an earlier
+//! one of its key may wait in the `sequencer` (when `key_gap_wait` is
+//! set), which learns each key's watermark from the database the first
+//! time the consumer sees the key.
 
 use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,8 +24,6 @@ use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 use outbox_service::backoff::Backoff;
-use tokio::sync::Mutex;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -28,8 +32,8 @@ use crate::broker::Publisher;
 use crate::handler::Handler;
 use crate::handler::HandlerError;
 use crate::health;
-use crate::meters::Settled;
-use crate::sequencer::Sequencer;
+use crate::meters::{Meters, Settled};
+use crate::work::{Arrived, Work};
 use crate::worker::{Outcome, Shared};
 
 /// The header naming a message's ordering key.
@@ -38,13 +42,10 @@ pub const KEY_HEADER: &str = "x-outbox-key";
 /// `key_seq`): consecutive, with no gaps.
 pub const SEQ_HEADER: &str = "x-outbox-seq";
 
-type Keyless = Arc<Mutex<UnboundedReceiver<Delivery>>>;
-
-/// Where the session hands deliveries; dropping it ends the lanes once
-/// their queues are empty. (Prefetch bounds what the queues hold.)
+/// Where the session hands deliveries; [`Lanes::close`] ends the lanes.
+/// (Prefetch bounds what they hold.)
 pub(crate) struct Lanes {
-    keyed: Vec<UnboundedSender<Delivery>>,
-    keyless: UnboundedSender<Delivery>,
+    work: Arc<Work>,
 }
 
 impl Lanes {
@@ -54,35 +55,26 @@ impl Lanes {
         publisher: &Publisher,
         tasks: &mut JoinSet<Outcome>,
     ) -> Lanes {
-        let (keyless, keyless_queue) = unbounded_channel();
-        let keyless_queue: Keyless = Arc::new(Mutex::new(keyless_queue));
-        let keyed = (0..shared.config.lanes.max(1))
-            .map(|_| {
-                let (sender, own) = unbounded_channel();
-                tasks.spawn(lane(
-                    shared.clone(),
-                    publisher.clone(),
-                    own,
-                    keyless_queue.clone(),
-                ));
-                sender
-            })
-            .collect();
-        Lanes { keyed, keyless }
+        let work = Arc::new(Work::new(shared.bounds.clone()));
+        for _ in 0..shared.config.lanes.max(1) {
+            tasks.spawn(lane(shared.clone(), publisher.clone(), work.clone()));
+        }
+        Lanes { work }
     }
 
     pub(crate) fn send(&self, delivery: Delivery) {
-        let lane = match ordering_key(&delivery) {
-            Some(key) => {
-                let mut hasher = DefaultHasher::new();
-                key.hash(&mut hasher);
-                &self.keyed[(hasher.finish() % self.keyed.len() as u64) as usize]
-            }
-            None => &self.keyless,
-        };
-        // A lane gone means the session is ending: the delivery goes back
-        // to the queue with the channel.
-        let _ = lane.send(delivery);
+        self.work.send(delivery);
+    }
+
+    /// Lanes stop taking work: each ends after the batch in hand.
+    pub(crate) fn close(&self) {
+        self.work.close();
+    }
+
+    /// Deliveries no lane took (held by the sequencer, or waiting): once
+    /// the lanes are gone they go back with the channel.
+    pub(crate) fn left(&self) -> usize {
+        self.work.left()
     }
 }
 
@@ -123,37 +115,40 @@ fn sequence(properties: &BasicProperties) -> Option<i64> {
 async fn lane<H: Handler>(
     shared: Arc<Shared<H>>,
     publisher: Publisher,
-    mut own: UnboundedReceiver<Delivery>,
-    keyless: Keyless,
+    work: Arc<Work>,
 ) -> Outcome {
-    let mut sequencer = Sequencer::new(shared.bounds.clone());
-    let outcome = loop {
-        let Some(deliveries) = next_batch(&shared, &mut own, &keyless, sequencer.deadline()).await
-        else {
-            break Outcome::Settled;
+    let limit = usize::from(shared.config.batch_size.max(1));
+    loop {
+        let Some(taken) = work.take(&shared.shutdown, limit).await else {
+            return Outcome::Settled;
         };
-        if !learn_keys(&shared, &mut sequencer, &deliveries).await {
-            given_back(&shared, deliveries.len());
-            break Outcome::Settled;
+        shared
+            .meters
+            .key_backlog
+            .set(work.behind_busy_keys() as f64);
+        if !learn_keys(&shared, &work, &taken.deliveries).await {
+            given_back(&shared, taken.deliveries.len());
+            return Outcome::Settled;
         }
-        let ready = in_order(&shared, &mut sequencer, deliveries);
-        if ready.is_empty() {
-            continue;
-        }
-        let taken = ready.len();
-        let handled = batch::handle(&shared, &publisher, ready).await;
-        shared.meters.in_flight.decrement(taken as f64);
+        let ready = in_order(&shared.meters, &work, taken.deliveries);
+        let handled = if ready.is_empty() {
+            Ok(())
+        } else {
+            let count = ready.len();
+            let handled = batch::handle(&shared, &publisher, ready).await;
+            shared.meters.in_flight.decrement(count as f64);
+            handled
+        };
         if let Err(error) = handled {
-            break Outcome::BrokerFailed(error);
+            // The session ends; the keys stay busy with it.
+            return Outcome::BrokerFailed(error);
         }
-    };
-    given_back(&shared, sequencer.holding());
-    outcome
+        work.release(taken.keys);
+    }
 }
 
-/// Counts deliveries the lane leaves unacked: they come again with the
-/// next channel.
-fn given_back<H: Handler>(shared: &Shared<H>, count: usize) {
+/// Counts deliveries left unacked: they come again with the next channel.
+pub(crate) fn given_back<H: Handler>(shared: &Shared<H>, count: usize) {
     shared
         .meters
         .settled(Settled::GivenBack)
@@ -161,25 +156,21 @@ fn given_back<H: Handler>(shared: &Shared<H>, count: usize) {
     shared.meters.in_flight.decrement(count as f64);
 }
 
-/// Learns the watermark of each key among `deliveries` that the lane does
-/// not know yet. While the database cannot answer it tries again (the
-/// deliveries stay unacked); false when shutdown came first.
-async fn learn_keys<H: Handler>(
-    shared: &Shared<H>,
-    sequencer: &mut Sequencer<Delivery>,
-    deliveries: &[Delivery],
-) -> bool {
-    let coming: Vec<&[u8]> = deliveries
-        .iter()
-        .filter_map(|delivery| numbered(&delivery.properties))
-        .map(|(key, _)| key)
-        .collect();
-    sequencer.forget_idle(&coming);
-    let mut unknown: Vec<Vec<u8>> = coming
-        .into_iter()
-        .filter(|key| !sequencer.knows(key))
-        .map(<[u8]>::to_vec)
-        .collect();
+/// Learns the watermark of each key among `deliveries` that the
+/// sequencer does not know yet. While the database cannot answer it tries
+/// again (the deliveries stay unacked); false when shutdown came first.
+async fn learn_keys<H: Handler>(shared: &Shared<H>, work: &Work, deliveries: &[Arrived]) -> bool {
+    let mut unknown: Vec<Vec<u8>> = work.sequencer(|sequencer, in_hand| {
+        // The keys of these deliveries are in this lane's hands.
+        sequencer.forget_idle(in_hand);
+        deliveries
+            .iter()
+            .filter_map(|(_, delivery)| numbered(&delivery.properties))
+            .map(|(key, _)| key)
+            .filter(|key| !sequencer.knows(key))
+            .map(<[u8]>::to_vec)
+            .collect()
+    });
     if unknown.is_empty() {
         return true;
     }
@@ -191,9 +182,11 @@ async fn learn_keys<H: Handler>(
             Ok(found) => {
                 health::database_up(&shared.health);
                 let found: HashMap<Vec<u8>, i64> = found.into_iter().collect();
-                for key in &unknown {
-                    sequencer.learn(key, found.get(key).copied());
-                }
+                work.sequencer(|sequencer, _| {
+                    for key in &unknown {
+                        sequencer.learn(key, found.get(key).copied());
+                    }
+                });
                 return true;
             }
             Err(HandlerError::Unavailable(reason)) => {
@@ -212,70 +205,32 @@ async fn learn_keys<H: Handler>(
 }
 
 /// What of `deliveries` (and of the messages held before) may be handled
-/// now, in order: a keyed, numbered message waits in the sequencer while
-/// an earlier one of its key is missing.
-fn in_order<H: Handler>(
-    shared: &Shared<H>,
-    sequencer: &mut Sequencer<Delivery>,
-    deliveries: Vec<Delivery>,
-) -> Vec<Delivery> {
+/// now, in order: a keyed, numbered message may wait in the sequencer
+/// while an earlier one of its key is missing.
+fn in_order(meters: &Meters, work: &Work, deliveries: Vec<Arrived>) -> Vec<Delivery> {
     let now = Instant::now();
     let mut ready = Vec::with_capacity(deliveries.len());
-    sequencer.expire(now, &mut ready);
-    for delivery in deliveries {
-        let numbered = numbered(&delivery.properties).map(|(key, seq)| (key.to_vec(), seq));
-        match numbered {
-            Some((key, seq)) => sequencer.offer(&key, seq, delivery, now, &mut ready),
-            None => ready.push(delivery),
-        }
-    }
-    shared.meters.key_gaps.increment(sequencer.take_gaps());
-    shared.meters.key_held.set(shared.bounds.held_now() as f64);
-    ready
-}
-
-/// The next batch: waits for one delivery (the lane's own first), then
-/// takes what else is ready, up to `batch_size`. Empty when `deadline`
-/// (a held message's) comes first; `None` at shutdown or once the session
-/// dropped the lanes.
-async fn next_batch<H: Handler>(
-    shared: &Shared<H>,
-    own: &mut UnboundedReceiver<Delivery>,
-    keyless: &Keyless,
-    deadline: Option<Instant>,
-) -> Option<Vec<Delivery>> {
-    let first = tokio::select! {
-        biased;
-        _ = shared.shutdown.cancelled() => return None,
-        first = own.recv() => first?,
-        first = async { keyless.lock().await.recv().await } => first?,
-        _ = sleep_until(deadline) => return Some(Vec::new()),
-    };
-    let limit = usize::from(shared.config.batch_size.max(1));
-    let mut batch = vec![first];
-    while batch.len() < limit {
-        match own.try_recv() {
-            Ok(delivery) => batch.push(delivery),
-            Err(_) => break,
-        }
-    }
-    if let Ok(mut queue) = keyless.try_lock() {
-        while batch.len() < limit {
-            match queue.try_recv() {
-                Ok(delivery) => batch.push(delivery),
-                Err(_) => break,
+    let (gaps, waits, held) = work.sequencer(|sequencer, _| {
+        for arrived in deliveries {
+            let numbered = numbered(&arrived.1.properties).map(|(key, seq)| (key.to_vec(), seq));
+            match numbered {
+                Some((key, seq)) => sequencer.offer(&key, seq, arrived, now, &mut ready),
+                None => ready.push(arrived),
             }
         }
+        (
+            sequencer.take_gaps(),
+            sequencer.take_waits(),
+            sequencer.holding(),
+        )
+    });
+    meters.key_gaps.increment(gaps);
+    meters.key_held.set(held as f64);
+    meters.key_waits.increment(waits.begun);
+    for waited in waits.ended {
+        meters.key_wait_seconds.record(waited.as_secs_f64());
     }
-    Some(batch)
-}
-
-/// Sleeps until `deadline`, or for ever without one.
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
+    ready.into_iter().map(|(_, delivery)| delivery).collect()
 }
 
 #[cfg(test)]

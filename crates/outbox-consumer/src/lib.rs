@@ -11,7 +11,9 @@
 //! `outbox_service::endpoint`.
 //!
 //! - `consumer`: the life cycle (connect, declare, consume, reconnect, stop);
-//! - `lanes`: which lane a delivery takes (its key's, or the first free);
+//! - `lanes`: the tasks that handle batches; `work`: what they take (the
+//!   oldest first, a key in one lane at a time); `sequencer`: a key's
+//!   numbers back in order;
 //! - `batch`: a lane's batch in one transaction, taken apart on a failure;
 //! - `worker`: how one delivery ends (parse, ack, retry or dead-letter);
 //! - `inbox`: the effectively-once transaction; `keys`: each key's
@@ -33,6 +35,7 @@ mod retention;
 mod retrier;
 mod sequencer;
 mod topology;
+mod work;
 mod worker;
 
 // The whole public API: what a user brings (a handler, an inbox table, the

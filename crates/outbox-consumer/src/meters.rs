@@ -59,6 +59,12 @@ pub(crate) struct Meters {
     pub key_held: Gauge,
     /// Retried messages the queue would not take back yet (see `retrier`).
     pub retries_refused: Counter,
+    /// Keys that began to wait for a missing earlier message.
+    pub key_waits: Counter,
+    /// How long each such wait lasted.
+    pub key_wait_seconds: Histogram,
+    /// Keyed messages waiting for their key's batch in another lane.
+    pub key_backlog: Gauge,
 }
 
 impl Meters {
@@ -78,6 +84,9 @@ impl Meters {
             key_gaps: counter!("consumer_key_gaps_total"),
             key_held: gauge!("consumer_key_held"),
             retries_refused: counter!("consumer_retries_refused_total"),
+            key_waits: counter!("consumer_key_waits_total"),
+            key_wait_seconds: histogram!("consumer_key_wait_seconds"),
+            key_backlog: gauge!("consumer_key_backlog"),
         }
     }
 
@@ -113,7 +122,7 @@ fn describe() {
     );
     describe_counter!(
         "consumer_key_gaps_total",
-        "Keys whose later messages were handled without a missing earlier one (waited key_gap_wait, or too many held)."
+        "Keys whose later messages were handled without a missing earlier one they waited for (key_gap_wait passed, or too many held)."
     );
     describe_gauge!(
         "consumer_key_held",
@@ -122,6 +131,19 @@ fn describe() {
     describe_counter!(
         "consumer_retries_refused_total",
         "Times the queue refused a retried message back (missing, or full with reject-publish); it stays in the retry queue and is offered again."
+    );
+    describe_counter!(
+        "consumer_key_waits_total",
+        "Keys that began to hold messages for a missing earlier one (only with key_gap_wait set)."
+    );
+    describe_histogram!(
+        "consumer_key_wait_seconds",
+        metrics::Unit::Seconds,
+        "How long a key held messages for a missing earlier one, until it came or the gap was accepted."
+    );
+    describe_gauge!(
+        "consumer_key_backlog",
+        "Keyed messages in hand waiting for their key's batch in another lane (a slow key's own)."
     );
     describe_counter!(
         "consumer_inbox_deleted_total",

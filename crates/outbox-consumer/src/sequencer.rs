@@ -6,23 +6,37 @@
 //! failed row comes again after its retry. Such early messages wait here
 //! until the missing one arrives, then go on in order.
 //!
+//! Waiting is opt-in (`key_gap_wait`, zero by default): it helps only
+//! where the missing number can still come to this consumer, and only the
+//! operator knows that. A relay that does not pipeline (its default)
+//! publishes a key's next row only once the broker confirmed the one
+//! before, so a number this consumer has not seen by then went elsewhere:
+//! to another consumer of the queue, to a queue of another exchange (the
+//! numbers span every exchange), or nowhere (a discarded dead row). It
+//! never comes, and waiting for it only stalls the key. Turn waiting on
+//! for a pipelining relay whose consumer sees every number of its keys
+//! (one consumer, or a single-active-consumer queue, bound to every
+//! exchange the keys are published to).
+//!
 //! Waiting is bounded: by time (`key_gap_wait`) and by count (half the
 //! prefetch across the consumer, since held deliveries stay unacked and
 //! a full prefetch window would keep the missing one from being
 //! delivered at all). Past either bound the gap is accepted, logged and
 //! metered (`consumer_key_gaps_total`): an operator who discarded a dead
 //! row that rows behind it had been numbered after (`outbox-relay dead
-//! discard`) leaves such a gap for good.
+//! discard`) leaves such a gap for good. Each wait is metered when it
+//! begins (`consumer_key_waits_total`) and when it ends
+//! (`consumer_key_wait_seconds`).
 //!
 //! A message below the key's next expected number is a copy or a late one
-//! and goes on at once: the inbox recognises a copy. The expected numbers
-//! are kept per lane (a key always takes the same lane); the lane learns a
-//! key's from its watermark in the database (`<inbox>_keys`, moved in the
-//! transaction of each effect) the first time it sees the key, so a
-//! consumer that restarts, or takes a queue over, expects what the last
-//! one committed. A key with no watermark expects 1, the relay's first
-//! number. Past `MOST_KEYS` a lane forgets the keys it holds nothing for,
-//! and learns them again when they come back.
+//! and goes on at once: the inbox recognises a copy. One sequencer serves
+//! the consumer's lanes (a key is in one lane at a time, see `lanes`); it
+//! learns a key's number from its watermark in the database
+//! (`<inbox>_keys`, moved in the transaction of each effect) the first
+//! time it sees the key, so a consumer that restarts, or takes a queue
+//! over, expects what the last one committed. A key with no watermark
+//! expects 1, the relay's first number. Past `MOST_KEYS` it forgets the
+//! keys it holds nothing for, and learns them again when they come back.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -31,25 +45,42 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Bounds shared by every lane's sequencer.
+/// How long and how many keyed messages may wait for earlier ones.
 #[derive(Debug, Clone)]
 pub(crate) struct Bounds {
+    /// Zero: nothing waits (see the module's header).
     pub wait: Duration,
     pub most_held: usize,
-    /// Deliveries held across all lanes.
+    /// Deliveries held right now.
     pub held: Arc<AtomicUsize>,
 }
 
 impl Bounds {
-    /// Deliveries held across all lanes right now.
-    pub(crate) fn held_now(&self) -> usize {
-        self.held.load(Ordering::Relaxed)
+    /// Whether an early message waits at all.
+    pub(crate) fn waits(&self) -> bool {
+        !self.wait.is_zero()
     }
 }
 
 struct Held<T> {
     item: T,
     since: Instant,
+}
+
+/// A key's early messages, by number (copies of one number together).
+struct Waiting<T> {
+    /// When the key began to wait (its first early message), for the
+    /// wait's length.
+    since: Instant,
+    by_seq: BTreeMap<i64, Vec<Held<T>>>,
+}
+
+/// Waits since the caller last asked: how many began, how long the ended
+/// ones lasted.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Waits {
+    pub begun: u64,
+    pub ended: Vec<Duration>,
 }
 
 /// How many deliveries may wait for earlier ones with this prefetch. Held
@@ -64,18 +95,18 @@ pub(crate) fn most_held(prefetch: u16) -> usize {
     }
 }
 
-/// Keys a lane remembers before it forgets the idle ones.
+/// Keys remembered before the idle ones are forgotten.
 const MOST_KEYS: usize = 100_000;
 
-/// One lane's keys.
+/// The consumer's keys: the number each expects, and its early messages.
 pub(crate) struct Sequencer<T> {
     bounds: Bounds,
     /// The number each key's next message should carry.
     next: HashMap<Vec<u8>, i64>,
-    /// Early messages, by key and number (copies of one number together).
-    held: HashMap<Vec<u8>, BTreeMap<i64, Vec<Held<T>>>>,
+    held: HashMap<Vec<u8>, Waiting<T>>,
     /// Gaps accepted since the caller last asked.
     gaps: u64,
+    waits: Waits,
 }
 
 impl<T> Sequencer<T> {
@@ -85,6 +116,7 @@ impl<T> Sequencer<T> {
             next: HashMap::new(),
             held: HashMap::new(),
             gaps: 0,
+            waits: Waits::default(),
         }
     }
 
@@ -101,17 +133,17 @@ impl<T> Sequencer<T> {
         self.next.entry(key.to_vec()).or_insert(next);
     }
 
-    /// Past `MOST_KEYS`, forgets the keys that hold nothing and are not
-    /// among `coming` (the keys of the messages about to be offered: a key
-    /// forgotten between learning and offering would take its message as
-    /// it comes).
-    pub(crate) fn forget_idle(&mut self, coming: &[&[u8]]) {
+    /// Past `MOST_KEYS`, forgets the keys that hold nothing and that
+    /// `keep` does not name (the keys of messages in a lane's hands: a
+    /// key forgotten between learning and offering would take its message
+    /// as it comes).
+    pub(crate) fn forget_idle(&mut self, keep: impl Fn(&[u8]) -> bool) {
         if self.next.len() < MOST_KEYS {
             return;
         }
         let held = &self.held;
         self.next
-            .retain(|key, _| held.contains_key(key) || coming.contains(&key.as_slice()));
+            .retain(|key, _| held.contains_key(key) || keep(key));
     }
 
     /// Takes a keyed, numbered message; appends to `ready`, in order, what
@@ -126,14 +158,16 @@ impl<T> Sequencer<T> {
     ) {
         let expected = self.next.get(key).copied();
         match expected {
-            Some(next) if seq > next => {
+            Some(next) if seq > next && self.bounds.waits() => {
                 let held = Held { item, since: now };
-                self.held
-                    .entry(key.to_vec())
-                    .or_default()
-                    .entry(seq)
-                    .or_default()
-                    .push(held);
+                let waiting = self.held.entry(key.to_vec()).or_insert_with(|| {
+                    self.waits.begun += 1;
+                    Waiting {
+                        since: now,
+                        by_seq: BTreeMap::new(),
+                    }
+                });
+                waiting.by_seq.entry(seq).or_default().push(held);
                 let total = self.bounds.held.fetch_add(1, Ordering::Relaxed) + 1;
                 if total > self.bounds.most_held {
                     tracing::warn!(
@@ -142,32 +176,38 @@ impl<T> Sequencer<T> {
                         held = total,
                         "too many messages wait for earlier ones of their key; taking this key's as they are"
                     );
-                    self.accept_gap(key, ready);
+                    self.accept_gap(key, now, ready);
                 }
             }
             // A copy, or one that came after its key moved past it.
             Some(next) if seq < next => ready.push(item),
-            // Next, or a key not learned (taken as it comes).
+            // Next, a key not learned, or one past a gap not waited for:
+            // taken as it comes.
             _ => {
                 ready.push(item);
                 self.next.insert(key.to_vec(), seq.saturating_add(1));
-                self.release(key, ready);
+                self.release(key, now, ready);
             }
         }
     }
 
-    /// Gives up waiting for keys whose oldest early message waited
-    /// `key_gap_wait`: their held messages go on, in order.
-    pub(crate) fn expire(&mut self, now: Instant, ready: &mut Vec<T>) {
+    /// Gives up waiting for the keys `free` names whose oldest early
+    /// message waited `key_gap_wait`: returns each one's messages that go
+    /// on, in order.
+    pub(crate) fn expire(
+        &mut self,
+        now: Instant,
+        free: impl Fn(&[u8]) -> bool,
+    ) -> Vec<(Vec<u8>, Vec<T>)> {
         let overdue: Vec<Vec<u8>> = self
             .held
             .iter()
-            .filter(|(_, by_seq)| {
-                self.oldest(by_seq)
-                    .is_some_and(|since| now >= since + self.bounds.wait)
+            .filter(|(key, waiting)| {
+                free(key) && oldest(waiting).is_some_and(|since| now >= since + self.bounds.wait)
             })
             .map(|(key, _)| key.clone())
             .collect();
+        let mut expired = Vec::with_capacity(overdue.len());
         for key in overdue {
             tracing::warn!(
                 key = %String::from_utf8_lossy(&key),
@@ -175,15 +215,19 @@ impl<T> Sequencer<T> {
                 waited = ?self.bounds.wait,
                 "an earlier message of this key did not come; handling the later ones without it"
             );
-            self.accept_gap(&key, ready);
+            let mut ready = Vec::new();
+            self.accept_gap(&key, now, &mut ready);
+            expired.push((key, ready));
         }
+        expired
     }
 
-    /// When the next early message's wait runs out.
-    pub(crate) fn deadline(&self) -> Option<Instant> {
+    /// When the next wait of a key `free` names runs out.
+    pub(crate) fn deadline(&self, free: impl Fn(&[u8]) -> bool) -> Option<Instant> {
         self.held
-            .values()
-            .filter_map(|by_seq| self.oldest(by_seq))
+            .iter()
+            .filter(|(key, _)| free(key))
+            .filter_map(|(_, waiting)| oldest(waiting))
             .min()
             .map(|since| since + self.bounds.wait)
     }
@@ -193,49 +237,64 @@ impl<T> Sequencer<T> {
         std::mem::take(&mut self.gaps)
     }
 
-    /// Messages held (this lane's).
+    /// Waits begun and ended since the last call.
+    pub(crate) fn take_waits(&mut self) -> Waits {
+        std::mem::take(&mut self.waits)
+    }
+
+    /// Messages held.
     pub(crate) fn holding(&self) -> usize {
         self.held
             .values()
-            .flat_map(BTreeMap::values)
+            .flat_map(|waiting| waiting.by_seq.values())
             .map(Vec::len)
             .sum()
     }
 
-    fn oldest(&self, by_seq: &BTreeMap<i64, Vec<Held<T>>>) -> Option<Instant> {
-        by_seq.values().flatten().map(|held| held.since).min()
-    }
-
     /// Moves the key on to its lowest held number and releases from there.
-    fn accept_gap(&mut self, key: &[u8], ready: &mut Vec<T>) {
+    fn accept_gap(&mut self, key: &[u8], now: Instant, ready: &mut Vec<T>) {
         let lowest = self
             .held
             .get(key)
-            .and_then(|by_seq| by_seq.keys().next().copied());
+            .and_then(|waiting| waiting.by_seq.keys().next().copied());
         if let Some(lowest) = lowest {
             self.gaps += 1;
             self.next.insert(key.to_vec(), lowest);
-            self.release(key, ready);
+            self.release(key, now, ready);
         }
     }
 
-    /// Releases the key's held messages that are now next, in order.
-    fn release(&mut self, key: &[u8], ready: &mut Vec<T>) {
-        let Some(by_seq) = self.held.get_mut(key) else {
+    /// Releases the key's held messages that are now next, in order; the
+    /// key's wait ends when none is left.
+    fn release(&mut self, key: &[u8], now: Instant, ready: &mut Vec<T>) {
+        let Some(waiting) = self.held.get_mut(key) else {
             return;
         };
         let Some(next) = self.next.get_mut(key) else {
             return;
         };
-        while let Some(copies) = by_seq.remove(&*next) {
+        while let Some(copies) = waiting.by_seq.remove(&*next) {
             self.bounds.held.fetch_sub(copies.len(), Ordering::Relaxed);
             ready.extend(copies.into_iter().map(|held| held.item));
             *next = next.saturating_add(1);
         }
-        if by_seq.is_empty() {
+        if waiting.by_seq.is_empty() {
+            self.waits
+                .ended
+                .push(now.saturating_duration_since(waiting.since));
             self.held.remove(key);
         }
     }
+}
+
+/// When the key's oldest held message came.
+fn oldest<T>(waiting: &Waiting<T>) -> Option<Instant> {
+    waiting
+        .by_seq
+        .values()
+        .flatten()
+        .map(|held| held.since)
+        .min()
 }
 
 impl<T> Drop for Sequencer<T> {
@@ -253,8 +312,12 @@ mod tests {
     use super::*;
 
     fn sequencer(most_held: usize) -> Sequencer<i64> {
+        waiting_sequencer(Duration::from_secs(10), most_held)
+    }
+
+    fn waiting_sequencer(wait: Duration, most_held: usize) -> Sequencer<i64> {
         Sequencer::new(Bounds {
-            wait: Duration::from_secs(10),
+            wait,
             most_held,
             held: Arc::new(AtomicUsize::new(0)),
         })
@@ -324,7 +387,7 @@ mod tests {
         for n in 2..MOST_KEYS {
             s.learn(n.to_string().as_bytes(), Some(1));
         }
-        s.forget_idle(&[b"coming"]);
+        s.forget_idle(|key| key == b"coming");
         assert_eq!(s.next.len(), 2, "the held key and the coming one");
         assert!(s.knows(b"coming"));
         assert!(
@@ -367,14 +430,19 @@ mod tests {
         let now = Instant::now();
         offer(&mut s, "a", &[1], now);
         offer(&mut s, "a", &[3, 4], now);
-        let mut ready = Vec::new();
-        s.expire(now + Duration::from_secs(9), &mut ready);
-        assert!(ready.is_empty());
-        assert_eq!(s.deadline(), Some(now + Duration::from_secs(10)));
-        s.expire(now + Duration::from_secs(10), &mut ready);
-        assert_eq!(ready, [3, 4]);
+        let all = |_: &[u8]| true;
+        assert!(s.expire(now + Duration::from_secs(9), all).is_empty());
+        assert_eq!(s.deadline(all), Some(now + Duration::from_secs(10)));
+        assert!(
+            s.expire(now + Duration::from_secs(10), |_| false)
+                .is_empty(),
+            "a key in a lane's hands is not expired under it"
+        );
+        assert_eq!(s.deadline(|_| false), None);
+        let expired = s.expire(now + Duration::from_secs(10), all);
+        assert_eq!(expired, [(b"a".to_vec(), vec![3, 4])]);
         assert_eq!(s.take_gaps(), 1);
-        assert_eq!(s.deadline(), None);
+        assert_eq!(s.deadline(all), None);
         // The missing one, late, still goes on: the inbox decides.
         assert_eq!(offer(&mut s, "a", &[2, 5], now), [2, 5]);
     }
@@ -399,5 +467,47 @@ mod tests {
         assert_eq!(bounds.held.load(Ordering::Relaxed), 1);
         drop(lane);
         assert_eq!(bounds.held.load(Ordering::Relaxed), 0);
+    }
+
+    /// The default: a consumer that cannot know whether a missing number
+    /// can still come to it (another consumer of its queue may have it, or
+    /// another exchange's queue) takes a key's messages as they come, so
+    /// nothing waits and no gap is counted. Two consumers on one queue,
+    /// each seeing every other number, waited 15 s per gap before.
+    #[test]
+    fn nothing_waits_by_default() {
+        use crate::consumer::ConsumerConfig;
+        use crate::topology::Topology;
+        let config = ConsumerConfig::new("amqp://localhost", Topology::named("e", "q"), "inbox");
+        assert_eq!(config.key_gap_wait, Duration::ZERO);
+        let mut s = waiting_sequencer(config.key_gap_wait, most_held(config.prefetch));
+        let now = Instant::now();
+        s.learn(b"a", None);
+        assert_eq!(offer(&mut s, "a", &[1, 3, 5, 4, 8], now), [1, 3, 5, 4, 8]);
+        assert_eq!(s.holding(), 0);
+        assert_eq!(s.take_gaps(), 0);
+        assert_eq!(s.take_waits(), Waits::default());
+        assert_eq!(s.deadline(|_| true), None);
+    }
+
+    /// A wait is counted when it begins and timed when it ends, however
+    /// it ends: the missing one came, or the gap was accepted.
+    #[test]
+    fn waits_are_counted_and_timed() {
+        let mut s = sequencer(100);
+        let now = Instant::now();
+        offer(&mut s, "a", &[1, 3], now);
+        offer(&mut s, "b", &[1, 3], now);
+        offer(&mut s, "a", &[4], now + Duration::from_secs(1));
+        assert_eq!(s.take_waits().begun, 2, "one per key, not per message");
+        offer(&mut s, "a", &[2], now + Duration::from_secs(2));
+        let later = now + Duration::from_secs(10);
+        s.expire(later, |_| true);
+        let waits = s.take_waits();
+        assert_eq!(waits.begun, 0);
+        assert_eq!(
+            waits.ended,
+            [Duration::from_secs(2), Duration::from_secs(10)]
+        );
     }
 }

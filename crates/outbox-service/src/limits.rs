@@ -50,8 +50,9 @@ pub const QUEUE_EXPIRES_MS: RangeInclusive<u64> = 1..=30 * DAY;
 pub const MAX_DELIVERIES: RangeInclusive<u32> = 1..=10_000;
 /// Dispatch: the seed's slow order (a demo knob).
 pub const SLOW_ORDER_MS: RangeInclusive<u64> = 1..=HOUR;
-/// Consumer: how long an early keyed message waits for an earlier one.
-pub const KEY_GAP_WAIT_MS: RangeInclusive<u64> = 1..=HOUR;
+/// Consumer: how long an early keyed message waits for an earlier one;
+/// 0 does not wait.
+pub const KEY_GAP_WAIT_MS: RangeInclusive<u64> = 0..=HOUR;
 /// Consumer inbox retention; 0 keeps every row.
 pub const INBOX_RETENTION_MS: RangeInclusive<u64> = 0..=3650 * DAY;
 
