@@ -390,6 +390,85 @@ async fn readyz_turns_when_the_database_freezes_and_back_when_it_thaws() {
     assert_eq!(consumer.terminate().await, Some(0));
 }
 
+/// A database error that quotes a row (a trigger's message, a check
+/// violation's failing row) reaches neither the dead letter's
+/// `x-consumer-error` nor the log: the SQLSTATE and the constraint, table
+/// and column names do.
+#[tokio::test]
+async fn dispatch_keeps_row_values_out_of_logs_and_dead_letters() {
+    let dispatch_db = TestDb::empty().await;
+    let mut client = dispatch_db.connect().await;
+    ::dispatch::migrate(&mut client)
+        .await
+        .expect("migrate dispatch");
+    // Orders 7770000001 (a CHECK constraint) and 7770000002 (a trigger
+    // that names the order and its rider) are refused.
+    client
+        .batch_execute(
+            "ALTER TABLE dispatch.deliveries ADD CONSTRAINT deliveries_order_allowed \
+                 CHECK (order_id <> 7770000001); \
+             CREATE FUNCTION dispatch.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.order_id = 7770000002 THEN \
+                 RAISE EXCEPTION 'order % of rider % refused', NEW.order_id, NEW.rider \
+                 USING ERRCODE = 'check_violation', CONSTRAINT = 'deliveries_order_refused', \
+                       SCHEMA = 'dispatch', TABLE = 'deliveries', COLUMN = 'order_id', \
+                       DETAIL = 'Failing row contains (' || NEW.order_id || ').'; \
+             END IF; RETURN NEW; END $$; \
+             CREATE TRIGGER refuse BEFORE INSERT ON dispatch.deliveries \
+             FOR EACH ROW EXECUTE FUNCTION dispatch.refuse()",
+        )
+        .await
+        .expect("constraint and trigger");
+    let settings = dispatch_settings(&dispatch_db);
+    let names = outbox_tests::dispatch::topology(&settings);
+    let env = [
+        ("DISPATCH_LOG_FORMAT", "json"),
+        ("RUST_LOG", "debug,lapin=error,tokio_postgres=info"),
+    ];
+    let consumer = Logged::spawn(dispatch_command(&settings, &env));
+    logged_address(&consumer, "database ready, HTTP API listening", "http").await;
+    wait_for_consumers(&names.queue, 1).await;
+    let publisher = Publisher::new(&names.exchange).await;
+    for order in [1, 7770000001, 7770000002, 2] {
+        publisher.order(order).await;
+    }
+    let dead = outbox_tests::dispatch::take(&names.dead_letter_queue, 2).await;
+    assert_eq!(dead.len(), 2);
+    wait_until("the good orders land", || async {
+        count(&dispatch_db, "SELECT count(*) FROM dispatch.deliveries").await == 2
+    })
+    .await;
+    let mut errors = Vec::new();
+    for delivery in &dead {
+        let order: Value = serde_json::from_slice(&delivery.data).expect("JSON");
+        let error =
+            outbox_tests::dispatch::header(delivery, "x-consumer-error").expect("x-consumer-error");
+        let constraint = match order["orderId"].as_i64() {
+            Some(7770000001) => "deliveries_order_allowed",
+            _ => "deliveries_order_refused",
+        };
+        assert!(error.contains("23514"), "{error}");
+        assert!(error.contains(constraint), "{error}");
+        assert!(error.contains("deliveries"), "{error}");
+        errors.push(error);
+    }
+    // The consumer logs each dead letter's reason.
+    consumer
+        .wait_for_line("a dead letter's reason", |line| {
+            line.to_string().contains("deliveries_order_refused")
+        })
+        .await;
+    let logs = consumer.lines().join("\n");
+    assert!(logs.contains("23514"), "{logs}");
+    assert_eq!(consumer.terminate().await, Some(0));
+    for value in ["7770000001", "7770000002", "Failing row"] {
+        for error in &errors {
+            assert!(!error.contains(value), "{value} in {error}");
+        }
+        assert!(!logs.contains(value), "{value} in the log");
+    }
+}
+
 /// Outbox row headers ─► AMQP headers ─► the consumer's log span, and the
 /// consumer's counters for each way a message can end.
 #[tokio::test]
