@@ -283,12 +283,190 @@ async fn relay_readyz_follows_the_broker_and_the_database() {
         status == 503 && body.contains("PostgreSQL")
     })
     .await;
-    let scrape = Scrape::of(addr).await;
-    assert_eq!(scrape.value("outbox_database_connected", &[]), 0.0);
-    assert!(scrape.value("outbox_outages_total", &[("server", "postgresql")]) >= 1.0);
+    // `/readyz` may say so first (its own `SELECT 1`), the drain soon after.
+    wait_for_metric(addr, "outbox_database_connected", &[], |v| v == 0.0).await;
+    let postgresql = [("server", "postgresql")];
+    wait_for_metric(addr, "outbox_outages_total", &postgresql, |n| n >= 1.0).await;
     db.allow_connections().await;
     wait_until("ready again", || async { ready().await.0 == 200 }).await;
     assert_eq!(relay.terminate().await, Some(0));
+}
+
+/// Polls `/readyz` at `addr` until it answers `status`; fails after `limit`.
+/// Returns how long that took.
+async fn wait_for_readyz(
+    addr: &str,
+    status: u16,
+    limit: std::time::Duration,
+) -> std::time::Duration {
+    let started = tokio::time::Instant::now();
+    loop {
+        // A probe that never answers would be a failure of its own.
+        let answer = tokio::time::timeout(limit, get(addr, "/readyz"))
+            .await
+            .unwrap_or_else(|_| panic!("/readyz at {addr} did not answer within {limit:?}"));
+        if answer.0 == status {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "/readyz at {addr} still {answer:?} after {limit:?}, not {status}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// A database that stops answering without closing anything (a server
+/// under SIGSTOP, a black-holed network): the relay's and the consumer's
+/// `/readyz` turn 503 within seconds, and back to 200 once it answers
+/// again, and rows flow again end to end.
+#[tokio::test]
+async fn readyz_turns_when_the_database_freezes_and_back_when_it_thaws() {
+    let outbox_db = TestDb::with_outbox().await;
+    let dispatch_db = TestDb::empty().await;
+    let proxy = Proxy::start("127.0.0.1:5432").await;
+    let through_proxy = |url: &str| url.replace("127.0.0.1:5432", &proxy.addr.to_string());
+    // A claim sent while frozen still runs once the server answers, and
+    // leases rows that nobody publishes until their lease runs out: a
+    // short lease keeps that wait short.
+    let (relay, relay_addr) = start_relay(
+        &outbox_db,
+        &[
+            ("OUTBOX_DATABASE_URL", &through_proxy(&outbox_db.url)),
+            ("OUTBOX_LEASE_MS", "5000"),
+        ],
+    )
+    .await;
+    let mut settings = dispatch_settings(&dispatch_db);
+    settings.database_url = Some(through_proxy(&dispatch_db.url));
+    let names = outbox_tests::dispatch::topology(&settings);
+    let consumer = Logged::spawn(dispatch_command(
+        &settings,
+        &[("DISPATCH_LOG_FORMAT", "json")],
+    ));
+    let http = logged_address(&consumer, "database ready, HTTP API listening", "http").await;
+    wait_for_consumers(&names.queue, 1).await;
+    let order =
+        |id: i64| json!({"orderId": id, "userName": "zhang", "context": "noodles", "num": 1});
+    let writer = outbox_db.connect().await;
+    enqueue(&writer, &names.exchange, "", &order(1)).await;
+    let deliveries = || count(&dispatch_db, "SELECT count(*) FROM dispatch.deliveries");
+    wait_until("the first order lands", || async {
+        deliveries().await == 1
+    })
+    .await;
+    let bound = std::time::Duration::from_secs(15);
+    wait_for_readyz(&relay_addr, 200, PATIENCE).await;
+    wait_for_readyz(&http, 200, PATIENCE).await;
+
+    proxy.freeze();
+    let relay_took = wait_for_readyz(&relay_addr, 503, bound).await;
+    let consumer_took = wait_for_readyz(&http, 503, bound).await;
+    eprintln!("not ready after: relay {relay_took:?}, consumer {consumer_took:?}");
+    assert_eq!(
+        get(&relay_addr, "/healthz").await.0,
+        200,
+        "alive all the same"
+    );
+    // The relay's own statements (claims, gauges) give up too: an outage.
+    wait_for_metric(&relay_addr, "outbox_database_connected", &[], |v| v == 0.0).await;
+    let postgresql = [("server", "postgresql")];
+    wait_for_metric(&relay_addr, "outbox_outages_total", &postgresql, |n| {
+        n >= 1.0
+    })
+    .await;
+    // Written while frozen (the writer does not go through the proxy).
+    enqueue(&writer, &names.exchange, "", &order(2)).await;
+
+    proxy.restore();
+    let relay_took = wait_for_readyz(&relay_addr, 200, PATIENCE).await;
+    let consumer_took = wait_for_readyz(&http, 200, PATIENCE).await;
+    eprintln!("ready again after: relay {relay_took:?}, consumer {consumer_took:?}");
+    enqueue(&writer, &names.exchange, "", &order(3)).await;
+    let thawed = tokio::time::Instant::now();
+    wait_until("every order lands", || async { deliveries().await == 3 }).await;
+    eprintln!("every order landed after {:?}", thawed.elapsed());
+    assert_eq!(relay.terminate().await, Some(0));
+    assert_eq!(consumer.terminate().await, Some(0));
+}
+
+/// A database error that quotes a row (a trigger's message, a check
+/// violation's failing row) reaches neither the dead letter's
+/// `x-consumer-error` nor the log: the SQLSTATE and the constraint, table
+/// and column names do.
+#[tokio::test]
+async fn dispatch_keeps_row_values_out_of_logs_and_dead_letters() {
+    let dispatch_db = TestDb::empty().await;
+    let mut client = dispatch_db.connect().await;
+    ::dispatch::migrate(&mut client)
+        .await
+        .expect("migrate dispatch");
+    // Orders 7770000001 (a CHECK constraint) and 7770000002 (a trigger
+    // that names the order and its rider) are refused.
+    client
+        .batch_execute(
+            "ALTER TABLE dispatch.deliveries ADD CONSTRAINT deliveries_order_allowed \
+                 CHECK (order_id <> 7770000001); \
+             CREATE FUNCTION dispatch.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.order_id = 7770000002 THEN \
+                 RAISE EXCEPTION 'order % of rider % refused', NEW.order_id, NEW.rider \
+                 USING ERRCODE = 'check_violation', CONSTRAINT = 'deliveries_order_refused', \
+                       SCHEMA = 'dispatch', TABLE = 'deliveries', COLUMN = 'order_id', \
+                       DETAIL = 'Failing row contains (' || NEW.order_id || ').'; \
+             END IF; RETURN NEW; END $$; \
+             CREATE TRIGGER refuse BEFORE INSERT ON dispatch.deliveries \
+             FOR EACH ROW EXECUTE FUNCTION dispatch.refuse()",
+        )
+        .await
+        .expect("constraint and trigger");
+    let settings = dispatch_settings(&dispatch_db);
+    let names = outbox_tests::dispatch::topology(&settings);
+    let env = [
+        ("DISPATCH_LOG_FORMAT", "json"),
+        ("RUST_LOG", "debug,lapin=error,tokio_postgres=info"),
+    ];
+    let consumer = Logged::spawn(dispatch_command(&settings, &env));
+    logged_address(&consumer, "database ready, HTTP API listening", "http").await;
+    wait_for_consumers(&names.queue, 1).await;
+    let publisher = Publisher::new(&names.exchange).await;
+    for order in [1, 7770000001, 7770000002, 2] {
+        publisher.order(order).await;
+    }
+    let dead = outbox_tests::dispatch::take(&names.dead_letter_queue, 2).await;
+    assert_eq!(dead.len(), 2);
+    wait_until("the good orders land", || async {
+        count(&dispatch_db, "SELECT count(*) FROM dispatch.deliveries").await == 2
+    })
+    .await;
+    let mut errors = Vec::new();
+    for delivery in &dead {
+        let order: Value = serde_json::from_slice(&delivery.data).expect("JSON");
+        let error =
+            outbox_tests::dispatch::header(delivery, "x-consumer-error").expect("x-consumer-error");
+        let constraint = match order["orderId"].as_i64() {
+            Some(7770000001) => "deliveries_order_allowed",
+            _ => "deliveries_order_refused",
+        };
+        assert!(error.contains("23514"), "{error}");
+        assert!(error.contains(constraint), "{error}");
+        assert!(error.contains("deliveries"), "{error}");
+        errors.push(error);
+    }
+    // The consumer logs each dead letter's reason.
+    consumer
+        .wait_for_line("a dead letter's reason", |line| {
+            line.to_string().contains("deliveries_order_refused")
+        })
+        .await;
+    let logs = consumer.lines().join("\n");
+    assert!(logs.contains("23514"), "{logs}");
+    assert_eq!(consumer.terminate().await, Some(0));
+    for value in ["7770000001", "7770000002", "Failing row"] {
+        for error in &errors {
+            assert!(!error.contains(value), "{value} in {error}");
+        }
+        assert!(!logs.contains(value), "{value} in the log");
+    }
 }
 
 /// Outbox row headers ─► AMQP headers ─► the consumer's log span, and the

@@ -156,6 +156,81 @@ async fn faults_undecodable_headers_fail_that_row_not_the_claim() {
     relay.stop().await;
 }
 
+/// The relay owns the `x-outbox-*` headers: a writer's own, on a keyless
+/// row or a keyed one, never reach the queue (a forged `x-outbox-seq` far
+/// ahead would pin its key's watermark at the consumer).
+#[tokio::test]
+async fn faults_forged_outbox_headers_never_reach_the_queue() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    let client = db.connect().await;
+    let forged = serde_json::json!({
+        "x-outbox-seq": 9_000_000_000_i64,
+        "x-outbox-key": "forged-key",
+        "tenant": "acme",
+    });
+    let enqueue_with = |key: Option<&'static str>| {
+        let client = &client;
+        let forged = &forged;
+        let exchange = topology.exchange.clone();
+        async move {
+            client
+                .query_one(
+                    "SELECT outbox.enqueue($1, '', '{}'::jsonb, $2::jsonb, $3)",
+                    &[&exchange, forged, &key],
+                )
+                .await
+                .expect("enqueue")
+                .get::<_, Uuid>(0)
+        }
+    };
+    let keyless = enqueue_with(None).await;
+    let keyed = enqueue_with(Some("k1")).await;
+
+    let relay = RunningRelay::start(test_settings(&db)).await;
+    let deliveries = topology.receive(2, ARRIVAL).await;
+    assert_eq!(deliveries.len(), 2);
+    // The relay numbers a key's rows as it claims them.
+    let seq: i64 = client
+        .query_one(
+            "SELECT key_seq FROM outbox.messages WHERE message_id = $1",
+            &[&keyed],
+        )
+        .await
+        .expect("key_seq")
+        .get(0);
+    let headers_of = |id: Uuid| {
+        let delivery = deliveries
+            .iter()
+            .find(|d| message_id(d) == id)
+            .expect("delivered");
+        delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default()
+            .inner()
+            .clone()
+    };
+    let plain = headers_of(keyless);
+    assert_eq!(
+        plain.get("tenant"),
+        Some(&AMQPValue::LongString("acme".into()))
+    );
+    assert_eq!(plain.get("x-outbox-seq"), None, "{plain:?}");
+    assert_eq!(plain.get("x-outbox-key"), None, "{plain:?}");
+    let ordered = headers_of(keyed);
+    assert_eq!(
+        ordered.get("x-outbox-seq"),
+        Some(&AMQPValue::LongLongInt(seq))
+    );
+    assert_eq!(
+        ordered.get("x-outbox-key"),
+        Some(&AMQPValue::LongString("k1".into()))
+    );
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn faults_a_missing_amq_exchange_is_that_rows_fault_alone() {
     let db = TestDb::with_outbox().await;

@@ -30,6 +30,17 @@ pub struct Cli {
         default_value_t
     )]
     pub log_format: LogFormat,
+
+    /// Debugging only: database errors in logs and dead letters' x-consumer-error quote the server's message and DETAIL, which can carry row values (a failing row, a duplicate key). Off: the SQLSTATE and the constraint, table and column names only.
+    #[arg(
+        long,
+        global = true,
+        env = "DISPATCH_LOG_ROW_VALUES",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    pub log_row_values: bool,
 }
 
 #[derive(Debug, Clone, Copy, Subcommand)]

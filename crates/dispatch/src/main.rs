@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     outbox_service::telemetry::init_with(cli.log_format);
+    outbox::show_row_values(cli.log_row_values);
     match try_main(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -158,6 +158,10 @@ impl From<tokio_postgres::Error> for HandlerError {
 /// and deadlocks (class 40), lock and statement timeouts, and unique
 /// violations (a concurrent writer won; a retry sees its row), is
 /// `Transient`. A handler that knows better maps errors itself.
+///
+/// The text (logged, and the dead letter's `x-consumer-error`) is
+/// [`outbox::error_line`]'s: the SQLSTATE and the constraint, table and
+/// column names, never row values, unless `outbox::show_row_values(true)`.
 pub fn classify(error: &tokio_postgres::Error) -> HandlerError {
     let line = outbox::error_line(error);
     let io = std::error::Error::source(error).is_some_and(|s| s.is::<std::io::Error>());

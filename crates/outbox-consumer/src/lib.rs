@@ -48,11 +48,15 @@ pub use lanes::{KEY_HEADER, SEQ_HEADER};
 pub use topology::{QueueType, Topology};
 
 use deadpool_postgres::Pool;
-use outbox_service::endpoint::{Probe, Readiness};
+use outbox_service::endpoint::{PROBE_DEADLINE, Probe, Readiness};
 use outbox_service::health::{Health, NotReady};
 
 /// What the ops endpoint's `/readyz` checks for a consumer: subscribed to
-/// its queue, and its database answers `SELECT 1` now.
+/// its queue, and its database answers `SELECT 1` now, within
+/// [`PROBE_DEADLINE`] (a database that stopped answering without closing
+/// anything makes it 503, not a hung probe). A connection whose `SELECT 1`
+/// did not answer is not given back to the pool as it is: every idle one
+/// is let go, so that no handler queues behind it.
 pub fn readiness(health: Health, pool: Pool) -> Readiness {
     let probe: Probe = std::sync::Arc::new(move || {
         let pool = pool.clone();
@@ -61,12 +65,21 @@ pub fn readiness(health: Health, pool: Pool) -> Readiness {
                 what: "the database does not answer",
                 source: Some(source),
             };
-            let client = pool.get().await.map_err(|e| silent(e.into()))?;
-            client
-                .simple_query("SELECT 1")
-                .await
-                .map(drop)
-                .map_err(|e| silent(Box::new(outbox::PgError(e))))
+            let ping = async {
+                let client = pool.get().await.map_err(|e| silent(e.into()))?;
+                client
+                    .simple_query("SELECT 1")
+                    .await
+                    .map(drop)
+                    .map_err(|e| silent(Box::new(outbox::PgError(e))))
+            };
+            match tokio::time::timeout(PROBE_DEADLINE, ping).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    pool.retain(|_, _| false);
+                    Err(NotReady::Timeout(PROBE_DEADLINE))
+                }
+            }
         })
     });
     Readiness {

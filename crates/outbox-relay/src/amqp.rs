@@ -398,9 +398,30 @@ fn properties(row: &Claimed) -> BasicProperties {
 /// key's messages in one lane: `outbox_consumer::KEY_HEADER`) and its
 /// number among the key's messages as `x-outbox-seq` (consumers put a
 /// key's messages back in order by it: `outbox_consumer::SEQ_HEADER`).
-/// Ours overwrite a row's own headers of those names.
+/// The relay owns every `x-outbox-*` header: a row's own are dropped, keyed
+/// or not (a forged `x-outbox-seq` far ahead would pin its key's watermark
+/// at the consumer, and later messages of the key would commit out of
+/// order). Their names are logged at debug level, never their values.
 fn headers(row: &Claimed) -> FieldTable {
-    let mut table = field_table(&row.headers);
+    let mut table = FieldTable::default();
+    let mut dropped = Vec::new();
+    if let Value::Object(map) = &row.headers {
+        for (name, value) in map {
+            if is_reserved(name) {
+                dropped.push(name.as_str());
+            } else {
+                table.insert(name.as_str().into(), amqp_value(value));
+            }
+        }
+    }
+    if !dropped.is_empty() {
+        tracing::debug!(
+            id = row.id,
+            message_id = %row.message_id,
+            headers = ?dropped,
+            "dropped the row's own x-outbox-* headers: the relay sets those"
+        );
+    }
     if let Some(key) = &row.ordering_key {
         table.insert(
             KEY_HEADER.into(),
@@ -411,6 +432,16 @@ fn headers(row: &Claimed) -> FieldTable {
         }
     }
     table
+}
+
+/// The prefix of the headers the relay sets itself.
+const RESERVED_PREFIX: &str = "x-outbox-";
+
+/// Whether header `name` is the relay's to set (any case: a consumer that
+/// matched names loosely must not be fooled either).
+fn is_reserved(name: &str) -> bool {
+    name.get(..RESERVED_PREFIX.len())
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(RESERVED_PREFIX))
 }
 
 /// JSON headers as an AMQP field table (objects nest, arrays become arrays).
@@ -505,6 +536,35 @@ mod tests {
         assert_eq!(inner.get("b"), Some(&AMQPValue::LongString("x".into())));
         assert!(matches!(inner.get("c"), Some(AMQPValue::FieldArray(_))));
         assert!(matches!(inner.get("d"), Some(AMQPValue::FieldTable(_))));
+    }
+
+    #[test]
+    fn a_rows_own_outbox_headers_are_dropped_keyed_or_not() {
+        let forged = serde_json::json!({
+            "x-outbox-seq": 1_000_000_000,
+            "X-Outbox-Key": "other",
+            "x-outbox-anything": true,
+            "x-outboxed": 1,
+            "tenant": "acme",
+        });
+        let mut keyless = Claimed::for_test(1);
+        keyless.headers = forged.clone();
+        let table = headers(&keyless);
+        let names: Vec<&str> = table.inner().keys().map(|name| name.as_str()).collect();
+        assert_eq!(names, ["tenant", "x-outboxed"]);
+
+        let mut keyed = Claimed::for_test(2);
+        keyed.headers = forged;
+        keyed.ordering_key = Some("k".into());
+        keyed.key_seq = Some(3);
+        let table = headers(&keyed);
+        let inner = table.inner();
+        assert_eq!(inner.get(SEQ_HEADER), Some(&AMQPValue::LongLongInt(3)));
+        assert_eq!(
+            inner.get(KEY_HEADER),
+            Some(&AMQPValue::LongString("k".into()))
+        );
+        assert_eq!(inner.len(), 4, "{inner:?}");
     }
 
     #[test]

@@ -97,33 +97,40 @@ pub async fn vacuum(
 }
 
 impl Store {
-    /// The gauges read from the database, in one round trip.
+    /// The gauges read from the database, in one round trip, within the
+    /// statement deadline (they tell `/readyz` whether PostgreSQL answers
+    /// while the relay is idle).
     pub async fn stats(&self) -> Result<Stats, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query_typed(STATS, &[(&PENDING_COUNT_CAP, Type::INT8)])
-            .await
-            .map_err(|e| StoreError::from_postgres(&e))?;
-        let row = rows
-            .first()
-            .ok_or_else(|| StoreError::Refused("the gauges query returned no row".into()))?;
-        let stats = || -> Result<Stats, tokio_postgres::Error> {
-            Ok(Stats {
-                pending: row.try_get(0)?,
-                oldest_pending: Duration::from_secs_f64(row.try_get::<_, f64>(1)?.max(0.0)),
-                dead: row.try_get(2)?,
-                notification_queue_usage: row.try_get(3)?,
-                vacuum: Vacuum::default(),
-            })
-        };
-        let mut stats = stats().map_err(|e| StoreError::from_postgres(&e))?;
-        stats.vacuum = vacuum(&**client)
-            .await
-            .map_err(|e| StoreError::from_postgres(&e))?;
-        Ok(stats)
+        self.bounded(async {
+            let client = self.client().await?;
+            let rows = client
+                .query_typed(STATS, &[(&PENDING_COUNT_CAP, Type::INT8)])
+                .await
+                .map_err(|e| StoreError::from_postgres(&e))?;
+            let row = rows
+                .first()
+                .ok_or_else(|| StoreError::Refused("the gauges query returned no row".into()))?;
+            let stats = || -> Result<Stats, tokio_postgres::Error> {
+                Ok(Stats {
+                    pending: row.try_get(0)?,
+                    oldest_pending: Duration::from_secs_f64(row.try_get::<_, f64>(1)?.max(0.0)),
+                    dead: row.try_get(2)?,
+                    notification_queue_usage: row.try_get(3)?,
+                    vacuum: Vacuum::default(),
+                })
+            };
+            let mut stats = stats().map_err(|e| StoreError::from_postgres(&e))?;
+            stats.vacuum = vacuum(&**client)
+                .await
+                .map_err(|e| StoreError::from_postgres(&e))?;
+            Ok(stats)
+        })
+        .await
     }
     /// `VACUUM outbox.messages`, for a server whose autovacuum is off (see
     /// `maintenance`). It takes no lock that writers or the relay wait on.
+    /// No statement deadline: a big table takes long; a frozen server
+    /// holds only the upkeep task, and the drain reports the outage.
     pub async fn vacuum_messages(&self) -> Result<(), StoreError> {
         let client = self.client().await?;
         client

@@ -20,6 +20,8 @@ use outbox_service::db::PgTarget;
 /// no listener holds it exclusively through its commit).
 const LOCK_TIMEOUT_MS: u32 = 200;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long connecting may take, the handshake included.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// A drain's transaction is ended by the server after this long without a
 /// word from the relay, which talks every [`KEEP_DRAINING_EVERY`].
 const DRAIN_IDLE_TIMEOUT_MS: u32 = 5_000;
@@ -49,6 +51,8 @@ const KEEP_DRAINING: &str = "COMMIT; BEGIN; SELECT pg_try_advisory_xact_lock_sha
 pub enum ListenerError {
     #[error("wake-up listener did not answer within {} s", PROBE_TIMEOUT.as_secs())]
     Silent,
+    #[error("wake-up listener could not connect within {} s", CONNECT_TIMEOUT.as_secs())]
+    ConnectTimeout,
     #[error("{}", outbox::error_line(.0))]
     Postgres(#[from] tokio_postgres::Error),
 }
@@ -80,7 +84,12 @@ impl Listener {
     /// Connects and LISTENs. The caller drains right after, so nothing
     /// committed while no one was listening is missed.
     pub async fn connect(target: &PgTarget) -> Result<Listener, ListenerError> {
-        let (client, mut connection) = target.config.connect(target.tls.clone()).await?;
+        // The connect timeout covers the TCP connect only: a server that
+        // accepts and then says nothing would hold the handshake forever.
+        let connect = target.config.connect(target.tls.clone());
+        let (client, mut connection) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| ListenerError::ConnectTimeout)??;
         let (sender, wakes) = mpsc::unbounded_channel();
         // Notifications only surface through poll_message: drive the
         // connection here and forward them.
@@ -102,14 +111,15 @@ impl Listener {
             }
         });
         // The timeouts first: nothing below may wait on another session.
-        client
-            .batch_execute(&format!(
-                "SET lock_timeout = {LOCK_TIMEOUT_MS}; \
-                 SET idle_in_transaction_session_timeout = {DRAIN_IDLE_TIMEOUT_MS}; \
-                 SET application_name = '{APPLICATION_NAME}'; LISTEN {}",
-                outbox::WAKE_CHANNEL
-            ))
-            .await?;
+        let setup = format!(
+            "SET lock_timeout = {LOCK_TIMEOUT_MS}; \
+             SET idle_in_transaction_session_timeout = {DRAIN_IDLE_TIMEOUT_MS}; \
+             SET application_name = '{APPLICATION_NAME}'; LISTEN {}",
+            outbox::WAKE_CHANNEL
+        );
+        tokio::time::timeout(PROBE_TIMEOUT, client.batch_execute(&setup))
+            .await
+            .map_err(|_| ListenerError::Silent)??;
         let mut listener = Listener {
             client,
             wakes,

@@ -2,6 +2,8 @@
 //! up, the marker and the upkeep tasks spawned; then the life cycle
 //! (`relay`) runs until shutdown.
 
+use std::sync::{Arc, OnceLock};
+
 use tokio_util::sync::CancellationToken;
 
 use crate::alert::Alerter;
@@ -14,7 +16,7 @@ use crate::relay::Relay;
 use crate::store::Store;
 use crate::wakeup::Wakeup;
 use outbox_service::db;
-use outbox_service::health::Health;
+use outbox_service::health::{Health, NotReady};
 use outbox_service::{endpoint, telemetry};
 
 /// Runs a relay until `shutdown` is cancelled. Fails only at start (bad
@@ -32,10 +34,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // Up before connecting, so `/healthz` answers and `/readyz` says what
     // is missing while the servers are still being reached.
     let endpoint_stop = CancellationToken::new();
-    let endpoint = start_endpoint(&config, &health, &endpoint_stop).await?;
+    let probed = Arc::new(OnceLock::new());
+    let endpoint = start_endpoint(&config, &health, &probed, &endpoint_stop).await?;
     let store = Store::connect(&target, &relay_id)
         .await?
         .prepare_claims(config.mode == Mode::Notify);
+    let _ = probed.set(store.clone());
     health.set(DATABASE, true);
     let broker = Broker::connect(
         &config.amqp_url,
@@ -84,6 +88,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 async fn start_endpoint(
     config: &Config,
     health: &Health,
+    store: &Arc<OnceLock<Store>>,
     stop: &CancellationToken,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     let Some(addr) = config.metrics_addr else {
@@ -91,7 +96,7 @@ async fn start_endpoint(
     };
     let readiness = endpoint::Readiness {
         health: health.clone(),
-        probe: None,
+        probe: Some(probe(store.clone())),
     };
     match endpoint::start(addr, readiness, axum::Router::new(), stop.clone()).await {
         Ok((bound, task)) => {
@@ -107,6 +112,28 @@ async fn start_endpoint(
         }
         Err(error) => Err(error.into()),
     }
+}
+
+/// `/readyz`'s own `SELECT 1`: the links say what the drain and the
+/// upkeep last saw, which a database that stopped answering does not
+/// change before their statements' deadline. Until the store exists the
+/// links alone answer (PostgreSQL is not connected yet).
+fn probe(store: Arc<OnceLock<Store>>) -> endpoint::Probe {
+    Arc::new(move || {
+        let store = store.clone();
+        Box::pin(async move {
+            let Some(store) = store.get() else {
+                return Ok(());
+            };
+            store
+                .ping(endpoint::PROBE_DEADLINE)
+                .await
+                .map_err(|error| NotReady::Probe {
+                    what: "PostgreSQL does not answer",
+                    source: Some(Box::new(error)),
+                })
+        })
+    })
 }
 
 /// `host-pid-random`: tells in `locked_by` which relay holds a lease.

@@ -161,6 +161,14 @@ pub enum Retried {
 
 /// How long a relay statement waits for a row lock before giving up.
 const LOCK_TIMEOUT_MS: u32 = 2_000;
+/// How long any of the relay's statements may take, connection included.
+/// A server that stops answering without closing anything (under
+/// SIGSTOP, behind a black-holed network) would otherwise hold a claim, a
+/// mark or the gauges forever, and `/readyz` would say ready throughout:
+/// past this it is an outage (the drain pauses, `/readyz` says
+/// PostgreSQL). TCP keepalives do not help there: a stalled peer's kernel,
+/// or a proxy's, still answers them. Generous next to the lock timeout.
+pub const STATEMENT_DEADLINE: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct Store {
@@ -411,87 +419,93 @@ impl Store {
     /// Claims up to `limits.rows` rows holding at most `limits.bytes` of
     /// payload between them, under a lease token of their own.
     pub async fn claim(&self, limits: ClaimLimits<'_>) -> Result<Claim, StoreError> {
-        let client = self.client().await?;
-        let lease_ms = limits.lease.as_millis() as f64;
-        let limit = i64::from(limits.rows);
-        let bytes = i64::try_from(limits.bytes).unwrap_or(i64::MAX);
-        let followers = i64::from(limits.followers);
-        let token = self.next_lease();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
-            &limit,
-            &token,
-            &limits.block_on_dead_head,
-            &lease_ms,
-            &bytes,
-            &limits.after,
-            &limits.keys_from,
-            &followers,
-            &limits.in_flight,
-        ];
-        let rows = if self.prepared_claims {
-            let statement = client
-                .prepare_typed_cached(CLAIM, &CLAIM_TYPES)
-                .await
-                .map_err(|e| StoreError::from_postgres(&e))?;
-            client.query(&statement, &params).await
-        } else {
-            let typed: Vec<_> = params.iter().copied().zip(CLAIM_TYPES).collect();
-            client.query_typed(CLAIM, &typed).await
-        }
-        .map_err(|e| StoreError::from_postgres(&e))?;
-        let mut claimed = rows
-            .iter()
-            .map(|row| {
-                let headers: String = row.try_get(6)?;
-                let (headers, problem) = match serde_json::from_str(&headers) {
-                    Ok(headers) => (headers, None),
-                    Err(error) => (
-                        Value::Object(Default::default()),
-                        Some(format!("headers cannot be decoded: {error}")),
-                    ),
-                };
-                Ok(Claimed {
-                    id: row.try_get(0)?,
-                    message_id: row.try_get(1)?,
-                    lease: token.clone(),
-                    exchange: row.try_get(2)?,
-                    routing_key: row.try_get(3)?,
-                    payload: row.try_get(4)?,
-                    content_type: row.try_get(5)?,
-                    headers,
-                    problem,
-                    ordering_key: row.try_get(7)?,
-                    attempts: row.try_get(8)?,
-                    pending_since: row.try_get(9)?,
-                    key_seq: row.try_get(10)?,
-                })
-            })
-            .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+        self.bounded(async {
+            let client = self.client().await?;
+            let lease_ms = limits.lease.as_millis() as f64;
+            let limit = i64::from(limits.rows);
+            let bytes = i64::try_from(limits.bytes).unwrap_or(i64::MAX);
+            let followers = i64::from(limits.followers);
+            let token = self.next_lease();
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
+                &limit,
+                &token,
+                &limits.block_on_dead_head,
+                &lease_ms,
+                &bytes,
+                &limits.after,
+                &limits.keys_from,
+                &followers,
+                &limits.in_flight,
+            ];
+            let rows = if self.prepared_claims {
+                let statement = client
+                    .prepare_typed_cached(CLAIM, &CLAIM_TYPES)
+                    .await
+                    .map_err(|e| StoreError::from_postgres(&e))?;
+                client.query(&statement, &params).await
+            } else {
+                let typed: Vec<_> = params.iter().copied().zip(CLAIM_TYPES).collect();
+                client.query_typed(CLAIM, &typed).await
+            }
             .map_err(|e| StoreError::from_postgres(&e))?;
-        // UPDATE ... RETURNING does not keep the CTE's order.
-        claimed.sort_unstable_by_key(|row| row.id);
-        let (found, keyless, keys, last_key) = match rows.first() {
-            Some(row) => (|| {
-                Ok::<_, tokio_postgres::Error>((
-                    row.try_get::<_, i64>(11)?,
-                    row.try_get::<_, i64>(12)?,
-                    row.try_get::<_, i64>(13)?,
-                    row.try_get::<_, Option<String>>(14)?,
-                ))
-            })()
-            .map_err(|e| StoreError::from_postgres(&e))?,
-            None => (0, 0, 0, None),
-        };
-        let keys_done = keys < limit;
-        Ok(Claim {
-            rows: claimed,
-            // Keys before `keys_from` are yet to be looked at.
-            exhausted: found < limit && keyless < limit && keys_done && limits.keys_from.is_empty(),
-            next_key: match last_key {
-                Some(key) if !keys_done => key,
-                _ => String::new(),
-            },
+            let mut claimed = rows
+                .iter()
+                .map(|row| {
+                    let headers: String = row.try_get(6)?;
+                    let (headers, problem) = match serde_json::from_str(&headers) {
+                        Ok(headers) => (headers, None),
+                        Err(error) => (
+                            Value::Object(Default::default()),
+                            Some(format!("headers cannot be decoded: {error}")),
+                        ),
+                    };
+                    Ok(Claimed {
+                        id: row.try_get(0)?,
+                        message_id: row.try_get(1)?,
+                        lease: token.clone(),
+                        exchange: row.try_get(2)?,
+                        routing_key: row.try_get(3)?,
+                        payload: row.try_get(4)?,
+                        content_type: row.try_get(5)?,
+                        headers,
+                        problem,
+                        ordering_key: row.try_get(7)?,
+                        attempts: row.try_get(8)?,
+                        pending_since: row.try_get(9)?,
+                        key_seq: row.try_get(10)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+                .map_err(|e| StoreError::from_postgres(&e))?;
+            // UPDATE ... RETURNING does not keep the CTE's order.
+            claimed.sort_unstable_by_key(|row| row.id);
+            let (found, keyless, keys, last_key) = match rows.first() {
+                Some(row) => (|| {
+                    Ok::<_, tokio_postgres::Error>((
+                        row.try_get::<_, i64>(11)?,
+                        row.try_get::<_, i64>(12)?,
+                        row.try_get::<_, i64>(13)?,
+                        row.try_get::<_, Option<String>>(14)?,
+                    ))
+                })()
+                .map_err(|e| StoreError::from_postgres(&e))?,
+                None => (0, 0, 0, None),
+            };
+            let keys_done = keys < limit;
+            Ok(Claim {
+                rows: claimed,
+                // Keys before `keys_from` are yet to be looked at.
+                exhausted: found < limit
+                    && keyless < limit
+                    && keys_done
+                    && limits.keys_from.is_empty(),
+                next_key: match last_key {
+                    Some(key) if !keys_done => key,
+                    _ => String::new(),
+                },
+            })
         })
+        .await
     }
 
     /// `relay-id#n`: a fresh lease token per claim.
@@ -521,29 +535,32 @@ impl Store {
         delay: Duration,
         max_attempts: u32,
     ) -> Result<Retried, StoreError> {
-        let client = self.client().await?;
-        let delay_ms = delay.as_millis() as f64;
-        // PostgreSQL text cannot hold NUL; a broker's text might.
-        let error = error.replace('\0', "");
-        let row = client
-            .query_typed(
-                RETRY,
-                &[
-                    (&row.id, Type::INT8),
-                    (&error, Type::TEXT),
-                    (&delay_ms, Type::FLOAT8),
-                    (&i64::from(max_attempts), Type::INT8),
-                    (&row.lease, Type::TEXT),
-                ],
-            )
-            .await
-            .map_err(|e| StoreError::from_postgres(&e))?;
-        Ok(match row.first().map(|r| r.try_get::<_, bool>(0)) {
-            Some(Ok(true)) => Retried::Dead,
-            Some(Ok(false)) => Retried::Later,
-            Some(Err(e)) => return Err(StoreError::from_postgres(&e)),
-            None => Retried::Gone,
+        self.bounded(async {
+            let client = self.client().await?;
+            let delay_ms = delay.as_millis() as f64;
+            // PostgreSQL text cannot hold NUL; a broker's text might.
+            let error = error.replace('\0', "");
+            let row = client
+                .query_typed(
+                    RETRY,
+                    &[
+                        (&row.id, Type::INT8),
+                        (&error, Type::TEXT),
+                        (&delay_ms, Type::FLOAT8),
+                        (&i64::from(max_attempts), Type::INT8),
+                        (&row.lease, Type::TEXT),
+                    ],
+                )
+                .await
+                .map_err(|e| StoreError::from_postgres(&e))?;
+            Ok(match row.first().map(|r| r.try_get::<_, bool>(0)) {
+                Some(Ok(true)) => Retried::Dead,
+                Some(Ok(false)) => Retried::Later,
+                Some(Err(e)) => return Err(StoreError::from_postgres(&e)),
+                None => Retried::Gone,
+            })
         })
+        .await
     }
 
     /// Gives leased rows back without counting an attempt.
@@ -556,17 +573,20 @@ impl Store {
         statement: &str,
         held: &[(i64, String)],
     ) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        let ids: Vec<i64> = held.iter().map(|(id, _)| *id).collect();
-        let leases: Vec<&str> = held.iter().map(|(_, lease)| lease.as_str()).collect();
-        client
-            .query_typed(
-                statement,
-                &[(&ids, Type::INT8_ARRAY), (&leases, Type::TEXT_ARRAY)],
-            )
-            .await
-            .map_err(|e| StoreError::from_postgres(&e))?;
-        Ok(())
+        self.bounded(async {
+            let client = self.client().await?;
+            let ids: Vec<i64> = held.iter().map(|(id, _)| *id).collect();
+            let leases: Vec<&str> = held.iter().map(|(_, lease)| lease.as_str()).collect();
+            client
+                .query_typed(
+                    statement,
+                    &[(&ids, Type::INT8_ARRAY), (&leases, Type::TEXT_ARRAY)],
+                )
+                .await
+                .map_err(|e| StoreError::from_postgres(&e))?;
+            Ok(())
+        })
+        .await
     }
 
     /// Deletes up to `limit` rows published longer ago than `retention`.
@@ -575,16 +595,19 @@ impl Store {
         retention: Duration,
         limit: i64,
     ) -> Result<u64, StoreError> {
-        let client = self.client().await?;
-        let retention_ms = retention.as_millis() as f64;
-        let deleted = client
-            .query_typed(
-                DELETE_OLD,
-                &[(&retention_ms, Type::FLOAT8), (&limit, Type::INT8)],
-            )
-            .await
-            .map_err(|e| StoreError::from_postgres(&e))?;
-        Ok(deleted.len() as u64)
+        self.bounded(async {
+            let client = self.client().await?;
+            let retention_ms = retention.as_millis() as f64;
+            let deleted = client
+                .query_typed(
+                    DELETE_OLD,
+                    &[(&retention_ms, Type::FLOAT8), (&limit, Type::INT8)],
+                )
+                .await
+                .map_err(|e| StoreError::from_postgres(&e))?;
+            Ok(deleted.len() as u64)
+        })
+        .await
     }
 
     /// Who else holds the wake-up locks (`relays_name`: what listening
@@ -593,23 +616,68 @@ impl Store {
         &self,
         relays_name: &str,
     ) -> Result<Vec<WakeLockHolder>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query_typed(WAKE_LOCK_HOLDERS, &[(&relays_name, Type::TEXT)])
-            .await
-            .map_err(|e| StoreError::from_postgres(&e))?;
-        rows.iter()
-            .map(|row| {
-                Ok(WakeLockHolder {
-                    pid: row.try_get(0)?,
-                    lock: row.try_get(1)?,
-                    mode: row.try_get(2)?,
-                    role: row.try_get(3)?,
-                    transaction: row.try_get(4)?,
+        self.bounded(async {
+            let client = self.client().await?;
+            let rows = client
+                .query_typed(WAKE_LOCK_HOLDERS, &[(&relays_name, Type::TEXT)])
+                .await
+                .map_err(|e| StoreError::from_postgres(&e))?;
+            rows.iter()
+                .map(|row| {
+                    Ok(WakeLockHolder {
+                        pid: row.try_get(0)?,
+                        lock: row.try_get(1)?,
+                        mode: row.try_get(2)?,
+                        role: row.try_get(3)?,
+                        transaction: row.try_get(4)?,
+                    })
                 })
-            })
-            .collect::<Result<_, tokio_postgres::Error>>()
-            .map_err(|e| StoreError::from_postgres(&e))
+                .collect::<Result<_, tokio_postgres::Error>>()
+                .map_err(|e| StoreError::from_postgres(&e))
+        })
+        .await
+    }
+
+    /// Runs `work` within [`STATEMENT_DEADLINE`]. A statement that does
+    /// not answer in time leaves its connection busy: dropped with `work`,
+    /// it went back to the pool, where the next statement would queue
+    /// behind it, so every idle connection is let go (new ones are made,
+    /// within the pool's create timeout).
+    pub(crate) async fn bounded<T>(
+        &self,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(STATEMENT_DEADLINE, work).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.pool.retain(|_, _| false);
+                Err(StoreError::Unavailable(format!(
+                    "PostgreSQL did not answer within {} s",
+                    STATEMENT_DEADLINE.as_secs()
+                )))
+            }
+        }
+    }
+
+    /// `SELECT 1` within `deadline`, for `/readyz`; a connection that did
+    /// not answer is let go as in [`Store::bounded`].
+    pub async fn ping(&self, deadline: Duration) -> Result<(), StoreError> {
+        let ping = async {
+            let client = self.client().await?;
+            client
+                .simple_query("SELECT 1")
+                .await
+                .map_err(|e| StoreError::from_postgres(&e))
+        };
+        match tokio::time::timeout(deadline, ping).await {
+            Ok(result) => result.map(drop),
+            Err(_) => {
+                self.pool.retain(|_, _| false);
+                Err(StoreError::Unavailable(format!(
+                    "PostgreSQL did not answer within {deadline:?}"
+                )))
+            }
+        }
     }
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {

@@ -66,13 +66,24 @@ pub fn parse_url(url: &str, ca_file: Option<&Path>) -> anyhow::Result<PgTarget> 
     })
 }
 
+/// How long opening a connection may take, handshake included: the
+/// connect timeout covers only the TCP connect, and a server that accepts
+/// and then says nothing (stopped, or behind a stuck proxy) would hold the
+/// handshake forever.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Opens one connection and drives it on a background task.
 pub async fn connect(target: &PgTarget) -> anyhow::Result<Client> {
-    let (client, connection) = target
-        .config
-        .connect(target.tls.clone())
+    let connect = target.config.connect(target.tls.clone());
+    let (client, connection) = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect)
         .await
-        .map_err(outbox::PgError)
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "PostgreSQL did not answer within {} s",
+                HANDSHAKE_TIMEOUT.as_secs()
+            )
+        })
+        .and_then(|connected| connected.map_err(|e| outbox::PgError(e).into()))
         .with_context(|| format!("cannot connect to PostgreSQL at {}", target.describe()))?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {

@@ -23,8 +23,12 @@ use crate::telemetry;
 /// How often histogram samples are folded into their buckets (the
 /// recorder does not do it itself).
 const UPKEEP: Duration = Duration::from_secs(5);
-/// How long `/readyz` waits for a probe.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `/readyz` waits for a probe. A probe that holds something it
+/// must give back (a pooled connection whose statement hangs) sets its own
+/// deadline a little shorter (see [`PROBE_DEADLINE`]).
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The deadline a probe gives its own work, inside [`PROBE_TIMEOUT`].
+pub const PROBE_DEADLINE: Duration = Duration::from_millis(1_500);
 
 /// An active check `/readyz` runs besides [`Health`] (say, `SELECT 1`);
 /// `Err` says what does not answer.

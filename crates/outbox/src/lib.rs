@@ -22,7 +22,10 @@ mod error;
 mod migrate;
 
 pub use enqueue::{Message, enqueue};
-pub use error::{Error, PgError, chain_line, error_line};
+pub use error::{
+    Error, PgError, chain_line, condition_name, db_error_line, error_line, row_values_shown,
+    show_row_values,
+};
 pub use migrate::{MIGRATION_TABLE, migrate};
 
 /// The channel the wake-up trigger notifies and relays LISTEN on.
