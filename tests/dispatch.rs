@@ -91,17 +91,35 @@ async fn lock_deliveries(db: &TestDb) -> tokio_postgres::Client {
     client
 }
 
+/// Waits until the consumer holds all it can (`queue` is down to `left`
+/// ready messages) and its handlers wait on that lock. How many handlers
+/// that is depends on how the deliveries fell into batches.
+async fn wait_until_held(db: &TestDb, queue: &str, left: u32) {
+    wait_until(&format!("{queue} is down to {left} ready"), || async {
+        ready(queue).await == left
+    })
+    .await;
+    wait_until("a handler waits on the lock", || async {
+        blocked_handlers(db).await >= 1
+    })
+    .await;
+}
+
 /// Waits until `handlers` dispatch connections wait on that lock.
 async fn wait_for_blocked_handlers(db: &TestDb, handlers: i64) {
+    wait_until(&format!("{handlers} handlers wait on the lock"), || async {
+        blocked_handlers(db).await == handlers
+    })
+    .await;
+}
+
+async fn blocked_handlers(db: &TestDb) -> i64 {
     let waiting = format!(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' \
          AND application_name = 'dispatch' AND wait_event_type = 'Lock'",
         db.name
     );
-    wait_until(&format!("{handlers} handlers wait on the lock"), || async {
-        count(db, &waiting).await == handlers
-    })
-    .await;
+    count(db, &waiting).await
 }
 
 #[tokio::test]
@@ -492,7 +510,8 @@ async fn dispatch_killed_consumer_redelivers_and_lands_once() {
     for order_id in 1..=ORDERS {
         publisher.order(order_id).await;
     }
-    wait_for_blocked_handlers(&db, 4).await;
+    // Prefetch 4: four orders in hand, unacked, the rest in the queue.
+    wait_until_held(&db, &names.queue, (ORDERS - 4) as u32).await;
     first.kill().expect("SIGKILL");
     first.wait().expect("reap");
     lock.batch_execute("ROLLBACK").await.expect("unlock");
@@ -526,7 +545,6 @@ async fn dispatch_reconnects_when_its_broker_connection_is_cut() {
     let mut config = settings.validate().expect("valid settings");
     config.consumer.name = unique_name("dispatch");
     let connection = config.consumer.name.clone();
-    let lanes = i64::from(config.consumer.lanes);
     let consumer = RunningDispatch::start_config(config).await;
     let fixture = Fixture {
         publisher: Publisher::new(&names.exchange).await,
@@ -538,8 +556,8 @@ async fn dispatch_reconnects_when_its_broker_connection_is_cut() {
     for order_id in 1..=ORDERS {
         fixture.publisher.order(order_id).await;
     }
-    // Every lane's transaction waits on the lock, deliveries in hand.
-    wait_for_blocked_handlers(&fixture.db, lanes).await;
+    // The prefetch (8) in hand, their transactions waiting on the lock.
+    wait_until_held(&fixture.db, &fixture.names.queue, (ORDERS - 8) as u32).await;
 
     tokio::task::spawn_blocking(move || close_broker_connection(&connection))
         .await
