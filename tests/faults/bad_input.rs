@@ -279,13 +279,17 @@ async fn faults_bad_messages_get_an_error_or_a_dead_letter_and_block_nothing() {
         ),
         (
             "SELECT outbox.enqueue('ex', convert_from('\\xff'::bytea, 'UTF8'), '{}')",
-            "UTF8",
+            // The server's text quotes the bad byte: the SQLSTATE says it.
+            "22021 character_not_in_repertoire",
         ),
         (
             "SELECT outbox.enqueue_bytes('ex', '', '\\x00'::bytea, repeat('c', 300))",
             "content_type",
         ),
-        ("SELECT outbox.enqueue('ex', '', 'not json')", "json"),
+        (
+            "SELECT outbox.enqueue('ex', '', 'not json')",
+            "22P02 invalid_text_representation",
+        ),
     ];
     for (sql, mentions) in refused {
         let error = app.batch_execute(sql).await.expect_err(sql);

@@ -120,6 +120,7 @@ pub fn db_error_line(db: &DbError, row_values: bool) -> String {
         column: db.column(),
         datatype: db.datatype(),
         routine: db.routine(),
+        context: db.where_(),
     }
     .line(row_values)
 }
@@ -136,6 +137,9 @@ struct Fields<'a> {
     column: Option<&'a str>,
     datatype: Option<&'a str>,
     routine: Option<&'a str>,
+    /// Where it was raised (`PL/pgSQL function outbox.capture(...) line 9
+    /// at RAISE`), innermost first.
+    context: Option<&'a str>,
 }
 
 impl Fields<'_> {
@@ -187,7 +191,19 @@ impl Fields<'_> {
             "08", "0A", "25", "28", "3D", "3F", "40", "42", "53", "54", "55", "57", "58", "XX",
         ];
         let raised = self.routine == Some("exec_stmt_raise") || self.code.starts_with("P0");
-        !raised && CLASSES.iter().any(|class| self.code.starts_with(class))
+        if raised {
+            return self.raised_by_the_outbox();
+        }
+        CLASSES.iter().any(|class| self.code.starts_with(class))
+    }
+
+    /// A `RAISE` of the outbox's own functions: their messages (all
+    /// `outbox.…: `) name tables, roles and settings, never a row's values,
+    /// and tell an operator what to do.
+    fn raised_by_the_outbox(&self) -> bool {
+        let innermost = self.context.and_then(|context| context.lines().next());
+        self.message.starts_with("outbox.")
+            && innermost.is_some_and(|frame| frame.starts_with("PL/pgSQL function outbox."))
     }
 }
 
@@ -301,6 +317,7 @@ mod tests {
             column: None,
             datatype: None,
             routine: None,
+            context: None,
         }
     }
 
@@ -370,6 +387,22 @@ mod tests {
         let line = server_error("P0001", "order 7 refused").line(false);
         assert!(line.starts_with("ERROR P0001 raise_exception: "), "{line}");
         assert!(!line.contains("order 7"), "{line}");
+        // Only the outbox's own functions' messages are trusted, and only
+        // when raised there (a user's trigger may borrow the prefix).
+        let ours = Fields {
+            routine: Some("exec_stmt_raise"),
+            context: Some("PL/pgSQL function outbox.capture(regclass,text) line 9 at RAISE"),
+            ..server_error(
+                "22023",
+                "outbox.capture: table orders has no column \"nope\"",
+            )
+        };
+        assert!(ours.line(false).ends_with("has no column \"nope\""));
+        let borrowed = Fields {
+            context: Some("PL/pgSQL function public.audit() line 3 at RAISE"),
+            ..ours
+        };
+        assert!(!borrowed.line(false).contains("nope"));
     }
 
     #[test]
