@@ -423,6 +423,17 @@ async fn dispatch_slow_order_holds_up_no_one_and_is_given_back_at_shutdown() {
     };
     let fixture = Fixture::start_with(db, settings).await;
     fixture.publisher.order(100001).await;
+    // Its batch is under way (its transaction open, its handler asleep)
+    // before the others come: had they come first, they could share it.
+    let open = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' \
+         AND application_name = 'dispatch' AND state = 'idle in transaction'",
+        fixture.db.name
+    );
+    wait_until("the slow order's batch is under way", || async {
+        count(&fixture.db, &open).await == 1
+    })
+    .await;
     for order_id in 1..=5 {
         fixture.publisher.order(order_id).await;
     }
