@@ -36,10 +36,7 @@ async fn faults_three_relays_one_sigkilled_repeatedly() {
 /// rows in flight, and the next relay publishes them again from the head.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_pipelining_relay_sigkilled_every_two_seconds() {
-    // Behind a pipelining relay the consumer waits for a key's missing
-    // number: it can still come.
-    let consumer = [("DISPATCH_KEY_GAP_WAIT_MS", "15000")];
-    let mut pipeline = Pipeline::start(1, &[("OUTBOX_KEY_PIPELINE", "64")], &consumer).await;
+    let mut pipeline = Pipeline::start(1, &[("OUTBOX_KEY_PIPELINE", "64")], &[]).await;
     under_repeated_fault(
         &mut pipeline,
         Duration::from_secs(2),

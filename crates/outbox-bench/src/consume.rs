@@ -55,9 +55,6 @@ async fn measure(fixture: &Fixture, args: &ConsumeArgs) -> anyhow::Result<Consum
     ]
     .into_iter()
     .filter_map(|(name, value)| Some((name, value?.to_string())))
-    // Behind a pipelining relay a key's missing number can still come:
-    // the consumer waits for it (it does not by default).
-    .chain((args.key_pipeline > 0).then(|| ("DISPATCH_KEY_GAP_WAIT_MS", "15000".to_string())))
     .collect();
     let env: Vec<(&str, &str)> = settings.iter().map(|(n, v)| (*n, v.as_str())).collect();
     // Declares the consumer's queue, which keeps what the relay publishes.

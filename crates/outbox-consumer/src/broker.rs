@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer};
@@ -91,6 +92,19 @@ impl Broker {
     /// Copies waiting in the retry queue, for the `retrier` to bring back.
     pub(crate) async fn consume_retries(&self, tag: &str) -> Result<Consumer, lapin::Error> {
         subscribe(&self.retrying, &self.publisher.topology.retry_queue, tag).await
+    }
+
+    /// Consumers on the queue now, this one included.
+    pub(crate) async fn consumers(&self) -> Result<u32, lapin::Error> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let queue = self.publisher.topology.queue.as_str();
+        self.consuming
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            .map(|declared| declared.consumer_count())
     }
 
     /// Stops new deliveries of both queues; those in hand can still be acked.

@@ -63,15 +63,10 @@ pub struct ConsumerConfig {
     /// `None` keeps every row.
     pub inbox_retention: Option<Duration>,
     /// How long a keyed message that came before an earlier one of its key
-    /// (`x-outbox-seq`) waits for it before it is handled without it. Zero
-    /// (the default): it does not wait. Waiting helps only where the
-    /// missing number can still come to this consumer: behind a relay
-    /// that pipelines keys (`OUTBOX_KEY_PIPELINE`), for a consumer that
-    /// sees every number of its keys (alone on its queue, or its queue's
-    /// single active consumer, bound to every exchange its keys go to).
-    /// Anywhere else a number it has not seen went to another consumer or
-    /// another queue, and waiting for it only stalls the key (see
-    /// `sequencer`).
+    /// (`x-outbox-seq`) waits for it before it is handled without it; zero:
+    /// nothing waits. Nothing waits either while other consumers share the
+    /// queue (not a single-active-consumer queue): the missing number most
+    /// likely went to one of them (see `sequencer`).
     pub key_gap_wait: Duration,
     /// Shown as the connection name in RabbitMQ and prefixes consumer tags.
     pub name: String,
@@ -85,11 +80,8 @@ impl ConsumerConfig {
     pub const DEFAULT_RETRY_BASE: Duration = Duration::from_secs(1);
     pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(60);
     pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
-    /// Off: see [`ConsumerConfig::key_gap_wait`].
-    pub const DEFAULT_KEY_GAP_WAIT: Duration = Duration::ZERO;
-    /// What to set behind a pipelining relay: longer than its confirm
-    /// timeout (10 s) and first retry (1 s).
-    pub const PIPELINED_KEY_GAP_WAIT: Duration = Duration::from_secs(15);
+    /// Longer than a relay's confirm timeout (10 s) and first retry (1 s).
+    pub const DEFAULT_KEY_GAP_WAIT: Duration = Duration::from_secs(15);
 
     /// Defaults for everything but the broker, the topology and the inbox
     /// table (`schema.table` with a `message_id uuid` primary key).
@@ -133,6 +125,7 @@ pub async fn run<H: Handler>(
     inbox.check(&pool).await?;
     let bounds = Bounds {
         wait: config.key_gap_wait,
+        shared_queue: Arc::default(),
         most_held: most_held(config.prefetch),
         held: Arc::default(),
     };
@@ -197,6 +190,34 @@ pub async fn run<H: Handler>(
     }
 }
 
+/// How often a session counts its queue's consumers (see `note_consumers`).
+const CONSUMERS_CHECK: Duration = Duration::from_secs(2);
+
+/// Whether other consumers share the queue: a key's missing number then
+/// most likely went to one of them and never comes here, so no early
+/// message waits for it. A single-active-consumer queue delivers to one
+/// consumer at a time, so it is never shared in that sense. True when
+/// that changed.
+fn note_consumers<H: Handler>(shared: &Shared<H>, consumers: u32) -> bool {
+    let now_shared = consumers > 1 && !shared.config.topology.single_active_consumer;
+    let was_shared = shared
+        .bounds
+        .shared_queue
+        .swap(now_shared, std::sync::atomic::Ordering::Relaxed);
+    if now_shared != was_shared {
+        tracing::info!(
+            consumers,
+            "{}",
+            if now_shared {
+                "other consumers share the queue: keyed messages no longer wait for missing earlier ones"
+            } else {
+                "alone on the queue: keyed messages wait for missing earlier ones again"
+            }
+        );
+    }
+    now_shared != was_shared
+}
+
 /// Consumes on one connection until it fails or shutdown.
 async fn session<H: Handler>(shared: &Arc<Shared<H>>, broker: Broker) -> Ended {
     let tag = format!("{}-{}", shared.config.name, uuid::Uuid::new_v4().simple());
@@ -225,6 +246,7 @@ async fn session<H: Handler>(shared: &Arc<Shared<H>>, broker: Broker) -> Ended {
         "consuming"
     );
     let publisher = broker.publisher();
+    let mut consumers_check = tokio::time::interval(CONSUMERS_CHECK);
     let mut tasks = JoinSet::new();
     let lanes = Lanes::start(shared, &publisher, &mut tasks);
     let ended = loop {
@@ -237,6 +259,14 @@ async fn session<H: Handler>(shared: &Arc<Shared<H>>, broker: Broker) -> Ended {
                 }
                 Some(Err(error)) => break Ended::Lost(error.into()),
                 None => break Ended::Lost(anyhow::anyhow!("the broker cancelled the consumer")),
+            },
+            _ = consumers_check.tick() => match broker.consumers().await {
+                Ok(consumers) => {
+                    if note_consumers(shared, consumers) {
+                        lanes.recheck();
+                    }
+                }
+                Err(error) => break Ended::Lost(anyhow::Error::new(error).context("cannot count the queue's consumers")),
             },
             next = retries.next() => match next {
                 Some(Ok(copy)) => {

@@ -12,8 +12,8 @@
 //! stuck lane's queue filled with the keys that hash there until the
 //! prefetch window was full of them, and the broker delivered nothing
 //! more.) Before its batch, a keyed message that came before an earlier
-//! one of its key may wait in the `sequencer` (when `key_gap_wait` is
-//! set), which learns each key's watermark from the database the first
+//! one of its key may wait in the `sequencer` (unless other consumers
+//! share the queue), which learns each key's watermark from the database the first
 //! time the consumer sees the key.
 
 use std::collections::HashMap;
@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use lapin::BasicProperties;
 use lapin::message::Delivery;
+use lapin::options::BasicNackOptions;
 use lapin::types::AMQPValue;
 use outbox_service::backoff::Backoff;
 use tokio::task::JoinSet;
@@ -75,6 +76,12 @@ impl Lanes {
     /// the lanes are gone they go back with the channel.
     pub(crate) fn left(&self) -> usize {
         self.work.left()
+    }
+
+    /// Has the lanes look at their held messages again (their wait
+    /// changed: other consumers came to share the queue).
+    pub(crate) fn recheck(&self) {
+        self.work.recheck();
     }
 }
 
@@ -204,17 +211,42 @@ async fn learn_keys<H: Handler>(shared: &Shared<H>, work: &Work, deliveries: &[A
     }
 }
 
+/// How long an early message with no room to wait in stays before it goes
+/// back to the queue: it comes straight back when nothing is ahead of it,
+/// and this keeps that from spinning.
+const GIVE_BACK_AFTER: Duration = Duration::from_millis(100);
+
+/// Puts an early message back in the queue (`nack`, requeued: no failure
+/// of the message, and RabbitMQ 4.3 does not count it either), so that
+/// the missing ones, behind it in the prefetch window, can come.
+fn give_back_later(meters: &Meters, delivery: Delivery) {
+    meters.settled(Settled::GivenBack).increment(1);
+    meters.in_flight.decrement(1.0);
+    tokio::spawn(async move {
+        tokio::time::sleep(GIVE_BACK_AFTER).await;
+        let requeue = BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        };
+        // A closed channel gave it back already.
+        let _ = delivery.acker.nack(requeue).await;
+    });
+}
+
 /// What of `deliveries` (and of the messages held before) may be handled
 /// now, in order: a keyed, numbered message may wait in the sequencer
 /// while an earlier one of its key is missing.
 fn in_order(meters: &Meters, work: &Work, deliveries: Vec<Arrived>) -> Vec<Delivery> {
     let now = Instant::now();
     let mut ready = Vec::with_capacity(deliveries.len());
+    let mut given_back = Vec::new();
     let (gaps, waits, held) = work.sequencer(|sequencer, _| {
         for arrived in deliveries {
             let numbered = numbered(&arrived.1.properties).map(|(key, seq)| (key.to_vec(), seq));
             match numbered {
-                Some((key, seq)) => sequencer.offer(&key, seq, arrived, now, &mut ready),
+                Some((key, seq)) => {
+                    sequencer.offer(&key, seq, arrived, now, &mut ready, &mut given_back);
+                }
                 None => ready.push(arrived),
             }
         }
@@ -224,6 +256,9 @@ fn in_order(meters: &Meters, work: &Work, deliveries: Vec<Arrived>) -> Vec<Deliv
             sequencer.holding(),
         )
     });
+    for (_, delivery) in given_back {
+        give_back_later(meters, delivery);
+    }
     meters.key_gaps.increment(gaps);
     meters.key_held.set(held as f64);
     meters.key_waits.increment(waits.begun);

@@ -134,7 +134,7 @@ fn describe() {
     );
     describe_counter!(
         "consumer_key_waits_total",
-        "Keys that began to hold messages for a missing earlier one (only with key_gap_wait set)."
+        "Keys that began to hold messages for a missing earlier one (not while other consumers share the queue)."
     );
     describe_histogram!(
         "consumer_key_wait_seconds",

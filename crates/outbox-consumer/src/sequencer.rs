@@ -6,17 +6,18 @@
 //! failed row comes again after its retry. Such early messages wait here
 //! until the missing one arrives, then go on in order.
 //!
-//! Waiting is opt-in (`key_gap_wait`, zero by default): it helps only
-//! where the missing number can still come to this consumer, and only the
-//! operator knows that. A relay that does not pipeline (its default)
-//! publishes a key's next row only once the broker confirmed the one
-//! before, so a number this consumer has not seen by then went elsewhere:
-//! to another consumer of the queue, to a queue of another exchange (the
-//! numbers span every exchange), or nowhere (a discarded dead row). It
-//! never comes, and waiting for it only stalls the key. Turn waiting on
-//! for a pipelining relay whose consumer sees every number of its keys
-//! (one consumer, or a single-active-consumer queue, bound to every
-//! exchange the keys are published to).
+//! An early message waits only where its missing number can still come:
+//! a relay that pipelines a key, or the broker giving deliveries back out
+//! of order (a quorum queue returns a stopped consumer's deliveries in no
+//! set order, so after a rolling restart a key's later message can come
+//! before the earlier one given back), both to a consumer alone on its
+//! queue or its single active consumer. While other consumers share the
+//! queue (counted every few seconds) nothing waits: RabbitMQ hands each a
+//! share of every key's numbers, and a number missing here went to
+//! another one (such consumers cannot keep a key's order anyway). A queue
+//! that sees only some of a key's numbers (a key used on several
+//! exchanges, the numbers spanning them all) waits for each gap, metered:
+//! give each exchange keys of its own, or set `key_gap_wait` to zero.
 //!
 //! Waiting is bounded: by time (`key_gap_wait`) and by count (half the
 //! prefetch across the consumer, since held deliveries stay unacked and
@@ -40,7 +41,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -50,6 +51,9 @@ use tokio::time::Instant;
 pub(crate) struct Bounds {
     /// Zero: nothing waits (see the module's header).
     pub wait: Duration,
+    /// Other consumers share the queue: nothing waits, and what waits
+    /// goes on.
+    pub shared_queue: Arc<AtomicBool>,
     pub most_held: usize,
     /// Deliveries held right now.
     pub held: Arc<AtomicUsize>,
@@ -58,7 +62,21 @@ pub(crate) struct Bounds {
 impl Bounds {
     /// Whether an early message waits at all.
     pub(crate) fn waits(&self) -> bool {
-        !self.wait.is_zero()
+        !self.wait_now().is_zero()
+    }
+
+    /// Deliveries held right now.
+    pub(crate) fn held_now(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// How long an early message waits now.
+    fn wait_now(&self) -> Duration {
+        if self.shared_queue.load(Ordering::Relaxed) {
+            Duration::ZERO
+        } else {
+            self.wait
+        }
     }
 }
 
@@ -104,6 +122,8 @@ pub(crate) struct Sequencer<T> {
     /// The number each key's next message should carry.
     next: HashMap<Vec<u8>, i64>,
     held: HashMap<Vec<u8>, Waiting<T>>,
+    /// Keys whose early messages went back for want of room, since when.
+    giving_back: HashMap<Vec<u8>, Instant>,
     /// Gaps accepted since the caller last asked.
     gaps: u64,
     waits: Waits,
@@ -115,6 +135,7 @@ impl<T> Sequencer<T> {
             bounds,
             next: HashMap::new(),
             held: HashMap::new(),
+            giving_back: HashMap::new(),
             gaps: 0,
             waits: Waits::default(),
         }
@@ -144,10 +165,14 @@ impl<T> Sequencer<T> {
         let held = &self.held;
         self.next
             .retain(|key, _| held.contains_key(key) || keep(key));
+        self.giving_back.retain(|key, _| keep(key));
     }
 
     /// Takes a keyed, numbered message; appends to `ready`, in order, what
-    /// may be handled now (this one, and any it was the missing one for).
+    /// may be handled now (this one, and any it was the missing one for),
+    /// or to `give_back` an early message for which there is no room: held
+    /// deliveries fill the prefetch window, and the missing ones must still
+    /// find room in it (see [`Sequencer::make_room`]).
     pub(crate) fn offer(
         &mut self,
         key: &[u8],
@@ -155,10 +180,16 @@ impl<T> Sequencer<T> {
         item: T,
         now: Instant,
         ready: &mut Vec<T>,
+        give_back: &mut Vec<T>,
     ) {
         let expected = self.next.get(key).copied();
         match expected {
             Some(next) if seq > next && self.bounds.waits() => {
+                let full = self.bounds.held_now() >= self.bounds.most_held;
+                if full && self.make_room(key, next, now) {
+                    give_back.push(item);
+                    return;
+                }
                 let held = Held { item, since: now };
                 let waiting = self.held.entry(key.to_vec()).or_insert_with(|| {
                     self.waits.begun += 1;
@@ -168,14 +199,8 @@ impl<T> Sequencer<T> {
                     }
                 });
                 waiting.by_seq.entry(seq).or_default().push(held);
-                let total = self.bounds.held.fetch_add(1, Ordering::Relaxed) + 1;
-                if total > self.bounds.most_held {
-                    tracing::warn!(
-                        key = %String::from_utf8_lossy(key),
-                        missing = next,
-                        held = total,
-                        "too many messages wait for earlier ones of their key; taking this key's as they are"
-                    );
+                self.bounds.held.fetch_add(1, Ordering::Relaxed);
+                if full {
                     self.accept_gap(key, now, ready);
                 }
             }
@@ -184,6 +209,7 @@ impl<T> Sequencer<T> {
             // Next, a key not learned, or one past a gap not waited for:
             // taken as it comes.
             _ => {
+                self.giving_back.remove(key);
                 ready.push(item);
                 self.next.insert(key.to_vec(), seq.saturating_add(1));
                 self.release(key, now, ready);
@@ -203,7 +229,8 @@ impl<T> Sequencer<T> {
             .held
             .iter()
             .filter(|(key, waiting)| {
-                free(key) && oldest(waiting).is_some_and(|since| now >= since + self.bounds.wait)
+                free(key)
+                    && oldest(waiting).is_some_and(|since| now >= since + self.bounds.wait_now())
             })
             .map(|(key, _)| key.clone())
             .collect();
@@ -212,7 +239,7 @@ impl<T> Sequencer<T> {
             tracing::warn!(
                 key = %String::from_utf8_lossy(&key),
                 missing = self.next.get(&key).copied().unwrap_or_default(),
-                waited = ?self.bounds.wait,
+                waited = ?self.bounds.wait_now(),
                 "an earlier message of this key did not come; handling the later ones without it"
             );
             let mut ready = Vec::new();
@@ -229,7 +256,31 @@ impl<T> Sequencer<T> {
             .filter(|(key, _)| free(key))
             .filter_map(|(_, waiting)| oldest(waiting))
             .min()
-            .map(|since| since + self.bounds.wait)
+            .map(|since| since + self.bounds.wait_now())
+    }
+
+    /// With the held messages at their bound: whether an early message of
+    /// `key` goes back to the queue (true), to come again once the missing
+    /// ones had room, or its key takes its messages as they are (false).
+    /// A quorum queue gives a stopped consumer's deliveries back after
+    /// fresh ones, so after a restart many keys' later messages come
+    /// first; taking them as they are inverted those keys. A key gives
+    /// back for `key_gap_wait` at most, and not at all with no room to
+    /// wait in (prefetch 1).
+    fn make_room(&mut self, key: &[u8], missing: i64, now: Instant) -> bool {
+        let wait = self.bounds.wait_now();
+        let since = *self.giving_back.entry(key.to_vec()).or_insert(now);
+        if self.bounds.most_held > 0 && now < since + wait {
+            return true;
+        }
+        self.giving_back.remove(key);
+        tracing::warn!(
+            key = %String::from_utf8_lossy(key),
+            missing,
+            held = self.bounds.held_now(),
+            "too many messages wait for earlier ones of their key; taking this key's as they are"
+        );
+        false
     }
 
     /// Gaps accepted since the last call.
@@ -318,17 +369,29 @@ mod tests {
     fn waiting_sequencer(wait: Duration, most_held: usize) -> Sequencer<i64> {
         Sequencer::new(Bounds {
             wait,
+            shared_queue: Arc::default(),
             most_held,
             held: Arc::new(AtomicUsize::new(0)),
         })
     }
 
     fn offer(s: &mut Sequencer<i64>, key: &str, seqs: &[i64], now: Instant) -> Vec<i64> {
-        let mut ready = Vec::new();
-        for &seq in seqs {
-            s.offer(key.as_bytes(), seq, seq, now, &mut ready);
-        }
+        let (ready, given_back) = offer_or_give_back(s, key, seqs, now);
+        assert!(given_back.is_empty(), "gave back {given_back:?}");
         ready
+    }
+
+    fn offer_or_give_back(
+        s: &mut Sequencer<i64>,
+        key: &str,
+        seqs: &[i64],
+        now: Instant,
+    ) -> (Vec<i64>, Vec<i64>) {
+        let (mut ready, mut given_back) = (Vec::new(), Vec::new());
+        for &seq in seqs {
+            s.offer(key.as_bytes(), seq, seq, now, &mut ready, &mut given_back);
+        }
+        (ready, given_back)
     }
 
     #[test]
@@ -448,9 +511,10 @@ mod tests {
     }
 
     #[test]
-    fn too_many_held_accepts_the_gap_of_the_key_that_overflowed() {
+    fn too_many_held_go_back_to_the_queue_until_the_wait_runs_out() {
         let bounds = Bounds {
             wait: Duration::from_secs(10),
+            shared_queue: Arc::default(),
             most_held: 2,
             held: Arc::new(AtomicUsize::new(0)),
         };
@@ -462,32 +526,59 @@ mod tests {
         offer(&mut other, "b", &[1], now);
         assert!(offer(&mut other, "b", &[3], now).is_empty());
         assert_eq!(bounds.held.load(Ordering::Relaxed), 2);
-        // A third held across the lanes is one too many.
-        assert_eq!(offer(&mut other, "b", &[4], now), [3, 4]);
-        assert_eq!(bounds.held.load(Ordering::Relaxed), 1);
+        // A third held across the lanes is one too many: it goes back, and
+        // room is left for the missing ones.
+        let later = now + Duration::from_secs(9);
+        assert_eq!(
+            offer_or_give_back(&mut other, "b", &[4], now),
+            (vec![], vec![4])
+        );
+        assert_eq!(
+            offer_or_give_back(&mut other, "b", &[4], later),
+            (vec![], vec![4])
+        );
+        assert_eq!(bounds.held.load(Ordering::Relaxed), 2);
+        assert_eq!(offer(&mut other, "b", &[2], later), [2, 3]);
+        // Past the wait, a key that keeps finding no room goes on as it is.
+        let past = now + Duration::from_secs(20);
+        offer(&mut other, "b", &[5], past);
+        assert_eq!(
+            offer_or_give_back(&mut lane, "a", &[4], past),
+            (vec![], vec![4])
+        );
+        assert_eq!(
+            offer(&mut lane, "a", &[4], past + Duration::from_secs(11)),
+            [3, 4]
+        );
+        assert_eq!(lane.take_gaps(), 1);
         drop(lane);
+        drop(other);
         assert_eq!(bounds.held.load(Ordering::Relaxed), 0);
     }
 
-    /// The default: a consumer that cannot know whether a missing number
-    /// can still come to it (another consumer of its queue may have it, or
-    /// another exchange's queue) takes a key's messages as they come, so
-    /// nothing waits and no gap is counted. Two consumers on one queue,
-    /// each seeing every other number, waited 15 s per gap before.
+    /// Two consumers on one queue each see a share of every key's
+    /// numbers: the one missing here went to the other and never comes
+    /// (44 of 66 keyed messages waited the default 15 s). Alone again, a
+    /// consumer waits again.
     #[test]
-    fn nothing_waits_by_default() {
-        use crate::consumer::ConsumerConfig;
-        use crate::topology::Topology;
-        let config = ConsumerConfig::new("amqp://localhost", Topology::named("e", "q"), "inbox");
-        assert_eq!(config.key_gap_wait, Duration::ZERO);
-        let mut s = waiting_sequencer(config.key_gap_wait, most_held(config.prefetch));
+    fn nothing_waits_while_the_queue_is_shared() {
+        let mut s = sequencer(100);
         let now = Instant::now();
         s.learn(b"a", None);
-        assert_eq!(offer(&mut s, "a", &[1, 3, 5, 4, 8], now), [1, 3, 5, 4, 8]);
-        assert_eq!(s.holding(), 0);
-        assert_eq!(s.take_gaps(), 0);
-        assert_eq!(s.take_waits(), Waits::default());
-        assert_eq!(s.deadline(|_| true), None);
+        assert_eq!(offer(&mut s, "a", &[1, 3], now), [1]);
+        assert_eq!(s.holding(), 1);
+        s.bounds.shared_queue.store(true, Ordering::Relaxed);
+        let free = |_: &[u8]| true;
+        assert_eq!(s.deadline(free), Some(now), "what waits goes on now");
+        let released: Vec<i64> = s
+            .expire(now, free)
+            .into_iter()
+            .flat_map(|(_, m)| m)
+            .collect();
+        assert_eq!(released, [3]);
+        assert_eq!(offer(&mut s, "a", &[5, 4], now), [5, 4], "nothing waits");
+        s.bounds.shared_queue.store(false, Ordering::Relaxed);
+        assert!(offer(&mut s, "a", &[7], now).is_empty(), "7 waits for 6");
     }
 
     /// A wait is counted when it begins and timed when it ends, however

@@ -71,6 +71,11 @@ impl Work {
         self.changed.notify_waiters();
     }
 
+    /// Wakes the lanes to look again (a held message's wait changed).
+    pub(crate) fn recheck(&self) {
+        self.changed.notify_waiters();
+    }
+
     /// Deliveries no lane took (held by the sequencer, or waiting).
     pub(crate) fn left(&self) -> usize {
         let state = self.lock();
@@ -264,6 +269,7 @@ mod tests {
     fn state(wait: Duration) -> State {
         State::new(Bounds {
             wait,
+            shared_queue: Arc::default(),
             most_held: 100,
             held: Arc::default(),
         })
@@ -326,9 +332,11 @@ mod tests {
         let mut s = state(wait);
         let now = Instant::now();
         s.sequencer.learn(b"a", None);
-        let mut ready = Vec::new();
+        let (mut ready, mut given_back) = (Vec::new(), Vec::new());
+        let early = (0, delivery(7, Some(("a", 3))));
         s.sequencer
-            .offer(b"a", 3, (0, delivery(7, Some(("a", 3)))), now, &mut ready);
+            .offer(b"a", 3, early, now, &mut ready, &mut given_back);
+        assert!(given_back.is_empty());
         assert!(ready.is_empty(), "3 waits for 1");
         s.push(delivery(8, Some(("a", 4))));
         let in_hand = s.take(10, now);

@@ -83,7 +83,7 @@ pub struct Settings {
     #[arg(long, env = "DISPATCH_INBOX_RETENTION_MS", help = with_default!("Inbox rows older than this many milliseconds are deleted (a copy arriving later is handled again); 0 keeps them all", defaults::INBOX_RETENTION_MS))]
     pub inbox_retention_ms: Option<u64>,
 
-    #[arg(long, env = "DISPATCH_KEY_GAP_WAIT_MS", help = with_default!("Milliseconds a keyed order that came before an earlier one of its key (x-outbox-seq) waits for it (0: it does not wait; set it, e.g. to 15000, only behind a relay with OUTBOX_KEY_PIPELINE and for a consumer that sees every number of its keys)", ConsumerConfig::DEFAULT_KEY_GAP_WAIT.as_millis()))]
+    #[arg(long, env = "DISPATCH_KEY_GAP_WAIT_MS", help = with_default!("Milliseconds a keyed order that came before an earlier one of its key (x-outbox-seq) waits for it; nothing waits while other consumers share the queue (0: nothing ever waits)", ConsumerConfig::DEFAULT_KEY_GAP_WAIT.as_millis()))]
     pub key_gap_wait_ms: Option<u64>,
 
     #[arg(long, env = "DISPATCH_SHUTDOWN_TIMEOUT_MS", help = with_default!("Milliseconds shutdown waits for handlers in progress", ConsumerConfig::DEFAULT_SHUTDOWN_TIMEOUT.as_millis()))]
