@@ -371,18 +371,8 @@ async fn returned_row_keeps_its_order(restart: bool) {
     relay.stop().await;
     shutdown.cancel();
     consumer.await.expect("join").expect("consumer");
-    let log = db
-        .connect()
-        .await
-        .query("SELECT key, n FROM effects_log ORDER BY id", &[])
-        .await
-        .expect("log");
-    let mut seen: HashMap<String, Vec<i64>> = HashMap::new();
-    for row in log {
-        seen.entry(row.get(0)).or_default().push(row.get(1));
-    }
     let in_order: Vec<i64> = (1..=ROWS).collect();
-    for (key, ns) in seen {
+    for (key, ns) in logged(&db).await {
         assert_eq!(ns, in_order, "key {key}");
     }
 }

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use lapin::options::QueueDeleteOptions;
+use outbox_tests::broker::rabbitmqctl;
 use outbox_tests::dispatch::{
     Publisher, RunningDispatch, count, fail_order, queue_state, ready, test_settings, topology,
     wait_until,
@@ -129,18 +130,6 @@ fn set_policy(queue: &str, definition: &str) {
 
 fn clear_policy(queue: &str) {
     rabbitmqctl(&["clear_policy", queue]);
-}
-
-fn rabbitmqctl(args: &[&str]) {
-    let output = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("run rabbitmqctl");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 /// A quorum queue counts a delivery given back by a graceful shutdown in

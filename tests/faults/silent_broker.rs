@@ -26,6 +26,20 @@ const CONFIRM_TIMEOUT_MS: u64 = 1_000;
 const FROZEN: Duration = Duration::from_secs(6);
 const SILENT: &str = "RabbitMQ stopped answering; pausing";
 
+/// A relay with `env` on `db`, logging JSON, once `/readyz` says ready;
+/// and its ops address.
+async fn start_relay(db: &TestDb, env: &[(&str, &str)]) -> (Logged, String) {
+    let mut command = relay_run_command(db, env);
+    command.arg("--log-format").arg("json");
+    let relay = Logged::spawn(command);
+    let addr = logged_address(&relay, "serving /metrics, /healthz and /readyz", "addr").await;
+    wait_until("the relay is ready", || async {
+        get(&addr, "/readyz").await == 200
+    })
+    .await;
+    (relay, addr)
+}
+
 async fn get(addr: &str, path: &str) -> u16 {
     http::request(addr, "GET", path, None).await.0
 }
@@ -73,15 +87,8 @@ async fn faults_a_silent_broker_is_an_outage_not_dead_messages() {
         ("OUTBOX_RETRY_MAX_MS", "200"),
         ("OUTBOX_SWEEP_INTERVAL_MS", "100"),
     ];
-    let mut command = relay_run_command(&db, &env);
-    command.arg("--log-format").arg("json");
-    let relay = Logged::spawn(command);
-    let addr = logged_address(&relay, "serving /metrics, /healthz and /readyz", "addr").await;
+    let (relay, addr) = start_relay(&db, &env).await;
     let addr = addr.as_str();
-    wait_until("the relay is ready", || async {
-        get(addr, "/readyz").await == 200
-    })
-    .await;
 
     // Rows flow before, during and after the freeze.
     let stop = CancellationToken::new();
@@ -198,15 +205,8 @@ async fn faults_a_stuck_queue_alone_is_still_its_rows_fault() {
         ("OUTBOX_CONFIRM_TIMEOUT_MS", confirm_timeout.as_str()),
         ("OUTBOX_MAX_ATTEMPTS", "20"),
     ];
-    let mut command = relay_run_command(&db, &env);
-    command.arg("--log-format").arg("json");
-    let relay = Logged::spawn(command);
-    let addr = logged_address(&relay, "serving /metrics, /healthz and /readyz", "addr").await;
+    let (relay, addr) = start_relay(&db, &env).await;
     let addr = addr.as_str();
-    wait_until("the relay is ready", || async {
-        get(addr, "/readyz").await == 200
-    })
-    .await;
     let client = db.connect().await;
     for n in 0..3 {
         client

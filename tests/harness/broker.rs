@@ -207,13 +207,18 @@ fn queue_process(queue: &str, action: &str) {
         "{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<\"/\">>, queue, <<\"{queue}\">>)), \
          sys:{action}(amqqueue:get_pid(Q))."
     );
+    rabbitmqctl(&["eval", &expression]);
+}
+
+/// Runs `rabbitmqctl` on the shared broker; fails the test if it fails.
+pub fn rabbitmqctl(args: &[&str]) {
     let output = std::process::Command::new("rabbitmqctl")
-        .args(["eval", &expression])
+        .args(args)
         .output()
         .expect("run rabbitmqctl");
     assert!(
         output.status.success(),
-        "rabbitmqctl eval {action} {queue}: {}",
+        "rabbitmqctl {args:?}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
 }
