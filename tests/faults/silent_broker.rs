@@ -248,3 +248,33 @@ async fn faults_broker_connections_ask_for_short_heartbeats() {
     assert_eq!(connection.configuration().heartbeat(), 30);
     let _ = connection.close(200, "done".into()).await;
 }
+
+/// The fault suite's books under a black-holed broker: the relay's
+/// connection goes silent for 4 s every 6 s while orders flow (a proxy
+/// that holds every byte, closing nothing). Each silence is an outage: no
+/// order is dead, lost or doubled, and each key's effects keep their order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_relay_broker_black_holed_again_and_again() {
+    let proxy = std::sync::Arc::new(Proxy::start("127.0.0.1:5672").await);
+    let amqp_url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let relay = [
+        ("OUTBOX_AMQP_URL", amqp_url.as_str()),
+        ("OUTBOX_CONFIRM_TIMEOUT_MS", "500"),
+    ];
+    let mut pipeline = outbox_tests::pipeline::Pipeline::start(1, &relay, &[]).await;
+    outbox_tests::pipeline::under_repeated_fault(
+        &mut pipeline,
+        Duration::from_secs(6),
+        "6d. the relay's broker black-holed for 4 s, again and again",
+        "silences",
+        |_| {
+            proxy.freeze();
+            let proxy = proxy.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(4));
+                proxy.restore();
+            });
+        },
+    )
+    .await;
+}
