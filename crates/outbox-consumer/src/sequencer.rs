@@ -237,7 +237,7 @@ impl<T> Sequencer<T> {
         let mut expired = Vec::with_capacity(overdue.len());
         for key in overdue {
             tracing::warn!(
-                key = %String::from_utf8_lossy(&key),
+                key = %shown_key(&key),
                 missing = self.next.get(&key).copied().unwrap_or_default(),
                 waited = ?self.bounds.wait_now(),
                 "an earlier message of this key did not come; handling the later ones without it"
@@ -275,7 +275,7 @@ impl<T> Sequencer<T> {
         }
         self.giving_back.remove(key);
         tracing::warn!(
-            key = %String::from_utf8_lossy(key),
+            key = %shown_key(key),
             missing,
             held = self.bounds.held_now(),
             "too many messages wait for earlier ones of their key; taking this key's as they are"
@@ -338,6 +338,17 @@ impl<T> Sequencer<T> {
     }
 }
 
+/// A key as logs show it: a key is a row's value (a customer, an order),
+/// so only its hash, unless row values are shown (`outbox::show_row_values`).
+fn shown_key(key: &[u8]) -> String {
+    if outbox::row_values_shown() {
+        return String::from_utf8_lossy(key).into_owned();
+    }
+    let mut hasher = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(key, &mut hasher);
+    format!("hash:{:016x}", std::hash::Hasher::finish(&hasher))
+}
+
 /// When the key's oldest held message came.
 fn oldest<T>(waiting: &Waiting<T>) -> Option<Instant> {
     waiting
@@ -392,6 +403,20 @@ mod tests {
             s.offer(key.as_bytes(), seq, seq, now, &mut ready, &mut given_back);
         }
         (ready, given_back)
+    }
+
+    #[test]
+    fn keys_are_logged_as_hashes() {
+        let shown = shown_key(b"customer-42");
+        assert!(
+            shown.starts_with("hash:") && !shown.contains("42"),
+            "{shown}"
+        );
+        assert_eq!(
+            shown,
+            shown_key(b"customer-42"),
+            "the same key, the same hash"
+        );
     }
 
     #[test]
