@@ -39,10 +39,15 @@ impl Handler for Swallowing {
 
 /// The test's inbox and effects tables in a fresh database.
 async fn database() -> TestDb {
+    database_with("CREATE TABLE effects (order_id bigint PRIMARY KEY)").await
+}
+
+/// A fresh database with the inbox and the table `create` makes.
+async fn database_with(create: &str) -> TestDb {
     let db = TestDb::empty().await;
     db.connect()
         .await
-        .batch_execute("CREATE TABLE effects (order_id bigint PRIMARY KEY)")
+        .batch_execute(create)
         .await
         .expect("tables");
     create_inbox(&db).await;
@@ -489,14 +494,7 @@ async fn publish_numbered(publisher: &Publisher, key: &str, n: i64) {
 /// The test's database for [`Recording`]-like handlers: `effects_log`
 /// and the inbox.
 async fn logging_database() -> TestDb {
-    let db = TestDb::empty().await;
-    db.connect()
-        .await
-        .batch_execute("CREATE TABLE effects_log (id bigserial PRIMARY KEY, key text, n bigint)")
-        .await
-        .expect("tables");
-    create_inbox(&db).await;
-    db
+    database_with("CREATE TABLE effects_log (id bigserial PRIMARY KEY, key text, n bigint)").await
 }
 
 /// Each key's numbers in `effects_log`, in commit order.

@@ -76,11 +76,7 @@ async fn retry_due_while_refused(refusal: Refusal) {
     }
     // The copy's due time passes while its queue cannot take it (a TTL
     // would have expired it by then and dropped it).
-    let due = failed_at + BACKOFF + Duration::from_secs(1);
-    while tokio::time::Instant::now() < due && ready(&names.retry_queue).await > 0 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep_until(due).await;
+    tokio::time::sleep_until(failed_at + BACKOFF + Duration::from_secs(1)).await;
 
     let dispatch = RunningDispatch::start(settings).await;
     if let Refusal::Full = refusal {

@@ -14,7 +14,7 @@ use outbox_tests::dispatch::{
 };
 use outbox_tests::observe::{Logged, Scrape, documented_metrics, logged_address, wait_for_metric};
 use outbox_tests::proxy::Proxy;
-use outbox_tests::relay::{RunningRelay, relay_run_command, test_settings as relay_settings};
+use outbox_tests::relay::{RunningRelay, start_logged_relay, test_settings as relay_settings};
 use outbox_tests::*;
 use serde_json::{Value, json};
 use tokio_postgres::Client;
@@ -22,15 +22,6 @@ use uuid::Uuid;
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
-
-/// A relay child process logging JSON; returns it and its endpoint address.
-async fn start_relay(db: &TestDb, env: &[(&str, &str)]) -> (Logged, String) {
-    let mut command = relay_run_command(db, env);
-    command.arg("--log-format").arg("json");
-    let relay = Logged::spawn(command);
-    let addr = logged_address(&relay, "serving /metrics, /healthz and /readyz", "addr").await;
-    (relay, addr)
-}
 
 async fn get(addr: &str, path: &str) -> (u16, String) {
     http::request(addr, "GET", path, None).await
@@ -74,7 +65,7 @@ async fn relay_metrics_move_with_their_events_and_logs_are_json() {
         ("OUTBOX_SWEEP_INTERVAL_MS", "500"),
         ("OUTBOX_RETENTION", "1s"),
     ];
-    let (relay, addr) = start_relay(&db, &env).await;
+    let (relay, addr) = start_logged_relay(&db, &env).await;
     let addr = addr.as_str();
 
     assert_eq!(get(addr, "/healthz").await.0, 200);
@@ -219,7 +210,7 @@ async fn relay_renews_a_channel_whose_publishes_to_an_exchange_are_all_nacked() 
         ("OUTBOX_MAX_ATTEMPTS", "2"),
         ("OUTBOX_RETRY_BASE_MS", "200"),
     ];
-    let (relay, addr) = start_relay(&db, &env).await;
+    let (relay, addr) = start_logged_relay(&db, &env).await;
     let addr = addr.as_str();
     wait_for_metric(addr, "outbox_listener_connected", &[], |v| v == 1.0).await;
     assert_eq!(
@@ -255,7 +246,7 @@ async fn relay_readyz_follows_the_broker_and_the_database() {
     let topology = Topology::fanout().await;
     let proxy = Proxy::start("127.0.0.1:5672").await;
     let amqp = format!("amqp://guest:guest@{}/%2f", proxy.addr);
-    let (relay, addr) = start_relay(&db, &[("OUTBOX_AMQP_URL", &amqp)]).await;
+    let (relay, addr) = start_logged_relay(&db, &[("OUTBOX_AMQP_URL", &amqp)]).await;
     let addr = addr.as_str();
     let ready = || async { get(addr, "/readyz").await };
     wait_until("ready", || async { ready().await.0 == 200 }).await;
@@ -329,7 +320,7 @@ async fn readyz_turns_when_the_database_freezes_and_back_when_it_thaws() {
     // A claim sent while frozen still runs once the server answers, and
     // leases rows that nobody publishes until their lease runs out: a
     // short lease keeps that wait short.
-    let (relay, relay_addr) = start_relay(
+    let (relay, relay_addr) = start_logged_relay(
         &outbox_db,
         &[
             ("OUTBOX_DATABASE_URL", &through_proxy(&outbox_db.url)),

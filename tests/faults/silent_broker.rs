@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use outbox_tests::broker::{Topology, connect_to, message_id, resume_queue, suspend_queue};
 use outbox_tests::dispatch::{PATIENCE, count, wait_until};
-use outbox_tests::observe::{Logged, Scrape, logged_address, wait_for_metric};
+use outbox_tests::observe::{Logged, Scrape, wait_for_metric};
 use outbox_tests::proxy::Proxy;
-use outbox_tests::relay::relay_run_command;
+use outbox_tests::relay::start_logged_relay;
 use outbox_tests::*;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -29,10 +29,7 @@ const SILENT: &str = "RabbitMQ stopped answering; pausing";
 /// A relay with `env` on `db`, logging JSON, once `/readyz` says ready;
 /// and its ops address.
 async fn start_relay(db: &TestDb, env: &[(&str, &str)]) -> (Logged, String) {
-    let mut command = relay_run_command(db, env);
-    command.arg("--log-format").arg("json");
-    let relay = Logged::spawn(command);
-    let addr = logged_address(&relay, "serving /metrics, /healthz and /readyz", "addr").await;
+    let (relay, addr) = start_logged_relay(db, env).await;
     wait_until("the relay is ready", || async {
         get(&addr, "/readyz").await == 200
     })

@@ -8,6 +8,7 @@ use outbox_relay::Settings;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::observe::{Logged, logged_address};
 use crate::{TestDb, amqp_url, workspace_binary};
 
 /// Settings for tests: fast sweeps and retries.
@@ -73,6 +74,16 @@ pub fn relay_run_command(db: &TestDb, env: &[(&str, &str)]) -> Command {
         command.env(name, value);
     }
     command
+}
+
+/// A relay child process logging JSON, once it serves its ops endpoint;
+/// returns it and the endpoint's address.
+pub async fn start_logged_relay(db: &TestDb, env: &[(&str, &str)]) -> (Logged, String) {
+    let mut command = relay_run_command(db, env);
+    command.arg("--log-format").arg("json");
+    let relay = Logged::spawn(command);
+    let addr = logged_address(&relay, "serving /metrics, /healthz and /readyz", "addr").await;
+    (relay, addr)
 }
 
 /// `outbox-relay ARGS` (an operator command) on the database at `url`.

@@ -14,14 +14,12 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client};
 
-use outbox_service::db::PgTarget;
+use outbox_service::db::{HANDSHAKE_TIMEOUT, PgTarget};
 
 /// How long announcing waits for the listener lock (a writer that found
 /// no listener holds it exclusively through its commit).
 const LOCK_TIMEOUT_MS: u32 = 200;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long connecting may take, the handshake included.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// A drain's transaction is ended by the server after this long without a
 /// word from the relay, which talks every [`KEEP_DRAINING_EVERY`].
 const DRAIN_IDLE_TIMEOUT_MS: u32 = 5_000;
@@ -51,7 +49,7 @@ const KEEP_DRAINING: &str = "COMMIT; BEGIN; SELECT pg_try_advisory_xact_lock_sha
 pub enum ListenerError {
     #[error("wake-up listener did not answer within {} s", PROBE_TIMEOUT.as_secs())]
     Silent,
-    #[error("wake-up listener could not connect within {} s", CONNECT_TIMEOUT.as_secs())]
+    #[error("wake-up listener could not connect within {} s", HANDSHAKE_TIMEOUT.as_secs())]
     ConnectTimeout,
     #[error("{}", outbox::error_line(.0))]
     Postgres(#[from] tokio_postgres::Error),
@@ -87,7 +85,7 @@ impl Listener {
         // The connect timeout covers the TCP connect only: a server that
         // accepts and then says nothing would hold the handshake forever.
         let connect = target.config.connect(target.tls.clone());
-        let (client, mut connection) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        let (client, mut connection) = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect)
             .await
             .map_err(|_| ListenerError::ConnectTimeout)??;
         let (sender, wakes) = mpsc::unbounded_channel();

@@ -647,13 +647,21 @@ impl Store {
         &self,
         work: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(STATEMENT_DEADLINE, work).await {
+        self.within(STATEMENT_DEADLINE, work).await
+    }
+
+    /// Runs `work` within `deadline`, as [`Store::bounded`] does.
+    async fn within<T>(
+        &self,
+        deadline: Duration,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(deadline, work).await {
             Ok(result) => result,
             Err(_) => {
                 self.pool.retain(|_, _| false);
                 Err(StoreError::Unavailable(format!(
-                    "PostgreSQL did not answer within {} s",
-                    STATEMENT_DEADLINE.as_secs()
+                    "PostgreSQL did not answer within {deadline:?}"
                 )))
             }
         }
@@ -662,22 +670,15 @@ impl Store {
     /// `SELECT 1` within `deadline`, for `/readyz`; a connection that did
     /// not answer is let go as in [`Store::bounded`].
     pub async fn ping(&self, deadline: Duration) -> Result<(), StoreError> {
-        let ping = async {
+        self.within(deadline, async {
             let client = self.client().await?;
             client
                 .simple_query("SELECT 1")
                 .await
+                .map(drop)
                 .map_err(|e| StoreError::from_postgres(&e))
-        };
-        match tokio::time::timeout(deadline, ping).await {
-            Ok(result) => result.map(drop),
-            Err(_) => {
-                self.pool.retain(|_, _| false);
-                Err(StoreError::Unavailable(format!(
-                    "PostgreSQL did not answer within {deadline:?}"
-                )))
-            }
-        }
+        })
+        .await
     }
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
