@@ -140,6 +140,13 @@ pub struct LatencyArgs {
     #[arg(long, default_value_t = 200.0)]
     pub rate: f64,
 
+    /// A sweep instead: at each of these rates (e.g. `20,200,500,1000,2000`)
+    /// the relay in notify mode, then the bare bridge, with latency, CPU
+    /// per message and the relay's claims side by side, and one plot of
+    /// latency against rate.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["rate", "mode", "sweep_ms"])]
+    pub rates: Vec<f64>,
+
     /// Seconds of writing per mode.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     pub duration: u64,

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use crate::bridge::Bridge;
 use crate::capture::Captured;
 use crate::cli::{LatencyArgs, ModeChoice};
+use crate::cost::{Cost, CpuMeter};
 use crate::observe::{Arrivals, Consumer, Delivered, Shared};
 use crate::report::Percentiles;
 use crate::setup::{self, Fixture, Relay};
@@ -83,6 +84,8 @@ pub struct LatencyResult {
     pub commit_to_delivered: Hdr<u64>,
     /// The relay's histogram; empty for the bridge.
     pub enqueue_to_confirm: Hdr<u64>,
+    /// From the first write to the last delivery (or the end of patience).
+    pub cost: Cost,
 }
 
 impl LatencyResult {
@@ -96,14 +99,18 @@ impl LatencyResult {
 }
 
 pub async fn run(args: LatencyArgs) -> anyhow::Result<()> {
-    if !(args.rate.is_finite() && args.rate > 0.0) {
-        bail!("--rate must be a positive number of messages per second");
+    if args.rates.is_empty() {
+        check_rate(args.rate)?;
+    }
+    for rate in &args.rates {
+        check_rate(*rate)?;
     }
     let relay = |mode, ms| Publisher::Relay {
         mode,
         sweep: Duration::from_millis(ms),
     };
     let publishers = match (args.mode, args.sweep_ms) {
+        _ if !args.rates.is_empty() => vec![relay(Mode::Notify, 1000), Publisher::Bridge],
         (ModeChoice::All | ModeChoice::Bridge, Some(_)) => {
             bail!("--sweep-ms needs --mode notify or poll (--mode all runs 1000 and 5000 ms)")
         }
@@ -117,22 +124,42 @@ pub async fn run(args: LatencyArgs) -> anyhow::Result<()> {
         (ModeChoice::Poll, sweep) => vec![relay(Mode::Poll, sweep.unwrap_or(1000))],
         (ModeChoice::Bridge, None) => vec![Publisher::Bridge],
     };
-    let load = Load {
-        rate: args.rate,
-        writers: args.writers,
-        duration: Duration::from_secs(args.duration),
+    let rates = match args.rates.is_empty() {
+        true => vec![args.rate],
+        false => args.rates.clone(),
     };
     let captured = crate::capture::install()?;
     let mut results = Vec::new();
-    for publisher in publishers {
-        let result = setup::with_fixture(&args.common, async |fixture| {
-            measure(fixture, publisher, load, &captured).await
-        })
-        .await?;
-        results.push(result);
+    // Rate by rate, the publishers one after the other: what drifts on the
+    // machine during the run drifts for both.
+    for rate in rates {
+        let load = Load {
+            rate,
+            writers: args.writers,
+            duration: Duration::from_secs(args.duration),
+        };
+        for &publisher in &publishers {
+            let result = setup::with_fixture(&args.common, async |fixture| {
+                measure(fixture, publisher, load, &captured).await
+            })
+            .await?;
+            results.push(result);
+        }
     }
-    crate::report::print_latency(&results, args.common.json);
-    write_plot(&args.plot, |path| crate::plot::latency(path, &results))
+    if args.rates.is_empty() {
+        crate::report::print_latency(&results, args.common.json);
+        write_plot(&args.plot, |path| crate::plot::latency(path, &results))
+    } else {
+        crate::sweep::print(&results, args.common.json);
+        write_plot(&args.plot, |path| crate::plot::sweep(path, &results))
+    }
+}
+
+fn check_rate(rate: f64) -> anyhow::Result<()> {
+    if !(rate.is_finite() && rate > 0.0) {
+        bail!("a rate must be a positive number of messages per second (got {rate})");
+    }
+    Ok(())
 }
 
 /// Draws a plot unless the path is `-`, and says where it went.
@@ -215,10 +242,12 @@ async fn measure(
     let delivered = Delivered::start(&fixture.dispatch_db_url).await?;
     let mut dispatch = fixture.start_dispatch(&[]).await?;
     let mut running = Running::start(fixture, publisher).await?;
+    let meter = CpuMeter::start(fixture, captured).await?;
     let outcome = async {
         warm_up(fixture, publisher, &delivered.arrivals, &mut running).await?;
         consumer.arrivals.take();
         captured.take();
+        let start = meter.snapshot().await?;
         let bar = crate::progress::bar(load.duration.as_secs(), publisher.name());
         let sent = writers::write(fixture, target(publisher), load, async |_| {
             running.check_running().await?;
@@ -230,14 +259,15 @@ async fn measure(
         .sent;
         bar.finish_and_clear();
         await_all(publisher, &delivered.arrivals, sent.len(), &mut running).await?;
-        Ok::<_, anyhow::Error>(sent)
+        let cost = meter.since(&start).await?;
+        Ok::<_, anyhow::Error>((sent, cost))
     }
     .await;
     let stopped = running.stop().await;
     let received = consumer.stop().await;
     let dispatch_stopped = dispatch.stop().await;
     let delivered = delivered.stop();
-    let sent = outcome?;
+    let (sent, cost) = outcome?;
     stopped?;
     dispatch_stopped?;
 
@@ -251,6 +281,7 @@ async fn measure(
         commit_to_received: since_commit(&sent, &received)?,
         commit_to_delivered: since_commit(&sent, &delivered)?,
         enqueue_to_confirm: captured.take(),
+        cost,
     })
 }
 

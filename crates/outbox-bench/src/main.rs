@@ -13,6 +13,7 @@ mod bridge;
 mod capture;
 mod cli;
 mod consume;
+mod cost;
 mod drain;
 mod latency;
 mod observe;
@@ -22,6 +23,7 @@ mod progress;
 mod report;
 mod setup;
 mod soak;
+mod sweep;
 mod write_path;
 mod writers;
 

@@ -1,7 +1,8 @@
 //! SVG plots (plotters, SVG backend only: no font or image libraries).
 //! - latency: percentile curves, one per publisher, on log-log axes (the
 //!   x axis is 1/(1-q), so 90, 99, 99.9 are evenly spaced);
-//! - soak: latency, lag and resident memory against time.
+//! - soak: latency, lag and resident memory against time;
+//! - sweep: the relay's and the bridge's p50 and p99 against the rate.
 
 use std::path::Path;
 
@@ -51,6 +52,58 @@ pub fn latency(path: &Path, results: &[LatencyResult]) -> anyhow::Result<()> {
         "commit → delivery row committed",
         &curves(|r| &r.commit_to_delivered),
     )?;
+    root.present().map_err(failed)
+}
+
+/// Latency against rate, log-log: p50 and p99 of commit → received for the
+/// relay and the bridge, and both p50s of commit → delivered.
+pub fn sweep(path: &Path, results: &[LatencyResult]) -> anyhow::Result<()> {
+    let points = crate::sweep::points(results);
+    let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(failed)?;
+    let at = |histogram: &Hdr<u64>, quantile| histogram.value_at_quantile(quantile) as f64 / 1000.0;
+    let line = |name: &str, pick: &dyn Fn(&crate::sweep::Point<'_>) -> f64| -> Line {
+        let points = points.iter().map(|point| (point.rate, pick(point)));
+        (name.to_string(), points.collect())
+    };
+    let lines = [
+        line("relay p50", &|p| at(&p.relay.commit_to_received, 0.5)),
+        line("bridge p50", &|p| at(&p.bridge.commit_to_received, 0.5)),
+        line("relay p99", &|p| at(&p.relay.commit_to_received, 0.99)),
+        line("bridge p99", &|p| at(&p.bridge.commit_to_received, 0.99)),
+        line("relay delivered p50", &|p| {
+            at(&p.relay.commit_to_delivered, 0.5)
+        }),
+        line("bridge delivered p50", &|p| {
+            at(&p.bridge.commit_to_delivered, 0.5)
+        }),
+    ];
+    let rates = points.iter().map(|p| p.rate);
+    let (low, high) = rates.fold((f64::MAX, 1.0_f64), |(lo, hi), r| (lo.min(r), hi.max(r)));
+    let ys = lines
+        .iter()
+        .flat_map(|(_, points)| points.iter().map(|p| p.1));
+    let top = ys.fold(1.0_f64, f64::max) * 1.5;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "commit → … against the write rate (ms, log-log)",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(
+            (low.min(high) * 0.8..high * 1.25).log_scale(),
+            (0.05..top).log_scale(),
+        )
+        .map_err(failed)?;
+    chart
+        .configure_mesh()
+        .x_desc("messages per second")
+        .y_desc("ms")
+        .draw()
+        .map_err(failed)?;
+    draw_lines(&mut chart, &lines, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(failed)
 }
 

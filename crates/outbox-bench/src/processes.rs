@@ -48,12 +48,7 @@ impl Process {
     /// CPU time used so far, user plus system, in seconds (Linux:
     /// `/proc/PID/stat`, in clock ticks of 1/100 s).
     pub fn cpu_seconds(&self) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()?)).ok()?;
-        // The command name may hold spaces: fields count from its `)`.
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
-        // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after `)`.
-        Some((ticks(11)? + ticks(12)?) as f64 / CLOCK_TICKS_PER_SECOND)
+        cpu_seconds_of_pid(self.child.id()?)
     }
 
     /// Fails when the child has exited on its own.
@@ -99,4 +94,18 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// CPU time of process `pid` so far, user plus system, in seconds.
+pub fn cpu_seconds_of_pid(pid: u32) -> Option<f64> {
+    cpu_seconds_of_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// utime + stime of a `/proc/…/stat` line (clock ticks of 1/100 s).
+pub fn cpu_seconds_of_stat(stat: &str) -> Option<f64> {
+    // The command name may hold spaces: fields count from its `)`.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after `)`.
+    Some((ticks(11)? + ticks(12)?) as f64 / CLOCK_TICKS_PER_SECOND)
 }

@@ -13,7 +13,6 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
-use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -252,36 +251,87 @@ impl Fixture {
 /// A relay running in this process.
 pub struct Relay {
     shutdown: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
 }
 
+/// The name of every thread of a relay started in this process (its own
+/// runtime's workers and blocking threads): its CPU time is theirs.
+pub const RELAY_THREAD: &str = "outbox-relay";
+/// Worker threads of that runtime: the relay binary's on this machine.
+const RELAY_WORKERS: usize = 2;
+
 impl Relay {
+    /// Starts a relay on a runtime of its own, as in its own process: its
+    /// tasks neither wait behind the bench's writers and consumers nor
+    /// share their threads, and [`relay_cpu_seconds`] reads its CPU time.
     pub fn start(mut settings: outbox_relay::Settings) -> anyhow::Result<Relay> {
         // The bench's own recorder captures what it needs; no endpoint.
         settings.metrics_addr.get_or_insert_with(|| "off".into());
         let config = settings.validate()?;
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(outbox_relay::run(config, shutdown.clone()));
-        Ok(Relay { shutdown, task })
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(RELAY_WORKERS)
+            .thread_name(RELAY_THREAD)
+            .enable_all()
+            .build()
+            .context("cannot start the relay's runtime")?;
+        let stop = shutdown.clone();
+        let thread = std::thread::Builder::new()
+            .name(RELAY_THREAD.into())
+            .spawn(move || runtime.block_on(outbox_relay::run(config, stop)))
+            .context("cannot start the relay's thread")?;
+        Ok(Relay {
+            shutdown,
+            thread: Some(thread),
+        })
     }
 
     /// Fails when the relay has stopped on its own (it only does at start,
     /// on bad settings or unreachable servers).
     pub async fn check_running(&mut self) -> anyhow::Result<()> {
-        if !self.task.is_finished() {
+        if self.thread.as_ref().is_some_and(|t| !t.is_finished()) {
             return Ok(());
         }
-        (&mut self.task).await??;
+        self.join().await?;
         bail!("the relay stopped on its own")
     }
 
     /// Cancels it and waits for its clean exit.
-    pub async fn stop(self) -> anyhow::Result<()> {
+    pub async fn stop(mut self) -> anyhow::Result<()> {
         self.shutdown.cancel();
-        tokio::time::timeout(RELAY_STOP_TIMEOUT, self.task)
+        tokio::time::timeout(RELAY_STOP_TIMEOUT, self.join())
             .await
-            .context("the relay did not stop within 30 s")??
+            .context("the relay did not stop within 30 s")?
     }
+
+    async fn join(&mut self) -> anyhow::Result<()> {
+        let Some(thread) = self.thread.take() else {
+            bail!("the relay has stopped already");
+        };
+        match tokio::task::spawn_blocking(move || thread.join()).await? {
+            Ok(outcome) => outcome,
+            Err(_) => bail!("the relay panicked"),
+        }
+    }
+}
+
+/// CPU time, user plus system, of every relay thread in this process so
+/// far (Linux: `/proc/self/task/*/stat`).
+pub fn relay_cpu_seconds() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            if comm.trim_end() != RELAY_THREAD {
+                return None;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            crate::processes::cpu_seconds_of_stat(&stat)
+        })
+        .sum()
 }
 
 /// A PostgreSQL connection whose driver runs on a background task.

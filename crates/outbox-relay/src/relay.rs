@@ -168,6 +168,11 @@ impl Relay {
         let refill_at = (window.min(self.config.batch_size as usize) / 4).max(1);
         let mut claimed_any = false;
         let mut exhausted = false;
+        // When to claim again after a claim that found everything: a fixed
+        // instant, not a fresh REFILL_POLL at each pass through the loop,
+        // or a stream of confirms (one every few hundred microseconds under
+        // load) would keep putting the claim off until the window emptied.
+        let mut next_claim = Instant::now();
         loop {
             if shutdown.is_cancelled() {
                 return Ok(claimed_any);
@@ -186,6 +191,7 @@ impl Relay {
                 let claimed_at = Instant::now();
                 let (rows, nothing_more) = self.claim_draining(limit, bytes_free).await?;
                 exhausted = nothing_more;
+                next_claim = claimed_at + REFILL_POLL;
                 claimed_any |= !rows.is_empty();
                 self.publish_all(rows, claimed_at).await?;
             }
@@ -215,7 +221,7 @@ impl Relay {
             let settled = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(claimed_any),
                 settled = self.window.settled() => settled,
-                _ = tokio::time::sleep(REFILL_POLL), if exhausted => {
+                _ = tokio::time::sleep_until(next_claim), if exhausted => {
                     exhausted = false;
                     continue;
                 }

@@ -38,7 +38,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let endpoint = start_endpoint(&config, &health, &probed, &endpoint_stop).await?;
     let store = Store::connect(&target, &relay_id)
         .await?
-        .prepare_claims(config.mode == Mode::Notify);
+        .prepare_statements(config.mode == Mode::Notify);
     let _ = probed.set(store.clone());
     health.set(DATABASE, true);
     let broker = Broker::connect(
