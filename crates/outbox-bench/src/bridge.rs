@@ -17,6 +17,8 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use crate::setup::{self, Fixture};
 
 pub const CHANNEL: &str = "outbox_bench_bridge";
+/// The bridge's connection calls itself so (`cost` finds its backend).
+pub const APPLICATION_NAME: &str = "outbox-bench-bridge";
 /// What a writer sends: `{"id": "<uuid>", "payload": {...}}`.
 pub const NOTIFY: &str = "SELECT pg_notify('outbox_bench_bridge', $1)";
 
@@ -39,7 +41,10 @@ impl Bridge {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        let (client, mut session) = tokio_postgres::connect(&fixture.db_url, NoTls)
+        let mut config: tokio_postgres::Config = fixture.db_url.parse()?;
+        config.application_name(APPLICATION_NAME);
+        let (client, mut session) = config
+            .connect(NoTls)
             .await
             .map_err(outbox::PgError)
             .context("cannot connect to PostgreSQL")?;

@@ -147,6 +147,12 @@ pub struct LatencyArgs {
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["rate", "mode", "sweep_ms"])]
     pub rates: Vec<f64>,
 
+    /// With `--rates`: relay then bridge this many times at each rate,
+    /// each figure over all rounds (a slow moment of the machine is shared
+    /// out instead of landing on one publisher).
+    #[arg(long, default_value_t = 1, requires = "rates", value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
+
     /// Seconds of writing per mode.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     pub duration: u64,

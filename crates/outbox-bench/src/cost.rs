@@ -1,8 +1,8 @@
 //! What a measurement cost, for the latency profile: CPU time of the relay
 //! (its threads in this process, see `setup::Relay`) and of the PostgreSQL
-//! backends of the run's database (the relay's, by their application name,
-//! and the others: the writers', the bridge's), read from /proc, with the
-//! relay's claims and wake-ups over the same span.
+//! backends serving the publisher (the relay's or the bridge's, by their
+//! application name), read from /proc, with the relay's claims and
+//! wake-ups over the same span.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -13,10 +13,11 @@ use crate::capture::{Captured, ClaimCounts};
 use crate::processes::cpu_seconds_of_pid;
 use crate::setup::{self, Fixture};
 
-/// The relay's connections say so (`outbox_service::db`).
-const RELAY_APPLICATION: &str = "outbox-relay";
-const BACKENDS: &str = "SELECT pid, application_name = $1 FROM pg_stat_activity \
-     WHERE datname = current_database() AND pid <> pg_backend_pid()";
+/// The relay's connections say so (`outbox_service::db`), and so does the
+/// bridge's (`bridge::APPLICATION_NAME`).
+const PUBLISHERS: [&str; 2] = ["outbox-relay", crate::bridge::APPLICATION_NAME];
+const BACKENDS: &str = "SELECT pid FROM pg_stat_activity \
+     WHERE datname = current_database() AND application_name = ANY ($1)";
 
 /// Reads CPU times at the start and the end of a span.
 pub struct CpuMeter {
@@ -28,8 +29,8 @@ pub struct CpuMeter {
 pub struct CpuSnapshot {
     at: Instant,
     relay: f64,
-    /// Per backend: serves the relay, CPU seconds so far.
-    backends: HashMap<i32, (bool, f64)>,
+    /// Per backend serving the publisher: CPU seconds so far.
+    backends: HashMap<i32, f64>,
 }
 
 /// What a span cost.
@@ -38,10 +39,8 @@ pub struct Cost {
     pub seconds: f64,
     /// CPU seconds of the relay's threads.
     pub relay: f64,
-    /// CPU seconds of the backends serving the relay.
-    pub pg_relay: f64,
-    /// CPU seconds of every other backend of the database.
-    pub pg_others: f64,
+    /// CPU seconds of the backends serving the publisher.
+    pub pg_publisher: f64,
     pub claims: ClaimCounts,
 }
 
@@ -64,8 +63,8 @@ impl CpuMeter {
     }
 
     /// What the span since `start` cost. A backend that ended meanwhile is
-    /// not counted (the relay's and the writers' connections live through
-    /// a measurement); one that began is counted from zero.
+    /// not counted (the publisher's connections live through a
+    /// measurement); one that began is counted from zero.
     pub async fn since(&self, start: &CpuSnapshot) -> anyhow::Result<Cost> {
         let mut cost = Cost {
             seconds: start.at.elapsed().as_secs_f64(),
@@ -73,32 +72,40 @@ impl CpuMeter {
             claims: self.captured.take_claims(),
             ..Cost::default()
         };
-        for (pid, (serves_relay, cpu)) in self.backends().await? {
-            let before = start.backends.get(&pid).map_or(0.0, |b| b.1);
-            let spent = (cpu - before).max(0.0);
-            match serves_relay {
-                true => cost.pg_relay += spent,
-                false => cost.pg_others += spent,
-            }
+        for (pid, cpu) in self.backends().await? {
+            let before = start.backends.get(&pid).copied().unwrap_or(0.0);
+            cost.pg_publisher += (cpu - before).max(0.0);
         }
         Ok(cost)
     }
 
-    async fn backends(&self) -> anyhow::Result<HashMap<i32, (bool, f64)>> {
-        let rows = self.client.query(BACKENDS, &[&RELAY_APPLICATION]).await?;
+    async fn backends(&self) -> anyhow::Result<HashMap<i32, f64>> {
+        let names = PUBLISHERS.map(String::from);
+        let rows = self.client.query(BACKENDS, &[&names.as_slice()]).await?;
         Ok(rows
             .iter()
             .filter_map(|row| {
                 let pid: i32 = row.get(0);
-                let serves_relay: bool = row.get::<_, Option<bool>>(1).unwrap_or(false);
-                let cpu = cpu_seconds_of_pid(u32::try_from(pid).ok()?)?;
-                Some((pid, (serves_relay, cpu)))
+                Some((pid, cpu_seconds_of_pid(u32::try_from(pid).ok()?)?))
             })
             .collect())
     }
 }
 
 impl Cost {
+    /// Adds another span's cost.
+    pub fn absorb(&mut self, other: &Cost) {
+        self.seconds += other.seconds;
+        self.relay += other.relay;
+        self.pg_publisher += other.pg_publisher;
+        let (mine, theirs) = (&mut self.claims, &other.claims);
+        mine.claims += theirs.claims;
+        mine.empty += theirs.empty;
+        mine.rows += theirs.rows;
+        mine.notified += theirs.notified;
+        mine.other_wakeups += theirs.other_wakeups;
+    }
+
     /// Microseconds of `cpu` seconds per message of `messages`.
     pub fn micros_per_message(cpu: f64, messages: usize) -> f64 {
         cpu * 1e6 / messages.max(1) as f64

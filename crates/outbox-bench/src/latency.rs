@@ -89,6 +89,19 @@ pub struct LatencyResult {
 }
 
 impl LatencyResult {
+    /// Adds another round of the same publisher at the same rate.
+    fn absorb(&mut self, other: LatencyResult) -> anyhow::Result<()> {
+        self.sent += other.sent;
+        self.received += other.received;
+        self.delivered += other.delivered;
+        self.duplicates += other.duplicates;
+        self.commit_to_received.add(&other.commit_to_received)?;
+        self.commit_to_delivered.add(&other.commit_to_delivered)?;
+        self.enqueue_to_confirm.add(&other.enqueue_to_confirm)?;
+        self.cost.absorb(&other.cost);
+        Ok(())
+    }
+
     pub fn percentiles(&self) -> [Percentiles; 3] {
         [
             Percentiles::of(&self.commit_to_received),
@@ -138,12 +151,18 @@ pub async fn run(args: LatencyArgs) -> anyhow::Result<()> {
             writers: args.writers,
             duration: Duration::from_secs(args.duration),
         };
-        for &publisher in &publishers {
-            let result = setup::with_fixture(&args.common, async |fixture| {
-                measure(fixture, publisher, load, &captured).await
-            })
-            .await?;
-            results.push(result);
+        let first = results.len();
+        for _ in 0..args.rounds {
+            for (i, &publisher) in publishers.iter().enumerate() {
+                let result = setup::with_fixture(&args.common, async |fixture| {
+                    measure(fixture, publisher, load, &captured).await
+                })
+                .await?;
+                match results.get_mut(first + i) {
+                    Some(earlier) => LatencyResult::absorb(earlier, result)?,
+                    None => results.push(result),
+                }
+            }
         }
     }
     if args.rates.is_empty() {

@@ -109,3 +109,17 @@ pub fn cpu_seconds_of_stat(stat: &str) -> Option<f64> {
     // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after `)`.
     Some((ticks(11)? + ticks(12)?) as f64 / CLOCK_TICKS_PER_SECOND)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_is_read_past_a_command_name_with_spaces() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt
+        // majflt cmajflt utime stime …
+        let stat = "4242 (outbox relay) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 70 0 0 20 0";
+        assert_eq!(cpu_seconds_of_stat(stat), Some(3.2));
+        assert_eq!(cpu_seconds_of_stat("4242 (x) S 1"), None);
+    }
+}

@@ -49,11 +49,10 @@ impl Point<'_> {
     }
 }
 
-/// CPU µs per message sent: the relay's threads, its backends, the others.
-fn cpu_per_message(result: &LatencyResult) -> [f64; 3] {
+/// CPU µs per message sent: the relay's threads, the publisher's backends.
+fn cpu_per_message(result: &LatencyResult) -> [f64; 2] {
     let cost = &result.cost;
-    [cost.relay, cost.pg_relay, cost.pg_others]
-        .map(|cpu| Cost::micros_per_message(cpu, result.sent))
+    [cost.relay, cost.pg_publisher].map(|cpu| Cost::micros_per_message(cpu, result.sent))
 }
 
 fn ratio(relay: f64, bridge: f64) -> f64 {
@@ -77,8 +76,8 @@ pub fn print(results: &[LatencyResult], as_json: bool) {
     }
     println!(
         "ms from the writer's commit to the bench consumer's receipt (recv) and to the dispatch \
-         row's commit (deliv); CPU in µs per message: relay threads / the relay's PostgreSQL \
-         backends / every other backend (writers, bridge)"
+         row's commit (deliv); CPU in µs per message: the relay's threads / the PostgreSQL \
+         backends serving the publisher (the bridge runs in the bench: its own CPU is not told)"
     );
     let mut table = Table::new(&[
         "rate",
@@ -101,8 +100,8 @@ pub fn print(results: &[LatencyResult], as_json: bool) {
         let (relay, bridge) = point.received();
         let (relay_delivered, bridge_delivered) = point.delivered();
         let cpu = |result| {
-            let [threads, relay_pg, others] = cpu_per_message(result);
-            format!("{threads:.0}/{relay_pg:.0}/{others:.0}")
+            let [threads, backends] = cpu_per_message(result);
+            format!("{threads:.0}/{backends:.0}")
         };
         let cost = &point.relay.cost;
         table.row(vec![
@@ -143,12 +142,12 @@ fn to_json(point: &Point<'_>) -> Value {
     let (relay, bridge) = point.received();
     let (relay_delivered, bridge_delivered) = point.delivered();
     let side = |result: &LatencyResult, received: Percentiles, delivered: Percentiles| {
-        let [threads, relay_pg, others] = cpu_per_message(result);
+        let [threads, backends] = cpu_per_message(result);
         json!({
             "sent": result.sent, "received": result.received, "delivered": result.delivered,
             "received_p50_ms": received.p50, "received_p99_ms": received.p99,
             "delivered_p50_ms": delivered.p50, "delivered_p99_ms": delivered.p99,
-            "cpu_us_per_msg": {"relay": threads, "pg_relay": relay_pg, "pg_others": others},
+            "cpu_us_per_msg": {"relay_threads": threads, "pg_backends": backends},
         })
     };
     let cost = &point.relay.cost;

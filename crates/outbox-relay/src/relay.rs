@@ -194,6 +194,11 @@ impl Relay {
                 next_claim = claimed_at + REFILL_POLL;
                 claimed_any |= !rows.is_empty();
                 self.publish_all(rows, claimed_at).await?;
+                // Off the wake-up's path: taken alongside the claim, its
+                // round trip on another backend competed with the claim's
+                // for this machine's two cores. A writer committing before
+                // it is held notifies, and we drain once more.
+                self.wakeup.begin_drain().await;
             }
             if self.window.is_empty() {
                 if !exhausted && bytes_free > 0 && !renewing {
@@ -234,11 +239,8 @@ impl Relay {
         }
     }
 
-    /// Claims up to `limit` rows and `bytes` of payload, taking the drain
-    /// lock alongside (a no-op while held): a writer that probed before we
-    /// hold it has notified (we drain again), one that probes after is
-    /// covered by the claims and re-checks that follow. Saves a round trip
-    /// on every wake-up. Also says whether nothing more is claimable.
+    /// Claims up to `limit` rows and `bytes` of payload; also says whether
+    /// nothing more is claimable.
     async fn claim_draining(
         &mut self,
         limit: usize,
@@ -261,7 +263,7 @@ impl Relay {
             block_on_dead_head: self.config.block_on_dead_head,
             followers: self.config.key_pipeline,
         };
-        let ((), claim) = tokio::join!(self.wakeup.begin_drain(), self.store.claim(limits));
+        let claim = self.store.claim(limits).await;
         let claim = claim.map_err(|e| Outage::Database(e.to_string()))?;
         self.cursor.claimed(now, &claim.rows, claim.exhausted);
         self.next_key = claim.next_key;
