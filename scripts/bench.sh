@@ -6,7 +6,7 @@
 #
 #   scripts/bench.sh [OUTPUT_DIR]
 #
-# About 10 minutes on a 2-core machine. Figures are only worth comparing when
+# About 20 minutes on a 2-core machine. Figures are only worth comparing when
 # nothing else runs: the tables print the load average at the start of each run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,10 +25,12 @@ once() { # NAME ARGS...
   "$bench" "$@" | tee "$out/$name.txt"
 }
 
+once latency-sweep latency --rates 20,200,500,1000,2000 --rounds 2 --duration 8 --plot "$out/latency-sweep.svg"
 once latency-1000 latency --rate 1000 --duration 20 --writers 8 --plot "$out/latency-1000.svg"
-once latency-one-in-flight-relay latency --rate 20 --writers 1 --duration 20 --mode notify --plot -
-once latency-one-in-flight-bridge latency --rate 20 --writers 1 --duration 20 --mode bridge --plot -
 once drain drain --backlog 100000 --window 256 --batch 500
+once drain-held-horizon drain --backlog 150000 --window 256 --batch 500 --hold-horizon --no-bare
+once consume consume --backlog 100000
+once consume-keys-50 consume --backlog 20000 --keys 50
 once soak-5000 soak --rate 5000 --duration 30 --writers 16 --every 5 --plot "$out/soak-5000.svg"
 once soak-1000 soak --rate 1000 --duration 60 --writers 8 --every 10 --plot "$out/soak-1000.svg"
 once write-path write-path --clients 32 --duration 8 --pairs 5 --json "$out/write-path.json"
