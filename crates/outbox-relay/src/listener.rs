@@ -156,6 +156,11 @@ impl Listener {
     }
 
     /// Waits up to `timeout` for a wake-up; several queued ones count once.
+    /// True from [`Listener::begin_drain`] to [`Listener::end_drain`].
+    pub fn draining(&self) -> bool {
+        self.draining
+    }
+
     pub async fn wait(&mut self, timeout: Duration) -> Woken {
         let woken = match tokio::time::timeout(timeout, self.wakes.recv()).await {
             Ok(Some(())) => Woken::Notified,

@@ -2,12 +2,15 @@
 //!
 //! ```text
 //! wake   wait for a NOTIFY, an idle re-check or the sweep tick   run
-//! claim  take leases on up to a window of rows (drain lock held) pump, claim_draining
+//! claim  take leases on up to a window of rows                  pump, claim_draining
 //! publish  each row while its lease allows; confirms in a window  publish_all
 //! settle   acks, nacks, returns, deadlines, lost channels         settle
 //! mark     handed to the marker, which fences on the lease        (marker.rs)
 //! sweep    every sweep interval a drain runs without a wake-up   run
 //! ```
+//! While claims find rows faster than one or two at a time, the drain lock
+//! is held (writers skip their NOTIFY) and the relay claims again every
+//! `REFILL_POLL`; slower, every commit wakes it and it claims only then.
 //! The wake-up's connection and locks live in `wakeup`, the window in
 //! `window`, the statements in `store`. An outage of the broker or the
 //! database gives leases back, waits with backoff and reconnects
@@ -38,6 +41,9 @@ use outbox_service::health::Health;
 /// While confirms or marks are outstanding, how often the relay claims
 /// again for rows committed meanwhile.
 const REFILL_POLL: Duration = Duration::from_millis(1);
+/// Rows a claim finds when writers commit faster than the relay claims
+/// (see `pump`).
+const BUSY_CLAIM: usize = 3;
 /// How often the relay claims while another session holds the wake-up
 /// locks (writers' wake-ups may not come).
 const FAST_POLL: Duration = Duration::from_millis(10);
@@ -168,6 +174,9 @@ impl Relay {
         let refill_at = (window.min(self.config.batch_size as usize) / 4).max(1);
         let mut claimed_any = false;
         let mut exhausted = false;
+        // Whether a key had unpublished rows at any claim of this drain:
+        // only then can a mark make rows claimable.
+        let mut keys_seen = false;
         // When to claim again after a claim that found everything: a fixed
         // instant, not a fresh REFILL_POLL at each pass through the loop,
         // or a stream of confirms (one every few hundred microseconds under
@@ -189,44 +198,61 @@ impl Relay {
             if !renewing && !exhausted && free >= refill_at && bytes_free > 0 {
                 let limit = free.min(self.config.batch_size as usize);
                 let claimed_at = Instant::now();
-                let (rows, nothing_more) = self.claim_draining(limit, bytes_free).await?;
+                let (rows, nothing_more, keys_pending) =
+                    self.claim_draining(limit, bytes_free).await?;
                 exhausted = nothing_more;
+                keys_seen |= keys_pending;
                 next_claim = claimed_at + REFILL_POLL;
                 claimed_any |= !rows.is_empty();
+                let busy = rows.len() >= BUSY_CLAIM;
                 self.publish_all(rows, claimed_at).await?;
-                // Off the wake-up's path: taken alongside the claim, its
-                // round trip on another backend competed with the claim's
-                // for this machine's two cores. A writer committing before
-                // it is held notifies, and we drain once more.
-                self.wakeup.begin_drain().await;
+                // Writers' wake-ups cost them their commits' grouping when
+                // they come faster than we claim: then we take the drain
+                // lock (writers skip their NOTIFY) and claim every
+                // REFILL_POLL instead. Slower, each commit wakes us, and we
+                // claim only then. Taken after the claim and its publishes,
+                // off the wake-up's path; a writer committing before it is
+                // held notifies, and we claim once more.
+                if busy {
+                    self.wakeup.begin_drain().await;
+                }
             }
             if self.window.is_empty() {
                 if !exhausted && bytes_free > 0 && !renewing {
                     continue;
                 }
-                if self.marker.unsettled() == 0 {
+                if self.marker.unsettled() == 0 || (exhausted && !keys_seen) {
                     return Ok(claimed_any);
                 }
                 // Marking a key's head makes its successor claimable. (During
                 // a database outage this waits for the marker's retries.)
+                let wakes_come = self.wakeup.wakes_come();
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(claimed_any),
                     _ = self.marker.settled() => {}
-                    _ = tokio::time::sleep(REFILL_POLL) => {}
+                    _ = tokio::time::sleep(REFILL_POLL), if !wakes_come => {}
+                    _ = self.wakeup.notified(), if wakes_come => {}
                 }
                 exhausted = false;
                 continue;
             }
-            // Writers skip NOTIFY while we drain: rows they commit while
-            // confirms are outstanding are found by claiming again every
-            // REFILL_POLL, not after the confirms (a broker fsync, several
-            // milliseconds under load). Giving the lock back here instead,
-            // so that they wake us, measured 0.89 of the no-trigger tps on
-            // the write path (0.96 holding it) for 0.2 ms off the p50.
+            // Holding the drain lock, writers skip NOTIFY: rows they commit
+            // while confirms are outstanding are found by claiming again
+            // every REFILL_POLL, not after the confirms (a broker fsync,
+            // several milliseconds under load). Giving the lock back here
+            // under load, so that they wake us, measured 0.89 of the
+            // no-trigger tps on the write path (0.96 holding it). Without
+            // the lock (claims of a row or two), their NOTIFY wakes us:
+            // polling there cost 3 empty claims a message at 20 msg/s.
+            let wakes_come = self.wakeup.wakes_come();
             let settled = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(claimed_any),
                 settled = self.window.settled() => settled,
-                _ = tokio::time::sleep_until(next_claim), if exhausted => {
+                _ = tokio::time::sleep_until(next_claim), if exhausted && !wakes_come => {
+                    exhausted = false;
+                    continue;
+                }
+                _ = self.wakeup.notified(), if exhausted && wakes_come => {
                     exhausted = false;
                     continue;
                 }
@@ -240,12 +266,12 @@ impl Relay {
     }
 
     /// Claims up to `limit` rows and `bytes` of payload; also says whether
-    /// nothing more is claimable.
+    /// nothing more is claimable, and whether some key has rows pending.
     async fn claim_draining(
         &mut self,
         limit: usize,
         bytes: u64,
-    ) -> Result<(Vec<Claimed>, bool), Outage> {
+    ) -> Result<(Vec<Claimed>, bool, bool), Outage> {
         let now = Instant::now();
         if self.wakeup.locks_held() {
             // Likely a transaction that fired the trigger early: its row
@@ -269,7 +295,9 @@ impl Relay {
         self.next_key = claim.next_key;
         self.health.set(DATABASE, true);
         self.meters.claim_batch.record(claim.rows.len() as f64);
-        Ok((claim.rows, claim.exhausted))
+        let keys_pending =
+            claim.keys_pending || claim.rows.iter().any(|r| r.ordering_key.is_some());
+        Ok((claim.rows, claim.exhausted, keys_pending))
     }
 
     /// Rows awaiting their confirms, and rows confirmed within [`MARKING`]

@@ -78,6 +78,8 @@ pub struct Claim {
     /// The key the next claim's scan of keys starts from: the last one
     /// this claim looked at, or "" once the scan reached the last key.
     pub next_key: String,
+    /// Some key had unpublished rows (claimed or not).
+    pub keys_pending: bool,
 }
 
 /// What a claim asks for; see [`CLAIM`].
@@ -514,6 +516,7 @@ impl Store {
                     Some(key) if !keys_done => key,
                     _ => String::new(),
                 },
+                keys_pending: keys > 0,
             })
         })
         .await

@@ -26,6 +26,9 @@ const WAKE_LOCK_CHECK: Duration = Duration::from_secs(1);
 /// commits a moment later (one WAL flush). After a drain that found work the
 /// relay claims again after each of these delays; the sweep catches
 /// anything slower.
+/// [`Wakeup::notified`]'s wait, long enough to mean "until a NOTIFY".
+const NOTIFIED_WAIT: Duration = Duration::from_secs(3600);
+
 pub(crate) const IDLE_RECHECKS: [Duration; 2] =
     [Duration::from_millis(3), Duration::from_millis(25)];
 pub(crate) struct Wakeup {
@@ -98,6 +101,21 @@ impl Wakeup {
             self.lost();
         }
         woken
+    }
+
+    /// True while writers' commits wake us: a listener is connected and
+    /// we do not hold the drain lock.
+    pub(crate) fn wakes_come(&self) -> bool {
+        self.listener.as_ref().is_some_and(|l| !l.draining()) && !self.locks_held
+    }
+
+    /// Waits for the next NOTIFY (or the listener's loss, which the main
+    /// loop repairs); never returns without a listener.
+    pub(crate) async fn notified(&mut self) {
+        if self.listener.is_none() {
+            return std::future::pending().await;
+        }
+        self.wait(NOTIFIED_WAIT).await;
     }
 
     /// True while another session holds the wake-up locks.
