@@ -473,8 +473,9 @@ async fn faults_a_frozen_relay_gives_the_drain_lock_back() {
     let healthy = Topology::fanout().await;
     let _frozen = Suspended::queue(&stuck.queue);
     let client = db.connect().await;
-    // The first relay publishes to the frozen queue and waits for its
-    // confirm, draining (holding the drain lock) when it is stopped.
+    // The first relay publishes to the frozen queue and waits for the
+    // confirms, draining (holding the drain lock: its claim found three
+    // rows, a busy outbox) when it is stopped.
     let first = RelayProcess(
         relay_run_command(
             &db,
@@ -486,11 +487,17 @@ async fn faults_a_frozen_relay_gives_the_drain_lock_back() {
         .spawn()
         .expect("spawn outbox-relay"),
     );
-    enqueue(&client, &stuck.exchange, "{}", None).await;
+    client
+        .execute(
+            "SELECT outbox.enqueue($1, '', '{}') FROM generate_series(1, 3)",
+            &[&stuck.exchange],
+        )
+        .await
+        .expect("enqueue three rows in one transaction");
     wait_for_count(
         &db,
         "SELECT count(*) FROM outbox.messages WHERE locked_by IS NOT NULL",
-        1,
+        3,
         ARRIVAL,
     )
     .await;

@@ -155,12 +155,12 @@ impl Listener {
         }
     }
 
-    /// Waits up to `timeout` for a wake-up; several queued ones count once.
     /// True from [`Listener::begin_drain`] to [`Listener::end_drain`].
     pub fn draining(&self) -> bool {
         self.draining
     }
 
+    /// Waits up to `timeout` for a wake-up; several queued ones count once.
     pub async fn wait(&mut self, timeout: Duration) -> Woken {
         let woken = match tokio::time::timeout(timeout, self.wakes.recv()).await {
             Ok(Some(())) => Woken::Notified,
