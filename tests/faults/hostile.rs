@@ -40,6 +40,31 @@ impl Drop for Suspended {
     }
 }
 
+/// A database, a queue that does not confirm (suspended until `frozen`
+/// drops) and a healthy one, each on its own fanout exchange.
+struct OneQueueFrozen {
+    db: TestDb,
+    stuck: Topology,
+    healthy: Topology,
+    frozen: Suspended,
+    client: Client,
+}
+
+async fn one_queue_frozen() -> OneQueueFrozen {
+    let db = TestDb::with_outbox().await;
+    let stuck = Topology::fanout().await;
+    let healthy = Topology::fanout().await;
+    let frozen = Suspended::queue(&stuck.queue);
+    let client = db.connect().await;
+    OneQueueFrozen {
+        db,
+        stuck,
+        healthy,
+        frozen,
+        client,
+    }
+}
+
 /// A relay process, killed (and continued first, if stopped) on drop.
 struct RelayProcess(Child);
 
@@ -421,11 +446,13 @@ async fn serial_faults_a_payload_over_the_brokers_max_is_that_rows_fault() {
 
 #[tokio::test]
 async fn faults_a_queue_that_stops_confirming_holds_only_its_own_rows() {
-    let db = TestDb::with_outbox().await;
-    let stuck = Topology::fanout().await;
-    let healthy = Topology::fanout().await;
-    let frozen = Suspended::queue(&stuck.queue);
-    let client = db.connect().await;
+    let OneQueueFrozen {
+        db,
+        stuck,
+        healthy,
+        frozen,
+        client,
+    } = one_queue_frozen().await;
     for n in 0..5 {
         enqueue(&client, &stuck.exchange, &format!("{{\"n\": {n}}}"), None).await;
     }
@@ -468,11 +495,13 @@ async fn faults_a_queue_that_stops_confirming_holds_only_its_own_rows() {
 
 #[tokio::test]
 async fn faults_a_frozen_relay_gives_the_drain_lock_back() {
-    let db = TestDb::with_outbox().await;
-    let stuck = Topology::fanout().await;
-    let healthy = Topology::fanout().await;
-    let _frozen = Suspended::queue(&stuck.queue);
-    let client = db.connect().await;
+    let OneQueueFrozen {
+        db,
+        stuck,
+        healthy,
+        frozen: _frozen,
+        client,
+    } = one_queue_frozen().await;
     // The first relay publishes to the frozen queue and waits for the
     // confirms, draining (holding the drain lock: its claim found three
     // rows, a busy outbox) when it is stopped.
@@ -521,11 +550,13 @@ async fn faults_a_frozen_relay_gives_the_drain_lock_back() {
 /// millisecond meanwhile: 3.9 empty claims a message at 20 msg/s).
 #[tokio::test]
 async fn faults_a_relay_waiting_on_one_confirm_lets_writers_wake_it() {
-    let db = TestDb::with_outbox().await;
-    let stuck = Topology::fanout().await;
-    let healthy = Topology::fanout().await;
-    let _frozen = Suspended::queue(&stuck.queue);
-    let client = db.connect().await;
+    let OneQueueFrozen {
+        db,
+        stuck,
+        healthy,
+        frozen: _frozen,
+        client,
+    } = one_queue_frozen().await;
     let relay = start_idle_relay(&db).await;
     enqueue(&client, &stuck.exchange, "{}", None).await;
     wait_for_count(

@@ -57,7 +57,7 @@ impl CpuMeter {
         self.captured.take_claims();
         Ok(CpuSnapshot {
             at: Instant::now(),
-            relay: setup::relay_cpu_seconds(),
+            relay: setup::relay_cpu_seconds()?,
             backends: self.backends().await?,
         })
     }
@@ -68,7 +68,7 @@ impl CpuMeter {
     pub async fn since(&self, start: &CpuSnapshot) -> anyhow::Result<Cost> {
         let mut cost = Cost {
             seconds: start.at.elapsed().as_secs_f64(),
-            relay: setup::relay_cpu_seconds() - start.relay,
+            relay: setup::relay_cpu_seconds()? - start.relay,
             claims: self.captured.take_claims(),
             ..Cost::default()
         };

@@ -11,7 +11,9 @@
 //! Publishers: the relay (in this process) in notify mode, in poll mode at
 //! two sweep intervals, and the bare NOTIFY → publish bridge as the floor.
 //! One message goes through first and is left out, so start-up and cold
-//! caches are not counted.
+//! caches are not counted. With `--rates`, the relay in notify mode and the
+//! bridge take turns at each rate, with their CPU per message (`cost`),
+//! printed by `sweep`.
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -316,12 +316,11 @@ impl Relay {
 }
 
 /// CPU time, user plus system, of every relay thread in this process so
-/// far (Linux: `/proc/self/task/*/stat`).
-pub fn relay_cpu_seconds() -> f64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0.0;
-    };
-    tasks
+/// far (Linux: `/proc/self/task/*/stat`; a thread gone meanwhile is
+/// skipped).
+pub fn relay_cpu_seconds() -> anyhow::Result<f64> {
+    let tasks = std::fs::read_dir("/proc/self/task").context("cannot list /proc/self/task")?;
+    Ok(tasks
         .flatten()
         .filter_map(|task| {
             let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
@@ -331,7 +330,7 @@ pub fn relay_cpu_seconds() -> f64 {
             let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
             crate::processes::cpu_seconds_of_stat(&stat)
         })
-        .sum()
+        .sum())
 }
 
 /// A PostgreSQL connection whose driver runs on a background task.

@@ -182,6 +182,7 @@ impl Broker {
         let channel = self.channel.clone();
         let (exchange, routing_key) = (row.exchange.as_str(), row.routing_key.as_str());
         let (exchange, routing_key) = (ShortString::from(exchange), ShortString::from(routing_key));
+        // A reference to the claimed payload, not a copy.
         let (payload, properties) = (row.payload.clone(), properties(row));
         let mut publish: Writing = Box::pin(async move {
             let options = BasicPublishOptions {

@@ -38,7 +38,8 @@ use crate::wakeup::{IDLE_RECHECKS, Wakeup, next_recheck};
 use crate::window::{Settled, Window};
 use outbox_service::health::Health;
 
-/// While confirms or marks are outstanding, how often the relay claims
+/// While confirms or marks are outstanding and writers' wake-ups do not
+/// come (the drain lock held, or no listener), how often the relay claims
 /// again for rows committed meanwhile.
 const REFILL_POLL: Duration = Duration::from_millis(1);
 /// Rows a claim finds when writers commit faster than the relay claims

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use deadpool_postgres::Pool;
 use serde_json::Value;
 use tokio_postgres::types::Type;
@@ -23,7 +24,8 @@ pub struct Claimed {
     pub lease: String,
     pub exchange: String,
     pub routing_key: String,
-    pub payload: Vec<u8>,
+    /// Shared, not copied, with the publish that sends it.
+    pub payload: Bytes,
     pub content_type: String,
     /// `{}` when the stored headers cannot be decoded (see `problem`).
     pub headers: Value,
@@ -56,7 +58,7 @@ impl Claimed {
             lease: "test#1".into(),
             exchange: "x".into(),
             routing_key: String::new(),
-            payload: vec![0; 10],
+            payload: Bytes::from(vec![0; 10]),
             content_type: "application/json".into(),
             headers: serde_json::json!({}),
             problem: None,
@@ -480,7 +482,7 @@ impl Store {
                         lease: token.clone(),
                         exchange: row.try_get(2)?,
                         routing_key: row.try_get(3)?,
-                        payload: row.try_get(4)?,
+                        payload: Bytes::from(row.try_get::<_, Vec<u8>>(4)?),
                         content_type: row.try_get(5)?,
                         headers,
                         problem,

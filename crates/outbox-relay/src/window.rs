@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::stream::{FuturesUnordered, Stream};
 use tokio::time::Instant;
 
@@ -94,13 +95,14 @@ impl Window {
         }
     }
 
-    /// Adds a published row; its payload is dropped here, the broker has it.
+    /// Adds a published row; its payload is let go here (the publish holds
+    /// it until its frames are written).
     pub(crate) fn push<C>(&mut self, mut row: Claimed, confirm: C)
     where
         C: Future<Output = (Outcome, Option<Returned>)> + Send + 'static,
     {
         let size = row.payload.len() as u64;
-        row.payload = Vec::new();
+        row.payload = Bytes::new();
         self.bytes += size;
         let slot = self.next_slot;
         self.next_slot += 1;
