@@ -190,32 +190,62 @@ pub async fn run<H: Handler>(
     }
 }
 
-/// How often a session counts its queue's consumers (see `note_consumers`).
+/// How often a session counts its queue's consumers (see `Sharing`).
 const CONSUMERS_CHECK: Duration = Duration::from_secs(2);
+/// How soon a count above one is checked again: much longer than a
+/// departing consumer stays counted (milliseconds), and short enough
+/// that consumers which do share the queue stop waiting soon.
+const SHARING_CONFIRM: Duration = Duration::from_secs(1);
 
 /// Whether other consumers share the queue: a key's missing number then
 /// most likely went to one of them and never comes here, so no early
 /// message waits for it. A single-active-consumer queue delivers to one
-/// consumer at a time, so it is never shared in that sense. True when
-/// that changed.
-fn note_consumers<H: Handler>(shared: &Shared<H>, consumers: u32) -> bool {
-    let now_shared = consumers > 1 && !shared.config.topology.single_active_consumer;
-    let was_shared = shared
-        .bounds
-        .shared_queue
-        .swap(now_shared, std::sync::atomic::Ordering::Relaxed);
-    if now_shared != was_shared {
-        tracing::info!(
-            consumers,
-            "{}",
-            if now_shared {
-                "other consumers share the queue: keyed messages no longer wait for missing earlier ones"
-            } else {
-                "alone on the queue: keyed messages wait for missing earlier ones again"
-            }
-        );
+/// consumer at a time, so it is never shared in that sense.
+///
+/// Shared only after two counts in a row above one ([`SHARING_CONFIRM`]
+/// apart at least): a consumer that
+/// stopped just before this one started can still be counted for a
+/// moment, holding deliveries the broker gives back once it notices, and
+/// taking it for a sharer let this one handle a key's later messages
+/// before the earlier ones coming back (a rolling restart inverted keys).
+#[derive(Default)]
+struct Sharing {
+    counts_above_one: u32,
+}
+
+impl Sharing {
+    /// Notes a count of the queue's consumers; true when the queue's
+    /// being shared changed.
+    fn note<H: Handler>(&mut self, shared: &Shared<H>, consumers: u32) -> bool {
+        self.counts_above_one = if consumers > 1 {
+            self.counts_above_one.saturating_add(1)
+        } else {
+            0
+        };
+        let now_shared =
+            self.counts_above_one >= 2 && !shared.config.topology.single_active_consumer;
+        let was_shared = shared
+            .bounds
+            .shared_queue
+            .swap(now_shared, std::sync::atomic::Ordering::Relaxed);
+        if now_shared != was_shared {
+            tracing::info!(
+                consumers,
+                "{}",
+                if now_shared {
+                    "other consumers share the queue: keyed messages no longer wait for missing earlier ones"
+                } else {
+                    "alone on the queue: keyed messages wait for missing earlier ones again"
+                }
+            );
+        }
+        now_shared != was_shared
     }
-    now_shared != was_shared
+
+    /// Whether the last count, above one, awaits its confirmation.
+    fn unconfirmed(&self) -> bool {
+        self.counts_above_one == 1
+    }
 }
 
 /// Consumes on one connection until it fails or shutdown.
@@ -247,6 +277,7 @@ async fn session<H: Handler>(shared: &Arc<Shared<H>>, broker: Broker) -> Ended {
     );
     let publisher = broker.publisher();
     let mut consumers_check = tokio::time::interval(CONSUMERS_CHECK);
+    let mut sharing = Sharing::default();
     let mut tasks = JoinSet::new();
     let lanes = Lanes::start(shared, &publisher, &mut tasks);
     let ended = loop {
@@ -262,8 +293,11 @@ async fn session<H: Handler>(shared: &Arc<Shared<H>>, broker: Broker) -> Ended {
             },
             _ = consumers_check.tick() => match broker.consumers().await {
                 Ok(consumers) => {
-                    if note_consumers(shared, consumers) {
+                    if sharing.note(shared, consumers) {
                         lanes.recheck();
+                    }
+                    if sharing.unconfirmed() {
+                        consumers_check.reset_after(SHARING_CONFIRM);
                     }
                 }
                 Err(error) => break Ended::Lost(anyhow::Error::new(error).context("cannot count the queue's consumers")),

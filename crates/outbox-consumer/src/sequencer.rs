@@ -12,7 +12,8 @@
 //! set order, so after a rolling restart a key's later message can come
 //! before the earlier one given back), both to a consumer alone on its
 //! queue or its single active consumer. While other consumers share the
-//! queue (counted every few seconds) nothing waits: RabbitMQ hands each a
+//! queue (counted every few seconds, twice in a row: see `consumer`'s
+//! `Sharing`) nothing waits: RabbitMQ hands each a
 //! share of every key's numbers, and a number missing here went to
 //! another one (such consumers cannot keep a key's order anyway). A queue
 //! that sees only some of a key's numbers (a key used on several
