@@ -19,6 +19,7 @@ use lapin::{
 };
 use serde_json::Value;
 
+use crate::fault_policy::BrokerError;
 use crate::meters::Fault;
 use crate::store::Claimed;
 
@@ -63,8 +64,9 @@ pub(crate) enum Outcome {
     /// The message's own fault (nack, unroutable, oversized, no exchange):
     /// counts as an attempt.
     Rejected(Fault, String),
-    /// The connection or channel failed: not the message's fault.
-    Lost(String),
+    /// The connection or channel failed: not the message's fault
+    /// (`fault_policy` says what it means).
+    Lost(BrokerError),
 }
 
 impl Outcome {
@@ -108,7 +110,7 @@ impl Broker {
 
     /// Replaces the channel with a new one in confirm mode (see
     /// [`crate::nack_runs`]); call it with nothing in flight.
-    pub(crate) async fn renew_channel(&mut self) -> Result<(), PublishError> {
+    pub(crate) async fn renew_channel(&mut self) -> Result<(), BrokerError> {
         let channel = within(self.answer_within, confirm_channel(&self.connection)).await?;
         let old = std::mem::replace(&mut self.channel, channel);
         let close = old.close(200, "renewed".into());
@@ -121,7 +123,7 @@ impl Broker {
     /// broker handles a channel's frames in order, so an answer shows it
     /// read every publish sent before: a confirm missing for one of those
     /// is that message's (its queue's) fault, not the broker's.
-    pub(crate) async fn probe(&self) -> Result<(), PublishError> {
+    pub(crate) async fn probe(&self) -> Result<(), BrokerError> {
         let qos = self.channel.basic_qos(0, BasicQosOptions::default());
         within(self.answer_within, async { Ok(qos.await?) }).await
     }
@@ -131,17 +133,16 @@ impl Broker {
     }
 
     /// Publishes `row` (mandatory, persistent) and returns the pending
-    /// confirm. `Err` means the connection failed, not the message; its
-    /// text is lapin's, which the relay's outage handling reads for a
-    /// channel fault (see [`ChannelFault::from_error`]).
+    /// confirm. `Err` means the connection or channel failed, not the
+    /// message (`fault_policy` tells a channel closed over one message).
     /// `broker_max` is the broker's `max_message_size` once learned (see
-    /// [`ChannelFault`]).
+    /// `fault_policy::ChannelFault`).
     pub(crate) async fn publish(
         &mut self,
         row: &Claimed,
         max_payload: u32,
         broker_max: Option<u64>,
-    ) -> Result<Pending, PublishError> {
+    ) -> Result<Pending, BrokerError> {
         if let Some(problem) = &row.problem {
             return Ok(Pending::Done(Outcome::Rejected(
                 Fault::BadHeaders,
@@ -214,7 +215,7 @@ impl Broker {
         }
     }
 
-    async fn exchange_exists(&mut self, exchange: &str) -> Result<bool, PublishError> {
+    async fn exchange_exists(&mut self, exchange: &str) -> Result<bool, BrokerError> {
         // The default exchange always exists (and may not be declared, even
         // passively). `amq.*` names are checked like any other: only the
         // broker's own exist, and a missing one closes the channel.
@@ -268,7 +269,7 @@ impl Broker {
 }
 
 /// A new channel in confirm mode.
-async fn confirm_channel(connection: &Connection) -> Result<Channel, PublishError> {
+async fn confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -276,60 +277,14 @@ async fn confirm_channel(connection: &Connection) -> Result<Channel, PublishErro
     Ok(channel)
 }
 
-/// `work`, or [`PublishError::Silent`] past `limit`.
+/// `work`, or [`BrokerError::Silent`] past `limit`.
 async fn within<T>(
     limit: Duration,
-    work: impl Future<Output = Result<T, PublishError>>,
-) -> Result<T, PublishError> {
+    work: impl Future<Output = Result<T, BrokerError>>,
+) -> Result<T, BrokerError> {
     tokio::time::timeout(limit, work)
         .await
-        .unwrap_or(Err(PublishError::Silent(limit)))
-}
-
-/// A channel closed by the broker because of one message, not an outage:
-/// the relay reconnects at once, learns, and the message alone fails when
-/// it is claimed again.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum ChannelFault {
-    /// PRECONDITION_FAILED: the message was over the broker's
-    /// `max_message_size` (not told at connect; learned here).
-    TooLarge { broker_max: u64 },
-    /// NOT_FOUND: an exchange deleted after it was checked.
-    NoExchange,
-}
-
-impl ChannelFault {
-    /// Reads it from a lapin error's text, e.g. `PRECONDITION_FAILED -
-    /// message size 9 is larger than configured max size 8` or
-    /// `NOT_FOUND - no exchange 'x' in vhost '/'`.
-    pub(crate) fn from_error(error: &str) -> Option<ChannelFault> {
-        if let Some((_, after)) = error.split_once("larger than configured max size ") {
-            let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
-            return digits
-                .parse()
-                .ok()
-                .map(|broker_max| ChannelFault::TooLarge { broker_max });
-        }
-        let (_, after) = error.split_once("no exchange '")?;
-        after
-            .contains("' in vhost")
-            .then_some(ChannelFault::NoExchange)
-    }
-}
-
-/// Why a publish (or another round trip) failed: the connection's fault,
-/// never the row's.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum PublishError {
-    #[error("not connected")]
-    NotConnected,
-    /// No answer within the deadline: the broker (or the network to it)
-    /// stopped answering without closing anything.
-    #[error("no answer from the broker within {} ms", .0.as_millis())]
-    Silent(Duration),
-    /// lapin's text is what [`ChannelFault::from_error`] reads.
-    #[error(transparent)]
-    Broker(#[from] lapin::Error),
+        .unwrap_or(Err(BrokerError::Silent(limit)))
 }
 
 /// A publish whose outcome is either known already or awaits the broker.
@@ -367,7 +322,7 @@ impl Pending {
             Pending::Done(outcome) => return (outcome, None),
             Pending::Writing(writing) => match writing.await {
                 Ok(confirm) => confirm,
-                Err(error) => return (Outcome::Lost(error.to_string()), None),
+                Err(error) => return (Outcome::Lost(error.into()), None),
             },
             Pending::Confirm(confirm) => confirm,
         };
@@ -389,10 +344,8 @@ impl Pending {
                 Outcome::Rejected(Fault::Nacked, "nacked by the broker".into()),
                 message.map(returned),
             ),
-            Ok(Confirmation::NotRequested) => {
-                (Outcome::Lost("channel is not in confirm mode".into()), None)
-            }
-            Err(error) => (Outcome::Lost(error.to_string()), None),
+            Ok(Confirmation::NotRequested) => (Outcome::Lost(BrokerError::NotConfirming), None),
+            Err(error) => (Outcome::Lost(error.into()), None),
         }
     }
 }
@@ -598,22 +551,5 @@ mod tests {
         let big = serde_json::json!({"blob": "x".repeat(5000)});
         let problem = header_problem(&big, 4096).expect("too big");
         assert!(problem.contains("more than the 4096"), "{problem}");
-    }
-
-    #[test]
-    fn channel_faults_are_read_from_the_brokers_words() {
-        assert_eq!(
-            ChannelFault::from_error(
-                "protocol error: AMQP soft error: PRECONDITION-FAILED: message size 134217729 is larger than configured max size 134217728"
-            ),
-            Some(ChannelFault::TooLarge {
-                broker_max: 134217728
-            })
-        );
-        assert_eq!(
-            ChannelFault::from_error("NOT_FOUND - no exchange 'amq.it's' in vhost '/'"),
-            Some(ChannelFault::NoExchange)
-        );
-        assert_eq!(ChannelFault::from_error("connection reset by peer"), None);
     }
 }

@@ -4,8 +4,6 @@
 
 use std::time::Duration;
 
-use tokio_postgres::types::Type;
-
 use crate::store::{Store, StoreError};
 
 /// What the gauges show; see [`Store::stats`].
@@ -103,13 +101,7 @@ impl Store {
     pub async fn stats(&self) -> Result<Stats, StoreError> {
         self.bounded(async {
             let client = self.client().await?;
-            let rows = client
-                .query_typed(STATS, &[(&PENDING_COUNT_CAP, Type::INT8)])
-                .await
-                .map_err(|e| StoreError::from_postgres(&e))?;
-            let row = rows
-                .first()
-                .ok_or_else(|| StoreError::Refused("the gauges query returned no row".into()))?;
+            let row = client.query_one(STATS, &[&PENDING_COUNT_CAP]).await?;
             let stats = || -> Result<Stats, tokio_postgres::Error> {
                 Ok(Stats {
                     pending: row.try_get(0)?,
@@ -119,10 +111,8 @@ impl Store {
                     vacuum: Vacuum::default(),
                 })
             };
-            let mut stats = stats().map_err(|e| StoreError::from_postgres(&e))?;
-            stats.vacuum = vacuum(&**client)
-                .await
-                .map_err(|e| StoreError::from_postgres(&e))?;
+            let mut stats = stats().map_err(StoreError::from)?;
+            stats.vacuum = vacuum(&**client).await.map_err(StoreError::from)?;
             Ok(stats)
         })
         .await
@@ -136,6 +126,6 @@ impl Store {
         client
             .batch_execute("VACUUM outbox.messages")
             .await
-            .map_err(|e| StoreError::from_postgres(&e))
+            .map_err(StoreError::from)
     }
 }

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 mod cursor;
+mod fault_policy;
 pub(crate) mod gauges;
 pub(crate) mod listener;
 pub(crate) mod maintenance;

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::alert::{Alerter, DeadLetter};
 use crate::config::Config;
+use crate::fault_policy::{StoreDirective, store_directive};
 use crate::meters::Meters;
 use crate::store::{Claimed, Retried, Store, StoreError};
 use outbox_service::backoff::Backoff;
@@ -151,8 +152,10 @@ impl Worker {
         loop {
             match self.record(batch).await {
                 Ok(()) => return Ok(()),
-                Err(refused @ StoreError::Refused(_)) => return Err(refused),
-                Err(StoreError::Unavailable(error)) => {
+                Err(error) if store_directive(&error) == StoreDirective::Refused => {
+                    return Err(error);
+                }
+                Err(error) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot record publish outcomes");
                     tokio::time::sleep(delay).await;

@@ -7,29 +7,19 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::PublishError;
+use crate::fault_policy::{BrokerDirective, BrokerError, broker_directive};
 use crate::meters::{BROKER, DATABASE, Meters};
+use crate::store::StoreError;
 use outbox_service::backoff::Backoff;
 use outbox_service::health::Health;
 
-/// Why a drain stopped early.
-#[derive(Debug)]
+/// Why a drain stopped early (`fault_policy` says what each means).
+#[derive(Debug, thiserror::Error)]
 pub(crate) enum Outage {
-    Broker(String),
-    /// The broker stopped answering without closing anything (a
-    /// black-holed network, a stuck load balancer): no confirm, and no
-    /// answer to a probe or a publish within the confirm timeout.
-    BrokerSilent(String),
-    Database(String),
-}
-
-impl From<PublishError> for Outage {
-    fn from(error: PublishError) -> Outage {
-        match error {
-            PublishError::Silent(_) => Outage::BrokerSilent(error.to_string()),
-            _ => Outage::Broker(error.to_string()),
-        }
-    }
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Database(#[from] StoreError),
 }
 
 pub(crate) struct Outages {
@@ -69,7 +59,7 @@ impl Outages {
         let delay = self.backoff.next_delay();
         let retry_in_ms = delay.as_millis() as u64;
         let server = match outage {
-            Outage::Broker(_) | Outage::BrokerSilent(_) => BROKER,
+            Outage::Broker(_) => BROKER,
             Outage::Database(_) => DATABASE,
         };
         self.pauses[server] += 1;
@@ -88,13 +78,12 @@ impl Outages {
             Outage::Broker(error) => {
                 self.health.set(BROKER, false);
                 self.meters.broker_outages.increment(1);
-                report!(%error, retry_in_ms, "RabbitMQ unavailable; pausing")
-            }
-            Outage::BrokerSilent(error) => {
-                self.health.set(BROKER, false);
-                self.meters.broker_outages.increment(1);
-                // Its rows in flight were given back, no attempt counted.
-                report!(%error, retry_in_ms, "RabbitMQ stopped answering; pausing")
+                if broker_directive(error) == BrokerDirective::Abandon {
+                    // Its rows in flight were given back, no attempt counted.
+                    report!(%error, retry_in_ms, "RabbitMQ stopped answering; pausing")
+                } else {
+                    report!(%error, retry_in_ms, "RabbitMQ unavailable; pausing")
+                }
             }
             Outage::Database(error) => {
                 self.health.set(DATABASE, false);

@@ -25,9 +25,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::{Broker, ChannelFault, PublishError};
+use crate::amqp::Broker;
 use crate::config::Config;
 use crate::cursor::Cursor;
+use crate::fault_policy::{BrokerDirective, BrokerError, ChannelFault, broker_directive};
 use crate::listener::Woken;
 use crate::marker::{Mark, Marker};
 use crate::meters::{BROKER, DATABASE, Fault, Meters, Wake};
@@ -60,6 +61,10 @@ pub(crate) struct Relay {
     broker: Option<Broker>,
     /// The broker's `max_message_size`, once a channel closed over it.
     broker_max: Option<u64>,
+    /// The largest payload given back since the last outage, for a
+    /// channel closed over a message too large for a limit the broker
+    /// did not state (see `fault_policy::ChannelFault`).
+    largest_lost: Option<u64>,
     wakeup: Wakeup,
     marker: Marker,
     /// Published rows awaiting their confirm; at most `max_in_flight`.
@@ -98,6 +103,7 @@ impl Relay {
             store,
             broker: Some(broker),
             broker_max: None,
+            largest_lost: None,
             wakeup,
             marker,
             outages: Outages::new(meters.clone(), health.clone()),
@@ -291,7 +297,7 @@ impl Relay {
             followers: self.config.key_pipeline,
         };
         let claim = self.store.claim(limits).await;
-        let claim = claim.map_err(|e| Outage::Database(e.to_string()))?;
+        let claim = claim?;
         self.cursor.claimed(now, &claim.rows, claim.exhausted);
         self.next_key = claim.next_key;
         self.health.set(DATABASE, true);
@@ -347,11 +353,12 @@ impl Relay {
             }
             let published = match self.broker.as_mut() {
                 Some(broker) => broker.publish(&row, max_payload, self.broker_max).await,
-                None => Err(PublishError::NotConnected),
+                None => Err(BrokerError::NotConnected),
             };
             match published {
                 Ok(pending) => self.window.push(row, pending.outcome()),
                 Err(error) => {
+                    self.note_lost(&row);
                     self.give_back(std::iter::once(row).chain(rows));
                     self.meters.failure(Fault::ConnectionLost).increment(1);
                     return Err(Outage::from(error));
@@ -395,6 +402,7 @@ impl Relay {
                 Settled::Unanswered(row) => unanswered.push(row),
                 Settled::Lost(row, error) => {
                     self.meters.failure(Fault::ConnectionLost).increment(1);
+                    self.note_lost(&row);
                     self.give_back([row]);
                     lost = Some(error);
                 }
@@ -418,7 +426,7 @@ impl Relay {
         let through = self.window.last_slot();
         let answer = match self.broker.as_ref() {
             Some(broker) => broker.probe().await,
-            None => Err(PublishError::NotConnected),
+            None => Err(BrokerError::NotConnected),
         };
         match answer {
             Ok(()) => {
@@ -457,6 +465,13 @@ impl Relay {
             self.meters.channel_renewals.increment(1);
         }
         Ok(false)
+    }
+
+    /// Remembers the size of a row whose publish the broker's failure took
+    /// down: the likeliest culprit of a channel closed as too large.
+    fn note_lost(&mut self, row: &Claimed) {
+        let size = row.payload.len() as u64;
+        self.largest_lost = Some(self.largest_lost.map_or(size, |largest| largest.max(size)));
     }
 
     /// Releases rows unpublished or of unknown outcome; claims scan from
@@ -503,11 +518,11 @@ impl Relay {
         let broker = Broker::connect(
             &self.config.amqp_url,
             self.config.amqp_ca_file.as_deref(),
-            "outbox-relay",
+            self.store.relay_id(),
             self.config.confirm_timeout,
         )
         .await
-        .map_err(|e| Outage::Broker(format!("{e:#}")))?;
+        .map_err(|e| BrokerError::Connect(format!("{e:#}")))?;
         tracing::info!("connected to RabbitMQ");
         self.broker = Some(broker);
         self.nack_runs.renewed();
@@ -517,7 +532,12 @@ impl Relay {
 
     async fn wait_out(&mut self, outage: Outage, shutdown: &CancellationToken) {
         self.cursor.rewind();
-        if let Outage::BrokerSilent(_) = &outage {
+        let Outage::Broker(error) = &outage else {
+            self.outages.pause(&outage, shutdown).await;
+            return;
+        };
+        let directive = broker_directive(error);
+        if directive == BrokerDirective::Abandon {
             // Nothing more will come on this connection: everything in
             // flight goes back at once, and the close is not waited for.
             let unanswered = self.window.abandon();
@@ -526,22 +546,23 @@ impl Relay {
             if let Some(broker) = self.broker.take() {
                 broker.abandon().await;
             }
-        }
-        if let Outage::Broker(error) = &outage {
+        } else {
             self.settle_in_flight(Duration::from_secs(1)).await;
             if let Some(broker) = self.broker.take() {
                 broker.close().await;
             }
-            if let Some(fault) = ChannelFault::from_error(error) {
-                // One message's fault: reconnect now (the new connection
-                // checks exchanges afresh); claimed again, that message
-                // alone fails (the others are published again).
-                if let ChannelFault::TooLarge { broker_max } = fault {
-                    self.broker_max = Some(broker_max);
-                }
-                tracing::warn!(%error, "the broker closed the channel over one message; reconnecting");
-                return;
+        }
+        let largest_lost = self.largest_lost.take();
+        if let BrokerDirective::Reconnect(fault) = directive {
+            // One message's fault: reconnect now (the new connection
+            // checks exchanges afresh); claimed again, that message
+            // alone fails (the others are published again).
+            if let ChannelFault::TooLarge { broker_max } = fault {
+                let unstated = largest_lost.map(|largest| largest.saturating_sub(1));
+                self.broker_max = broker_max.or(unstated).or(self.broker_max);
             }
+            tracing::warn!(%error, broker_max = self.broker_max, "the broker closed the channel over one message; reconnecting");
+            return;
         }
         self.outages.pause(&outage, shutdown).await;
     }

@@ -120,36 +120,20 @@ impl ClaimLimits<'static> {
     }
 }
 
-/// Why a statement of the relay failed.
+/// Why a statement of the relay failed, its kind kept for
+/// `fault_policy::store_directive` (wait and retry, or refused).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// No connection, or the server is going away or out of resources:
-    /// wait and try the same again.
+    /// PostgreSQL answered with an error (its SQLSTATE says which), or
+    /// the connection failed.
+    #[error("{}", outbox::error_line(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The pool had no connection to give (deadpool's reason).
     #[error("{0}")]
-    Unavailable(String),
-    /// The server refused this statement (a constraint, a trigger, bad
-    /// data, a row lock another session holds past the lock timeout): the
-    /// same statement may well fail again.
-    #[error("{0}")]
-    Refused(String),
-}
-
-impl StoreError {
-    pub(crate) fn from_postgres(error: &tokio_postgres::Error) -> StoreError {
-        let line = outbox::error_line(error);
-        match error.code().map(|code| code.code()) {
-            Some(code) if !is_transient(code) => StoreError::Refused(line),
-            _ => StoreError::Unavailable(line),
-        }
-    }
-}
-
-/// SQLSTATEs that say "not now, nor anything else": connection (08),
-/// resources (53), operator intervention (57: shutdown, cancel).
-fn is_transient(code: &str) -> bool {
-    ["08", "53", "57"]
-        .iter()
-        .any(|class| code.starts_with(class))
+    NoConnection(String),
+    /// No answer within the statement's deadline.
+    #[error("PostgreSQL did not answer within {0:?}")]
+    NoAnswer(Duration),
 }
 
 /// Result of recording a failed attempt.
@@ -458,13 +442,13 @@ impl Store {
                 let statement = client
                     .prepare_typed_cached(CLAIM, &CLAIM_TYPES)
                     .await
-                    .map_err(|e| StoreError::from_postgres(&e))?;
+                    .map_err(StoreError::from)?;
                 client.query(&statement, &params).await
             } else {
                 let typed: Vec<_> = params.iter().copied().zip(CLAIM_TYPES).collect();
                 client.query_typed(CLAIM, &typed).await
             }
-            .map_err(|e| StoreError::from_postgres(&e))?;
+            .map_err(StoreError::from)?;
             let mut claimed = rows
                 .iter()
                 .map(|row| {
@@ -493,7 +477,7 @@ impl Store {
                     })
                 })
                 .collect::<Result<Vec<_>, tokio_postgres::Error>>()
-                .map_err(|e| StoreError::from_postgres(&e))?;
+                .map_err(StoreError::from)?;
             // UPDATE ... RETURNING does not keep the CTE's order.
             claimed.sort_unstable_by_key(|row| row.id);
             let (found, keyless, keys, last_key) = match rows.first() {
@@ -505,7 +489,7 @@ impl Store {
                         row.try_get::<_, Option<String>>(14)?,
                     ))
                 })()
-                .map_err(|e| StoreError::from_postgres(&e))?,
+                .map_err(StoreError::from)?,
                 None => (0, 0, 0, None),
             };
             let keys_done = keys < limit;
@@ -524,6 +508,11 @@ impl Store {
             })
         })
         .await
+    }
+
+    /// The relay's id: its leases' prefix, and its broker connection's name.
+    pub(crate) fn relay_id(&self) -> &str {
+        &self.relay_id
     }
 
     /// `relay-id#n`: a fresh lease token per claim.
@@ -570,11 +559,11 @@ impl Store {
                     ],
                 )
                 .await
-                .map_err(|e| StoreError::from_postgres(&e))?;
+                .map_err(StoreError::from)?;
             Ok(match row.first().map(|r| r.try_get::<_, bool>(0)) {
                 Some(Ok(true)) => Retried::Dead,
                 Some(Ok(false)) => Retried::Later,
-                Some(Err(e)) => return Err(StoreError::from_postgres(&e)),
+                Some(Err(e)) => return Err(e.into()),
                 None => Retried::Gone,
             })
         })
@@ -611,7 +600,7 @@ impl Store {
                 ];
                 client.query_typed(statement, &params).await.map(|_| 0)
             };
-            executed.map_err(|e| StoreError::from_postgres(&e))?;
+            executed.map_err(StoreError::from)?;
             Ok(())
         })
         .await
@@ -632,7 +621,7 @@ impl Store {
                     &[(&retention_ms, Type::FLOAT8), (&limit, Type::INT8)],
                 )
                 .await
-                .map_err(|e| StoreError::from_postgres(&e))?;
+                .map_err(StoreError::from)?;
             Ok(deleted.len() as u64)
         })
         .await
@@ -649,7 +638,7 @@ impl Store {
             let rows = client
                 .query_typed(WAKE_LOCK_HOLDERS, &[(&relays_name, Type::TEXT)])
                 .await
-                .map_err(|e| StoreError::from_postgres(&e))?;
+                .map_err(StoreError::from)?;
             rows.iter()
                 .map(|row| {
                     Ok(WakeLockHolder {
@@ -661,7 +650,7 @@ impl Store {
                     })
                 })
                 .collect::<Result<_, tokio_postgres::Error>>()
-                .map_err(|e| StoreError::from_postgres(&e))
+                .map_err(StoreError::from)
         })
         .await
     }
@@ -688,9 +677,7 @@ impl Store {
             Ok(result) => result,
             Err(_) => {
                 self.pool.retain(|_, _| false);
-                Err(StoreError::Unavailable(format!(
-                    "PostgreSQL did not answer within {deadline:?}"
-                )))
+                Err(StoreError::NoAnswer(deadline))
             }
         }
     }
@@ -704,7 +691,7 @@ impl Store {
                 .simple_query("SELECT 1")
                 .await
                 .map(drop)
-                .map_err(|e| StoreError::from_postgres(&e))
+                .map_err(StoreError::from)
         })
         .await
     }
@@ -713,6 +700,6 @@ impl Store {
         self.pool
             .get()
             .await
-            .map_err(|e| StoreError::Unavailable(db::pool_error(&e)))
+            .map_err(|e| StoreError::NoConnection(db::pool_error(&e)))
     }
 }

@@ -36,6 +36,7 @@ use futures::stream::{FuturesUnordered, Stream};
 use tokio::time::Instant;
 
 use crate::amqp::{Outcome, Returned};
+use crate::fault_policy::BrokerError;
 use crate::meters::Fault;
 use crate::store::Claimed;
 
@@ -59,7 +60,7 @@ pub(crate) enum Settled {
     /// broker itself may have stopped answering. Not yet anyone's fault.
     Unanswered(Claimed),
     /// Its channel or connection failed: not the row's fault.
-    Lost(Claimed, String),
+    Lost(Claimed, BrokerError),
 }
 
 /// A confirm's answer, or `None` past the deadline.
@@ -299,7 +300,7 @@ mod tests {
         fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer> {
             Pin::new(&mut self.0)
                 .poll(cx)
-                .map(|r| r.unwrap_or((Outcome::Lost("dropped".into()), None)))
+                .map(|r| r.unwrap_or((Outcome::Lost(BrokerError::NotConnected), None)))
         }
     }
 
