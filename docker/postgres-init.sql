@@ -1,7 +1,7 @@
 -- Runs once, as the superuser, when the PostgreSQL volume is first created:
 -- one database for the order service (and its outbox), one for the
 -- dispatch center, and a role per job so that nothing but this script runs
--- as a superuser (README "Least privilege"). The passwords are the demo's:
+-- as a superuser (docs/operations.md "Least privilege"). The passwords are the demo's:
 -- change them for anything real.
 
 -- Owns database `orders`; the order service runs as it and migrates its
@@ -13,7 +13,7 @@ CREATE ROLE outbox_relay LOGIN PASSWORD 'outbox_relay';
 -- captured table has a role of its own (outbox_capture_<db oid>_<table
 -- oid>), which `orders` cannot create (no CREATEROLE): the stack captures
 -- nothing, and `capture` prints the CREATE ROLE and GRANT to run here
--- as the superuser if you add one (README "Capture").
+-- as the superuser if you add one (docs/capture.md).
 CREATE ROLE outbox_capture NOLOGIN;
 GRANT outbox_capture TO orders;
 -- Owns schema `dispatch`: runs `dispatch migrate` and nothing else.

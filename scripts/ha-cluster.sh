@@ -20,8 +20,8 @@
 # cookie and epmd with the shared broker, which nothing here touches.
 # Replication is synchronous by default (the primary waits for the
 # standby's flush, so a failover loses no acknowledged commit);
-# HA_PG_REPLICATION=async at `up` makes it asynchronous (see README,
-# "High availability"). Must run as root (it runs the servers as the
+# HA_PG_REPLICATION=async at `up` makes it asynchronous (see
+# docs/high-availability.md). Must run as root (it runs the servers as the
 # rabbitmq and postgres users).
 set -euo pipefail
 

@@ -42,9 +42,9 @@ fn compose_file_is_accepted_by_docker_compose() {
     }
 }
 
-/// The dashboard and the alerts query only metrics the README documents
-/// (the metrics tests check that each documented one is served), and
-/// Prometheus scrapes the ports the stack serves them on.
+/// The dashboard and the alerts query only metrics docs/operations.md
+/// documents (the metrics tests check that each documented one is
+/// served), and Prometheus scrapes the ports the stack serves them on.
 #[test]
 fn dashboard_and_alerts_use_documented_metrics() {
     let docker = concat!(env!("CARGO_MANIFEST_DIR"), "/../docker");

@@ -9,6 +9,7 @@ mod consumer_example;
 mod consumer_library;
 mod dispatch;
 mod docker;
+mod docs;
 mod enqueue;
 mod examples;
 mod faults;

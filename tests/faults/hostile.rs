@@ -133,7 +133,7 @@ async fn start_idle_relay(db: &TestDb) -> RunningRelay {
     .await;
     wait_for_count(db, &wake_lock_holders(2), 1, ARRIVAL).await;
     // Let its first drain end: a row committed during a drain that found
-    // nothing waits for the sweep (the race README describes), and no
+    // nothing waits for the sweep (the race docs/guarantees.md describes), and no
     // outside sign tells when that drain is over.
     tokio::time::sleep(Duration::from_millis(300)).await;
     relay

@@ -188,13 +188,13 @@ pub fn metric_names(text: &str, prefix: &str) -> BTreeSet<String> {
     names
 }
 
-/// The metrics README § "Metrics, health and logs" documents.
+/// The metrics docs/operations.md § "Metrics, health and logs" documents.
 pub fn documented_metrics(prefix: &str) -> BTreeSet<String> {
-    let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
-    let text = std::fs::read_to_string(readme).expect("read README.md");
+    let guide = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md");
+    let text = std::fs::read_to_string(guide).expect("read docs/operations.md");
     let start = text
         .find("## Metrics, health and logs")
-        .expect("README has a metrics section");
+        .expect("docs/operations.md has a metrics section");
     let section = &text[start..];
     let end = section[3..].find("\n## ").map_or(section.len(), |i| i + 3);
     metric_names(&section[..end], prefix)

@@ -1,6 +1,7 @@
 //! The consumer's metrics, registered once so a delivery only touches
-//! ready handles. The ops endpoint's `/metrics` shows them; the
-//! README lists each with the alert to set.
+//! ready handles. The ops endpoint's `/metrics` shows them;
+//! docs/operations.md § "Metrics, health and logs" lists each with the
+//! alert to set.
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 
@@ -95,7 +96,7 @@ impl Meters {
     }
 }
 
-/// `# HELP` lines, so `/metrics` explains itself (README has the alerts).
+/// `# HELP` lines, so `/metrics` explains itself (docs/operations.md has the alerts).
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(

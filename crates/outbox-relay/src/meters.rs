@@ -1,6 +1,7 @@
 //! The relay's metrics, registered once at start so the publish path
 //! only touches ready handles (a `counter!` by name hashes its key on every
-//! call). README § Metrics lists each with its meaning and the alert to set.
+//! call). docs/operations.md § "Metrics, health and logs" lists each with
+//! its meaning and the alert to set.
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use outbox_service::health::Link;
@@ -160,7 +161,7 @@ impl Meters {
     }
 }
 
-/// `# HELP` lines, so `/metrics` explains itself (README has the alerts).
+/// `# HELP` lines, so `/metrics` explains itself (docs/operations.md has the alerts).
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!("outbox_published_total", "Publishes the broker confirmed.");

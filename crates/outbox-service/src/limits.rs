@@ -4,8 +4,8 @@
 //! or retry delay beyond what a PostgreSQL interval holds
 //! (`now() + $ms * interval '1 millisecond'`) fails every claim or retry,
 //! a retention of `100000000y` every delete. The bounds are generous for
-//! any real use and far below those limits; README's settings table lists
-//! them.
+//! any real use and far below those limits; the settings table of
+//! docs/configuration.md lists them.
 
 use std::fmt::Display;
 use std::ops::RangeInclusive;
