@@ -37,11 +37,8 @@ use crate::meters::{Meters, Settled};
 use crate::work::{Arrived, Work};
 use crate::worker::{Outcome, Shared};
 
-/// The header naming a message's ordering key.
-pub const KEY_HEADER: &str = "x-outbox-key";
-/// The header numbering a keyed message among its key's (from the relay's
-/// `key_seq`): consecutive, with no gaps.
-pub const SEQ_HEADER: &str = "x-outbox-seq";
+/// The relay's headers, as the wire contract names them.
+pub use outbox::wire::{KEY_HEADER, SEQ_HEADER};
 
 /// Where the session hands deliveries; [`Lanes::close`] ends the lanes.
 /// (Prefetch bounds what they hold.)

@@ -20,6 +20,7 @@ pub(crate) mod meters;
 pub mod migrate;
 pub(crate) mod nack_runs;
 mod outage;
+mod properties;
 mod relay;
 mod start;
 /// Public for the hostile tests, which drive a claim's marks by hand.

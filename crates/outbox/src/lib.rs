@@ -20,6 +20,7 @@
 mod enqueue;
 mod error;
 mod migrate;
+pub mod wire;
 
 pub use enqueue::{Message, enqueue};
 pub use error::{
