@@ -28,9 +28,10 @@ use crate::broker::{BrokerError, Publisher};
 use crate::handler::{Handler, HandlerError, Incoming};
 use crate::health;
 use crate::inbox::{BatchFailure, Handled};
-use crate::lanes::ordering_key;
+use crate::message::{ordering_key, span};
 use crate::meters::Settled;
-use crate::worker::{Failed, Item, Shared, ack, admit, retry_delay, settle_failure, span};
+use crate::shared::Shared;
+use crate::worker::{Failed, Item, ack, admit, retry_delay, settle_failure};
 
 /// What is left to do with a batch, in order.
 enum Step {

@@ -18,22 +18,11 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer};
 
 use anyhow::Context;
 
+use crate::message::{
+    DELIVERIES_HEADER, DELIVERY_COUNT_HEADER, ERROR_HEADER, LAST_ERROR_HEADER, RETRIES_HEADER,
+    RETRY_AT_HEADER,
+};
 use crate::topology::Topology;
-
-/// Transient failures so far, carried by the copies in the retry queue.
-pub const RETRIES_HEADER: &str = "x-consumer-retries";
-/// Why a message was dead-lettered.
-pub const ERROR_HEADER: &str = "x-consumer-error";
-/// How many deliveries a dead-lettered message had.
-pub const DELIVERIES_HEADER: &str = "x-consumer-deliveries";
-/// Set by quorum queues: how often this copy went back to the queue,
-/// graceful returns included (before RabbitMQ 4.3), so never read as a
-/// count of failures; dropped from copies.
-const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
-/// When a copy in the retry queue is due back (Unix epoch milliseconds).
-pub(crate) const RETRY_AT_HEADER: &str = "x-consumer-retry-at";
-/// The last transient failure, on copies in the retry queue.
-const LAST_ERROR_HEADER: &str = "x-consumer-last-error";
 
 pub(crate) struct Broker {
     connection: Connection,
@@ -284,59 +273,6 @@ impl Publisher {
     }
 }
 
-/// Deliveries of this message so far, this one included: 1 + transient
-/// failures carried in `x-consumer-retries`. Only real failures count: not
-/// a graceful return, a lost connection or a consumer restart, which a
-/// quorum queue's `x-delivery-count` counts too (before RabbitMQ 4.3), so
-/// it is not read. Only a count a publisher cannot forge is read: the
-/// retries of a copy that came back from our retry queue (through the
-/// default exchange, routed by the queue's name, which a publisher limited
-/// to its own exchange cannot use). A fresh message carrying
-/// `x-consumer-retries: 99` is delivery 1.
-pub(crate) fn delivery_number(delivery: &Delivery, queue: &str) -> u32 {
-    let from_retry_queue =
-        delivery.exchange.as_str().is_empty() && delivery.routing_key.as_str() == queue;
-    let retries = from_retry_queue
-        .then(|| header_u32(delivery, RETRIES_HEADER))
-        .flatten()
-        .unwrap_or(0);
-    1u32.saturating_add(retries)
-}
-
-/// When a copy in the retry queue is due back, if it says.
-pub(crate) fn retry_at(delivery: &Delivery) -> Option<SystemTime> {
-    let headers = delivery.properties.headers().as_ref()?;
-    let millis = match headers.inner().get(RETRY_AT_HEADER)? {
-        AMQPValue::LongLongInt(millis) => u64::try_from(*millis).ok()?,
-        _ => return None,
-    };
-    UNIX_EPOCH.checked_add(Duration::from_millis(millis))
-}
-
-fn header_u32(delivery: &Delivery, key: &str) -> Option<u32> {
-    delivery
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|headers| headers.inner().get(key))
-        .and_then(as_u32)
-}
-
-/// Any integer header value that fits; publishers pick various widths.
-fn as_u32(value: &AMQPValue) -> Option<u32> {
-    let wide: i64 = match value {
-        AMQPValue::ShortShortInt(v) => (*v).into(),
-        AMQPValue::ShortShortUInt(v) => (*v).into(),
-        AMQPValue::ShortInt(v) => (*v).into(),
-        AMQPValue::ShortUInt(v) => (*v).into(),
-        AMQPValue::LongInt(v) => (*v).into(),
-        AMQPValue::LongUInt(v) => (*v).into(),
-        AMQPValue::LongLongInt(v) => *v,
-        _ => return None,
-    };
-    u32::try_from(wide).ok()
-}
-
 /// The delivery's headers without the quorum queue's count: it is folded
 /// into `x-consumer-retries`, and a stale copy would count twice.
 fn copied_headers(delivery: &Delivery) -> BTreeMap<ShortString, AMQPValue> {
@@ -408,46 +344,6 @@ mod tests {
             .with_expiration("500".into())
             .with_message_id("m".into());
         delivery
-    }
-
-    #[test]
-    fn first_delivery_is_number_one() {
-        assert_eq!(delivery_number(&delivery(FieldTable::default()), "q"), 1);
-    }
-
-    /// A quorum queue counts graceful returns (a consumer restarted, a
-    /// lane given back) as deliveries: eight rolling restarts dead-lettered
-    /// good messages as "delivered 6 times" when that count was read.
-    #[test]
-    fn retries_count_and_quorum_returns_do_not() {
-        let mut headers = FieldTable::default();
-        headers.insert(RETRIES_HEADER.into(), AMQPValue::LongUInt(2));
-        headers.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongLongInt(7));
-        assert_eq!(delivery_number(&delivery(headers), "q"), 3);
-    }
-
-    #[test]
-    fn a_fresh_message_cannot_forge_its_counts() {
-        let mut headers = FieldTable::default();
-        headers.insert(RETRIES_HEADER.into(), AMQPValue::LongUInt(99));
-        headers.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongLongInt(99));
-        let mut fresh = delivery(headers);
-        fresh.exchange = "orders".into();
-        fresh.routing_key = "".into();
-        fresh.redelivered = false;
-        assert_eq!(delivery_number(&fresh, "q"), 1);
-        // Through the default exchange to another queue: not our retry queue.
-        fresh.exchange = "".into();
-        fresh.routing_key = "other".into();
-        assert_eq!(delivery_number(&fresh, "q"), 1);
-    }
-
-    #[test]
-    fn nonsense_counts_are_ignored() {
-        let mut headers = FieldTable::default();
-        headers.insert(RETRIES_HEADER.into(), long_string("many"));
-        headers.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongLongInt(-3));
-        assert_eq!(delivery_number(&delivery(headers), "q"), 1);
     }
 
     #[test]

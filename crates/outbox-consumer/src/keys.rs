@@ -13,7 +13,7 @@ use tokio_postgres::GenericClient;
 use tokio_postgres::types::Type;
 
 use crate::handler::{HandlerError, Incoming, classify};
-use crate::lanes::numbered;
+use crate::message::numbered;
 
 /// The key table's name and statements.
 #[derive(Debug, Clone)]

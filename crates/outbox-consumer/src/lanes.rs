@@ -20,10 +20,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::BasicNackOptions;
-use lapin::types::AMQPValue;
 use outbox_service::backoff::Backoff;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -33,12 +31,10 @@ use crate::broker::Publisher;
 use crate::handler::Handler;
 use crate::handler::HandlerError;
 use crate::health;
+use crate::message::numbered;
 use crate::meters::{Meters, Settled};
+use crate::shared::{Outcome, Shared};
 use crate::work::{Arrived, Work};
-use crate::worker::{Outcome, Shared};
-
-/// The relay's headers, as the wire contract names them.
-pub use outbox::wire::{KEY_HEADER, SEQ_HEADER};
 
 /// Where the session hands deliveries; [`Lanes::close`] ends the lanes.
 /// (Prefetch bounds what they hold.)
@@ -79,40 +75,6 @@ impl Lanes {
     /// changed: other consumers came to share the queue).
     pub(crate) fn recheck(&self) {
         self.work.recheck();
-    }
-}
-
-/// The ordering key a delivery carries, if any.
-pub(crate) fn ordering_key(delivery: &Delivery) -> Option<&[u8]> {
-    key_of(&delivery.properties)
-}
-
-/// The ordering key and sequence number a message carries, if both. The
-/// relay numbers from 1: a number below that is no number (it would set
-/// its key's watermark below where the relay starts).
-pub(crate) fn numbered(properties: &BasicProperties) -> Option<(&[u8], i64)> {
-    key_of(properties).zip(sequence(properties).filter(|&seq| seq >= 1))
-}
-
-fn key_of(properties: &BasicProperties) -> Option<&[u8]> {
-    let headers = properties.headers().as_ref()?;
-    match headers.inner().get(KEY_HEADER)? {
-        AMQPValue::LongString(key) => Some(key.as_bytes()),
-        AMQPValue::ShortString(key) => Some(key.as_str().as_bytes()),
-        _ => None,
-    }
-}
-
-/// The sequence number a message carries, if any.
-fn sequence(properties: &BasicProperties) -> Option<i64> {
-    let headers = properties.headers().as_ref()?;
-    match headers.inner().get(SEQ_HEADER)? {
-        AMQPValue::LongLongInt(n) => Some(*n),
-        AMQPValue::LongInt(n) => Some(i64::from(*n)),
-        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
-        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
-        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
-        _ => None,
     }
 }
 
@@ -263,27 +225,4 @@ fn in_order(meters: &Meters, work: &Work, deliveries: Vec<Arrived>) -> Vec<Deliv
         meters.key_wait_seconds.record(waited.as_secs_f64());
     }
     ready.into_iter().map(|(_, delivery)| delivery).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use lapin::types::FieldTable;
-
-    fn keyed(seq: i64) -> BasicProperties {
-        let mut headers = FieldTable::default();
-        headers.insert(KEY_HEADER.into(), AMQPValue::LongString("k".into()));
-        headers.insert(SEQ_HEADER.into(), AMQPValue::LongLongInt(seq));
-        BasicProperties::default().with_headers(headers)
-    }
-
-    /// A number below the relay's first would set its key's watermark
-    /// below 1, and the key's real message 1 would then wait for numbers
-    /// that never come.
-    #[test]
-    fn numbers_below_one_are_no_numbers() {
-        assert_eq!(numbered(&keyed(1)), Some((&b"k"[..], 1)));
-        assert_eq!(numbered(&keyed(0)), None);
-        assert_eq!(numbered(&keyed(-5)), None);
-    }
 }

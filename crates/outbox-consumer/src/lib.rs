@@ -10,41 +10,50 @@
 //! [`health`] and the `consumer_*` metrics feed the ops endpoint of
 //! `outbox_service::endpoint`.
 //!
-//! - `consumer`: the life cycle (connect, declare, consume, reconnect, stop);
+//! The modules import one way, none one that imports it back: a
+//! delivery's path reads from the session down to the broker.
+//!
+//! - `consumer`: the life cycle (connect, declare, consume, reconnect,
+//!   stop); `config`: what it is told;
 //! - `lanes`: the tasks that handle batches; `work`: what they take (the
 //!   oldest first, a key in one lane at a time); `sequencer`: a key's
 //!   numbers back in order;
 //! - `batch`: a lane's batch in one transaction, taken apart on a failure;
-//! - `worker`: how one delivery ends (parse, ack, retry or dead-letter);
 //! - `inbox`: the effectively-once transaction; `keys`: each key's
 //!   watermark beside it; `retention`: their old rows;
+//! - `worker`: how one delivery ends (admit, ack, retry or dead-letter);
 //! - `retrier`: brings retried messages back when they are due;
 //! - `broker`, `topology`: the RabbitMQ side;
+//! - `shared`: the state every stage reads, and how a session's task ends;
+//! - `message`: every read of a delivery's properties and headers;
 //! - `handler`: what a user implements; `meters`, `health`: observability.
 
 mod batch;
 mod broker;
+mod config;
 mod consumer;
 mod handler;
 pub mod health;
 mod inbox;
 mod keys;
 mod lanes;
+mod message;
 mod meters;
 mod retention;
 mod retrier;
 mod sequencer;
+mod shared;
 mod topology;
 mod work;
 mod worker;
 
 // The whole public API: what a user brings (a handler, an inbox table, the
 // names), what runs it, and the headers its dead letters carry.
-pub use broker::{DELIVERIES_HEADER, ERROR_HEADER, RETRIES_HEADER};
-pub use consumer::{ConsumerConfig, run};
+pub use config::ConsumerConfig;
+pub use consumer::run;
 pub use handler::{BatchError, Handler, HandlerError, Incoming, classify};
 pub use inbox::{BadTableName, Inbox, plain_table_name};
-pub use lanes::{KEY_HEADER, SEQ_HEADER};
+pub use message::{DELIVERIES_HEADER, ERROR_HEADER, KEY_HEADER, RETRIES_HEADER, SEQ_HEADER};
 pub use topology::{QueueType, Topology};
 
 use deadpool_postgres::Pool;

@@ -21,9 +21,10 @@ use lapin::options::BasicAckOptions;
 use outbox_service::backoff::Backoff;
 use tracing::Instrument;
 
-use crate::broker::{BrokerError, Publisher, retry_at};
+use crate::broker::{BrokerError, Publisher};
 use crate::handler::Handler;
-use crate::worker::{Outcome, Shared, span};
+use crate::message::{retry_at, span};
+use crate::shared::{Outcome, Shared};
 
 /// Waits until `copy` is due, puts it back in the queue with a confirm,
 /// then acks it in the retry queue. At shutdown it stays where it is.

@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::lanes::ordering_key;
+use crate::message::ordering_key;
 use crate::sequencer::{Bounds, Sequencer};
 
 /// A delivery and when it came (a count, for "oldest first").
@@ -260,7 +260,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lanes::{KEY_HEADER, SEQ_HEADER};
+    use crate::message::{KEY_HEADER, SEQ_HEADER};
     use lapin::BasicProperties;
     use lapin::types::{AMQPValue, FieldTable};
     use std::sync::Arc;

@@ -20,45 +20,16 @@
 
 use std::time::Duration;
 
-use deadpool_postgres::Pool;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
-use lapin::types::AMQPValue;
-use outbox_service::traceparent;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use uuid::Uuid;
 
-use crate::broker::{BrokerError, Publisher, delivery_number};
-use crate::consumer::ConsumerConfig;
+use crate::broker::{BrokerError, Publisher};
+use crate::config::ConsumerConfig;
 use crate::handler::{Handler, Incoming};
-use crate::inbox::Inbox;
-use crate::lanes::numbered;
+use crate::message::{delivery_number, incoming, numbered, sent_message_id, span};
 use crate::meters::{Meters, Settled};
-use crate::sequencer::Bounds;
-use outbox_service::health::Health;
-
-/// What the lanes of all sessions share.
-pub(crate) struct Shared<H> {
-    pub handler: H,
-    pub pool: Pool,
-    pub inbox: Inbox,
-    pub config: ConsumerConfig,
-    pub health: Health,
-    pub meters: Meters,
-    pub shutdown: CancellationToken,
-    /// How long and how many keyed messages may wait for earlier ones.
-    pub bounds: Bounds,
-}
-
-/// How a lane ended, for the session.
-#[derive(Debug)]
-pub(crate) enum Outcome {
-    /// Shutdown, or the session dropped it: nothing for the session to do.
-    Settled,
-    /// The broker failed under us: the session must reconnect.
-    BrokerFailed(BrokerError),
-}
+use crate::shared::Shared;
 
 /// A delivery fit for a handler.
 pub(crate) struct Item {
@@ -167,63 +138,6 @@ async fn pass_key<H: Handler>(shared: &Shared<H>, delivery: &Delivery) {
     }
 }
 
-/// The span every log line about this delivery is in: its message id and,
-/// when the publisher sent a valid W3C `traceparent` header (the relay
-/// copies it from the outbox row), the trace id and the header itself.
-pub(crate) fn span(delivery: &Delivery) -> tracing::Span {
-    let properties = &delivery.properties;
-    let message_id = properties.message_id().as_ref().map(|id| id.as_str());
-    let traceparent = properties.headers().as_ref().and_then(|headers| {
-        match headers.inner().get(traceparent::HEADER)? {
-            AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes()).ok(),
-            AMQPValue::ShortString(text) => Some(text.as_str()),
-            _ => None,
-        }
-    });
-    let trace_id = traceparent.and_then(traceparent::trace_id);
-    tracing::info_span!(
-        "message",
-        message_id,
-        trace_id,
-        traceparent = trace_id.and(traceparent)
-    )
-}
-
-/// Why a delivery is poison before any handler sees it; the message is the
-/// reason in its dead letter's `x-consumer-error`.
-#[derive(Debug, thiserror::Error)]
-enum BadDelivery {
-    #[error("no message_id: cannot be deduplicated")]
-    NoMessageId,
-    #[error("message_id `{id}` is not a UUID")]
-    NotAUuid {
-        id: String,
-        #[source]
-        source: uuid::Error,
-    },
-}
-
-/// The delivery as a handler sees it.
-fn incoming(delivery: &Delivery, deliveries: u32) -> Result<Incoming, BadDelivery> {
-    let id = delivery
-        .properties
-        .message_id()
-        .as_ref()
-        .ok_or(BadDelivery::NoMessageId)?;
-    let message_id = Uuid::parse_str(id.as_str()).map_err(|source| BadDelivery::NotAUuid {
-        id: id.to_string(),
-        source,
-    })?;
-    Ok(Incoming {
-        message_id,
-        body: delivery.data.clone(),
-        exchange: delivery.exchange.to_string(),
-        routing_key: delivery.routing_key.to_string(),
-        delivery: deliveries,
-        properties: delivery.properties.clone(),
-    })
-}
-
 /// `retry_base` doubled per earlier delivery, at most `retry_max`.
 pub(crate) fn retry_delay(config: &ConsumerConfig, deliveries: u32) -> Duration {
     let doublings = deliveries.saturating_sub(1).min(20);
@@ -266,7 +180,7 @@ async fn copy_to_dead_letters(
     reason: &str,
 ) -> Result<(), BrokerError> {
     tracing::warn!(
-        message_id = delivery.properties.message_id().as_ref().map_or("", |m| m.as_str()),
+        message_id = sent_message_id(delivery).unwrap_or(""),
         deliveries,
         %reason,
         "dead-lettering message"
@@ -296,7 +210,6 @@ pub(crate) async fn ack(
 mod tests {
     use super::*;
     use crate::topology::Topology;
-    use lapin::BasicProperties;
 
     fn config() -> ConsumerConfig {
         ConsumerConfig {
@@ -313,27 +226,5 @@ mod tests {
             .collect();
         assert_eq!(delays, [100, 200, 400, 700, 700]);
         assert_eq!(retry_delay(&config(), u32::MAX).as_millis(), 700);
-    }
-
-    fn with_id(id: Option<&str>) -> Delivery {
-        let mut delivery = Delivery::mock(1, "ex".into(), "".into(), false, b"{}".to_vec());
-        if let Some(id) = id {
-            delivery.properties = BasicProperties::default().with_message_id(id.into());
-        }
-        delivery
-    }
-
-    #[test]
-    fn message_id_must_be_a_uuid() {
-        let id = Uuid::new_v4().to_string();
-        assert_eq!(
-            incoming(&with_id(Some(&id)), 1)
-                .map(|m| m.message_id.to_string())
-                .ok(),
-            Some(id)
-        );
-        let reason = |id| incoming(&with_id(id), 1).map_err(|e| e.to_string()).err();
-        assert!(reason(None).is_some_and(|e| e.contains("no message_id")));
-        assert!(reason(Some("42")).is_some_and(|e| e == "message_id `42` is not a UUID"));
     }
 }

@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use anyhow::Context;
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::config::Settings;
 use outbox_service::telemetry::LogFormat;
@@ -77,4 +78,24 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub settings: Settings,
+}
+
+/// Rejects `OUTBOX_*` variables that `outbox-relay run` does not read (a
+/// typo would otherwise silently leave the default in force). The names
+/// come from the clap definitions, `OUTBOX_CONFIG` and the global
+/// `OUTBOX_LOG_FORMAT` included.
+pub fn check_environment(vars: impl Iterator<Item = (String, String)>) -> anyhow::Result<()> {
+    let mut command = Cli::command();
+    // Copies the global flags into the subcommands and names them
+    // `outbox-relay run`, as the error's pointer to `--help` should.
+    command.build();
+    let run = command
+        .find_subcommand("run")
+        .context("the command line has no `run`")?;
+    Ok(outbox_service::environment::check(
+        run,
+        "OUTBOX_",
+        &[],
+        vars,
+    )?)
 }

@@ -5,8 +5,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use outbox_relay::cli::{Cli, Command, RunArgs};
-use outbox_relay::config::{self, Settings};
+use outbox_relay::cli::{self, Cli, Command, RunArgs};
+use outbox_relay::config::Settings;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
@@ -40,7 +40,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    config::check_environment(std::env::vars())?;
+    cli::check_environment(std::env::vars())?;
     let file = match &args.config {
         Some(path) => Settings::from_file(path)?,
         None => Settings::default(),

@@ -14,7 +14,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::CommandFactory;
 
 use crate::alert::AlertConfig;
 use outbox_service::limits::{self, check, millis};
@@ -67,26 +66,6 @@ pub struct Config {
     /// False when `metrics_addr` is the default: then an address in use (a
     /// second relay on the host) is a warning, not a reason to stop.
     pub metrics_addr_given: bool,
-}
-
-/// Rejects `OUTBOX_*` variables that `outbox-relay run` does not read (a
-/// typo would otherwise silently leave the default in force). The names
-/// come from the clap definitions, `OUTBOX_CONFIG` and the global
-/// `OUTBOX_LOG_FORMAT` included.
-pub fn check_environment(vars: impl Iterator<Item = (String, String)>) -> anyhow::Result<()> {
-    let mut command = crate::cli::Cli::command();
-    // Copies the global flags into the subcommands and names them
-    // `outbox-relay run`, as the error's pointer to `--help` should.
-    command.build();
-    let run = command
-        .find_subcommand("run")
-        .context("the command line has no `run`")?;
-    Ok(outbox_service::environment::check(
-        run,
-        "OUTBOX_",
-        &[],
-        vars,
-    )?)
 }
 
 impl Settings {

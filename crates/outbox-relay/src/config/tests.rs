@@ -1,6 +1,7 @@
 //! The relay's configuration checks: defaults, ranges, layering.
 
 use super::*;
+use crate::cli::check_environment;
 use clap::CommandFactory;
 
 fn base() -> Settings {

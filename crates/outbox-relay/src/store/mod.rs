@@ -1,6 +1,10 @@
 //! The relay's queries on `outbox.messages`: claim, mark, retry, release
 //! and retention, over a small connection pool.
 
+mod claim;
+
+pub use claim::{CLAIM, CLAIM_TYPES, Claim, ClaimLimits};
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -70,56 +74,6 @@ impl Claimed {
     }
 }
 
-/// What one claim took.
-#[derive(Debug)]
-pub struct Claim {
-    pub rows: Vec<Claimed>,
-    /// Fewer rows were claimable than asked for (not merely cut by the
-    /// byte budget): nothing more to claim right now.
-    pub exhausted: bool,
-    /// The key the next claim's scan of keys starts from: the last one
-    /// this claim looked at, or "" once the scan reached the last key.
-    pub next_key: String,
-    /// Some key had unpublished rows (claimed or not).
-    pub keys_pending: bool,
-}
-
-/// What a claim asks for; see [`CLAIM`].
-#[derive(Debug, Clone, Copy)]
-pub struct ClaimLimits<'a> {
-    /// Keyless rows are taken above this id (see `cursor`).
-    pub after: i64,
-    /// Keys are looked at from this one on ("": from the first).
-    pub keys_from: &'a str,
-    pub rows: u32,
-    /// Payload bytes (the first row whatever its size).
-    pub bytes: u64,
-    pub lease: Duration,
-    pub block_on_dead_head: bool,
-    /// Rows of a key taken after its head.
-    pub followers: u32,
-    /// Ids of the keyed rows published and not yet marked (awaiting
-    /// their confirms, or confirmed lately): with `followers` above 0
-    /// they do not hold their keys back.
-    pub in_flight: &'a [i64],
-}
-
-impl ClaimLimits<'static> {
-    /// Up to `rows` rows from the start, heads only, any payload size.
-    pub fn from_start(rows: u32, lease: Duration) -> ClaimLimits<'static> {
-        ClaimLimits {
-            after: 0,
-            keys_from: "",
-            rows,
-            bytes: u64::MAX,
-            lease,
-            block_on_dead_head: true,
-            followers: 0,
-            in_flight: &[],
-        }
-    }
-}
-
 /// Why a statement of the relay failed, its kind kept for
 /// `fault_policy::store_directive` (wait and retry, or refused).
 #[derive(Debug, thiserror::Error)]
@@ -168,135 +122,6 @@ pub struct Store {
     /// [`Store::prepare_statements`]).
     prepared: bool,
 }
-
-/// What a claim takes: keyless pending rows in id order after $6, and the
-/// head (its first unpublished row) of each key with pending rows, the
-/// keys taken in order from $7 on, at most $1 of them (the next claim
-/// goes on from the last, so every key gets its turn). $3 says whether a
-/// dead head blocks its key. After a head come up to $8 of its key's next
-/// rows (fewer when the claim's $1 rows are shared among many heads), up
-/// to the first that cannot go now (leased, waiting for a retry, dead):
-/// published together on one channel, they reach a queue in order. With
-/// $8 above 0, the rows in $9 (those this relay has published and
-/// awaits confirms for) do not count as a key's head: the next rows go
-/// out behind them on the same channel without waiting for their
-/// confirms. Only rows truly in flight: one given back unpublished, or
-/// failed, is still leased until its mark lands, and a key must wait for
-/// it (matching "leased by this relay" instead let a later row of the key
-/// pass one given back when its lease ran short). $5 bounds the payload
-/// bytes taken (the first row is always taken).
-///
-/// Heads are found key by key on the pending-by-key index (a skip scan:
-/// one probe per key; comparing `(ordering_key, id)` as a row keeps the
-/// planner off the primary key, which it took with the statistics of a
-/// keyed backlog, walking 83,000 pages for 50 heads), never by walking
-/// the backlog in id order and
-/// asking of each row whether an earlier one of its key is pending: on a
-/// keyed backlog of 150,000 rows over 51 keys that walk took 2.8 s a claim
-/// for 51 heads. Keyless rows have an index of their own (V8) for the same
-/// reason: filtering the pending index walked every keyed row (45 ms).
-///
-/// A keyed row gets its key's next sequence number (V8) the first time it
-/// is claimed: the claim takes a prefix of the key's pending rows, so
-/// numbers follow id order with no gaps.
-/// `octet_length` reads a TOASTed value's size without fetching it.
-/// Headers come as text and are parsed per row, so one row that serde
-/// cannot decode is that row's problem, not a failed claim.
-pub const CLAIM: &str = "
-WITH RECURSIVE keys AS (
-    (SELECT ordering_key, 1 AS n FROM outbox.messages
-     WHERE ordering_key >= $7 AND published_at IS NULL
-     ORDER BY ordering_key LIMIT 1)
-    UNION ALL
-    SELECT next.ordering_key, k.n + 1 FROM keys k CROSS JOIN LATERAL (
-        SELECT ordering_key FROM outbox.messages
-        WHERE ordering_key > k.ordering_key AND published_at IS NULL
-        ORDER BY ordering_key LIMIT 1) next
-    WHERE k.n < $1
-), heads AS MATERIALIZED (
-    SELECT h.id FROM keys k CROSS JOIN LATERAL (
-        SELECT id, dead_at, next_attempt_at, locked_until FROM outbox.messages
-        WHERE ordering_key = k.ordering_key AND (ordering_key, id) > (k.ordering_key, 0)
-          AND published_at IS NULL AND ($3 OR dead_at IS NULL)
-          AND NOT ($8 > 0 AND id = ANY ($9))
-        ORDER BY ordering_key, id LIMIT 1) h
-    WHERE h.dead_at IS NULL AND h.next_attempt_at <= now()
-      AND (h.locked_until IS NULL OR h.locked_until < now())
-), keyless AS MATERIALIZED (
-    SELECT id FROM outbox.messages
-    WHERE ordering_key IS NULL AND published_at IS NULL AND dead_at IS NULL AND id > $6
-      AND next_attempt_at <= now() AND (locked_until IS NULL OR locked_until < now())
-    ORDER BY id LIMIT $1
-), picked AS MATERIALIZED (
-    SELECT m.id, m.ordering_key, octet_length(m.payload)::int8 AS size FROM outbox.messages m
-    WHERE m.id = ANY (ARRAY(SELECT id FROM keyless UNION ALL SELECT id FROM heads))
-      AND m.published_at IS NULL AND m.dead_at IS NULL AND m.next_attempt_at <= now()
-      AND (m.locked_until IS NULL OR m.locked_until < now())
-    ORDER BY m.id LIMIT $1
-    FOR UPDATE OF m SKIP LOCKED
-), followers AS MATERIALIZED (
-    SELECT f.id, f.size FROM picked h CROSS JOIN LATERAL (
-        SELECT next.id, next.size, bool_and(next.ready) OVER (ORDER BY next.id) AS run
-        FROM (
-            SELECT n.id, octet_length(n.payload)::int8 AS size,
-                   n.dead_at IS NULL AND n.next_attempt_at <= now()
-                   AND (n.locked_until IS NULL OR n.locked_until < now()) AS ready
-            FROM outbox.messages n
-            WHERE n.ordering_key = h.ordering_key
-              AND (n.ordering_key, n.id) > (h.ordering_key, h.id)
-              AND n.published_at IS NULL AND ($3 OR n.dead_at IS NULL)
-            ORDER BY n.ordering_key, n.id
-            LIMIT least($8, $1 / greatest((SELECT count(*) FROM picked), 1))
-        ) next
-    ) f
-    WHERE h.ordering_key IS NOT NULL AND f.run
-), chosen AS MATERIALIZED (
-    SELECT id FROM (
-        SELECT id, sum(size) OVER (ORDER BY id) - size AS before
-        FROM (SELECT id, size FROM picked UNION ALL SELECT id, size FROM followers) rows
-        ORDER BY id LIMIT $1
-    ) running
-    WHERE before < $5
-), sequenced AS MATERIALIZED (
-    -- No other claim numbers these keys meanwhile: it would need their
-    -- heads, which this one holds.
-    SELECT m.id, m.ordering_key,
-           CASE WHEN m.ordering_key IS NOT NULL AND m.key_seq IS NULL THEN
-               coalesce(s.last, 0) + row_number() OVER (
-                   PARTITION BY m.ordering_key, m.key_seq IS NULL ORDER BY m.id)
-           END AS seq
-    FROM chosen JOIN outbox.messages m USING (id)
-    LEFT JOIN outbox.key_sequences s ON s.ordering_key = m.ordering_key
-), numbered AS (
-    INSERT INTO outbox.key_sequences AS s (ordering_key, last)
-    SELECT ordering_key, max(seq) FROM sequenced WHERE seq IS NOT NULL GROUP BY ordering_key
-    ON CONFLICT (ordering_key) DO UPDATE SET last = excluded.last
-)
-UPDATE outbox.messages m
-SET locked_by = $2, locked_until = now() + $4 * interval '1 millisecond',
-    key_seq = coalesce(m.key_seq, sequenced.seq)
-FROM sequenced
-WHERE m.id = sequenced.id AND m.published_at IS NULL
-RETURNING m.id, m.message_id, m.exchange, m.routing_key, m.payload, m.content_type,
-          m.headers::text, m.ordering_key, m.attempts, coalesce(m.replayed_at, m.created_at),
-          m.key_seq,
-          (SELECT count(*) FROM picked) + (SELECT count(*) FROM followers),
-          (SELECT count(*) FROM keyless),
-          (SELECT count(*) FROM keys),
-          (SELECT max(ordering_key) FROM keys)";
-
-/// The types of [`CLAIM`]'s parameters.
-pub const CLAIM_TYPES: [Type; 9] = [
-    Type::INT8,
-    Type::TEXT,
-    Type::BOOL,
-    Type::FLOAT8,
-    Type::INT8,
-    Type::INT8,
-    Type::TEXT,
-    Type::INT8,
-    Type::INT8_ARRAY,
-];
 
 /// Every state change is fenced on the lease token: only rows this
 /// relay's claim still holds change.
@@ -415,99 +240,6 @@ impl Store {
     pub fn prepare_statements(mut self, prepared: bool) -> Store {
         self.prepared = prepared;
         self
-    }
-
-    /// Claims up to `limits.rows` rows holding at most `limits.bytes` of
-    /// payload between them, under a lease token of their own.
-    pub async fn claim(&self, limits: ClaimLimits<'_>) -> Result<Claim, StoreError> {
-        self.bounded(async {
-            let client = self.client().await?;
-            let lease_ms = limits.lease.as_millis() as f64;
-            let limit = i64::from(limits.rows);
-            let bytes = i64::try_from(limits.bytes).unwrap_or(i64::MAX);
-            let followers = i64::from(limits.followers);
-            let token = self.next_lease();
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
-                &limit,
-                &token,
-                &limits.block_on_dead_head,
-                &lease_ms,
-                &bytes,
-                &limits.after,
-                &limits.keys_from,
-                &followers,
-                &limits.in_flight,
-            ];
-            let rows = if self.prepared {
-                let statement = client
-                    .prepare_typed_cached(CLAIM, &CLAIM_TYPES)
-                    .await
-                    .map_err(StoreError::from)?;
-                client.query(&statement, &params).await
-            } else {
-                let typed: Vec<_> = params.iter().copied().zip(CLAIM_TYPES).collect();
-                client.query_typed(CLAIM, &typed).await
-            }
-            .map_err(StoreError::from)?;
-            let mut claimed = rows
-                .iter()
-                .map(|row| {
-                    let headers: String = row.try_get(6)?;
-                    let (headers, problem) = match serde_json::from_str(&headers) {
-                        Ok(headers) => (headers, None),
-                        Err(error) => (
-                            Value::Object(Default::default()),
-                            Some(format!("headers cannot be decoded: {error}")),
-                        ),
-                    };
-                    Ok(Claimed {
-                        id: row.try_get(0)?,
-                        message_id: row.try_get(1)?,
-                        lease: token.clone(),
-                        exchange: row.try_get(2)?,
-                        routing_key: row.try_get(3)?,
-                        payload: Bytes::from(row.try_get::<_, Vec<u8>>(4)?),
-                        content_type: row.try_get(5)?,
-                        headers,
-                        problem,
-                        ordering_key: row.try_get(7)?,
-                        attempts: row.try_get(8)?,
-                        pending_since: row.try_get(9)?,
-                        key_seq: row.try_get(10)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, tokio_postgres::Error>>()
-                .map_err(StoreError::from)?;
-            // UPDATE ... RETURNING does not keep the CTE's order.
-            claimed.sort_unstable_by_key(|row| row.id);
-            let (found, keyless, keys, last_key) = match rows.first() {
-                Some(row) => (|| {
-                    Ok::<_, tokio_postgres::Error>((
-                        row.try_get::<_, i64>(11)?,
-                        row.try_get::<_, i64>(12)?,
-                        row.try_get::<_, i64>(13)?,
-                        row.try_get::<_, Option<String>>(14)?,
-                    ))
-                })()
-                .map_err(StoreError::from)?,
-                None => (0, 0, 0, None),
-            };
-            let keys_done = keys < limit;
-            Ok(Claim {
-                rows: claimed,
-                // Keys before `keys_from` are yet to be looked at.
-                exhausted: found < limit
-                    && keyless < limit
-                    && keys_done
-                    && limits.keys_from.is_empty(),
-                next_key: match last_key {
-                    Some(key) if !keys_done => key,
-                    _ => String::new(),
-                },
-                keys_pending: keys > 0,
-            })
-        })
-        .await
     }
 
     /// The relay's id: its leases' prefix, and its broker connection's name.
