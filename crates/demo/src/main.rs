@@ -68,8 +68,8 @@ async fn try_main(args: Args) -> anyhow::Result<bool> {
     let dispatch_url = with_dbname(&args.postgres_url, "dispatch");
     services::create_databases(&args.postgres_url, &["orders", "dispatch"]).await?;
     let running = services::start(&orders_url, &dispatch_url, &args.amqp_url).await?;
-    let orders_db = db::connect(&db::parse_url(&orders_url, None)?).await?;
-    let dispatch_db = db::connect(&db::parse_url(&dispatch_url, None)?).await?;
+    let orders_db = db::connect(&db::parse_url(&orders_url, None)?.named("demo")).await?;
+    let dispatch_db = db::connect(&db::parse_url(&dispatch_url, None)?.named("demo")).await?;
 
     println!(
         "placing {} orders at {}/s through POST http://{}/orders (order {} takes dispatch 3 s)",

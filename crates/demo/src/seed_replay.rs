@@ -86,7 +86,7 @@ pub async fn run(
 /// The seed's DispatchController: `GET /dispatch/order?orderId=`, 3 s for
 /// order 100001, then a delivery row in its own transaction.
 async fn serve_legacy_dispatch(database_url: String) -> anyhow::Result<String> {
-    let target = outbox_service::db::parse_url(&database_url, None)?;
+    let target = outbox_service::db::parse_url(&database_url, None)?.named("demo seed dispatch");
     let pool = outbox_service::db::pool(&target, 2).await?;
     let app = Router::new()
         .route("/dispatch/order", get(legacy_dispatch))

@@ -39,7 +39,7 @@ impl Running {
 
 /// Creates each database that does not exist yet.
 pub async fn create_databases(admin_url: &str, names: &[&str]) -> anyhow::Result<()> {
-    let admin = db::connect(&db::parse_url(admin_url, None)?).await?;
+    let admin = db::connect(&db::parse_url(admin_url, None)?.named("demo")).await?;
     for name in names {
         let exists: bool = admin
             .query_one(
@@ -65,9 +65,9 @@ pub async fn start(
     dispatch_url: &str,
     amqp_url: &str,
 ) -> anyhow::Result<Running> {
-    let orders_target = db::parse_url(orders_url, None)?;
+    let orders_target = db::parse_url(orders_url, None)?.named("orders");
     orders::migrate(&orders_target).await?;
-    let dispatch_target = db::parse_url(dispatch_url, None)?;
+    let dispatch_target = db::parse_url(dispatch_url, None)?.named("dispatch");
     dispatch::migrate::run(&dispatch_target).await?;
     db::connect(&orders_target)
         .await?

@@ -41,7 +41,7 @@ async fn main() -> ExitCode {
 }
 
 async fn try_main(args: Args) -> anyhow::Result<()> {
-    let target = outbox_service::db::parse_url(&args.database_url, None)?;
+    let target = outbox_service::db::parse_url(&args.database_url, None)?.named("orders");
     orders::migrate(&target).await?;
     let pool = outbox_service::db::pool(&target, 16).await?;
     let listener = tokio::net::TcpListener::bind(args.http_addr)

@@ -122,10 +122,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // Before anything records: metrics sent to no recorder are lost.
     outbox_service::telemetry::prometheus();
-    let mut target = outbox_service::db::parse_url(&args.database_url, None)?;
-    if target.config.get_application_name() == Some("outbox-relay") {
-        target.config.application_name("into_my_table");
-    }
+    let target = outbox_service::db::parse_url(&args.database_url, None)?.named("into_my_table");
     let mut topology = Topology::named(&args.exchange, &args.queue);
     topology.expires = args.queue_expires_ms.map(Duration::from_millis);
     let config = ConsumerConfig {

@@ -116,7 +116,8 @@ pub async fn run(args: CaptureArgs) -> anyhow::Result<()> {
 }
 
 async fn connect(args: &DatabaseArgs) -> anyhow::Result<Client> {
-    let target = db::parse_url(&args.database_url, args.database_ca_file.as_deref())?;
+    let target = db::parse_url(&args.database_url, args.database_ca_file.as_deref())?
+        .named("outbox-relay capture");
     db::connect(&target).await
 }
 

@@ -6,7 +6,8 @@ use crate::cli::MigrateArgs;
 use outbox_service::db;
 
 pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
-    let target = db::parse_url(&args.database_url, args.database_ca_file.as_deref())?;
+    let target = db::parse_url(&args.database_url, args.database_ca_file.as_deref())?
+        .named("outbox-relay migrate");
     let mut client = db::connect(&target).await?;
     let applied = outbox::migrate(&mut client).await.with_context(|| {
         format!(

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::alert::Alerter;
 use crate::amqp::Broker;
 use crate::config::{Config, Mode};
+use crate::listener;
 use crate::maintenance;
 use crate::marker::Marker;
 use crate::meters::{self, BROKER, DATABASE, Meters};
@@ -23,7 +24,8 @@ use outbox_service::{endpoint, telemetry};
 /// settings, unreachable servers, missing schema); later outages are waited out.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let relay_id = relay_id();
-    let target = db::parse_url(&config.database_url, config.database_ca_file.as_deref())?;
+    let target = db::parse_url(&config.database_url, config.database_ca_file.as_deref())?
+        .named(listener::APPLICATION_NAME);
     let alerter = Alerter::new(&config.alert)?;
     if config.metrics_addr.is_some() {
         // Before any handle is registered: those made earlier record nothing.

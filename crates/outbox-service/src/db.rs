@@ -28,6 +28,17 @@ impl PgTarget {
     pub fn describe(&self) -> String {
         describe(&self.config)
     }
+
+    /// Names its connections in `pg_stat_activity` after the binary and
+    /// its role (`dispatch`, `outbox-relay status`), unless the URL names
+    /// them itself (`application_name=`): an operator reading the server's
+    /// sessions, or a lock holder's name, sees who it is.
+    pub fn named(mut self, name: &str) -> PgTarget {
+        if self.config.get_application_name().is_none() {
+            self.config.application_name(name);
+        }
+        self
+    }
 }
 
 /// Parses a PostgreSQL URL or key=value string (`sslmode` as libpq knows
@@ -45,9 +56,6 @@ pub fn parse_url(url: &str, ca_file: Option<&Path>) -> anyhow::Result<PgTarget> 
         .keepalives_idle(Duration::from_secs(30))
         .keepalives_interval(Duration::from_secs(10))
         .keepalives_retries(3);
-    if config.get_application_name().is_none() {
-        config.application_name("outbox-relay");
-    }
     // The relay and the consumer write: of several hosts (a primary and its
     // standbys) only the primary will do, and after a failover the next
     // connection must find the new one. libpq's default, `any`, would

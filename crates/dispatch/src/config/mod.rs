@@ -216,12 +216,7 @@ impl Config {
 
 fn target(url: Option<&str>, ca_file: Option<&Path>) -> anyhow::Result<PgTarget> {
     let url = url.context("DISPATCH_DATABASE_URL (or --database-url) is required")?;
-    let mut target = parse_url(url, ca_file)?;
-    // parse_url names connections after the relay unless the URL names them.
-    if target.config.get_application_name() == Some("outbox-relay") {
-        target.config.application_name("dispatch");
-    }
-    Ok(target)
+    Ok(parse_url(url, ca_file)?.named("dispatch"))
 }
 
 fn name(setting: &str, value: Option<String>, default: &str) -> anyhow::Result<String> {

@@ -36,7 +36,8 @@ impl DatabaseArgs {
     /// Connects and checks that the outbox schema is there, so a wrong
     /// database is one clear line rather than "relation does not exist".
     pub async fn connect(&self) -> anyhow::Result<(Client, PgTarget)> {
-        let target = db::parse_url(&self.database_url, self.database_ca_file.as_deref())?;
+        let target = db::parse_url(&self.database_url, self.database_ca_file.as_deref())?
+            .named("outbox-relay command");
         let client = db::connect(&target).await?;
         let installed: bool = client
             .query_one("SELECT to_regclass('outbox.messages') IS NOT NULL", &[])

@@ -144,7 +144,8 @@ pub(crate) async fn reconcile(args: &ReconcileArgs) -> anyhow::Result<Report> {
     let consumer_target = db::parse_url(
         &args.dispatch_database_url,
         args.dispatch_database_ca_file.as_deref(),
-    )?;
+    )?
+    .named("outbox-relay reconcile");
     let consumer = db::connect(&consumer_target).await?;
     let since = args.since.resolve(&outbox).await?;
     let until = args.until.resolve(&outbox).await?;
