@@ -2,7 +2,7 @@
 //! `dispatch migrate` only installs the schema. Every setting is also a
 //! `DISPATCH_*` environment variable.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use outbox_service::telemetry::LogFormat;
 
@@ -49,4 +49,16 @@ pub enum Command {
     Run,
     /// Install or upgrade the `dispatch` schema and exit; running it twice changes nothing.
     Migrate,
+}
+
+/// Rejects `DISPATCH_*` variables that no setting reads: a typo would
+/// otherwise silently leave the default in force.
+pub fn check_environment(vars: impl Iterator<Item = (String, String)>) -> anyhow::Result<()> {
+    let command = Cli::command();
+    Ok(outbox_service::environment::check(
+        &command,
+        "DISPATCH_",
+        &[],
+        vars,
+    )?)
 }

@@ -23,7 +23,7 @@ async fn main() -> ExitCode {
 }
 
 async fn try_main(cli: Cli) -> anyhow::Result<()> {
-    dispatch::config::check_environment(std::env::vars())?;
+    dispatch::cli::check_environment(std::env::vars())?;
     match cli.command.unwrap_or(Command::Run) {
         Command::Migrate => dispatch::migrate::run(&cli.settings.database()?).await,
         Command::Run => {

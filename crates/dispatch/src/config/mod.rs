@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::CommandFactory;
 use outbox_service::db::{PgTarget, parse_url};
 use outbox_service::limits::{self, check};
 
@@ -48,18 +47,6 @@ pub struct Config {
     pub consumer: ConsumerConfig,
     pub http_addr: SocketAddr,
     pub dispatcher: Dispatcher,
-}
-
-/// Rejects `DISPATCH_*` variables that no setting reads: a typo would
-/// otherwise silently leave the default in force.
-pub fn check_environment(vars: impl Iterator<Item = (String, String)>) -> anyhow::Result<()> {
-    let command = crate::cli::Cli::command();
-    Ok(outbox_service::environment::check(
-        &command,
-        "DISPATCH_",
-        &[],
-        vars,
-    )?)
 }
 
 impl Settings {

@@ -2,6 +2,7 @@
 //! in errors, ranges.
 
 use super::*;
+use crate::cli::check_environment;
 
 fn base() -> Settings {
     Settings {
