@@ -335,17 +335,6 @@ fn long_string(value: &str) -> AMQPValue {
 mod tests {
     use super::*;
 
-    /// A delivery with `headers` as it comes back from the retry queue
-    /// (default exchange, routed by the queue's name `q`), redelivered.
-    fn delivery(headers: FieldTable) -> Delivery {
-        let mut delivery = Delivery::mock(1, "".into(), "q".into(), true, b"{}".to_vec());
-        delivery.properties = BasicProperties::default()
-            .with_headers(headers)
-            .with_expiration("500".into())
-            .with_message_id("m".into());
-        delivery
-    }
-
     #[test]
     fn long_reasons_are_cut_on_a_char_boundary() {
         let reason = "é".repeat(5000);
@@ -361,7 +350,7 @@ mod tests {
         let mut headers = FieldTable::default();
         headers.insert(DELIVERY_COUNT_HEADER.into(), AMQPValue::LongLongInt(1));
         headers.insert("app".into(), long_string("kept"));
-        let original = delivery(headers);
+        let original = crate::message::retried_delivery(headers);
         let copy = copied_properties(&original, copied_headers(&original));
         let copied = copy.headers().clone().unwrap_or_default();
         assert!(!copied.contains_key(DELIVERY_COUNT_HEADER));

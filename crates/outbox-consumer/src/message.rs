@@ -185,6 +185,19 @@ fn as_u32(value: &AMQPValue) -> Option<u32> {
     u32::try_from(wide).ok()
 }
 
+/// A delivery with `headers` as it comes back from the retry queue
+/// (default exchange, routed by the queue's name `q`), redelivered: for
+/// the unit tests that read or copy headers.
+#[cfg(test)]
+pub(crate) fn retried_delivery(headers: lapin::types::FieldTable) -> Delivery {
+    let mut delivery = Delivery::mock(1, "".into(), "q".into(), true, b"{}".to_vec());
+    delivery.properties = BasicProperties::default()
+        .with_headers(headers)
+        .with_expiration("500".into())
+        .with_message_id("m".into());
+    delivery
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,15 +220,8 @@ mod tests {
         assert_eq!(numbered(&keyed(-5)), None);
     }
 
-    /// A delivery with `headers` as it comes back from the retry queue
-    /// (default exchange, routed by the queue's name `q`), redelivered.
     fn delivery(headers: FieldTable) -> Delivery {
-        let mut delivery = Delivery::mock(1, "".into(), "q".into(), true, b"{}".to_vec());
-        delivery.properties = BasicProperties::default()
-            .with_headers(headers)
-            .with_expiration("500".into())
-            .with_message_id("m".into());
-        delivery
+        retried_delivery(headers)
     }
 
     #[test]
