@@ -2,19 +2,11 @@
 //! separately, RabbitMQ is stopped and started again. Both disturb every
 //! user of the shared broker, hence `serial_*`.
 
-use std::process::Command;
 use std::time::Duration;
 
 use outbox_tests::books::{Expected, settle_and_check, start_load};
+use outbox_tests::broker::rabbitmqctl;
 use outbox_tests::pipeline::{Pipeline, under_repeated_fault};
-
-fn rabbitmqctl(args: &[&str]) {
-    let output = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("run rabbitmqctl");
-    assert!(output.status.success(), "rabbitmqctl {args:?}: {output:?}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serial_faults_broker_closes_every_connection() {

@@ -72,8 +72,8 @@ fn steady_writer(
 async fn faults_a_silent_broker_is_an_outage_not_dead_messages() {
     let db = TestDb::with_outbox().await;
     let topology = Topology::fanout().await;
-    let proxy = Proxy::start("127.0.0.1:5672").await;
-    let amqp = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let proxy = Proxy::start(&amqp_addr()).await;
+    let amqp = amqp_url_through(&proxy.addr.to_string());
     let confirm_timeout = CONFIRM_TIMEOUT_MS.to_string();
     let env = [
         ("OUTBOX_AMQP_URL", amqp.as_str()),
@@ -252,8 +252,8 @@ async fn faults_broker_connections_ask_for_short_heartbeats() {
 /// order is dead, lost or doubled, and each key's effects keep their order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_relay_broker_black_holed_again_and_again() {
-    let proxy = std::sync::Arc::new(Proxy::start("127.0.0.1:5672").await);
-    let amqp_url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let proxy = std::sync::Arc::new(Proxy::start(&amqp_addr()).await);
+    let amqp_url = amqp_url_through(&proxy.addr.to_string());
     let relay = [
         ("OUTBOX_AMQP_URL", amqp_url.as_str()),
         ("OUTBOX_CONFIRM_TIMEOUT_MS", "500"),

@@ -167,15 +167,17 @@ pub async fn fanout_exchange(channel: &Channel, prefix: &str) -> String {
 }
 
 /// A new queue (it expires unused) with `arguments`, bound to `exchange`.
+/// Durable: RabbitMQ 4.x deprecates transient non-exclusive queues, and a
+/// broker that denies deprecated features refuses them.
 pub async fn bound_queue(channel: &Channel, exchange: &str, mut arguments: FieldTable) -> String {
     let queue = unique_name("test_q");
     arguments.insert("x-expires".into(), AMQPValue::LongInt(300_000));
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
     channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions::default(),
-            arguments,
-        )
+        .queue_declare(queue.as_str().into(), options, arguments)
         .await
         .expect("declare queue");
     channel
@@ -210,9 +212,20 @@ fn queue_process(queue: &str, action: &str) {
     rabbitmqctl(&["eval", &expression]);
 }
 
-/// Runs `rabbitmqctl` on the shared broker; fails the test if it fails.
+/// `rabbitmqctl` for the broker under test: `TEST_RABBITMQCTL` (a command
+/// and its first arguments, split at spaces: `scripts/compat-servers.sh
+/// ctl` for the compat broker), the machine's `rabbitmqctl` by default.
+pub fn rabbitmqctl_command() -> std::process::Command {
+    let given = std::env::var("TEST_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
+    let mut words = given.split_whitespace();
+    let mut command = std::process::Command::new(words.next().unwrap_or("rabbitmqctl"));
+    command.args(words);
+    command
+}
+
+/// Runs `rabbitmqctl` on the broker under test; fails the test if it fails.
 pub fn rabbitmqctl(args: &[&str]) {
-    let output = std::process::Command::new("rabbitmqctl")
+    let output = rabbitmqctl_command()
         .args(args)
         .output()
         .expect("run rabbitmqctl");

@@ -128,7 +128,7 @@ pub fn dispatch_command(settings: &Settings, env: &[(&str, &str)]) -> Command {
 /// Closes the broker connection named `name` (as a broker restart or a
 /// network cut would), leaving every other connection alone.
 pub fn close_broker_connection(name: &str) {
-    let listed = Command::new("rabbitmqctl")
+    let listed = crate::broker::rabbitmqctl_command()
         .args(["list_connections", "pid", "client_properties"])
         .args(["--no-table-headers", "--quiet"])
         .output()
@@ -140,7 +140,7 @@ pub fn close_broker_connection(name: &str) {
         .find(|line| line.contains(&needle))
         .and_then(|line| line.split('\t').next())
         .unwrap_or_else(|| panic!("no broker connection named {name}: {lines}"));
-    let closed = Command::new("rabbitmqctl")
+    let closed = crate::broker::rabbitmqctl_command()
         .args(["close_connection", pid, "test: connection cut"])
         .output()
         .expect("run rabbitmqctl");

@@ -32,6 +32,36 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// `host:port` of the broker at [`amqp_url`]: what a proxy in front of it
+/// forwards to.
+pub fn amqp_addr() -> String {
+    authority(&amqp_url(), 5672)
+}
+
+/// [`amqp_url`] through `proxy` (`host:port`) instead.
+pub fn amqp_url_through(proxy: &str) -> String {
+    amqp_url().replacen(&amqp_addr(), proxy, 1)
+}
+
+/// `host:port` of the PostgreSQL at [`admin_url`].
+pub fn postgres_addr() -> String {
+    authority(&admin_url(), 5432)
+}
+
+/// The `host:port` of a one-host URL (`scheme://user:pass@host:port/...`).
+fn authority(url: &str, default_port: u16) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    if host.contains(':') {
+        host.to_string()
+    } else {
+        format!("{host}:{default_port}")
+    }
+}
+
 /// Where a test's servers are: the machine's shared PostgreSQL and
 /// RabbitMQ, or the cluster `scripts/ha-cluster.sh` starts (tests/faults/ha.rs).
 #[derive(Debug, Clone)]

@@ -31,7 +31,7 @@ async fn serial_broker_closing_all_connections_loses_nothing() {
         tokio::spawn(async move { enqueue(&mut client, &exchange, "", 1500, 10).await })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let closed = Command::new("rabbitmqctl")
+    let closed = outbox_tests::broker::rabbitmqctl_command()
         .args(["close_all_connections", "test: broker outage"])
         .output()
         .expect("run rabbitmqctl");

@@ -18,8 +18,8 @@ use super::{enqueue, get};
 async fn relay_readyz_follows_the_broker_and_the_database() {
     let db = TestDb::with_outbox().await;
     let topology = Topology::fanout().await;
-    let proxy = Proxy::start("127.0.0.1:5672").await;
-    let amqp = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let proxy = Proxy::start(&amqp_addr()).await;
+    let amqp = amqp_url_through(&proxy.addr.to_string());
     let (relay, addr) = start_logged_relay(&db, &[("OUTBOX_AMQP_URL", &amqp)]).await;
     let addr = addr.as_str();
     let ready = || async { get(addr, "/readyz").await };
@@ -89,8 +89,8 @@ async fn wait_for_readyz(
 async fn readyz_turns_when_the_database_freezes_and_back_when_it_thaws() {
     let outbox_db = TestDb::with_outbox().await;
     let dispatch_db = TestDb::empty().await;
-    let proxy = Proxy::start("127.0.0.1:5432").await;
-    let through_proxy = |url: &str| url.replace("127.0.0.1:5432", &proxy.addr.to_string());
+    let proxy = Proxy::start(&postgres_addr()).await;
+    let through_proxy = |url: &str| url.replace(&postgres_addr(), &proxy.addr.to_string());
     // A claim sent while frozen still runs once the server answers, and
     // leases rows that nobody publishes until their lease runs out: a
     // short lease keeps that wait short.
