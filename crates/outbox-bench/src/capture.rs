@@ -142,7 +142,7 @@ impl Recorder for CaptureRecorder {
 
 /// Installs the recorder for the whole process (once).
 pub fn install() -> anyhow::Result<Captured> {
-    let histogram = crate::report::new_histogram()?;
+    let histogram = crate::figures::new_histogram()?;
     let captured = Captured(
         Arc::new(Sink(Mutex::new(histogram))),
         Arc::new(Claims::default()),

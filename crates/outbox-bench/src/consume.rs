@@ -15,7 +15,7 @@ use tokio_postgres::Client;
 
 use crate::cli::ConsumeArgs;
 use crate::drain::{Timed, drain_with_relay};
-use crate::report::Table;
+use crate::figures::Table;
 use crate::setup::{self, Fixture};
 
 const INSERT_CHUNK: i64 = 10_000;
@@ -203,7 +203,7 @@ fn print(result: &ConsumeResult, as_json: bool) {
         setting(result.lanes),
         setting(result.batch_size),
         setting(result.prefetch),
-        crate::report::machine()
+        crate::figures::machine()
     );
     let mut table = Table::new(&["phase", "seconds", "msgs/s"]);
     for (phase, seconds) in [

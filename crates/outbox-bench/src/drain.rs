@@ -51,11 +51,8 @@ pub struct Timed {
     pub thirds: [f64; 3],
 }
 
-pub async fn run(args: DrainArgs) -> anyhow::Result<()> {
-    let result =
-        setup::with_fixture(&args.common, async |fixture| measure(fixture, &args).await).await?;
-    crate::report::print_drain(&result, args.common.json);
-    Ok(())
+pub async fn run(args: &DrainArgs) -> anyhow::Result<DrainResult> {
+    setup::with_fixture(&args.common, async |fixture| measure(fixture, args).await).await
 }
 
 async fn measure(fixture: &Fixture, args: &DrainArgs) -> anyhow::Result<DrainResult> {

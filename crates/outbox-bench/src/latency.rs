@@ -15,7 +15,6 @@
 //! bridge take turns at each rate, with their CPU per message (`cost`),
 //! printed by `sweep`.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
@@ -27,8 +26,8 @@ use crate::bridge::Bridge;
 use crate::capture::Captured;
 use crate::cli::{LatencyArgs, ModeChoice};
 use crate::cost::{Cost, CpuMeter};
+use crate::figures::Percentiles;
 use crate::observe::{Arrivals, Consumer, Delivered, Shared};
-use crate::report::Percentiles;
 use crate::setup::{self, Fixture, Relay};
 use crate::writers::{self, Load, Sent, Target};
 
@@ -113,7 +112,7 @@ impl LatencyResult {
     }
 }
 
-pub async fn run(args: LatencyArgs) -> anyhow::Result<()> {
+pub async fn run(args: &LatencyArgs) -> anyhow::Result<Vec<LatencyResult>> {
     if args.rates.is_empty() {
         check_rate(args.rate)?;
     }
@@ -167,35 +166,13 @@ pub async fn run(args: LatencyArgs) -> anyhow::Result<()> {
             }
         }
     }
-    if args.rates.is_empty() {
-        crate::report::print_latency(&results, args.common.json);
-        write_plot(&args.plot, |path| crate::plot::latency(path, &results))
-    } else {
-        crate::sweep::print(&results, args.common.json);
-        write_plot(&args.plot, |path| crate::plot::sweep(path, &results))
-    }
+    Ok(results)
 }
 
 fn check_rate(rate: f64) -> anyhow::Result<()> {
     if !(rate.is_finite() && rate > 0.0) {
         bail!("a rate must be a positive number of messages per second (got {rate})");
     }
-    Ok(())
-}
-
-/// Draws a plot unless the path is `-`, and says where it went.
-pub fn write_plot(
-    path: &PathBuf,
-    draw: impl FnOnce(&PathBuf) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    if path.as_os_str() == "-" {
-        return Ok(());
-    }
-    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    draw(path)?;
-    eprintln!("plot written to {}", path.display());
     Ok(())
 }
 
@@ -308,7 +285,7 @@ async fn measure(
 
 /// Microseconds from each commit to the message's arrival.
 pub fn since_commit(sent: &[Sent], arrivals: &Arrivals) -> anyhow::Result<Hdr<u64>> {
-    let mut histogram = crate::report::new_histogram()?;
+    let mut histogram = crate::figures::new_histogram()?;
     for (id, committed) in sent {
         if let Some(micros) = arrivals.micros_since(id, *committed) {
             histogram.saturating_record(micros);

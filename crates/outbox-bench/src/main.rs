@@ -15,6 +15,7 @@ mod cli;
 mod consume;
 mod cost;
 mod drain;
+mod figures;
 mod latency;
 mod observe;
 mod plot;
@@ -59,10 +60,23 @@ async fn main() -> ExitCode {
 
 async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Drain(args) => drain::run(args).await?,
+        Command::Drain(args) => report::print_drain(&drain::run(&args).await?, args.common.json),
         Command::Consume(args) => consume::run(args).await?,
-        Command::Latency(args) => latency::run(args).await?,
-        Command::Soak(args) => soak::run(args).await?,
+        Command::Latency(args) => {
+            let results = latency::run(&args).await?;
+            if args.rates.is_empty() {
+                report::print_latency(&results, args.common.json);
+                plot::write(&args.plot, |path| plot::latency(path, &results))?;
+            } else {
+                sweep::print(&results, args.common.json);
+                plot::write(&args.plot, |path| plot::sweep(path, &results))?;
+            }
+        }
+        Command::Soak(args) => {
+            let result = soak::run(&args).await?;
+            report::print_soak(&result, args.every, args.common.json);
+            plot::write(&args.plot, |path| plot::soak(path, &result))?;
+        }
         Command::WritePath(args) => return write_path::run(&args),
     }
     Ok(ExitCode::SUCCESS)

@@ -21,19 +21,6 @@ use uuid::Uuid;
 
 use crate::setup::{self, Fixture};
 
-/// The channel the dispatch database's bench trigger notifies.
-const DELIVERED_CHANNEL: &str = "outbox_bench_delivered";
-
-/// Installed in the bench's own dispatch database only.
-pub const DELIVERED_TRIGGER: &str = "
-CREATE FUNCTION dispatch.bench_notify_delivered() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('outbox_bench_delivered', NEW.message_id::text);  -- DELIVERED_CHANNEL
-    RETURN NULL;
-END $$;
-CREATE TRIGGER bench_notify_delivered AFTER INSERT ON dispatch.deliveries
-    FOR EACH ROW EXECUTE FUNCTION dispatch.bench_notify_delivered();";
-
 /// When each message first arrived.
 #[derive(Default)]
 pub struct Arrivals {
@@ -179,7 +166,7 @@ impl Delivered {
         });
         // The task drives the connection, so LISTEN only once it runs.
         client
-            .batch_execute(&format!("LISTEN {DELIVERED_CHANNEL}"))
+            .batch_execute(&format!("LISTEN {}", setup::DELIVERED_CHANNEL))
             .await
             .map_err(outbox::PgError)
             .context("cannot LISTEN")?;

@@ -252,7 +252,7 @@ fn time_panel(
         .map_err(failed)?;
     let label = |y: &f64| {
         if log_y {
-            crate::report::millis(10f64.powf(*y))
+            crate::figures::millis(10f64.powf(*y))
         } else {
             format!("{y:.1}")
         }
@@ -308,6 +308,22 @@ fn failed(error: impl std::error::Error + Send + Sync + 'static) -> anyhow::Erro
     anyhow::Error::new(error).context("cannot draw the plot")
 }
 
+/// Draws a plot unless the path is `-`, and says where it went.
+pub fn write(
+    path: &std::path::PathBuf,
+    draw: impl FnOnce(&std::path::PathBuf) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    if path.as_os_str() == "-" {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    draw(path)?;
+    eprintln!("plot written to {}", path.display());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,7 +337,7 @@ mod tests {
 
     #[test]
     fn curve_climbs_to_the_tail() {
-        let mut histogram = crate::report::new_histogram().expect("valid bounds");
+        let mut histogram = crate::figures::new_histogram().expect("valid bounds");
         for micros in 1..=10_000 {
             histogram.saturating_record(micros);
         }

@@ -22,6 +22,19 @@ use outbox_service::db::with_dbname;
 use crate::cli::Common;
 use crate::processes::Process;
 
+/// The channel the dispatch database's bench trigger notifies.
+pub const DELIVERED_CHANNEL: &str = "outbox_bench_delivered";
+
+/// Installed in the bench's own dispatch database only.
+pub const DELIVERED_TRIGGER: &str = "
+CREATE FUNCTION dispatch.bench_notify_delivered() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('outbox_bench_delivered', NEW.message_id::text);  -- DELIVERED_CHANNEL
+    RETURN NULL;
+END $$;
+CREATE TRIGGER bench_notify_delivered AFTER INSERT ON dispatch.deliveries
+    FOR EACH ROW EXECUTE FUNCTION dispatch.bench_notify_delivered();";
+
 const AMQP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// An unused queue is deleted by RabbitMQ after this long.
 const QUEUE_EXPIRES_MS: i32 = 300_000;
@@ -73,7 +86,7 @@ pub async fn with_fixture<T>(
         let mut dispatch_client = connect(&dispatch_db_url).await?;
         dispatch::migrate(&mut dispatch_client).await?;
         dispatch_client
-            .batch_execute(crate::observe::DELIVERED_TRIGGER)
+            .batch_execute(DELIVERED_TRIGGER)
             .await
             .map_err(outbox::PgError)
             .context("delivery trigger")?;

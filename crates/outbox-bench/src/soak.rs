@@ -13,9 +13,9 @@ use tokio::time::Instant;
 use tokio_postgres::Client;
 
 use crate::cli::SoakArgs;
+use crate::figures::Percentiles;
 use crate::observe::{Arrivals, Consumer, Delivered};
 use crate::processes::Process;
-use crate::report::Percentiles;
 use crate::setup::{self, Fixture};
 use crate::writers::{self, Load, Sent, Target};
 
@@ -71,7 +71,7 @@ pub struct SoakResult {
     pub samples: Vec<Sample>,
 }
 
-pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
+pub async fn run(args: &SoakArgs) -> anyhow::Result<SoakResult> {
     if !(args.rate.is_finite() && args.rate > 0.0) {
         bail!("--rate must be a positive number of messages per second");
     }
@@ -86,8 +86,7 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<()> {
         measure(fixture, load, retention, with_dispatch).await
     })
     .await?;
-    crate::report::print_soak(&result, args.every, args.common.json);
-    crate::latency::write_plot(&args.plot, |path| crate::plot::soak(path, &result))
+    Ok(result)
 }
 
 /// The running pipeline and what the bench samples of it.
@@ -246,8 +245,8 @@ fn split_by_second(
     for _ in 0..seconds {
         buckets.push((
             0,
-            crate::report::new_histogram()?,
-            crate::report::new_histogram()?,
+            crate::figures::new_histogram()?,
+            crate::figures::new_histogram()?,
         ));
     }
     for (id, committed) in sent {

@@ -5,8 +5,8 @@
 use serde_json::{Value, json};
 
 use crate::cost::Cost;
+use crate::figures::{Percentiles, Table, machine, millis};
 use crate::latency::{LatencyResult, Publisher};
-use crate::report::{Percentiles, Table, machine, millis};
 
 /// One rate: the relay's result and the bridge's.
 pub struct Point<'a> {

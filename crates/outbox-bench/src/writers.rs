@@ -81,7 +81,7 @@ pub async fn write(
     let mut written = Written {
         sent: Vec::new(),
         start,
-        write_micros: crate::report::new_histogram()?,
+        write_micros: crate::figures::new_histogram()?,
     };
     for writer in finished {
         let (sent, write_micros) = writer.context("a writer task panicked")??;
@@ -104,7 +104,7 @@ async fn run_writer(
     // A writer that fell behind catches up, so the combined rate holds.
     ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
     let mut sent = Vec::new();
-    let mut write_micros = crate::report::new_histogram()?;
+    let mut write_micros = crate::figures::new_histogram()?;
     for number in 0_i64.. {
         if ticker.tick().await >= end {
             break;
