@@ -131,11 +131,11 @@ const SHARING_CONFIRM: Duration = Duration::from_secs(1);
 /// consumer at a time, so it is never shared in that sense.
 ///
 /// Shared only after two counts in a row above one ([`SHARING_CONFIRM`]
-/// apart at least): a consumer that
-/// stopped just before this one started can still be counted for a
-/// moment, holding deliveries the broker gives back once it notices, and
-/// taking it for a sharer let this one handle a key's later messages
-/// before the earlier ones coming back (a rolling restart inverted keys).
+/// apart at least): a consumer that stopped just before this one started
+/// can still be counted for a moment, holding deliveries the broker gives
+/// back once it notices, and taking it for a sharer let this one handle a
+/// key's later messages before the earlier ones coming back (a rolling
+/// restart inverted keys).
 #[derive(Default)]
 struct Sharing {
     counts_above_one: u32,
