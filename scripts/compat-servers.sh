@@ -56,6 +56,15 @@ rabbit_env() {
 
 mounted() { mountpoint -q "$ROOT/$1"; }
 
+# The processes whose root directory is the trixie root.
+in_root_pids() {
+  local dir
+  for dir in /proc/[0-9]*; do
+    [[ $(readlink "$dir/root" 2>/dev/null) == "$ROOT" ]] && echo "${dir#/proc/}"
+  done
+  return 0
+}
+
 mount_system() {
   for fs in proc dev dev/shm; do
     mounted "$fs" && continue
@@ -177,12 +186,14 @@ down() {
     in_root postgres "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w stop >/dev/null || true
     say "PostgreSQL stopped"
   fi
-  # Whatever still runs in the root (its epmd): its mounts cannot go else.
+  # Whatever still runs in the root (its epmd) goes, and is waited for:
+  # its mounts cannot be undone before.
   local pid
-  for pid in $(ls /proc | grep -E '^[0-9]+$'); do
-    [[ $(readlink "/proc/$pid/root" 2>/dev/null) == "$ROOT" ]] && kill "$pid" 2>/dev/null
+  for pid in $(in_root_pids); do kill "$pid" 2>/dev/null || true; done
+  for _ in $(seq 1 50); do
+    [[ -z $(in_root_pids) ]] && break
+    sleep 0.1
   done
-  sleep 0.5
   for fs in dev/shm dev proc; do
     mounted "$fs" && umount "$ROOT/$fs"
   done

@@ -14,10 +14,11 @@
 //! The wake-up's connection and locks live in `wakeup`, the window in
 //! `window`, the statements in `store`. An outage of the broker or the
 //! database gives leases back, waits with backoff and reconnects
-//! (`outage`, and `recovery` here); it never counts as a message's attempt. A broker that stops
-//! answering without closing anything (a black-holed network) is such an
-//! outage too: a confirm past its deadline is the row's fault only once
-//! the broker shows it still answers (`window`, `Broker::probe`).
+//! (`outage`, and `recovery` here); it never counts as a message's
+//! attempt. A broker that stops answering without closing anything (a
+//! black-holed network) is such an outage too: a confirm past its
+//! deadline is the row's fault only once the broker shows it still
+//! answers (`window`, `Broker::probe`).
 
 mod recovery;
 
