@@ -22,6 +22,7 @@ pub(crate) mod nack_runs;
 mod outage;
 mod properties;
 mod relay;
+mod schedule;
 mod start;
 /// Public for the hostile tests, which drive a claim's marks by hand.
 pub mod store;

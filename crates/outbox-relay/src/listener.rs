@@ -8,6 +8,8 @@
 //! (`idle_in_transaction_session_timeout`): a relay frozen mid-drain gives
 //! the lock back, and writers wake the other relays again.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -80,8 +82,12 @@ pub struct Listener {
 
 impl Listener {
     /// Connects and LISTENs. The caller drains right after, so nothing
-    /// committed while no one was listening is missed.
-    pub async fn connect(target: &PgTarget) -> Result<Listener, ListenerError> {
+    /// committed while no one was listening is missed. A wake-up saying a
+    /// scheduled row falls due soon (V9) also raises `schedule_changed`.
+    pub async fn connect(
+        target: &PgTarget,
+        schedule_changed: Arc<AtomicBool>,
+    ) -> Result<Listener, ListenerError> {
         // The connect timeout covers the TCP connect only: a server that
         // accepts and then says nothing would hold the handshake forever.
         let connect = target.config.connect(target.tls.clone());
@@ -95,7 +101,10 @@ impl Listener {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(message) = messages.next().await {
                 match message {
-                    Ok(AsyncMessage::Notification(_)) => {
+                    Ok(AsyncMessage::Notification(notification)) => {
+                        if notification.payload() == outbox::SCHEDULE_WAKE_PAYLOAD {
+                            schedule_changed.store(true, Ordering::Relaxed);
+                        }
                         if sender.send(()).is_err() {
                             break;
                         }

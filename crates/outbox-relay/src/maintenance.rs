@@ -3,7 +3,7 @@
 //! is off (every message leaves dead row versions behind: its lease, its
 //! mark, its deletion; unvacuumed, a 30 s retention still grew the table to
 //! 705 MiB over 2 million rows here), and the gauges read from the database
-//! (backlog, lag, dead letters, the NOTIFY queue), which also tell
+//! (backlog, lag, dead letters, the NOTIFY queue, the schedule), which also tell
 //! `/readyz` whether PostgreSQL answers while the relay is idle.
 
 use std::time::Duration;
@@ -67,10 +67,22 @@ pub(crate) async fn run(
                 tracing::debug!(%error, "cannot read the outbox gauges");
             }
         }
+        match store.schedule_stats().await {
+            Ok(schedule) => {
+                meters.scheduled.set(schedule.scheduled as f64);
+                meters.scheduled_cancelled.set(schedule.cancelled as f64);
+                // NaN when nothing is scheduled: Prometheus shows no value.
+                meters
+                    .scheduled_next_due
+                    .set(schedule.next_due_in_seconds.unwrap_or(f64::NAN));
+            }
+            Err(error) => tracing::debug!(%error, "cannot read the schedule's gauges"),
+        }
         // With zero retention the marker deletes rows as they are confirmed.
         if !retention.is_zero() {
             delete_expired(&store, retention, &meters, &shutdown).await;
         }
+        delete_cancelled(&store, retention, &meters, &shutdown).await;
     }
 }
 
@@ -100,6 +112,30 @@ async fn self_vacuum(store: &Store, vacuum: &Vacuum, meters: &Meters, warned: &m
     match store.vacuum_messages().await {
         Ok(()) => meters.vacuums.increment(1),
         Err(error) => tracing::warn!(%error, "VACUUM outbox.messages failed; will retry"),
+    }
+}
+
+/// Cancelled (and refused) scheduled rows stay visible for the retention,
+/// as published rows do; at zero retention, until the next upkeep.
+async fn delete_cancelled(
+    store: &Store,
+    retention: Duration,
+    meters: &Meters,
+    shutdown: &CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        match store.delete_cancelled_before(retention, DELETE_BATCH).await {
+            Ok(deleted) => {
+                meters.cancelled_deleted.increment(deleted);
+                if deleted < DELETE_BATCH as u64 {
+                    return;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "deleting cancelled scheduled rows failed; will retry");
+                return;
+            }
+        }
     }
 }
 

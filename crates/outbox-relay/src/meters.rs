@@ -66,10 +66,18 @@ pub(crate) enum Wake {
     Recheck,
     /// The listener (re)connected, or was lost: drain whatever was missed.
     Reconnect,
+    /// A scheduled row's time (V9).
+    Schedule,
 }
 
 impl Wake {
-    const ALL: [Wake; 4] = [Wake::Notify, Wake::Sweep, Wake::Recheck, Wake::Reconnect];
+    const ALL: [Wake; 5] = [
+        Wake::Notify,
+        Wake::Sweep,
+        Wake::Recheck,
+        Wake::Reconnect,
+        Wake::Schedule,
+    ];
 
     fn label(self) -> &'static str {
         match self {
@@ -77,6 +85,7 @@ impl Wake {
             Wake::Sweep => "sweep",
             Wake::Recheck => "recheck",
             Wake::Reconnect => "reconnect",
+            Wake::Schedule => "schedule",
         }
     }
 }
@@ -109,8 +118,16 @@ pub(crate) struct Meters {
     pub xmin_horizon_age: Gauge,
     pub xmin_horizon_xids: Gauge,
     pub dead_tuple_ratio: Gauge,
+    pub scheduled: Gauge,
+    pub scheduled_next_due: Gauge,
+    pub scheduled_cancelled: Gauge,
+    pub scheduled_released: Counter,
+    pub scheduled_refused: Counter,
+    pub cancelled_deleted: Counter,
     pub claim_batch: Histogram,
     pub enqueue_to_confirm: Histogram,
+    /// From a scheduled row's `deliver_at` to its confirm.
+    pub schedule_lateness: Histogram,
 }
 
 impl Meters {
@@ -147,8 +164,15 @@ impl Meters {
             xmin_horizon_age: gauge!("outbox_xmin_horizon_age_seconds"),
             xmin_horizon_xids: gauge!("outbox_xmin_horizon_age_xids"),
             dead_tuple_ratio: gauge!("outbox_dead_tuple_ratio"),
+            scheduled: gauge!("outbox_scheduled_messages"),
+            scheduled_next_due: gauge!("outbox_scheduled_next_due_seconds"),
+            scheduled_cancelled: gauge!("outbox_scheduled_cancelled_messages"),
+            scheduled_released: counter!("outbox_scheduled_released_total"),
+            scheduled_refused: counter!("outbox_scheduled_refused_total"),
+            cancelled_deleted: counter!("outbox_scheduled_cancelled_deleted_total"),
             claim_batch: histogram!("outbox_claim_batch_size"),
             enqueue_to_confirm: histogram!("outbox_enqueue_to_confirm_seconds"),
+            schedule_lateness: histogram!("outbox_schedule_lateness_seconds"),
         }
     }
 
@@ -240,6 +264,35 @@ fn describe() {
     describe_gauge!(
         "outbox_listener_connected",
         "1 while the LISTEN connection for wake-ups is up."
+    );
+    describe_gauge!(
+        "outbox_scheduled_messages",
+        "Messages waiting in outbox.scheduled for their deliver_at (counted up to 1,000,000)."
+    );
+    describe_gauge!(
+        "outbox_scheduled_next_due_seconds",
+        "Seconds until the next scheduled message falls due (negative: overdue; absent: none)."
+    );
+    describe_gauge!(
+        "outbox_scheduled_cancelled_messages",
+        "Cancelled rows in outbox.scheduled, kept until retention deletes them."
+    );
+    describe_counter!(
+        "outbox_scheduled_released_total",
+        "Scheduled messages this relay moved into outbox.messages when they fell due."
+    );
+    describe_counter!(
+        "outbox_scheduled_refused_total",
+        "Scheduled messages that fell due with a message_id already in outbox.messages (kept as refused)."
+    );
+    describe_counter!(
+        "outbox_scheduled_cancelled_deleted_total",
+        "Cancelled (or refused) scheduled messages deleted by retention."
+    );
+    describe_histogram!(
+        "outbox_schedule_lateness_seconds",
+        metrics::Unit::Seconds,
+        "From a scheduled message's deliver_at to the broker's confirm."
     );
     describe_histogram!(
         "outbox_claim_batch_size",

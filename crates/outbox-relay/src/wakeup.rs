@@ -6,6 +6,8 @@
 //! reconnected by the main loop, and the sweep keeps rows moving meanwhile.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -48,6 +50,9 @@ pub(crate) struct Wakeup {
     suspects: HashSet<WakeLockHolder>,
     /// Wake-ups may be suppressed: the relay polls fast meanwhile.
     locks_held: bool,
+    /// Raised by a wake-up about a scheduled row due soon, and by each
+    /// (re)connect; read by `schedule`.
+    schedule_changed: Arc<AtomicBool>,
     meters: Meters,
     health: Health,
 }
@@ -64,9 +69,15 @@ impl Wakeup {
             next_lock_check: now,
             suspects: HashSet::new(),
             locks_held: false,
+            schedule_changed: Arc::new(AtomicBool::new(true)),
             meters,
             health,
         }
+    }
+
+    /// The flag a wake-up about the schedule raises (see `schedule`).
+    pub(crate) fn schedule_changes(&self) -> Arc<AtomicBool> {
+        self.schedule_changed.clone()
     }
 
     /// Connects the listener in notify mode; true when it just (re)connected.
@@ -74,9 +85,11 @@ impl Wakeup {
         if self.mode == Mode::Poll || self.listener.is_some() {
             return false;
         }
-        match Listener::connect(&self.target).await {
+        match Listener::connect(&self.target, self.schedule_changed.clone()).await {
             Ok(listener) => {
                 self.listener = Some(listener);
+                // Rows scheduled while no one listened.
+                self.schedule_changed.store(true, Ordering::Relaxed);
                 self.health.set(LISTENER, true);
                 true
             }

@@ -1,6 +1,8 @@
 //! Typed enqueue: one INSERT into `outbox.messages` inside the caller's
 //! transaction, so the message commits or rolls back with the business rows.
 
+use std::time::{Duration, SystemTime};
+
 use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio_postgres::GenericClient;
@@ -21,6 +23,15 @@ pub struct Message {
     content_type: String,
     headers: Map<String, Value>,
     ordering_key: Option<String>,
+    delivery: Option<Delivery>,
+}
+
+/// When a scheduled message is to be published.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Delivery {
+    At(SystemTime),
+    /// From the database's clock at enqueue, not this process's.
+    In(Duration),
 }
 
 impl Message {
@@ -48,6 +59,7 @@ impl Message {
             content_type: content_type.into(),
             headers: Map::new(),
             ordering_key: None,
+            delivery: None,
         };
         check_short("exchange", &message.exchange)?;
         check_short("routing key", &message.routing_key)?;
@@ -67,6 +79,21 @@ impl Message {
     /// Messages with the same key are published one at a time, in enqueue order.
     pub fn ordering_key(mut self, key: impl Into<String>) -> Self {
         self.ordering_key = Some(key.into());
+        self
+    }
+
+    /// Publish at `time`, not at commit (a time not in the future means
+    /// now). Until then `outbox::cancel` or `outbox.reschedule` can change
+    /// it; more than the database's `outbox.schedule_horizon` (1 year)
+    /// ahead, the enqueue fails.
+    pub fn deliver_at(mut self, time: SystemTime) -> Self {
+        self.delivery = Some(Delivery::At(time));
+        self
+    }
+
+    /// Publish `delay` after the enqueue, by the database's clock.
+    pub fn deliver_in(mut self, delay: Duration) -> Self {
+        self.delivery = Some(Delivery::In(delay));
         self
     }
 
@@ -101,6 +128,14 @@ const INSERT: &str = "INSERT INTO outbox.messages \
      (exchange, routing_key, payload, content_type, headers, ordering_key) \
      VALUES ($1, $2, $3, $4, $5, $6) RETURNING message_id";
 
+/// A scheduled message goes to `outbox.scheduled` (V9's trigger), so no
+/// row comes back: its id is made here.
+const INSERT_SCHEDULED: &str = "INSERT INTO outbox.messages \
+     (exchange, routing_key, payload, content_type, headers, ordering_key, message_id, deliver_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now() + $9 * interval '1 millisecond'))";
+
+const CANCEL: &str = "SELECT outbox.cancel($1)";
+
 /// Writes `message` to the outbox through `client` (a `Transaction` to make it
 /// atomic with your own writes) and returns its `message_id`, which becomes
 /// the AMQP `message_id` consumers deduplicate on.
@@ -109,6 +144,30 @@ const INSERT: &str = "INSERT INTO outbox.messages \
 /// With deadpool-postgres, pass the inner transaction: `enqueue(&*tx, ..)`.
 pub async fn enqueue<C: GenericClient>(client: &C, message: &Message) -> Result<Uuid, Error> {
     let headers = Value::Object(message.headers.clone());
+    if let Some(delivery) = message.delivery {
+        let (at, in_ms) = match delivery {
+            Delivery::At(time) => (Some(time), None),
+            Delivery::In(delay) => (None, Some(delay.as_secs_f64() * 1000.0)),
+        };
+        let message_id = Uuid::new_v4();
+        client
+            .query_typed(
+                INSERT_SCHEDULED,
+                &[
+                    (&message.exchange, Type::TEXT),
+                    (&message.routing_key, Type::TEXT),
+                    (&message.payload, Type::BYTEA),
+                    (&message.content_type, Type::TEXT),
+                    (&headers, Type::JSONB),
+                    (&message.ordering_key, Type::TEXT),
+                    (&message_id, Type::UUID),
+                    (&at, Type::TIMESTAMPTZ),
+                    (&in_ms, Type::FLOAT8),
+                ],
+            )
+            .await?;
+        return Ok(message_id);
+    }
     let row = client
         .query_typed_one(
             INSERT,
@@ -121,6 +180,17 @@ pub async fn enqueue<C: GenericClient>(client: &C, message: &Message) -> Result<
                 (&message.ordering_key, Type::TEXT),
             ],
         )
+        .await?;
+    Ok(row.try_get(0)?)
+}
+
+/// Cancels a scheduled message for good, inside `client`'s transaction:
+/// true when it was still waiting for its time (it will never be
+/// published), false when it already fell due, was cancelled before, or
+/// is unknown (`outbox.cancel`, V9).
+pub async fn cancel<C: GenericClient>(client: &C, message_id: Uuid) -> Result<bool, Error> {
+    let row = client
+        .query_typed_one(CANCEL, &[(&message_id, Type::UUID)])
         .await?;
     Ok(row.try_get(0)?)
 }

@@ -22,7 +22,7 @@ mod error;
 mod migrate;
 pub mod wire;
 
-pub use enqueue::{Message, enqueue};
+pub use enqueue::{Message, cancel, enqueue};
 pub use error::{
     Error, PgError, chain_line, condition_name, db_error_line, error_line, row_values_shown,
     show_row_values,
@@ -31,3 +31,6 @@ pub use migrate::{MIGRATION_TABLE, migrate};
 
 /// The channel the wake-up trigger notifies and relays LISTEN on.
 pub const WAKE_CHANNEL: &str = "outbox_wake";
+/// The payload of a wake-up sent for a scheduled row due within 2 s
+/// (`outbox.schedule_check`, V9): the relay looks at its schedule again.
+pub const SCHEDULE_WAKE_PAYLOAD: &str = "schedule";

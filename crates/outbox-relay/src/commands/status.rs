@@ -1,6 +1,6 @@
 //! `outbox-relay status`: what the outbox holds, by state and by exchange,
-//! the age of the oldest pending message (the lag), dead letters, and how
-//! many relays listen right now.
+//! the age of the oldest pending message (the lag), dead letters, messages
+//! scheduled for later, and how many relays listen right now.
 
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use tokio_postgres::Row;
 
 use super::{DatabaseArgs, format_age, query_error};
 use crate::gauges::{self, Vacuum};
+use crate::store::{SCHEDULED_COUNT_CAP, ScheduleStats, schedule_stats};
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -56,6 +57,8 @@ pub(crate) struct Status {
     /// What holds VACUUM back.
     #[serde(flatten)]
     pub vacuum: Vacuum,
+    /// Messages waiting for their `deliver_at` (V9).
+    pub schedule: ScheduleStats,
     pub exchanges: Vec<ExchangeStatus>,
 }
 
@@ -115,6 +118,9 @@ pub(crate) async fn read(database: &DatabaseArgs) -> anyhow::Result<Status> {
     let vacuum = gauges::vacuum(&client)
         .await
         .map_err(query_error("read the xmin horizon"))?;
+    let schedule = schedule_stats(&client)
+        .await
+        .map_err(query_error("read outbox.scheduled"))?;
     let mut total = Counts::default();
     for e in &exchanges {
         total.pending += e.counts.pending;
@@ -132,6 +138,7 @@ pub(crate) async fn read(database: &DatabaseArgs) -> anyhow::Result<Status> {
         relays_listening: relays.get(0),
         relays_draining: relays.get(1),
         vacuum,
+        schedule,
         exchanges,
     })
 }
@@ -155,6 +162,30 @@ fn age(seconds: f64, pending: i64) -> String {
     }
 }
 
+/// "12 (next due in 3m 2s), 1 cancelled, 0 refused"
+fn scheduled(schedule: &ScheduleStats) -> String {
+    let count = if schedule.scheduled >= SCHEDULED_COUNT_CAP {
+        format!("at least {}", schedule.scheduled)
+    } else {
+        schedule.scheduled.to_string()
+    };
+    let next = match schedule.next_due_in_seconds {
+        Some(seconds) if seconds < 0.0 => format!(
+            " (next overdue by {})",
+            format_age(Duration::from_secs_f64(-seconds))
+        ),
+        Some(seconds) => format!(
+            " (next due in {})",
+            format_age(Duration::from_secs_f64(seconds))
+        ),
+        None => String::new(),
+    };
+    format!(
+        "{count}{next}, {} cancelled, {} refused",
+        schedule.cancelled, schedule.refused
+    )
+}
+
 pub(crate) fn render(status: &Status) -> String {
     let t = &status.total;
     let mut out = format!(
@@ -162,6 +193,7 @@ pub(crate) fn render(status: &Status) -> String {
          pending    {} (in flight {}, retrying {}), oldest {}\n\
          published  {} (kept for OUTBOX_RETENTION)\n\
          dead       {}{}\n\
+         scheduled  {}\n\
          relays     {} listening, {} draining (relays in poll mode are not seen)\n\
          vacuum     xmin horizon {} old ({} xids), dead tuples {:.0} %\n",
         status.database,
@@ -176,6 +208,7 @@ pub(crate) fn render(status: &Status) -> String {
         } else {
             ""
         },
+        scheduled(&status.schedule),
         status.relays_listening,
         status.relays_draining,
         format_age(Duration::from_secs_f64(

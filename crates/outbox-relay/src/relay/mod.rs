@@ -7,6 +7,7 @@
 //! settle   acks, nacks, returns, deadlines, lost channels         settle
 //! mark     handed to the marker, which fences on the lease        (marker.rs)
 //! sweep    every sweep interval a drain runs without a wake-up   run
+//! release  scheduled rows fallen due, before a claim             (schedule.rs)
 //! ```
 //! While claims find rows faster than one or two at a time, the drain lock
 //! is held (writers skip their NOTIFY) and the relay claims again every
@@ -37,6 +38,7 @@ use crate::marker::{Mark, Marker};
 use crate::meters::{DATABASE, Fault, Meters, Wake};
 use crate::nack_runs::NackRuns;
 use crate::outage::{Outage, Outages};
+use crate::schedule::Schedule;
 use crate::store::{ClaimLimits, Claimed, Store};
 use crate::wakeup::{IDLE_RECHECKS, Wakeup, next_recheck};
 use crate::window::{Settled, Window};
@@ -69,6 +71,8 @@ pub(crate) struct Relay {
     /// did not state (see `fault_policy::ChannelFault`).
     largest_lost: Option<u64>,
     wakeup: Wakeup,
+    /// Scheduled rows: when the next falls due.
+    schedule: Schedule,
     marker: Marker,
     /// Published rows awaiting their confirm; at most `max_in_flight`.
     window: Window,
@@ -107,6 +111,7 @@ impl Relay {
             broker: Some(broker),
             broker_max: None,
             largest_lost: None,
+            schedule: Schedule::new(wakeup.schedule_changes(), meters.clone()),
             wakeup,
             marker,
             outages: Outages::new(meters.clone(), health.clone()),
@@ -134,6 +139,7 @@ impl Relay {
             } else {
                 next_sweep
                     .min(self.wakeup.next_upkeep())
+                    .min(self.schedule.next_look())
                     .saturating_duration_since(Instant::now())
             };
             let woken = tokio::select! {
@@ -148,6 +154,7 @@ impl Relay {
                 Woken::Lost => Wake::Reconnect,
                 Woken::TimedOut if recheck.is_some() => Wake::Recheck,
                 Woken::TimedOut if sweep_due || self.wakeup.locks_held() => Wake::Sweep,
+                Woken::TimedOut if self.schedule.due(Instant::now()) => Wake::Schedule,
                 // Only a housekeeping timer fired.
                 Woken::TimedOut => continue,
             };
@@ -197,6 +204,9 @@ impl Relay {
                 return Ok(claimed_any);
             }
             self.wakeup.keep_draining().await;
+            if self.schedule.due(Instant::now()) && self.schedule.release(&self.store).await? > 0 {
+                exhausted = false;
+            }
             let free = window - self.window.in_flight();
             let bytes_free = self
                 .config
@@ -386,6 +396,9 @@ impl Relay {
                     self.meters.published.increment(1);
                     if let Ok(age) = row.pending_since.elapsed() {
                         self.meters.enqueue_to_confirm.record(age.as_secs_f64());
+                        if row.scheduled {
+                            self.meters.schedule_lateness.record(age.as_secs_f64());
+                        }
                     }
                     if self.config.key_pipeline > 0 && row.ordering_key.is_some() {
                         self.confirmed.push_back((now, row.id));

@@ -166,6 +166,7 @@ impl Store {
                         attempts: row.try_get(8)?,
                         pending_since: row.try_get(9)?,
                         key_seq: row.try_get(10)?,
+                        scheduled: row.try_get(15)?,
                     })
                 })
                 .collect::<Result<Vec<_>, tokio_postgres::Error>>()

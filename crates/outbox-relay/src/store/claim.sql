@@ -9,7 +9,9 @@
 --   $7  keys_from           keys are looked at from this one on
 --   $8  followers           rows of a key taken after its head
 --   $9  in_flight           ids this relay published and awaits confirms for
--- It returns each claimed row, and on every row the claim's counts:
+-- It returns each claimed row (pending since its replay, its due time if
+-- it was scheduled, or its enqueue; whether it was scheduled), and on every
+-- row the claim's counts:
 -- rows found, keyless rows found, keys looked at, the last key looked at.
 WITH RECURSIVE keys AS (
     (SELECT ordering_key, 1 AS n FROM outbox.messages
@@ -86,9 +88,10 @@ SET locked_by = $2, locked_until = now() + $4 * interval '1 millisecond',
 FROM sequenced
 WHERE m.id = sequenced.id AND m.published_at IS NULL
 RETURNING m.id, m.message_id, m.exchange, m.routing_key, m.payload, m.content_type,
-          m.headers::text, m.ordering_key, m.attempts, coalesce(m.replayed_at, m.created_at),
-          m.key_seq,
+          m.headers::text, m.ordering_key, m.attempts,
+          coalesce(m.replayed_at, m.deliver_at, m.created_at), m.key_seq,
           (SELECT count(*) FROM picked) + (SELECT count(*) FROM followers),
           (SELECT count(*) FROM keyless),
           (SELECT count(*) FROM keys),
-          (SELECT max(ordering_key) FROM keys)
+          (SELECT max(ordering_key) FROM keys),
+          m.deliver_at IS NOT NULL AND m.replayed_at IS NULL

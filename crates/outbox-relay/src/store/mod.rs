@@ -2,8 +2,10 @@
 //! and retention, over a small connection pool.
 
 mod claim;
+mod schedule;
 
 pub use claim::{CLAIM, CLAIM_TYPES, Claim, ClaimLimits};
+pub use schedule::{Released, SCHEDULED_COUNT_CAP, ScheduleStats, schedule_stats};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,8 +43,12 @@ pub struct Claimed {
     /// The row's number among its key's messages (`x-outbox-seq`).
     pub key_seq: Option<i64>,
     pub attempts: i32,
-    /// When the row became pending: its enqueue, or its last replay (V5).
+    /// When the row became pending: its enqueue, its due time if it was
+    /// scheduled (V9), or its last replay (V5).
     pub pending_since: SystemTime,
+    /// Released from `outbox.scheduled` (and not replayed since):
+    /// `pending_since` is its `deliver_at`.
+    pub scheduled: bool,
 }
 
 impl Claimed {
@@ -70,6 +76,7 @@ impl Claimed {
             key_seq: None,
             attempts: 0,
             pending_since: std::time::SystemTime::now(),
+            scheduled: false,
         }
     }
 }
