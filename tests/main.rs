@@ -18,6 +18,7 @@ mod orders;
 mod relay;
 mod retries;
 mod roles;
+mod schedule;
 mod secrets;
 mod telemetry;
 mod wake;

@@ -56,6 +56,8 @@ async fn migrating_an_empty_database_twice_applies_once() {
             "outbox.key_sequences",
             "outbox.messages",
             "outbox.pending",
+            "outbox.scheduled",
+            "outbox.scheduled_messages",
             "outbox.schema_history"
         ]
     );

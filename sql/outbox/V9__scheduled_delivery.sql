@@ -64,8 +64,8 @@ CREATE OR REPLACE FUNCTION outbox.schedule_check(deliver_at timestamptz) RETURNS
 LANGUAGE plpgsql AS $$
 BEGIN
     IF deliver_at > now() + outbox.schedule_horizon() THEN
-        RAISE EXCEPTION 'outbox: deliver_at % is more than % ahead (raise the setting outbox.schedule_horizon to allow it)',
-            deliver_at, outbox.schedule_horizon()
+        RAISE EXCEPTION 'outbox.scheduled: deliver_at is more than % ahead (raise the setting outbox.schedule_horizon to allow it)',
+            outbox.schedule_horizon()
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF deliver_at < now() + interval '2 seconds' THEN
@@ -92,7 +92,7 @@ BEGIN
     PERFORM outbox.schedule_check(NEW.deliver_at);
     -- A message_id names one message in either table.
     IF EXISTS (SELECT 1 FROM outbox.messages m WHERE m.message_id = NEW.message_id) THEN
-        RAISE EXCEPTION 'outbox: message_id % is already in outbox.messages', NEW.message_id
+        RAISE EXCEPTION 'outbox.scheduled: the message_id is already in outbox.messages'
             USING ERRCODE = 'unique_violation';
     END IF;
     INSERT INTO outbox.scheduled
@@ -273,8 +273,8 @@ BEGIN
 END
 $$;
 
--- Existing writers: every role but the owner that may insert into
--- outbox.messages, with table or column rights.
+-- Existing writers: every role but the owner and the capture owners that
+-- may insert into outbox.messages, with table or column rights.
 DO $$
 DECLARE
     grantee text;
@@ -286,6 +286,7 @@ BEGIN
         JOIN pg_roles r ON r.oid = a.grantee
         WHERE c.oid = 'outbox.messages'::regclass
           AND a.privilege_type = 'INSERT' AND a.grantee <> c.relowner
+          AND r.rolname !~ '^outbox_capture'
         UNION
         SELECT DISTINCT quote_ident(r.rolname)
         FROM pg_attribute att
@@ -294,6 +295,8 @@ BEGIN
         WHERE att.attrelid = 'outbox.messages'::regclass AND att.attname = 'exchange'
           AND a.privilege_type = 'INSERT'
           AND a.grantee <> (SELECT relowner FROM pg_class WHERE oid = 'outbox.messages'::regclass)
+          -- Capture owners (V7) insert what their trigger builds: no more.
+          AND r.rolname !~ '^outbox_capture'
     LOOP
         EXECUTE format('GRANT INSERT (deliver_at) ON outbox.messages TO %s', grantee);
         EXECUTE format('GRANT EXECUTE ON FUNCTION '

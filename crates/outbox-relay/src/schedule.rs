@@ -63,9 +63,7 @@ impl Schedule {
         loop {
             let released = store.release_due(RELEASE_BATCH).await?;
             total += released.released;
-            self.meters
-                .scheduled_released
-                .increment(released.released);
+            self.meters.scheduled_released.increment(released.released);
             if released.refused > 0 {
                 self.meters.scheduled_refused.increment(released.refused);
                 tracing::warn!(

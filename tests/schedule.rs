@@ -1,0 +1,501 @@
+//! Scheduled delivery (V9): nothing goes out before its `deliver_at`,
+//! cancelled rows never, rescheduled rows at their new time; a restarted
+//! relay and two relays publish each due row once and on time; a
+//! scheduled row joins its key when it falls due; writers get exactly the
+//! rights they need.
+//!
+//! Times are compared on the database's clock: a released row keeps its
+//! `deliver_at` in `outbox.messages`, and its mark sets `published_at`.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use outbox_relay::Settings;
+use outbox_tests::broker::{Topology, message_id};
+use outbox_tests::dispatch::{PATIENCE, count, wait_until};
+use outbox_tests::observe::{Scrape, wait_for_metric};
+use outbox_tests::relay::{RunningRelay, relay_command, start_logged_relay, test_settings};
+use outbox_tests::*;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+/// A sweep that never comes within a test: due rows must be found by the
+/// schedule's own timer.
+fn no_sweep(db: &TestDb) -> Settings {
+    Settings {
+        sweep_interval_ms: Some(600_000),
+        ..test_settings(db)
+    }
+}
+
+/// Enqueues one JSON message due `delay_ms` from the database's now.
+async fn schedule(client: &Client, exchange: &str, key: Option<&str>, delay_ms: f64) -> Uuid {
+    client
+        .query_one(
+            "SELECT outbox.enqueue($1, '', '{}', '{}', $2, \
+             now() + $3 * interval '1 millisecond')",
+            &[&exchange, &key, &delay_ms],
+        )
+        .await
+        .expect("enqueue scheduled")
+        .get(0)
+}
+
+async fn enqueue_now(client: &Client, exchange: &str, key: Option<&str>) -> Uuid {
+    client
+        .query_one(
+            "SELECT outbox.enqueue($1, '', '{}', '{}', $2)",
+            &[&exchange, &key],
+        )
+        .await
+        .expect("enqueue")
+        .get(0)
+}
+
+/// Every published row's lateness (published_at - deliver_at), seconds.
+async fn lateness(client: &Client) -> Vec<f64> {
+    client
+        .query(
+            "SELECT extract(epoch FROM published_at - deliver_at)::float8 \
+             FROM outbox.messages WHERE deliver_at IS NOT NULL AND published_at IS NOT NULL",
+            &[],
+        )
+        .await
+        .expect("lateness")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+async fn wait_published(db: &TestDb, rows: i64) {
+    wait_until(&format!("{rows} rows published"), || async {
+        count(
+            db,
+            "SELECT count(*) FROM outbox.messages WHERE published_at IS NOT NULL",
+        )
+        .await
+            >= rows
+    })
+    .await;
+}
+
+fn ids(deliveries: &[lapin::message::Delivery]) -> Vec<Uuid> {
+    deliveries.iter().map(message_id).collect()
+}
+
+#[tokio::test]
+async fn scheduled_rows_go_out_at_their_time_and_not_before() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    let relay = RunningRelay::start(no_sweep(&db)).await;
+    let client = db.connect().await;
+
+    let now = enqueue_now(&client, &topology.exchange, None).await;
+    let mut later = HashSet::new();
+    for i in 0..20 {
+        later.insert(
+            schedule(
+                &client,
+                &topology.exchange,
+                None,
+                1_500.0 + 50.0 * f64::from(i),
+            )
+            .await,
+        );
+    }
+    // Due in the past: simply now.
+    let past = schedule(&client, &topology.exchange, None, -3_600_000.0).await;
+
+    let first = ids(&topology.receive(2, PATIENCE).await);
+    assert_eq!(
+        first.iter().copied().collect::<HashSet<_>>(),
+        HashSet::from([now, past]),
+        "the unscheduled rows first, alone"
+    );
+    let scheduled = ids(&topology.receive(20, PATIENCE).await);
+    assert_eq!(scheduled.iter().copied().collect::<HashSet<_>>(), later);
+    assert!(
+        topology
+            .receive(1, Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
+
+    wait_published(&db, 22).await;
+    let late = lateness(&client).await;
+    assert_eq!(late.len(), 20, "the past row is no scheduled row");
+    assert!(late.iter().all(|&s| s >= 0.0), "published early: {late:?}");
+    // The sweep never ran: the schedule's timer woke the relay.
+    assert!(late.iter().all(|&s| s < 2.0), "published late: {late:?}");
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox.scheduled").await,
+        0,
+        "every row released"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn cancelled_rows_never_go_out_and_rescheduled_ones_go_at_their_new_time() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    let mut client = db.connect().await;
+    let cancelled = schedule(&client, &topology.exchange, None, 800.0).await;
+    let kept = schedule(&client, &topology.exchange, None, 800.0).await;
+    let brought_forward = schedule(&client, &topology.exchange, None, 3_600_000.0).await;
+    let put_off = schedule(&client, &topology.exchange, None, 500.0).await;
+    let immediate = enqueue_now(&client, &topology.exchange, None).await;
+
+    let cancel = |id: Uuid| {
+        let client = &client;
+        async move {
+            client
+                .query_one("SELECT outbox.cancel($1)", &[&id])
+                .await
+                .expect("cancel")
+                .get::<_, bool>(0)
+        }
+    };
+    assert!(cancel(cancelled).await, "a waiting row is cancelled");
+    assert!(!cancel(cancelled).await, "only once");
+    assert!(!cancel(immediate).await, "an unscheduled row is not");
+    assert!(!cancel(Uuid::new_v4()).await, "nor an unknown one");
+    // A cancel rolled back with the app's transaction leaves the row be.
+    let tx = client.transaction().await.expect("begin");
+    assert!(outbox::cancel(&tx, kept).await.expect("cancel"));
+    tx.rollback().await.expect("rollback");
+
+    let reschedule = "SELECT outbox.reschedule($1, now() + $2 * interval '1 millisecond')";
+    let moved: bool = client
+        .query_one(reschedule, &[&brought_forward, &0.0f64])
+        .await
+        .expect("reschedule")
+        .get(0);
+    assert!(moved);
+    let moved: bool = client
+        .query_one(reschedule, &[&put_off, &1_500.0f64])
+        .await
+        .expect("reschedule")
+        .get(0);
+    assert!(moved);
+    let moved: bool = client
+        .query_one(reschedule, &[&cancelled, &0.0f64])
+        .await
+        .expect("reschedule")
+        .get(0);
+    assert!(!moved, "a cancelled row stays cancelled");
+
+    let relay = RunningRelay::start(no_sweep(&db)).await;
+    let received = ids(&topology.receive(4, PATIENCE).await);
+    assert_eq!(
+        received.iter().copied().collect::<HashSet<_>>(),
+        HashSet::from([kept, brought_forward, put_off, immediate])
+    );
+    assert_eq!(
+        received.last(),
+        Some(&put_off),
+        "put off past the others: {received:?}"
+    );
+    assert!(
+        topology.receive(1, Duration::from_secs(1)).await.is_empty(),
+        "the cancelled row went out"
+    );
+    wait_published(&db, 4).await;
+    let put_off_late: f64 = client
+        .query_one(
+            "SELECT extract(epoch FROM published_at - deliver_at)::float8 \
+             FROM outbox.messages WHERE message_id = $1",
+            &[&put_off],
+        )
+        .await
+        .expect("put off row")
+        .get(0);
+    assert!(put_off_late >= 0.0, "published before its new time");
+    let state: String = client
+        .query_one(
+            "SELECT state FROM outbox.scheduled_messages WHERE message_id = $1",
+            &[&cancelled],
+        )
+        .await
+        .expect("the cancelled row is visible")
+        .get(0);
+    assert_eq!(state, "cancelled");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_relay_restarted_while_rows_wait_publishes_each_once_on_time() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    let client = db.connect().await;
+    let relay = RunningRelay::start(no_sweep(&db)).await;
+    let mut expected = HashSet::new();
+    for i in 0..50 {
+        expected.insert(
+            schedule(
+                &client,
+                &topology.exchange,
+                None,
+                1_000.0 + 40.0 * f64::from(i),
+            )
+            .await,
+        );
+    }
+    // Gone before any is due; the next one starts while they fall due.
+    relay.stop().await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let relay = RunningRelay::start(no_sweep(&db)).await;
+    let received = ids(&topology.receive(50, PATIENCE).await);
+    assert_eq!(received.iter().copied().collect::<HashSet<_>>(), expected);
+    assert!(
+        topology
+            .receive(1, Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
+    wait_published(&db, 50).await;
+    assert!(lateness(&client).await.iter().all(|&s| s >= 0.0));
+    relay.stop().await;
+}
+
+/// Two relays: each due row is released once and published once, and a
+/// key's rows keep their order, the scheduled one joining its key when due:
+/// rows of the key written meanwhile do not wait for it.
+#[tokio::test]
+async fn two_relays_publish_each_due_row_once_and_keys_keep_their_order() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    let client = db.connect().await;
+    let relays = [
+        RunningRelay::start(no_sweep(&db)).await,
+        RunningRelay::start(no_sweep(&db)).await,
+    ];
+    let mut expected = HashSet::new();
+    for i in 0..300 {
+        expected.insert(
+            schedule(
+                &client,
+                &topology.exchange,
+                None,
+                1_000.0 + 3.0 * f64::from(i),
+            )
+            .await,
+        );
+    }
+    // Per key: a row now, one due in 1.5 s, one now again; after the
+    // scheduled one is due, one more.
+    let keys = ["k1", "k2", "k3"];
+    let mut before = HashMap::new();
+    for key in keys {
+        let first = enqueue_now(&client, &topology.exchange, Some(key)).await;
+        let due = schedule(&client, &topology.exchange, Some(key), 1_500.0).await;
+        let second = enqueue_now(&client, &topology.exchange, Some(key)).await;
+        before.insert(key, (first, due, second));
+    }
+    let received = ids(&topology.receive(306, PATIENCE).await);
+    let mut after = HashMap::new();
+    for key in keys {
+        after.insert(
+            key,
+            enqueue_now(&client, &topology.exchange, Some(key)).await,
+        );
+    }
+    let mut received = received;
+    received.extend(ids(&topology.receive(3, PATIENCE).await));
+    received.extend(ids(&topology
+        .receive(usize::MAX, Duration::from_millis(500))
+        .await));
+
+    let unique: HashSet<_> = received.iter().copied().collect();
+    assert_eq!(unique.len(), received.len(), "a row went out twice");
+    assert_eq!(received.len(), 300 + 12);
+    assert!(expected.is_subset(&unique));
+    let position = |id: &Uuid| received.iter().position(|r| r == id).expect("received");
+    for key in keys {
+        let (first, due, second) = before[key];
+        let order: Vec<usize> = [first, second, due, after[key]]
+            .iter()
+            .map(position)
+            .collect();
+        assert!(
+            order.windows(2).all(|w| w[0] < w[1]),
+            "key {key}: now, now, due, later expected; positions {order:?}"
+        );
+    }
+    // Its number among its key's follows the order it went out in.
+    let seqs: Vec<(String, i64)> = client
+        .query(
+            "SELECT ordering_key, key_seq FROM outbox.messages \
+             WHERE ordering_key IS NOT NULL ORDER BY ordering_key, id",
+            &[],
+        )
+        .await
+        .expect("key numbers")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    for key in keys {
+        let numbers: Vec<i64> = seqs
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, n)| *n)
+            .collect();
+        assert_eq!(numbers, vec![1, 2, 3, 4], "key {key}");
+    }
+    for relay in relays {
+        relay.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_time_beyond_the_horizon_is_refused_and_the_horizon_is_a_setting() {
+    let db = TestDb::with_outbox().await;
+    let client = db.connect().await;
+    let error = client
+        .query_one(
+            "SELECT outbox.enqueue('x', '', '{}', deliver_at => now() + interval '13 months')",
+            &[],
+        )
+        .await
+        .expect_err("13 months ahead is refused");
+    let message = outbox::error_line(&error);
+    assert!(
+        message.contains("more than 1 year ahead") && message.contains("outbox.schedule_horizon"),
+        "{message}"
+    );
+    assert_eq!(error.code().map(|c| c.code()), Some("22023"));
+    client
+        .batch_execute("SET outbox.schedule_horizon = '2 years'")
+        .await
+        .expect("set");
+    client
+        .query_one(
+            "SELECT outbox.enqueue('x', '', '{}', deliver_at => now() + interval '13 months')",
+            &[],
+        )
+        .await
+        .expect("within the new horizon");
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox.scheduled").await, 1);
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox.messages").await, 0);
+}
+
+/// The Rust API schedules by the database's clock and cancels in the
+/// app's transaction; a writer role may schedule, cancel and reschedule,
+/// but not touch `outbox.scheduled` or release rows itself.
+#[tokio::test]
+async fn a_writer_schedules_and_cancels_with_its_own_rights_only() {
+    let writer_role = TestRole::create("writer").await;
+    let db = TestDb::with_outbox().await;
+    db.connect()
+        .await
+        .batch_execute(&format!(
+            "SELECT outbox.grant_writer('{}')",
+            writer_role.name
+        ))
+        .await
+        .expect("grant");
+    let mut writer = connect(&writer_role.url(&db)).await;
+
+    let tx = writer.transaction().await.expect("begin");
+    let message = outbox::Message::json("x", "rk", &serde_json::json!({"a": 1}))
+        .expect("message")
+        .ordering_key("k")
+        .deliver_in(Duration::from_secs(3600));
+    let id = outbox::enqueue(&tx, &message)
+        .await
+        .expect("enqueue scheduled");
+    let at = std::time::SystemTime::now() + Duration::from_secs(7200);
+    let other = outbox::enqueue(&tx, &message.clone().deliver_at(at))
+        .await
+        .expect("enqueue at");
+    tx.commit().await.expect("commit");
+    let due_in: f64 = db
+        .connect()
+        .await
+        .query_one(
+            "SELECT extract(epoch FROM deliver_at - now())::float8 FROM outbox.scheduled \
+             WHERE message_id = $1",
+            &[&id],
+        )
+        .await
+        .expect("scheduled row")
+        .get(0);
+    assert!((3500.0..=3600.0).contains(&due_in), "{due_in}");
+
+    assert!(outbox::cancel(&writer, id).await.expect("cancel"));
+    let moved: bool = writer
+        .query_one(
+            "SELECT outbox.reschedule($1, now() + interval '1 day')",
+            &[&other],
+        )
+        .await
+        .expect("reschedule as writer")
+        .get(0);
+    assert!(moved);
+    for sql in [
+        "SELECT * FROM outbox.scheduled",
+        "UPDATE outbox.scheduled SET deliver_at = now()",
+        "DELETE FROM outbox.scheduled",
+        "INSERT INTO outbox.scheduled (message_id, exchange, routing_key, payload, content_type, headers, deliver_at) \
+         VALUES (gen_random_uuid(), 'x', '', '', 'a', '{}', now())",
+        "SELECT outbox.release_due(10)",
+    ] {
+        let error = writer.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(
+            error.code().map(|c| c.code()),
+            Some("42501"),
+            "{sql}: {error}"
+        );
+    }
+}
+
+/// The schedule in `/metrics` and `status`; retention deletes cancelled
+/// rows as it deletes published ones.
+#[tokio::test]
+async fn the_schedule_shows_in_metrics_and_status_and_retention_clears_cancelled_rows() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    let client = db.connect().await;
+    let waiting = schedule(&client, &topology.exchange, None, 3_600_000.0).await;
+    let cancelled = schedule(&client, &topology.exchange, None, 3_600_000.0).await;
+    schedule(&client, &topology.exchange, None, 500.0).await;
+    let out = relay_command(&db.url, &["status"]).await;
+    let text = out.expect_code(0);
+    assert!(
+        text.contains("scheduled  3 (next due in"),
+        "status shows the schedule:\n{text}"
+    );
+
+    let (relay, addr) = start_logged_relay(&db, &[("OUTBOX_RETENTION", "1s")]).await;
+    let addr = addr.as_str();
+    assert_eq!(topology.receive(1, PATIENCE).await.len(), 1);
+    wait_for_metric(addr, "outbox_schedule_lateness_seconds_count", &[], |n| {
+        n == 1.0
+    })
+    .await;
+    wait_for_metric(addr, "outbox_scheduled_released_total", &[], |n| n == 1.0).await;
+    wait_for_metric(addr, "outbox_scheduled_messages", &[], |n| n == 2.0).await;
+    let next_due = Scrape::of(addr)
+        .await
+        .value("outbox_scheduled_next_due_seconds", &[]);
+    assert!((3_500.0..3_600.0).contains(&next_due), "{next_due}");
+
+    assert!(outbox::cancel(&client, cancelled).await.expect("cancel"));
+    wait_for_metric(addr, "outbox_scheduled_cancelled_deleted_total", &[], |n| {
+        n == 1.0
+    })
+    .await;
+    let left: Vec<Uuid> = client
+        .query("SELECT message_id FROM outbox.scheduled", &[])
+        .await
+        .expect("left")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        left,
+        vec![waiting],
+        "retention deleted the cancelled row only"
+    );
+    relay.terminate().await;
+}
