@@ -36,6 +36,36 @@ pub enum Command {
     /// enqueue transaction with no trigger, with ours (a relay draining)
     /// and with a naive per-row pg_notify trigger, in interleaved pairs.
     WritePath(WritePathArgs),
+    /// Scheduled delivery: lateness (deliver_at → published) of rows
+    /// falling due at a steady rate, and a drain of rows due now with and
+    /// without a million rows scheduled for tomorrow beside them.
+    Schedule(ScheduleArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ScheduleArgs {
+    /// Rows scheduled for the lateness run.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rows: u32,
+
+    /// Rows falling due per second.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+
+    /// How long after being written the first row falls due (ms).
+    #[arg(long, default_value_t = 3000)]
+    pub lead_ms: u64,
+
+    /// Rows due now for the drain runs.
+    #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub backlog: u32,
+
+    /// Rows scheduled for tomorrow beside the second drain.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub future: u32,
+
+    #[command(flatten)]
+    pub common: Common,
 }
 
 /// Where to run and what to leave behind.

@@ -24,7 +24,7 @@ use crate::cli::DrainArgs;
 use crate::setup::{self, Fixture, Relay};
 
 /// An order-confirmation-sized JSON payload.
-const PAYLOAD: &[u8] = br#"{"orderId":1234567,"userName":"bench-user","context":"outbox-bench drain backlog","num":7}"#;
+pub(crate) const PAYLOAD: &[u8] = br#"{"orderId":1234567,"userName":"bench-user","context":"outbox-bench drain backlog","num":7}"#;
 const INSERT_CHUNK: u32 = 10_000;
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
@@ -97,7 +97,11 @@ async fn measure(fixture: &Fixture, args: &DrainArgs) -> anyhow::Result<DrainRes
 }
 
 /// Inserts `backlog` rows in chunks; returns the seconds it took.
-async fn insert_backlog(client: &Client, exchange: &str, backlog: u32) -> anyhow::Result<f64> {
+pub(crate) async fn insert_backlog(
+    client: &Client,
+    exchange: &str,
+    backlog: u32,
+) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut inserted = 0;
     while inserted < backlog {

@@ -22,6 +22,7 @@ mod plot;
 mod processes;
 mod progress;
 mod report;
+mod schedule;
 mod setup;
 mod soak;
 mod sweep;
@@ -78,6 +79,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
             plot::write(&args.plot, |path| plot::soak(path, &result))?;
         }
         Command::WritePath(args) => return write_path::run(&args),
+        Command::Schedule(args) => schedule::print(&schedule::run(&args).await?, args.common.json),
     }
     Ok(ExitCode::SUCCESS)
 }
