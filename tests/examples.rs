@@ -210,6 +210,46 @@ async fn python_example_commits_order_and_message_together() {
     producer_commits_order_and_message_together("python").await;
 }
 
+/// An order with a scheduled auto-cancel: the order's message goes out
+/// now, the cancel waits in `outbox.scheduled` for its time, keyed by order.
+#[tokio::test]
+async fn python_example_schedules_an_order_cancellation() {
+    let db = TestDb::with_outbox().await;
+    let out = run(
+        "python",
+        Some(&db.url),
+        &["100004", "--cancel-unpaid-after", "1800"],
+        &[],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let cancel: Uuid = out
+        .stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("cancel_message_id="))
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("no cancel_message_id in {:?}", out.stdout));
+    let row = db
+        .connect()
+        .await
+        .query_one(
+            "SELECT routing_key, ordering_key, extract(epoch FROM deliver_at - now())::float8 \
+             FROM outbox.scheduled WHERE message_id = $1",
+            &[&cancel],
+        )
+        .await
+        .expect("the cancellation waits in outbox.scheduled");
+    assert_eq!(row.get::<_, String>(0), "order.cancel_unpaid");
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("order-100004"));
+    let due_in: f64 = row.get(2);
+    assert!((1700.0..=1800.0).contains(&due_in), "{due_in}");
+    assert_eq!(
+        count(&db.connect().await, "SELECT count(*) FROM outbox.messages").await,
+        1,
+        "the order's own message goes out now"
+    );
+}
+
 #[tokio::test]
 async fn node_example_commits_order_and_message_together() {
     producer_commits_order_and_message_together("node").await;

@@ -67,7 +67,7 @@ async function main(args) {
   try {
     await client.connect();
     const { rows } = await client.query(
-      "SELECT to_regprocedure('outbox.enqueue(text, text, jsonb, jsonb, text)') IS NOT NULL AS installed",
+      "SELECT to_regclass('outbox.messages') IS NOT NULL AS installed",
     );
     if (!rows[0].installed) {
       fail(1, 'the outbox schema is not installed in this database: run '

@@ -4,10 +4,15 @@ The order row and its message commit in one transaction: outbox.enqueue
 writes a row of outbox.messages, and outbox-relay publishes it to RabbitMQ
 after the commit. A rolled-back order leaves no message behind.
 
-    DATABASE_URL=postgres://postgres@127.0.0.1:5432/shop python order_service.py [ORDER_ID] [--fail-after-enqueue]
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/shop python order_service.py [ORDER_ID] [--fail-after-enqueue] [--cancel-unpaid-after SECONDS]
 
 OUTBOX_EXCHANGE: where the message goes (default order_confirm_fanoutExchange).
 Prints `order_id=N message_id=UUID` once the transaction has committed.
+
+--cancel-unpaid-after SECONDS also schedules, in the same transaction, an
+`order.cancel_unpaid` message published SECONDS later (outbox.enqueue's
+deliver_at), and prints `cancel_message_id=UUID`; `outbox.cancel(UUID)` in
+the payment's transaction stops it.
 """
 
 import os
@@ -42,8 +47,10 @@ class SimulatedFailure(Exception):
         self.message_id = message_id
 
 
-def create_order(conn, order, exchange, fail_after_enqueue=False):
-    """One transaction: the order row and its outbox message."""
+def create_order(conn, order, exchange, fail_after_enqueue=False, cancel_after=None):
+    """One transaction: the order row, its outbox message and, with
+    cancel_after (seconds), a scheduled cancellation."""
+    cancel_id = None
     with conn.transaction():  # commits on success, rolls back on any exception
         conn.execute(
             "INSERT INTO orders (id, user_name, context, num) VALUES (%s, %s, %s, %s)",
@@ -53,9 +60,15 @@ def create_order(conn, order, exchange, fail_after_enqueue=False):
             "SELECT outbox.enqueue(%s, %s, %s, %s)",
             (exchange, "", Jsonb(asdict(order)), Jsonb({"producer": "examples/python"})),
         ).fetchone()
+        if cancel_after is not None:
+            (cancel_id,) = conn.execute(
+                "SELECT outbox.enqueue(%s, 'order.cancel_unpaid', %s, ordering_key => %s, "
+                "deliver_at => now() + %s * interval '1 second')",
+                (exchange, Jsonb({"orderId": order.orderId}), f"order-{order.orderId}", cancel_after),
+            ).fetchone()
         if fail_after_enqueue:
             raise SimulatedFailure(message_id)
-    return message_id
+    return message_id, cancel_id
 
 
 def fail(code, message):
@@ -66,13 +79,21 @@ def fail(code, message):
 def main(argv):
     order_id = random.randrange(1_000_000, 2**31)
     fail_after_enqueue = False
-    for arg in argv:
+    cancel_after = None
+    usage = "usage: order_service.py [ORDER_ID] [--fail-after-enqueue] [--cancel-unpaid-after SECONDS]"
+    args = iter(argv)
+    for arg in args:
         if arg == "--fail-after-enqueue":
             fail_after_enqueue = True
+        elif arg == "--cancel-unpaid-after":
+            seconds = next(args, "")
+            if not seconds.isdigit():
+                fail(2, usage)
+            cancel_after = int(seconds)
         elif arg.isdigit() and int(arg) > 0:
             order_id = int(arg)
         else:
-            fail(2, "usage: order_service.py [ORDER_ID] [--fail-after-enqueue]")
+            fail(2, usage)
     url = os.environ.get("DATABASE_URL")
     if not url:
         fail(2, "DATABASE_URL is not set (e.g. postgres://postgres@127.0.0.1:5432/shop)")
@@ -82,14 +103,15 @@ def main(argv):
     try:
         with psycopg.connect(url, autocommit=True) as conn:
             (installed,) = conn.execute(
-                "SELECT to_regprocedure('outbox.enqueue(text, text, jsonb, jsonb, text)') IS NOT NULL"
+                "SELECT to_regclass('outbox.messages') IS NOT NULL"
             ).fetchone()
             if not installed:
                 fail(1, "the outbox schema is not installed in this database: run "
                         "`outbox-relay migrate` or psql over sql/outbox/V*.sql first")
             conn.execute(CREATE_ORDERS)
             try:
-                message_id = create_order(conn, order, exchange, fail_after_enqueue)
+                message_id, cancel_id = create_order(
+                    conn, order, exchange, fail_after_enqueue, cancel_after)
             except psycopg.errors.UniqueViolation:
                 fail(1, f"order {order_id} already exists: nothing was committed")
             except SimulatedFailure as e:
@@ -98,6 +120,8 @@ def main(argv):
     except psycopg.Error as e:
         fail(1, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     print(f"order_id={order_id} message_id={message_id}")
+    if cancel_id is not None:
+        print(f"cancel_message_id={cancel_id}")
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ public final class OrderService {
     static void requireOutboxSchema(Connection connection) throws SQLException {
         try (var statement = connection.createStatement();
                 ResultSet row = statement.executeQuery(
-                        "SELECT to_regprocedure('outbox.enqueue(text, text, jsonb, jsonb, text)') IS NOT NULL")) {
+                        "SELECT to_regclass('outbox.messages') IS NOT NULL")) {
             row.next();
             if (!row.getBoolean(1)) {
                 fail(1, "the outbox schema is not installed in this database: run `outbox-relay migrate` "
