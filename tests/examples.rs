@@ -240,7 +240,10 @@ async fn python_example_schedules_an_order_cancellation() {
         .await
         .expect("the cancellation waits in outbox.scheduled");
     assert_eq!(row.get::<_, String>(0), "order.cancel_unpaid");
-    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("order-100004"));
+    assert_eq!(
+        row.get::<_, Option<String>>(1).as_deref(),
+        Some("order-100004")
+    );
     let due_in: f64 = row.get(2);
     assert!((1700.0..=1800.0).contains(&due_in), "{due_in}");
     assert_eq!(

@@ -5,7 +5,7 @@
 //! rights they need.
 //!
 //! Times are compared on the database's clock: a released row keeps its
-//! `deliver_at` in `outbox.messages`, and its mark sets `published_at`.
+//! `deliver_at` in `outbox.messages` as `scheduled_for`, and its mark sets `published_at`.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -16,7 +16,7 @@ use outbox_tests::dispatch::{PATIENCE, count, wait_until};
 use outbox_tests::observe::{Scrape, wait_for_metric};
 use outbox_tests::relay::{RunningRelay, relay_command, start_logged_relay, test_settings};
 use outbox_tests::*;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient};
 use uuid::Uuid;
 
 /// A sweep that never comes within a test: due rows must be found by the
@@ -29,7 +29,12 @@ fn no_sweep(db: &TestDb) -> Settings {
 }
 
 /// Enqueues one JSON message due `delay_ms` from the database's now.
-async fn schedule(client: &Client, exchange: &str, key: Option<&str>, delay_ms: f64) -> Uuid {
+async fn schedule(
+    client: &impl GenericClient,
+    exchange: &str,
+    key: Option<&str>,
+    delay_ms: f64,
+) -> Uuid {
     client
         .query_one(
             "SELECT outbox.enqueue($1, '', '{}', '{}', $2, \
@@ -41,7 +46,7 @@ async fn schedule(client: &Client, exchange: &str, key: Option<&str>, delay_ms: 
         .get(0)
 }
 
-async fn enqueue_now(client: &Client, exchange: &str, key: Option<&str>) -> Uuid {
+async fn enqueue_now(client: &impl GenericClient, exchange: &str, key: Option<&str>) -> Uuid {
     client
         .query_one(
             "SELECT outbox.enqueue($1, '', '{}', '{}', $2)",
@@ -52,12 +57,12 @@ async fn enqueue_now(client: &Client, exchange: &str, key: Option<&str>) -> Uuid
         .get(0)
 }
 
-/// Every published row's lateness (published_at - deliver_at), seconds.
+/// Every published row's lateness (published_at - scheduled_for), seconds.
 async fn lateness(client: &Client) -> Vec<f64> {
     client
         .query(
-            "SELECT extract(epoch FROM published_at - deliver_at)::float8 \
-             FROM outbox.messages WHERE deliver_at IS NOT NULL AND published_at IS NOT NULL",
+            "SELECT extract(epoch FROM published_at - scheduled_for)::float8 \
+             FROM outbox.messages WHERE scheduled_for IS NOT NULL AND published_at IS NOT NULL",
             &[],
         )
         .await
@@ -203,7 +208,7 @@ async fn cancelled_rows_never_go_out_and_rescheduled_ones_go_at_their_new_time()
     wait_published(&db, 4).await;
     let put_off_late: f64 = client
         .query_one(
-            "SELECT extract(epoch FROM published_at - deliver_at)::float8 \
+            "SELECT extract(epoch FROM published_at - scheduled_for)::float8 \
              FROM outbox.messages WHERE message_id = $1",
             &[&put_off],
         )
@@ -364,6 +369,21 @@ async fn a_time_beyond_the_horizon_is_refused_and_the_horizon_is_a_setting() {
         "{message}"
     );
     assert_eq!(error.code().map(|c| c.code()), Some("22023"));
+    let error = client
+        .query_one(
+            "SELECT outbox.enqueue('x', '', '{}', deliver_at => 'infinity')",
+            &[],
+        )
+        .await
+        .expect_err("infinity is no time");
+    assert_eq!(error.code().map(|c| c.code()), Some("22023"));
+    client
+        .query_one(
+            "SELECT outbox.enqueue('x', '', '{}', deliver_at => '-infinity')",
+            &[],
+        )
+        .await
+        .expect("-infinity is the past: now");
     client
         .batch_execute("SET outbox.schedule_horizon = '2 years'")
         .await
@@ -376,7 +396,7 @@ async fn a_time_beyond_the_horizon_is_refused_and_the_horizon_is_a_setting() {
         .await
         .expect("within the new horizon");
     assert_eq!(count(&db, "SELECT count(*) FROM outbox.scheduled").await, 1);
-    assert_eq!(count(&db, "SELECT count(*) FROM outbox.messages").await, 0);
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox.messages").await, 1);
 }
 
 /// The Rust API schedules by the database's clock and cancels in the
@@ -496,6 +516,87 @@ async fn the_schedule_shows_in_metrics_and_status_and_retention_clears_cancelled
         left,
         vec![waiting],
         "retention deleted the cancelled row only"
+    );
+    relay.terminate().await;
+}
+
+/// A relay newer than its schema (V9 not applied: psql installed V1..V8)
+/// refuses to start in one line, instead of pausing on every claim.
+#[tokio::test]
+async fn a_relay_refuses_a_schema_older_than_itself_in_one_line() {
+    let db = TestDb::empty().await;
+    let client = db.connect().await;
+    let mut files: Vec<_> =
+        std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../sql/outbox"))
+            .expect("sql/outbox")
+            .map(|entry| entry.expect("entry").path())
+            .filter(|path| {
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                (1..=8).any(|v| name.starts_with(&format!("V{v}__")))
+            })
+            .collect();
+    files.sort();
+    assert_eq!(files.len(), 8);
+    for file in files {
+        let sql = std::fs::read_to_string(&file).expect("read");
+        client.batch_execute(&sql).await.expect("install V1..V8");
+    }
+    let out = relay_command(&db.url, &["run"]).await;
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert!(
+        out.stderr.contains("older than this relay") && out.stderr.contains("outbox-relay migrate"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// A writer holding a key's lock (an open transaction that enqueued on the
+/// key) while a scheduled row of that key falls due: the release skips
+/// that row instead of waiting on the lock, so the relay neither stalls
+/// nor reports PostgreSQL down, and the row goes out after the commit,
+/// behind the writer's.
+#[tokio::test]
+async fn a_writer_holding_a_key_stalls_neither_the_relay_nor_other_due_rows() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    let client = db.connect().await;
+    let (relay, addr) = start_logged_relay(&db, &[]).await;
+    let addr = addr.as_str();
+
+    let mut writer = db.connect().await;
+    let tx = writer.transaction().await.expect("begin");
+    let held = enqueue_now(&tx, &topology.exchange, Some("k")).await;
+    let keyed = schedule(&client, &topology.exchange, Some("k"), 200.0).await;
+    let keyless = schedule(&client, &topology.exchange, None, 200.0).await;
+    // Well past the relay's 2 s lock timeout, with the keyed row due.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut later = HashSet::new();
+    for _ in 0..10 {
+        later.insert(enqueue_now(&client, &topology.exchange, None).await);
+    }
+    let received = ids(&topology.receive(11, PATIENCE).await);
+    later.insert(keyless);
+    assert_eq!(received.iter().copied().collect::<HashSet<_>>(), later);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.scheduled WHERE ordering_key = 'k'"
+        )
+        .await,
+        1,
+        "the held key's row waits"
+    );
+    let outages = Scrape::of(addr)
+        .await
+        .sum("outbox_outages_total", &[("server", "postgresql")]);
+    assert_eq!(outages, Some(0.0), "a held key is no outage");
+
+    tx.commit().await.expect("commit");
+    let received = ids(&topology.receive(2, PATIENCE).await);
+    assert_eq!(
+        received,
+        vec![held, keyed],
+        "the writer's row first, then the due one"
     );
     relay.terminate().await;
 }

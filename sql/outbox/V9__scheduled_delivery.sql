@@ -17,9 +17,16 @@
 -- reminder due tomorrow must not hold back today's events of its order.
 
 ALTER TABLE outbox.messages ADD COLUMN IF NOT EXISTS deliver_at timestamptz;
+-- The deliver_at of a row released from outbox.scheduled: its lag and its
+-- lateness count from it. Set by outbox.release_due only (writers have no
+-- INSERT right on it), so no setting a session could fake tells the
+-- trigger below a release from a writer.
+ALTER TABLE outbox.messages ADD COLUMN IF NOT EXISTS scheduled_for timestamptz;
 
 COMMENT ON COLUMN outbox.messages.deliver_at IS
-    'Set by a writer: publish at this time (null or past: now). A future row waits in outbox.scheduled; here it is the time a released row fell due.';
+    'Set by a writer: publish at this time (null or past: now). A future row waits in outbox.scheduled instead; stored rows keep null here.';
+COMMENT ON COLUMN outbox.messages.scheduled_for IS
+    'The deliver_at of a message released from outbox.scheduled; written by the relay only.';
 
 CREATE TABLE IF NOT EXISTS outbox.scheduled (
     id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -30,7 +37,8 @@ CREATE TABLE IF NOT EXISTS outbox.scheduled (
     content_type  text        NOT NULL CHECK (octet_length(content_type) <= 255),
     headers       jsonb       NOT NULL CHECK (jsonb_typeof(headers) = 'object'),
     ordering_key  text,
-    deliver_at    timestamptz NOT NULL,
+    -- Finite: 'infinity' is no time to wake for.
+    deliver_at    timestamptz NOT NULL CHECK (isfinite(deliver_at)),
     created_at    timestamptz NOT NULL DEFAULT now(),
     -- Set by outbox.cancel, or by the relay when the row could not be
     -- released (`refused` says why); retention deletes such rows.
@@ -50,7 +58,8 @@ CREATE INDEX IF NOT EXISTS scheduled_cancelled
 
 -- How far ahead a writer may schedule: the setting outbox.schedule_horizon
 -- (ALTER DATABASE app SET outbox.schedule_horizon = '2 years'), 1 year
--- when unset. A time further out is almost always a bug (a unit mixed up).
+-- when unset. A time further out is almost always a bug (a unit mixed up):
+-- a guard against mistakes, not a limit on a session, which may set it.
 CREATE OR REPLACE FUNCTION outbox.schedule_horizon() RETURNS interval
 LANGUAGE sql STABLE AS $$
     SELECT coalesce(nullif(current_setting('outbox.schedule_horizon', true), ''), '1 year')::interval
@@ -63,7 +72,7 @@ $$;
 CREATE OR REPLACE FUNCTION outbox.schedule_check(deliver_at timestamptz) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF deliver_at > now() + outbox.schedule_horizon() THEN
+    IF NOT isfinite(deliver_at) OR deliver_at > now() + outbox.schedule_horizon() THEN
         RAISE EXCEPTION 'outbox.scheduled: deliver_at is more than % ahead (raise the setting outbox.schedule_horizon to allow it)',
             outbox.schedule_horizon()
             USING ERRCODE = 'invalid_parameter_value';
@@ -81,10 +90,6 @@ $$;
 CREATE OR REPLACE FUNCTION outbox.defer_scheduled() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    -- outbox.release_due moving a due row: keep its time.
-    IF current_setting('outbox.releasing', true) = 'on' THEN
-        RETURN NEW;
-    END IF;
     IF NEW.deliver_at <= now() THEN
         NEW.deliver_at := NULL;
         RETURN NEW;
@@ -121,16 +126,25 @@ CREATE OR REPLACE FUNCTION outbox.release_due(max_rows integer,
     OUT released bigint, OUT refused bigint, OUT next_due_in float8)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM set_config('outbox.releasing', 'on', true);
-    WITH due AS (
-        SELECT s.id FROM outbox.scheduled s
+    -- A keyed row is moved only if its key's lock (order_by_key's) is free
+    -- now: a writer holding it in a long transaction must not stall the
+    -- relay; the row stays due and is tried again at the next look. The
+    -- lock is tried on the first max_rows due rows only (a plan that
+    -- sorted every due row would try, and take, a lock per key of all).
+    WITH candidates AS MATERIALIZED (
+        SELECT s.id, s.ordering_key FROM outbox.scheduled s
         WHERE s.cancelled_at IS NULL AND s.deliver_at <= now()
         ORDER BY s.deliver_at, s.id LIMIT max_rows
-        FOR UPDATE SKIP LOCKED
+    ), due AS (
+        SELECT s.id FROM outbox.scheduled s JOIN candidates c USING (id)
+        WHERE s.cancelled_at IS NULL
+          AND (c.ordering_key IS NULL
+               OR pg_try_advisory_xact_lock(1869968483, hashtext(c.ordering_key)))
+        FOR UPDATE OF s SKIP LOCKED
     ), moved AS (
         INSERT INTO outbox.messages
             (message_id, exchange, routing_key, payload, content_type, headers,
-             ordering_key, deliver_at)
+             ordering_key, scheduled_for)
         SELECT s.message_id, s.exchange, s.routing_key, s.payload, s.content_type,
                s.headers, s.ordering_key, s.deliver_at
         FROM outbox.scheduled s JOIN due USING (id)
@@ -150,7 +164,6 @@ BEGIN
     )
     SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM kept)
     INTO released, refused;
-    PERFORM set_config('outbox.releasing', '', true);
     next_due_in := extract(epoch FROM (
         SELECT s.deliver_at FROM outbox.scheduled s WHERE s.cancelled_at IS NULL
         ORDER BY s.deliver_at, s.id LIMIT 1) - now());
@@ -206,8 +219,10 @@ FROM outbox.scheduled;
 DROP FUNCTION IF EXISTS outbox.enqueue(text, text, jsonb, jsonb, text);
 DROP FUNCTION IF EXISTS outbox.enqueue_bytes(text, text, bytea, text, jsonb, text);
 
--- As V1's, plus deliver_at. The id is made here, not read back from the
--- INSERT: a scheduled row is not in outbox.messages, so RETURNING has none.
+-- As V1's, plus deliver_at. Without one, the very INSERT of V1 (a
+-- writer needs no right on deliver_at for it: column rights are checked
+-- on the columns an INSERT names). With one, the id is made here: a
+-- scheduled row is not in outbox.messages, so RETURNING has none.
 CREATE OR REPLACE FUNCTION outbox.enqueue(
     exchange     text,
     routing_key  text,
@@ -216,18 +231,11 @@ CREATE OR REPLACE FUNCTION outbox.enqueue(
     ordering_key text        DEFAULT NULL,
     deliver_at   timestamptz DEFAULT NULL
 ) RETURNS uuid
-LANGUAGE sql AS $$
-    WITH made AS (SELECT gen_random_uuid() AS message_id),
-    written AS (
-        INSERT INTO outbox.messages
-            (message_id, exchange, routing_key, payload, content_type, headers,
-             ordering_key, deliver_at)
-        SELECT made.message_id, enqueue.exchange, enqueue.routing_key,
-               convert_to(enqueue.payload::text, 'UTF8'), 'application/json',
-               coalesce(enqueue.headers, '{}'), enqueue.ordering_key, enqueue.deliver_at
-        FROM made
-    )
-    SELECT message_id FROM made
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN outbox.enqueue_bytes(exchange, routing_key, convert_to(payload::text, 'UTF8'),
+                                'application/json', headers, ordering_key, deliver_at);
+END
 $$;
 
 CREATE OR REPLACE FUNCTION outbox.enqueue_bytes(
@@ -239,19 +247,29 @@ CREATE OR REPLACE FUNCTION outbox.enqueue_bytes(
     ordering_key text        DEFAULT NULL,
     deliver_at   timestamptz DEFAULT NULL
 ) RETURNS uuid
-LANGUAGE sql AS $$
-    WITH made AS (SELECT gen_random_uuid() AS message_id),
-    written AS (
-        INSERT INTO outbox.messages
-            (message_id, exchange, routing_key, payload, content_type, headers,
-             ordering_key, deliver_at)
-        SELECT made.message_id, enqueue_bytes.exchange, enqueue_bytes.routing_key,
-               enqueue_bytes.payload, enqueue_bytes.content_type,
-               coalesce(enqueue_bytes.headers, '{}'), enqueue_bytes.ordering_key,
-               enqueue_bytes.deliver_at
-        FROM made
-    )
-    SELECT message_id FROM made
+LANGUAGE plpgsql AS $$
+DECLARE
+    id uuid;
+BEGIN
+    IF enqueue_bytes.deliver_at IS NULL THEN
+        INSERT INTO outbox.messages AS m
+            (exchange, routing_key, payload, content_type, headers, ordering_key)
+        VALUES
+            (enqueue_bytes.exchange, enqueue_bytes.routing_key, enqueue_bytes.payload,
+             enqueue_bytes.content_type, coalesce(enqueue_bytes.headers, '{}'),
+             enqueue_bytes.ordering_key)
+        RETURNING m.message_id INTO id;
+        RETURN id;
+    END IF;
+    id := gen_random_uuid();
+    INSERT INTO outbox.messages
+        (message_id, exchange, routing_key, payload, content_type, headers, ordering_key, deliver_at)
+    VALUES
+        (id, enqueue_bytes.exchange, enqueue_bytes.routing_key, enqueue_bytes.payload,
+         enqueue_bytes.content_type, coalesce(enqueue_bytes.headers, '{}'),
+         enqueue_bytes.ordering_key, enqueue_bytes.deliver_at);
+    RETURN id;
+END
 $$;
 
 -- Writers: V7's grant, plus deliver_at, cancel and reschedule. Keep the
@@ -273,30 +291,31 @@ BEGIN
 END
 $$;
 
--- Existing writers: every role but the owner and the capture owners that
--- may insert into outbox.messages, with table or column rights.
+-- Existing writers: every role (PUBLIC too) but the owner and the capture
+-- owners that may insert into outbox.messages, with table or column rights.
 DO $$
 DECLARE
     grantee text;
 BEGIN
     FOR grantee IN
-        SELECT DISTINCT quote_ident(r.rolname)
+        SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END
         FROM pg_class c
         CROSS JOIN LATERAL aclexplode(c.relacl) AS a
-        JOIN pg_roles r ON r.oid = a.grantee
+        LEFT JOIN pg_roles r ON r.oid = a.grantee
         WHERE c.oid = 'outbox.messages'::regclass
           AND a.privilege_type = 'INSERT' AND a.grantee <> c.relowner
-          AND r.rolname !~ '^outbox_capture'
+          AND coalesce(r.rolname, '') !~ '^outbox_capture(_[0-9]+_[0-9]+)?$'
         UNION
-        SELECT DISTINCT quote_ident(r.rolname)
+        SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END
         FROM pg_attribute att
         CROSS JOIN LATERAL aclexplode(att.attacl) AS a
-        JOIN pg_roles r ON r.oid = a.grantee
+        LEFT JOIN pg_roles r ON r.oid = a.grantee
         WHERE att.attrelid = 'outbox.messages'::regclass AND att.attname = 'exchange'
           AND a.privilege_type = 'INSERT'
           AND a.grantee <> (SELECT relowner FROM pg_class WHERE oid = 'outbox.messages'::regclass)
-          -- Capture owners (V7) insert what their trigger builds: no more.
-          AND r.rolname !~ '^outbox_capture'
+          -- Capture owners (V5's shared role, V7's own) insert what their
+          -- trigger builds: no more.
+          AND coalesce(r.rolname, '') !~ '^outbox_capture(_[0-9]+_[0-9]+)?$'
     LOOP
         EXECUTE format('GRANT INSERT (deliver_at) ON outbox.messages TO %s', grantee);
         EXECUTE format('GRANT EXECUTE ON FUNCTION '

@@ -130,7 +130,7 @@ async fn lateness(
         .query_one(
             "SELECT percentile_disc(ARRAY[0.5, 0.99, 1.0]) WITHIN GROUP (ORDER BY late), \
                     count(*) FILTER (WHERE late < 0) \
-             FROM (SELECT extract(epoch FROM published_at - deliver_at)::float8 * 1000 AS late \
+             FROM (SELECT extract(epoch FROM published_at - scheduled_for)::float8 * 1000 AS late \
                    FROM outbox.messages) l",
             &[],
         )

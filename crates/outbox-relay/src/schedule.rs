@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::fault_policy::{StoreDirective, store_directive};
 use crate::meters::Meters;
 use crate::store::{Store, StoreError};
 
@@ -25,13 +26,22 @@ const LOOK_AGAIN: Duration = Duration::from_secs(1);
 /// Rows moved per statement: short transactions next to the app's writes
 /// of the same keys (a release takes each key's lock, like a writer).
 const RELEASE_BATCH: i32 = 1000;
-/// A due row another session holds (another relay releasing it, or a
-/// writer's `outbox.cancel` in an open transaction) is looked at again
-/// after this.
+/// A due row another session holds (another relay releasing it, a
+/// writer's `outbox.cancel` in an open transaction, a writer holding its
+/// key's lock) is looked at again after this, doubled while it stays held
+/// up to [`LOOK_AGAIN`].
 const HELD_RETRY: Duration = Duration::from_millis(20);
+/// How often a refusal to release (the relay's role lacking
+/// `outbox.release_due`, say) is logged: the rest of the outbox is
+/// published meanwhile.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 pub(crate) struct Schedule {
     next_look: Instant,
+    /// The wait after a look that found a due row held (see [`HELD_RETRY`]).
+    held_retry: Duration,
+    /// When a refusal was last logged.
+    refusal_logged: Option<Instant>,
     /// Raised by a wake-up about a row due soon (see `wakeup`).
     changed: Arc<AtomicBool>,
     meters: Meters,
@@ -41,6 +51,8 @@ impl Schedule {
     pub(crate) fn new(changed: Arc<AtomicBool>, meters: Meters) -> Schedule {
         Schedule {
             next_look: Instant::now(),
+            held_retry: HELD_RETRY,
+            refusal_logged: None,
             changed,
             meters,
         }
@@ -56,31 +68,61 @@ impl Schedule {
         now >= self.next_look || self.changed.load(Ordering::Relaxed)
     }
 
-    /// Moves every due row into `outbox.messages`; returns how many.
+    /// Moves due rows into `outbox.messages`, one batch; returns how many.
+    /// A full batch leaves the next look due at once: a backlog of due rows
+    /// (after the relay was down) is released batch by batch between
+    /// claims, not all before the first. Fails only when the database is
+    /// away (an outage, as for a claim); a statement it refuses is logged,
+    /// and tried again at the next look.
     pub(crate) async fn release(&mut self, store: &Store) -> Result<u64, StoreError> {
         self.changed.store(false, Ordering::Relaxed);
-        let mut total = 0;
-        loop {
-            let released = store.release_due(RELEASE_BATCH).await?;
-            total += released.released;
-            self.meters.scheduled_released.increment(released.released);
-            if released.refused > 0 {
-                self.meters.scheduled_refused.increment(released.refused);
-                tracing::warn!(
-                    rows = released.refused,
-                    "scheduled messages fell due whose message_id was already in outbox.messages; \
-                     left in outbox.scheduled as refused (see outbox.scheduled_messages)"
-                );
+        let released = match store.release_due(RELEASE_BATCH).await {
+            Ok(released) => released,
+            Err(error) if store_directive(&error) == StoreDirective::Refused => {
+                self.refused(&error);
+                return Ok(0);
             }
-            if released.released + released.refused < RELEASE_BATCH as u64 {
-                self.next_look = Instant::now()
-                    + match released.next_due_in {
-                        None => LOOK_AGAIN,
-                        Some(wait) if wait.is_zero() => HELD_RETRY,
-                        Some(wait) => wait.min(LOOK_AGAIN),
-                    };
-                return Ok(total);
+            Err(error) => return Err(error),
+        };
+        self.meters.scheduled_released.increment(released.released);
+        if released.refused > 0 {
+            self.meters.scheduled_refused.increment(released.refused);
+            tracing::warn!(
+                rows = released.refused,
+                "scheduled messages fell due whose message_id was already in outbox.messages; \
+                 left in outbox.scheduled as refused (see outbox.scheduled_messages)"
+            );
+        }
+        let now = Instant::now();
+        let full = released.released + released.refused >= RELEASE_BATCH as u64;
+        self.next_look = match released.next_due_in {
+            _ if full => now,
+            None => now + LOOK_AGAIN,
+            Some(wait) if wait.is_zero() && released.released == 0 => {
+                let wait = self.held_retry;
+                self.held_retry = (wait * 2).min(LOOK_AGAIN);
+                now + wait
             }
+            Some(wait) => now + wait.min(LOOK_AGAIN),
+        };
+        if released.released > 0 || !matches!(released.next_due_in, Some(wait) if wait.is_zero()) {
+            self.held_retry = HELD_RETRY;
+        }
+        Ok(released.released)
+    }
+
+    fn refused(&mut self, error: &StoreError) {
+        let now = Instant::now();
+        self.next_look = now + LOOK_AGAIN;
+        if self
+            .refusal_logged
+            .is_none_or(|at| now.duration_since(at) >= REFUSAL_LOG_EVERY)
+        {
+            self.refusal_logged = Some(now);
+            tracing::error!(
+                %error,
+                "cannot release scheduled messages (outbox.release_due); they wait, the rest is published"
+            );
         }
     }
 }

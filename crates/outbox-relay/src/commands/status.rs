@@ -169,15 +169,12 @@ fn scheduled(schedule: &ScheduleStats) -> String {
     } else {
         schedule.scheduled.to_string()
     };
+    let age = |seconds: f64| {
+        Duration::try_from_secs_f64(seconds).map_or_else(|_| "ever".to_string(), format_age)
+    };
     let next = match schedule.next_due_in_seconds {
-        Some(seconds) if seconds < 0.0 => format!(
-            " (next overdue by {})",
-            format_age(Duration::from_secs_f64(-seconds))
-        ),
-        Some(seconds) => format!(
-            " (next due in {})",
-            format_age(Duration::from_secs_f64(seconds))
-        ),
+        Some(seconds) if seconds < 0.0 => format!(" (next overdue by {})", age(-seconds)),
+        Some(seconds) => format!(" (next due in {})", age(seconds)),
         None => String::new(),
     };
     format!(

@@ -154,7 +154,17 @@ impl Relay {
                 Woken::Lost => Wake::Reconnect,
                 Woken::TimedOut if recheck.is_some() => Wake::Recheck,
                 Woken::TimedOut if sweep_due || self.wakeup.locks_held() => Wake::Sweep,
-                Woken::TimedOut if self.schedule.due(Instant::now()) => Wake::Schedule,
+                // A scheduled row's time: drain only if one was released.
+                Woken::TimedOut if self.schedule.due(Instant::now()) => {
+                    match self.schedule.release(&self.store).await {
+                        Ok(0) => continue,
+                        Ok(_) => Wake::Schedule,
+                        Err(error) => {
+                            self.wait_out(Outage::from(error), shutdown).await;
+                            continue;
+                        }
+                    }
+                }
                 // Only a housekeeping timer fired.
                 Woken::TimedOut => continue,
             };

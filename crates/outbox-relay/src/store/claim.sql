@@ -89,9 +89,9 @@ FROM sequenced
 WHERE m.id = sequenced.id AND m.published_at IS NULL
 RETURNING m.id, m.message_id, m.exchange, m.routing_key, m.payload, m.content_type,
           m.headers::text, m.ordering_key, m.attempts,
-          coalesce(m.replayed_at, m.deliver_at, m.created_at), m.key_seq,
+          coalesce(m.replayed_at, m.scheduled_for, m.created_at), m.key_seq,
           (SELECT count(*) FROM picked) + (SELECT count(*) FROM followers),
           (SELECT count(*) FROM keyless),
           (SELECT count(*) FROM keys),
           (SELECT max(ordering_key) FROM keys),
-          m.deliver_at IS NOT NULL AND m.replayed_at IS NULL
+          m.scheduled_for IS NOT NULL AND m.replayed_at IS NULL

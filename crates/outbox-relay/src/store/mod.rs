@@ -225,13 +225,25 @@ impl Store {
             prepared: false,
         };
         let client = store.client().await.map_err(|e| anyhow::anyhow!(e))?;
-        let installed: bool = client
-            .query_one("SELECT to_regclass('outbox.messages') IS NOT NULL", &[])
-            .await?
-            .get(0);
-        if !installed {
+        // The newest migration's function stands for the whole schema: an
+        // older one would fail every claim (an outage, waited out forever).
+        let schema = client
+            .query_one(
+                "SELECT to_regclass('outbox.messages') IS NOT NULL, \
+                        to_regprocedure('outbox.release_due(integer)') IS NOT NULL",
+                &[],
+            )
+            .await?;
+        if !schema.try_get::<_, bool>(0)? {
             anyhow::bail!(
                 "the outbox schema is missing in {}: run `outbox-relay migrate` first",
+                target.describe()
+            );
+        }
+        if !schema.try_get::<_, bool>(1)? {
+            anyhow::bail!(
+                "the outbox schema in {} is older than this relay (V9, scheduled delivery, is missing): \
+                 run `outbox-relay migrate` first",
                 target.describe()
             );
         }

@@ -84,7 +84,10 @@ impl Store {
             Ok(Released {
                 released: released.max(0) as u64,
                 refused: refused.max(0) as u64,
-                next_due_in: next_due_in.map(|s| Duration::from_secs_f64(s.max(0.0))),
+                // NaN and infinities (a time the schema refuses, written
+                // behind its back) would panic in from_secs_f64.
+                next_due_in: next_due_in
+                    .map(|s| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)),
             })
         })
         .await
