@@ -2,7 +2,8 @@
 //! own: what a careless handler cannot do to the messages batched with it.
 //!
 //! Split by theme: `tables` (batches, retention, tables that cannot serve),
-//! `returned_rows` (a key's missing row), `keys` (slow keys, several consumers).
+//! `returned_rows` (a key's missing row), `keys` (slow keys, several consumers),
+//! `quorum` (quorum queues and the delivery limit).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use tokio_postgres::Transaction;
 use tokio_util::sync::CancellationToken;
 
 mod keys;
+mod quorum;
 mod returned_rows;
 mod tables;
 

@@ -56,7 +56,7 @@ impl Broker {
         publishing
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        topology.declare(&publishing).await.with_context(|| {
+        topology.declare(&connection).await.with_context(|| {
             format!(
                 "cannot declare queue `{}` and its exchanges (one may exist with other \
                  arguments: queue type, dead-letter exchange or expiry)",

@@ -14,12 +14,25 @@
 //! retry queue still dead-letters into the queue: copies made by earlier
 //! consumer versions carry a TTL, and keeping its arguments lets it be declared
 //! again as it is.
+//!
+//! Quorum queues are declared with a delivery limit no message reaches
+//! ([`DELIVERY_LIMIT`]): RabbitMQ 4.0 – 4.2 set one of 20 by default, and
+//! count every return (a consumer restarted, a connection lost) against
+//! it, so a message that saw 20 rolling restarts would be dead-lettered by
+//! the broker, with no `x-consumer-error`, though it never failed. The
+//! consumer counts failures itself (`x-consumer-retries`).
 
 use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ErrorKind, ExchangeKind};
+
+/// The `x-delivery-limit` of the quorum queues we declare: in effect none.
+/// Not -1, which means "none" on RabbitMQ 4.x but was measured on 3.10 to
+/// dead-letter a message at its first return.
+pub const DELIVERY_LIMIT: i32 = 1_000_000_000;
 
 /// Classic queues live on one node; quorum queues are replicated (for a
 /// clustered RabbitMQ) and count redeliveries in `x-delivery-count`.
@@ -64,7 +77,22 @@ impl Topology {
         }
     }
 
-    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+    /// Declares everything on a channel of its own, closed afterwards (a
+    /// refused declaration closes the channel it was made on).
+    pub async fn declare(&self, connection: &Connection) -> Result<(), lapin::Error> {
+        let mut channel = connection.create_channel().await?;
+        let declared = self.declare_on(connection, &mut channel).await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "declared".into()).await;
+        }
+        declared
+    }
+
+    async fn declare_on(
+        &self,
+        connection: &Connection,
+        channel: &mut Channel,
+    ) -> Result<(), lapin::Error> {
         self.exchange(channel, &self.exchange).await?;
         self.exchange(channel, &self.dead_letter_exchange).await?;
 
@@ -76,17 +104,23 @@ impl Topology {
         if self.single_active_consumer {
             main.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         }
-        self.queue(channel, &self.queue, main).await?;
+        self.queue(connection, channel, &self.queue, main).await?;
 
         // Only copies with a TTL (older consumers', or a policy's) expire
         // into the queue; ours are brought back by the `retrier`.
         let mut retry = self.arguments();
         retry.insert("x-dead-letter-exchange".into(), string(""));
         retry.insert("x-dead-letter-routing-key".into(), string(&self.queue));
-        self.queue(channel, &self.retry_queue, retry).await?;
-
-        self.queue(channel, &self.dead_letter_queue, self.arguments())
+        self.queue(connection, channel, &self.retry_queue, retry)
             .await?;
+
+        self.queue(
+            connection,
+            channel,
+            &self.dead_letter_queue,
+            self.arguments(),
+        )
+        .await?;
         bind(channel, &self.queue, &self.exchange).await?;
         bind(channel, &self.dead_letter_queue, &self.dead_letter_exchange).await
     }
@@ -123,9 +157,13 @@ impl Topology {
             .await
     }
 
+    /// Declares a queue; a quorum queue with [`DELIVERY_LIMIT`], unless it
+    /// exists without one (declared by an older consumer): then as it is,
+    /// with a warning, since the broker refuses to change its arguments.
     async fn queue(
         &self,
-        channel: &Channel,
+        connection: &Connection,
+        channel: &mut Channel,
         name: &str,
         arguments: FieldTable,
     ) -> Result<(), lapin::Error> {
@@ -133,10 +171,34 @@ impl Topology {
             durable: true,
             ..QueueDeclareOptions::default()
         };
-        channel
-            .queue_declare(name.into(), options, arguments)
-            .await
-            .map(|_| ())
+        if self.queue_type == QueueType::Classic {
+            return channel
+                .queue_declare(name.into(), options, arguments)
+                .await
+                .map(drop);
+        }
+        let mut limited = arguments.clone();
+        limited.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(DELIVERY_LIMIT),
+        );
+        match channel.queue_declare(name.into(), options, limited).await {
+            Ok(_) => Ok(()),
+            Err(error) if is_precondition_failed(&error) => {
+                *channel = connection.create_channel().await?;
+                channel
+                    .queue_declare(name.into(), options, arguments)
+                    .await?;
+                tracing::warn!(
+                    queue = name,
+                    "quorum queue declared earlier without x-delivery-limit: RabbitMQ 4.0 to 4.2 \
+                     dead-letter a message returned 20 times (restarts count); set a policy with \
+                     delivery-limit {DELIVERY_LIMIT} on it, or move to a new queue"
+                );
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
     }
 }
 
@@ -150,6 +212,12 @@ async fn bind(channel: &Channel, queue: &str, exchange: &str) -> Result<(), lapi
             FieldTable::default(),
         )
         .await
+}
+
+/// The broker refused a declaration over arguments (406).
+fn is_precondition_failed(error: &lapin::Error) -> bool {
+    matches!(error.kind(), ErrorKind::ProtocolError(reply)
+        if *reply.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED))
 }
 
 fn string(value: &str) -> AMQPValue {
