@@ -4,6 +4,15 @@
 #
 # Tests named `serial_*` disturb a shared server (they close every broker
 # connection, say), so they run first, one at a time, before the others start.
+#
+# Then the tests whose behaviour depends on the servers' releases run once
+# more against RabbitMQ 4.x and PostgreSQL 17 (scripts/compat-servers.sh
+# installs and starts them beside the shared servers, and stops them at the
+# end): the relay, scheduled delivery, the consumer library and dispatch,
+# retries, wake-ups, migrations, enqueue, roles, operator commands,
+# telemetry and everything on quorum queues; about two minutes.
+# OUTBOX_TEST_COMPAT=off skips that pass (a machine without root or
+# without Debian's mirror).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,4 +32,18 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast -- serial_ --test-threads 1
   cargo test --workspace --locked --no-fail-fast -- --skip serial_
+fi
+
+if [[ ${OUTBOX_TEST_COMPAT:-on} != off ]] && cargo nextest --version >/dev/null 2>&1; then
+  compat=$(scripts/compat-servers.sh up)
+  trap 'scripts/compat-servers.sh down >/dev/null' EXIT
+  eval "$compat"
+  echo "== again on RabbitMQ $RABBITMQ_VERSION and PostgreSQL $POSTGRES_VERSION"
+  TEST_AMQP_URL=$AMQP_URL TEST_POSTGRES_URL=$POSTGRES_URL TEST_RABBITMQCTL=$RABBITMQCTL \
+    cargo nextest run --workspace --locked --no-fail-fast -E '(
+      test(/^relay::/) | test(/^schedule::/) | test(/^consumer_library::/) |
+      test(/^dispatch::/) | test(/^retries::/) | test(/^wake::/) | test(/^migrate::/) |
+      test(/^enqueue::/) | test(/^roles::/) | test(/^commands::/) | test(/^telemetry::/) |
+      test(/quorum/)
+    ) & not test(/serial_/)'
 fi
