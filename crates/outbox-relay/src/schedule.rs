@@ -24,7 +24,8 @@ use crate::store::{Store, StoreError};
 /// further ahead than this is released on time.
 const LOOK_AGAIN: Duration = Duration::from_secs(1);
 /// Rows moved per statement: short transactions next to the app's writes
-/// of the same keys (a release takes each key's lock, like a writer).
+/// of the same keys (a release holds the locks of the keys it moves, as a
+/// writer does, until it commits).
 const RELEASE_BATCH: i32 = 1000;
 /// A due row another session holds (another relay releasing it, a
 /// writer's `outbox.cancel` in an open transaction, a writer holding its
