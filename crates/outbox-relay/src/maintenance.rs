@@ -8,12 +8,13 @@
 
 use std::time::Duration;
 
+use metrics::Counter;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::gauges::Vacuum;
 use crate::meters::{DATABASE, Meters};
-use crate::store::Store;
+use crate::store::{Expired, Store};
 use outbox_service::health::Health;
 
 const INTERVAL: Duration = Duration::from_secs(5);
@@ -80,9 +81,13 @@ pub(crate) async fn run(
         }
         // With zero retention the marker deletes rows as they are confirmed.
         if !retention.is_zero() {
-            delete_expired(&store, retention, &meters, &shutdown).await;
+            let published = &meters.retention_deleted;
+            delete_expired(&store, Expired::Published, retention, published, &shutdown).await;
         }
-        delete_cancelled(&store, retention, &meters, &shutdown).await;
+        // Cancelled scheduled rows stay visible as long as published ones
+        // (at zero retention, until the next upkeep).
+        let cancelled = &meters.cancelled_deleted;
+        delete_expired(&store, Expired::Cancelled, retention, cancelled, &shutdown).await;
     }
 }
 
@@ -115,46 +120,24 @@ async fn self_vacuum(store: &Store, vacuum: &Vacuum, meters: &Meters, warned: &m
     }
 }
 
-/// Cancelled (and refused) scheduled rows stay visible for the retention,
-/// as published rows do; at zero retention, until the next upkeep.
-async fn delete_cancelled(
-    store: &Store,
-    retention: Duration,
-    meters: &Meters,
-    shutdown: &CancellationToken,
-) {
-    while !shutdown.is_cancelled() {
-        match store.delete_cancelled_before(retention, DELETE_BATCH).await {
-            Ok(deleted) => {
-                meters.cancelled_deleted.increment(deleted);
-                if deleted < DELETE_BATCH as u64 {
-                    return;
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, "deleting cancelled scheduled rows failed; will retry");
-                return;
-            }
-        }
-    }
-}
-
+/// Deletes what `what` names older than `retention`, a batch at a time.
 async fn delete_expired(
     store: &Store,
+    what: Expired,
     retention: Duration,
-    meters: &Meters,
+    deleted_total: &Counter,
     shutdown: &CancellationToken,
 ) {
     while !shutdown.is_cancelled() {
-        match store.delete_published_before(retention, DELETE_BATCH).await {
+        match store.delete_expired(what, retention, DELETE_BATCH).await {
             Ok(deleted) => {
-                meters.retention_deleted.increment(deleted);
+                deleted_total.increment(deleted);
                 if deleted < DELETE_BATCH as u64 {
                     return;
                 }
             }
             Err(error) => {
-                tracing::warn!(%error, "retention delete failed; will retry");
+                tracing::warn!(%error, ?what, "retention delete failed; will retry");
                 return;
             }
         }

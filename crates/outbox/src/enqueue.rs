@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio_postgres::GenericClient;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 use crate::Error;
@@ -144,44 +144,30 @@ const CANCEL: &str = "SELECT outbox.cancel($1)";
 /// With deadpool-postgres, pass the inner transaction: `enqueue(&*tx, ..)`.
 pub async fn enqueue<C: GenericClient>(client: &C, message: &Message) -> Result<Uuid, Error> {
     let headers = Value::Object(message.headers.clone());
-    if let Some(delivery) = message.delivery {
-        let (at, in_ms) = match delivery {
-            Delivery::At(time) => (Some(time), None),
-            Delivery::In(delay) => (None, Some(delay.as_secs_f64() * 1000.0)),
-        };
-        let message_id = Uuid::new_v4();
-        client
-            .query_typed(
-                INSERT_SCHEDULED,
-                &[
-                    (&message.exchange, Type::TEXT),
-                    (&message.routing_key, Type::TEXT),
-                    (&message.payload, Type::BYTEA),
-                    (&message.content_type, Type::TEXT),
-                    (&headers, Type::JSONB),
-                    (&message.ordering_key, Type::TEXT),
-                    (&message_id, Type::UUID),
-                    (&at, Type::TIMESTAMPTZ),
-                    (&in_ms, Type::FLOAT8),
-                ],
-            )
-            .await?;
-        return Ok(message_id);
-    }
-    let row = client
-        .query_typed_one(
-            INSERT,
-            &[
-                (&message.exchange, Type::TEXT),
-                (&message.routing_key, Type::TEXT),
-                (&message.payload, Type::BYTEA),
-                (&message.content_type, Type::TEXT),
-                (&headers, Type::JSONB),
-                (&message.ordering_key, Type::TEXT),
-            ],
-        )
-        .await?;
-    Ok(row.try_get(0)?)
+    let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
+        (&message.exchange, Type::TEXT),
+        (&message.routing_key, Type::TEXT),
+        (&message.payload, Type::BYTEA),
+        (&message.content_type, Type::TEXT),
+        (&headers, Type::JSONB),
+        (&message.ordering_key, Type::TEXT),
+    ];
+    let Some(delivery) = message.delivery else {
+        let row = client.query_typed_one(INSERT, &params).await?;
+        return Ok(row.try_get(0)?);
+    };
+    let (at, in_ms) = match delivery {
+        Delivery::At(time) => (Some(time), None),
+        Delivery::In(delay) => (None, Some(delay.as_secs_f64() * 1000.0)),
+    };
+    let message_id = Uuid::new_v4();
+    params.extend([
+        (&message_id as &(dyn ToSql + Sync), Type::UUID),
+        (&at, Type::TIMESTAMPTZ),
+        (&in_ms, Type::FLOAT8),
+    ]);
+    client.query_typed(INSERT_SCHEDULED, &params).await?;
+    Ok(message_id)
 }
 
 /// Cancels a scheduled message for good, inside `client`'s transaction:

@@ -97,6 +97,15 @@ pub enum StoreError {
     NoAnswer(Duration),
 }
 
+/// What retention deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expired {
+    /// Rows of `outbox.messages` published longer ago than the retention.
+    Published,
+    /// Rows of `outbox.scheduled` cancelled (or refused) that long ago.
+    Cancelled,
+}
+
 /// Result of recording a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retried {
@@ -357,18 +366,23 @@ impl Store {
         .await
     }
 
-    /// Deletes up to `limit` rows published longer ago than `retention`.
-    pub async fn delete_published_before(
+    /// Deletes up to `limit` rows that `what` names, older than `retention`.
+    pub async fn delete_expired(
         &self,
+        what: Expired,
         retention: Duration,
         limit: i64,
     ) -> Result<u64, StoreError> {
+        let statement = match what {
+            Expired::Published => DELETE_OLD,
+            Expired::Cancelled => schedule::DELETE_CANCELLED,
+        };
         self.bounded(async {
             let client = self.client().await?;
             let retention_ms = retention.as_millis() as f64;
             let deleted = client
                 .query_typed(
-                    DELETE_OLD,
+                    statement,
                     &[(&retention_ms, Type::FLOAT8), (&limit, Type::INT8)],
                 )
                 .await

@@ -1,6 +1,6 @@
 //! Scheduled delivery's statements (V9): moving due rows from
 //! `outbox.scheduled` into `outbox.messages`, the schedule's gauges, and
-//! retention of cancelled rows.
+//! retention of cancelled rows (run by `Store::delete_expired`).
 
 use std::time::Duration;
 
@@ -49,7 +49,8 @@ const SCHEDULE_STATS: &str = "SELECT \
      (SELECT count(*) FROM outbox.scheduled WHERE cancelled_at IS NOT NULL AND refused IS NULL), \
      (SELECT count(*) FROM outbox.scheduled WHERE refused IS NOT NULL)";
 
-const DELETE_CANCELLED: &str = "DELETE FROM outbox.scheduled WHERE id IN ( \
+/// Retention of cancelled rows; see `Store::delete_expired`.
+pub(super) const DELETE_CANCELLED: &str = "DELETE FROM outbox.scheduled WHERE id IN ( \
      SELECT id FROM outbox.scheduled \
      WHERE cancelled_at < now() - $1 * interval '1 millisecond' \
      ORDER BY cancelled_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
@@ -98,27 +99,6 @@ impl Store {
         self.bounded(async {
             let client = self.client().await?;
             Ok(schedule_stats(&**client).await?)
-        })
-        .await
-    }
-
-    /// Deletes up to `limit` rows cancelled (or refused) longer than
-    /// `retention` ago.
-    pub async fn delete_cancelled_before(
-        &self,
-        retention: Duration,
-        limit: i64,
-    ) -> Result<u64, StoreError> {
-        self.bounded(async {
-            let client = self.client().await?;
-            let retention_ms = retention.as_millis() as f64;
-            let deleted = client
-                .query_typed(
-                    DELETE_CANCELLED,
-                    &[(&retention_ms, Type::FLOAT8), (&limit, Type::INT8)],
-                )
-                .await?;
-            Ok(deleted.len() as u64)
         })
         .await
     }
