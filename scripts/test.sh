@@ -8,9 +8,11 @@
 # Then the tests whose behaviour depends on the servers' releases run once
 # more against RabbitMQ 4.x and PostgreSQL 17 (scripts/compat-servers.sh
 # installs and starts them beside the shared servers, and stops them at the
-# end): the relay, scheduled delivery, the consumer library and dispatch,
-# retries, wake-ups, migrations, enqueue, roles, operator commands,
-# telemetry and everything on quorum queues; about two minutes.
+# end): every test that talks to a server but the fault scenarios and the
+# language examples (the relay, scheduled delivery, capture, the consumer
+# library and dispatch, retries, wake-ups, migrations, roles, operator
+# commands, telemetry, alerts, and everything on quorum queues); about two
+# minutes.
 # OUTBOX_TEST_COMPAT=off skips that pass (a machine without root or
 # without Debian's mirror).
 set -euo pipefail
@@ -44,6 +46,7 @@ if [[ ${OUTBOX_TEST_COMPAT:-on} != off ]] && cargo nextest --version >/dev/null 
       test(/^relay::/) | test(/^schedule::/) | test(/^consumer_library::/) |
       test(/^dispatch::/) | test(/^retries::/) | test(/^wake::/) | test(/^migrate::/) |
       test(/^enqueue::/) | test(/^roles::/) | test(/^commands::/) | test(/^telemetry::/) |
-      test(/quorum/)
+      test(/^capture::/) | test(/^orders::/) | test(/^secrets::/) | test(/^alerts::/) |
+      test(/^consumer_example::/) | test(/quorum/)
     ) & not test(/serial_/)'
 fi
