@@ -21,6 +21,10 @@ cd "$(dirname "$0")/.."
 scripts/services.sh
 # The examples' own dependencies (JDBC driver, venvs, node_modules): cached.
 examples/install.sh
+# `docker-compose config` checks the docker stack's file (tests/docker.rs;
+# no engine needed, none runs here).
+command -v docker-compose >/dev/null || examples/apt-install.sh docker-compose ||
+  echo "test.sh: docker-compose could not be installed; the stack's file goes unchecked" >&2
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # Tests run the binaries (`workspace_binary`) and the consumer library's
