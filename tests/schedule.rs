@@ -600,3 +600,99 @@ async fn a_writer_holding_a_key_stalls_neither_the_relay_nor_other_due_rows() {
     );
     relay.terminate().await;
 }
+
+/// A scheduled message whose message_id an app used again for a message
+/// sent at once cannot be released: it is kept as refused, counted, and
+/// the other due rows go out; nothing is dropped without a trace.
+#[tokio::test]
+async fn a_due_row_whose_id_was_taken_is_kept_as_refused_and_blocks_nothing() {
+    let db = TestDb::with_outbox().await;
+    let topology = Topology::fanout().await;
+    let client = db.connect().await;
+    let taken = Uuid::new_v4();
+    client
+        .execute(
+            "INSERT INTO outbox.messages (message_id, exchange, payload, deliver_at) \
+             VALUES ($1, $2, '{}', now() + interval '500 milliseconds')",
+            &[&taken, &topology.exchange],
+        )
+        .await
+        .expect("scheduled with the app's own id");
+    let other = schedule(&client, &topology.exchange, None, 500.0).await;
+    client
+        .execute(
+            "INSERT INTO outbox.messages (message_id, exchange, payload) VALUES ($1, $2, '{}')",
+            &[&taken, &topology.exchange],
+        )
+        .await
+        .expect("the same id, sent now");
+
+    let (relay, addr) = start_logged_relay(&db, &[]).await;
+    let addr = addr.as_str();
+    let received = ids(&topology.receive(2, PATIENCE).await);
+    assert_eq!(
+        received.iter().copied().collect::<HashSet<_>>(),
+        HashSet::from([taken, other])
+    );
+    wait_for_metric(addr, "outbox_scheduled_refused_total", &[], |n| n == 1.0).await;
+    let row = client
+        .query_one(
+            "SELECT state, refused FROM outbox.scheduled_messages WHERE message_id = $1",
+            &[&taken],
+        )
+        .await
+        .expect("the refused row is kept");
+    assert_eq!(row.get::<_, String>(0), "refused");
+    assert!(row.get::<_, Option<String>>(1).is_some());
+    assert!(
+        topology
+            .receive(1, Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
+    relay.terminate().await;
+}
+
+/// A relay whose role may not release scheduled rows (granted by hand,
+/// without `outbox.release_due`) logs it and publishes everything else.
+#[tokio::test]
+async fn a_relay_that_may_not_release_publishes_everything_else() {
+    let relay_role = TestRole::create("relay").await;
+    let db = TestDb::with_outbox().await;
+    db.connect()
+        .await
+        .batch_execute(&format!(
+            "SELECT outbox.grant_relay('{0}'); \
+             REVOKE EXECUTE ON FUNCTION outbox.release_due(integer) FROM {0}",
+            relay_role.name
+        ))
+        .await
+        .expect("grant, then revoke the release");
+    let topology = Topology::fanout().await;
+    let client = db.connect().await;
+    let waiting = schedule(&client, &topology.exchange, None, 200.0).await;
+    let relay = RunningRelay::start(Settings {
+        database_url: Some(relay_role.url(&db)),
+        ..no_sweep(&db)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let now = enqueue_now(&client, &topology.exchange, None).await;
+    assert_eq!(ids(&topology.receive(1, PATIENCE).await), vec![now]);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox.scheduled").await,
+        1,
+        "the due row waits for a relay that may release it"
+    );
+    // Given the right, the next look releases it.
+    db.connect()
+        .await
+        .batch_execute(&format!(
+            "GRANT EXECUTE ON FUNCTION outbox.release_due(integer) TO {}",
+            relay_role.name
+        ))
+        .await
+        .expect("grant the release");
+    assert_eq!(ids(&topology.receive(1, PATIENCE).await), vec![waiting]);
+    relay.stop().await;
+}
