@@ -696,3 +696,29 @@ async fn a_relay_that_may_not_release_publishes_everything_else() {
     assert_eq!(ids(&topology.receive(1, PATIENCE).await), vec![waiting]);
     relay.stop().await;
 }
+
+/// The relay's sessions run without sequential scans (and so a statement
+/// no index serves is costed past JIT's threshold: 180 ms of compiling a
+/// read of an empty table, every 5 s): the schedule's gauges go by index.
+#[tokio::test]
+async fn the_schedules_gauges_are_read_by_index() {
+    let db = TestDb::with_outbox().await;
+    let client = db.connect().await;
+    client
+        .batch_execute("SET enable_seqscan = off")
+        .await
+        .expect("the relay's setting");
+    let statement = outbox_relay::store::SCHEDULE_STATS.replace("$1", "1000000");
+    let plan: Vec<String> = client
+        .query(&format!("EXPLAIN {statement}"), &[])
+        .await
+        .expect("explain")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        !plan.iter().any(|line| line.contains("Seq Scan")),
+        "{}",
+        plan.join("\n")
+    );
+}
