@@ -5,7 +5,7 @@ mod claim;
 mod schedule;
 
 pub use claim::{CLAIM, CLAIM_TYPES, Claim, ClaimLimits};
-pub use schedule::{Released, SCHEDULED_COUNT_CAP, ScheduleStats, schedule_stats};
+pub use schedule::{Released, SCHEDULE_STATS, SCHEDULED_COUNT_CAP, ScheduleStats, schedule_stats};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -218,9 +218,13 @@ impl Store {
         // Without sequential scans (still taken where no index serves)
         // plans stay on the indexes whatever the table's size was; and
         // generic plans always, or each mark (its arrays' lengths known
-        // only at bind) was planned again: 0.2 ms a mark.
+        // only at bind) was planned again: 0.2 ms a mark. No JIT: a
+        // sequential scan left where no index serves is costed so high
+        // that it crosses jit_above_cost, and compiling took 180 ms of a
+        // statement that reads an empty table (the schedule's gauges,
+        // before they went by index); the relay's statements are short.
         let ours = format!(
-            "-c synchronous_commit=off -c lock_timeout={LOCK_TIMEOUT_MS} -c enable_seqscan=off -c plan_cache_mode=force_generic_plan"
+            "-c synchronous_commit=off -c lock_timeout={LOCK_TIMEOUT_MS} -c enable_seqscan=off -c plan_cache_mode=force_generic_plan -c jit=off"
         );
         let options = match target.config.get_options() {
             Some(given) => format!("{given} {ours}"),

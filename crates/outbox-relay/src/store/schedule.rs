@@ -41,13 +41,15 @@ pub const SCHEDULED_COUNT_CAP: i64 = 1_000_000;
 
 const RELEASE_DUE: &str = "SELECT released, refused, next_due_in FROM outbox.release_due($1)";
 
-const SCHEDULE_STATS: &str = "SELECT \
+/// Every count by an index (a refused row is a cancelled one too): the
+/// relay's sessions run without sequential scans.
+pub const SCHEDULE_STATS: &str = "SELECT \
      (SELECT count(*) FROM (SELECT 1 FROM outbox.scheduled \
          WHERE cancelled_at IS NULL LIMIT $1) waiting), \
      extract(epoch FROM (SELECT deliver_at FROM outbox.scheduled WHERE cancelled_at IS NULL \
          ORDER BY deliver_at, id LIMIT 1) - now())::float8, \
      (SELECT count(*) FROM outbox.scheduled WHERE cancelled_at IS NOT NULL AND refused IS NULL), \
-     (SELECT count(*) FROM outbox.scheduled WHERE refused IS NOT NULL)";
+     (SELECT count(*) FROM outbox.scheduled WHERE cancelled_at IS NOT NULL AND refused IS NOT NULL)";
 
 /// Retention of cancelled rows; see `Store::delete_expired`.
 pub(super) const DELETE_CANCELLED: &str = "DELETE FROM outbox.scheduled WHERE id IN ( \
