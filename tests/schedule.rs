@@ -676,7 +676,15 @@ async fn a_relay_that_may_not_release_publishes_everything_else() {
         ..no_sweep(&db)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_until("the scheduled row is due", || async {
+        count(
+            &db,
+            "SELECT count(*) FROM outbox.scheduled WHERE deliver_at <= now()",
+        )
+        .await
+            == 1
+    })
+    .await;
     let now = enqueue_now(&client, &topology.exchange, None).await;
     assert_eq!(ids(&topology.receive(1, PATIENCE).await), vec![now]);
     assert_eq!(

@@ -94,21 +94,22 @@ impl Schedule {
                  left in outbox.scheduled as refused (see outbox.scheduled_messages)"
             );
         }
-        let now = Instant::now();
         let full = released.released + released.refused >= RELEASE_BATCH as u64;
-        self.next_look = match released.next_due_in {
-            _ if full => now,
-            None => now + LOOK_AGAIN,
-            Some(wait) if wait.is_zero() && released.released == 0 => {
-                let wait = self.held_retry;
-                self.held_retry = (wait * 2).min(LOOK_AGAIN);
-                now + wait
-            }
-            Some(wait) => now + wait.min(LOOK_AGAIN),
-        };
-        if released.released > 0 || !matches!(released.next_due_in, Some(wait) if wait.is_zero()) {
+        // Something is due, yet nothing moved: another session holds it.
+        let held = !full && released.released == 0 && released.next_due_in == Some(Duration::ZERO);
+        let wait = if full {
+            Duration::ZERO
+        } else if held {
+            let wait = self.held_retry;
+            self.held_retry = (wait * 2).min(LOOK_AGAIN);
+            wait
+        } else {
             self.held_retry = HELD_RETRY;
-        }
+            released
+                .next_due_in
+                .map_or(LOOK_AGAIN, |wait| wait.min(LOOK_AGAIN))
+        };
+        self.next_look = Instant::now() + wait;
         Ok(released.released)
     }
 
