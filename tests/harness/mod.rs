@@ -10,6 +10,7 @@ pub mod broker;
 pub mod dispatch;
 pub mod http;
 pub mod observe;
+pub mod otlp;
 pub mod pipeline;
 pub mod proxy;
 pub mod receivers;

@@ -6,7 +6,8 @@
 //! scrape shows one process's own numbers.
 //!
 //! Split by what is watched: `metrics` (relay metrics, nacked channels), `readyz`
-//! (readiness), `logs` (what logs and dead letters show, trace context).
+//! (readiness), `logs` (what logs and dead letters show, trace context),
+//! `traces` (spans exported over OTLP).
 
 use outbox_tests::*;
 use serde_json::Value;
@@ -16,6 +17,7 @@ use uuid::Uuid;
 mod logs;
 mod metrics;
 mod readyz;
+mod traces;
 
 async fn get(addr: &str, path: &str) -> (u16, String) {
     http::request(addr, "GET", path, None).await

@@ -28,10 +28,13 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => dispatch::migrate::run(&cli.settings.database()?).await,
         Command::Run => {
             let config = cli.settings.validate()?;
+            let traces = outbox_service::otel::init("dispatch")?;
             let shutdown = CancellationToken::new();
             // Stop consuming, finish or give back the deliveries in hand.
             outbox_service::shutdown::cancel_on_signal(shutdown.clone());
-            dispatch::run(config, shutdown).await
+            let result = dispatch::run(config, shutdown).await;
+            traces.shutdown().await;
+            result
         }
     }
 }

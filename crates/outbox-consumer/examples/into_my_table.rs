@@ -155,6 +155,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ),
     };
 
+    // Spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let traces = outbox_service::otel::init("into_my_table")?;
     let shutdown = CancellationToken::new();
     outbox_service::shutdown::cancel_on_signal(shutdown.clone());
     let health = outbox_consumer::health::new();
@@ -172,5 +174,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let consumed = outbox_consumer::run(config, pool, handler, health, shutdown).await;
     endpoint_stop.cancel();
     let _ = endpoint.await;
+    traces.shutdown().await;
     consumed
 }

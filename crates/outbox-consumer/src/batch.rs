@@ -31,6 +31,7 @@ use crate::inbox::{BatchFailure, Handled};
 use crate::message::{ordering_key, span};
 use crate::meters::Settled;
 use crate::shared::Shared;
+use crate::spans::Timeline;
 use crate::worker::{Failed, Item, ack, admit, retry_delay, settle_failure};
 
 /// What is left to do with a batch, in order.
@@ -87,9 +88,16 @@ pub(crate) async fn handle<H: Handler>(
         let (mut segment, one_by_one) = segment;
         let started = Instant::now();
         let messages: Vec<&Incoming> = segment.iter().map(|item| &item.message).collect();
+        let mut steps = Timeline::default();
         let result = shared
             .inbox
-            .handle(&shared.pool, &shared.handler, &messages, one_by_one)
+            .handle(
+                &shared.pool,
+                &shared.handler,
+                &messages,
+                one_by_one,
+                &mut steps,
+            )
             .await;
         shared
             .meters
@@ -99,7 +107,7 @@ pub(crate) async fn handle<H: Handler>(
             Ok(handled) => {
                 health::database_up(&shared.health);
                 outage.reset();
-                ack_all(shared, segment, handled).await?;
+                ack_all(shared, segment, handled, &steps).await?;
                 continue;
             }
             Err(failure) => failure,
@@ -162,6 +170,7 @@ async fn retry_in_place<H: Handler>(
     left: usize,
 ) -> Option<Item> {
     let delay = retry_delay(&shared.config, item.deliveries);
+    item.span.event("retried in place", reason);
     tracing::info!(
         message_id = %item.message.message_id,
         deliveries = item.deliveries,
@@ -213,20 +222,30 @@ fn fault(error: HandlerError) -> Failed {
 /// Acks a committed batch, all at once (the frames go out in order).
 async fn ack_all<H: Handler>(
     shared: &Shared<H>,
-    segment: Vec<Item>,
+    mut segment: Vec<Item>,
     handled: Vec<Handled>,
+    steps: &Timeline,
 ) -> Result<(), BrokerError> {
-    let acks = segment.iter().zip(handled).map(|(item, handled)| {
-        let outcome = match handled {
+    let outcomes: Vec<Settled> = handled
+        .into_iter()
+        .map(|handled| match handled {
             Handled::Committed => Settled::Processed,
             Handled::Duplicate => Settled::Duplicate,
-        };
+        })
+        .collect();
+    let acks = segment.iter().zip(&outcomes).map(|(item, outcome)| {
         // In the delivery's span: its log line names the message and trace.
-        ack(&item.delivery, outcome, &shared.meters).instrument(span(&item.delivery))
+        ack(&item.delivery, *outcome, &shared.meters).instrument(span(&item.delivery))
     });
-    futures::future::join_all(acks)
+    let acked = futures::future::join_all(acks)
         .await
         .into_iter()
         .collect::<Result<Vec<()>, _>>()
-        .map(|_| ())
+        .map(|_| ());
+    if acked.is_ok() {
+        for (item, outcome) in segment.iter_mut().zip(&outcomes) {
+            item.span.processed(outcome.label(), steps);
+        }
+    }
+    acked
 }

@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use crate::handler::{BatchError, Handler, HandlerError, Incoming, caught, classify};
 use crate::keys::{Keys, highest_per_key};
+use crate::spans::Timeline;
 
 /// What became of a message that did not fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,14 +208,16 @@ impl Inbox {
         handler: &H,
         messages: &[&Incoming],
         one_by_one: bool,
+        steps: &mut Timeline,
     ) -> Result<Vec<Handled>, BatchFailure> {
+        steps.began = Timeline::now();
         let mut client = pool.get().await.map_err(|e| {
             BatchFailure::Batch(HandlerError::Unavailable(outbox_service::db::pool_error(
                 &e,
             )))
         })?;
         let result = self
-            .transaction(&mut client, handler, messages, one_by_one)
+            .transaction(&mut client, handler, messages, one_by_one, steps)
             .await;
         let closed = client.is_closed();
         let unavailable = |error| match error {
@@ -234,6 +237,7 @@ impl Inbox {
         handler: &H,
         messages: &[&Incoming],
         one_by_one: bool,
+        steps: &mut Timeline,
     ) -> Result<Vec<Handled>, BatchFailure> {
         let batch = |e: tokio_postgres::Error| BatchFailure::Batch(classify(&e));
         // tokio-postgres' own transaction (not deadpool's wrapper): the
@@ -255,6 +259,7 @@ impl Inbox {
             self.keys.advance(&tx, &keys, &seqs).await
         };
         let (inserted, _) = futures::try_join!(inserted, advanced).map_err(batch)?;
+        steps.inserted = Timeline::now();
         let mut new: HashSet<Uuid> = inserted.iter().map(|row| row.get(0)).collect();
         let mut handled = Vec::with_capacity(messages.len());
         let mut fresh = Vec::with_capacity(messages.len());
@@ -294,6 +299,7 @@ impl Inbox {
             Some(&at) => BatchFailure::Message(at, failed.error),
             None => BatchFailure::Somewhere(failed.error),
         })?;
+        steps.handled = Timeline::now();
         if handled.iter().all(|h| *h == Handled::Duplicate) {
             // Dropping `tx` rolls back: there was nothing to write anyway.
             return Ok(handled);
@@ -312,6 +318,7 @@ impl Inbox {
         // warning, and a statement wasted). Its fields are a borrow and two
         // plain values, so forgetting it leaks nothing.
         std::mem::forget(tx);
+        steps.committed = Timeline::now();
         Ok(handled)
     }
 }

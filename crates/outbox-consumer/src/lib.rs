@@ -43,6 +43,7 @@ mod retention;
 mod retrier;
 mod sequencer;
 mod shared;
+mod spans;
 mod topology;
 mod work;
 mod worker;

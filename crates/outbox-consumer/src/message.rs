@@ -38,13 +38,7 @@ pub(crate) const LAST_ERROR_HEADER: &str = "x-consumer-last-error";
 pub(crate) fn span(delivery: &Delivery) -> tracing::Span {
     let properties = &delivery.properties;
     let message_id = sent_message_id(delivery);
-    let traceparent = properties.headers().as_ref().and_then(|headers| {
-        match headers.inner().get(traceparent::HEADER)? {
-            AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes()).ok(),
-            AMQPValue::ShortString(text) => Some(text.as_str()),
-            _ => None,
-        }
-    });
+    let traceparent = header_text(properties, traceparent::HEADER);
     let trace_id = traceparent.and_then(traceparent::trace_id);
     tracing::info_span!(
         "message",
@@ -52,6 +46,15 @@ pub(crate) fn span(delivery: &Delivery) -> tracing::Span {
         trace_id,
         traceparent = trace_id.and(traceparent)
     )
+}
+
+/// A header's value when it is text.
+pub(crate) fn header_text<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a str> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes()).ok(),
+        AMQPValue::ShortString(text) => Some(text.as_str()),
+        _ => None,
+    }
 }
 
 /// The message id as the publisher sent it, a UUID or not: for log lines.

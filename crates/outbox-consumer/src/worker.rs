@@ -30,6 +30,7 @@ use crate::handler::{Handler, Incoming};
 use crate::message::{delivery_number, incoming, numbered, sent_message_id, span};
 use crate::meters::{Meters, Settled};
 use crate::shared::Shared;
+use crate::spans::{DEAD_LETTERED, ProcessSpan};
 
 /// A delivery fit for a handler.
 pub(crate) struct Item {
@@ -37,6 +38,8 @@ pub(crate) struct Item {
     pub message: Incoming,
     /// Which delivery of the message this is, from 1.
     pub deliveries: u32,
+    /// Its trace span, ended where the delivery is settled.
+    pub span: ProcessSpan,
 }
 
 /// Why a handled message failed, once an unavailable database is ruled out.
@@ -55,7 +58,9 @@ pub(crate) async fn admit<H: Handler>(
     delivery: Delivery,
 ) -> Result<Option<Item>, BrokerError> {
     shared.meters.received.increment(1);
-    let deliveries = delivery_number(&delivery, &shared.config.topology.queue);
+    let queue = &shared.config.topology.queue;
+    let deliveries = delivery_number(&delivery, queue);
+    let mut process = ProcessSpan::start(&delivery, deliveries, queue);
     let reason = match incoming(&delivery, deliveries) {
         Err(bad) => bad.to_string(),
         Ok(message) => {
@@ -63,9 +68,11 @@ pub(crate) async fn admit<H: Handler>(
                 delivery,
                 message,
                 deliveries,
+                span: process,
             }));
         }
     };
+    process.failed(DEAD_LETTERED, &reason);
     // Its key's watermark stays: the messages before it in the batch have
     // not committed yet, and a consumer that starts later waits
     // `key_gap_wait` for this one at most.
@@ -81,7 +88,7 @@ pub(crate) async fn admit<H: Handler>(
 pub(crate) async fn settle_failure<H: Handler>(
     shared: &Shared<H>,
     publisher: &Publisher,
-    item: Item,
+    mut item: Item,
     failed: Failed,
 ) -> Result<(), BrokerError> {
     let span = span(&item.delivery);
@@ -91,10 +98,12 @@ pub(crate) async fn settle_failure<H: Handler>(
         let meters = &shared.meters;
         match failed {
             Failed::Poison(reason) => {
+                item.span.failed(DEAD_LETTERED, &reason);
                 dead_letter_passing_key(shared, publisher, delivery, deliveries, &reason).await
             }
             Failed::Transient(reason) if deliveries >= max => {
                 let reason = format!("failed on delivery {deliveries} of {max}: {reason}");
+                item.span.failed(DEAD_LETTERED, &reason);
                 dead_letter_passing_key(shared, publisher, delivery, deliveries, &reason).await
             }
             Failed::Transient(reason) => {
@@ -106,6 +115,7 @@ pub(crate) async fn settle_failure<H: Handler>(
                     %reason,
                     "transient failure; retrying later"
                 );
+                item.span.failed("retried", &reason);
                 publisher
                     .retry(delivery, deliveries, delay, &reason)
                     .await?;

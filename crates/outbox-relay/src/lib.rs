@@ -23,6 +23,7 @@ mod outage;
 mod properties;
 mod relay;
 mod schedule;
+mod spans;
 mod start;
 /// Public for the hostile tests, which drive a claim's marks by hand.
 pub mod store;

@@ -46,7 +46,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => Settings::default(),
     };
     let config = args.settings.over(file)?.validate()?;
+    let traces = outbox_service::otel::init("outbox-relay")?;
     let shutdown = CancellationToken::new();
     outbox_service::shutdown::cancel_on_signal(shutdown.clone());
-    outbox_relay::run(config, shutdown).await
+    let result = outbox_relay::run(config, shutdown).await;
+    // The spans still buffered go out before the process does.
+    traces.shutdown().await;
+    result
 }

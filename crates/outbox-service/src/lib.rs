@@ -2,8 +2,9 @@
 //! else: PostgreSQL connections (URL parsing, TLS, redaction), RabbitMQ
 //! connections (a cluster's several URLs), the ops endpoint (`/metrics`,
 //! `/healthz`, `/readyz`) with its [`health::Health`], reconnect backoff,
-//! shutdown on signals, tracing and metrics set-up, `traceparent`, range
-//! checks of settings and the check of environment variables.
+//! shutdown on signals, tracing and metrics set-up, OpenTelemetry export,
+//! `traceparent`, range checks of settings and the check of environment
+//! variables.
 //!
 //! The relay, the consumer library and the demo services build on it; it
 //! knows nothing of the outbox table or of any consumer's business.
@@ -16,6 +17,7 @@ pub mod endpoint;
 pub mod environment;
 pub mod health;
 pub mod limits;
+pub mod otel;
 pub mod pg_tls;
 pub(crate) mod secrets;
 pub mod shutdown;

@@ -39,6 +39,7 @@ use crate::meters::{DATABASE, Fault, Meters, Wake};
 use crate::nack_runs::NackRuns;
 use crate::outage::{Outage, Outages};
 use crate::schedule::Schedule;
+use crate::spans::PublishSpans;
 use crate::store::{ClaimLimits, Claimed, Store};
 use crate::wakeup::{IDLE_RECHECKS, Wakeup, next_recheck};
 use crate::window::{Settled, Window};
@@ -76,6 +77,8 @@ pub(crate) struct Relay {
     marker: Marker,
     /// Published rows awaiting their confirm; at most `max_in_flight`.
     window: Window,
+    /// Their publish spans, when traces are exported.
+    spans: PublishSpans,
     /// Where claims start scanning keyless rows.
     cursor: Cursor,
     /// The ordering key the next claim looks at first.
@@ -102,6 +105,7 @@ impl Relay {
     ) -> Relay {
         Relay {
             window: Window::new(config.confirm_timeout),
+            spans: PublishSpans::default(),
             cursor: Cursor::new(config.sweep_interval),
             next_key: String::new(),
             confirmed: VecDeque::new(),
@@ -190,6 +194,9 @@ impl Relay {
     async fn drain(&mut self, shutdown: &CancellationToken) -> Result<bool, Outage> {
         self.ensure_broker().await?;
         let result = self.pump(shutdown).await;
+        if self.window.is_empty() {
+            self.spans.clear();
+        }
         self.wakeup.end_drain().await;
         result
     }
@@ -365,7 +372,7 @@ impl Relay {
                 .saturating_sub(self.config.confirm_timeout);
         let max_payload = self.config.max_payload_bytes;
         let mut rows = rows.into_iter();
-        while let Some(row) = rows.next() {
+        while let Some(mut row) = rows.next() {
             if Instant::now() >= publish_by {
                 tracing::warn!(
                     rows = rows.len() + 1,
@@ -374,6 +381,7 @@ impl Relay {
                 self.give_back(std::iter::once(row).chain(rows));
                 return Ok(());
             }
+            self.spans.start(&mut row, claimed_at);
             let published = match self.broker.as_mut() {
                 Some(broker) => broker.publish(&row, max_payload, self.broker_max).await,
                 None => Err(BrokerError::NotConnected),
@@ -413,6 +421,7 @@ impl Relay {
                     if self.config.key_pipeline > 0 && row.ordering_key.is_some() {
                         self.confirmed.push_back((now, row.id));
                     }
+                    self.spans.published(row.id);
                     self.marker.send(Mark::Published(row.held()));
                 }
                 Settled::Failed(row, fault, error) => {
@@ -420,6 +429,7 @@ impl Relay {
                         self.nack_runs.nacked(&row.exchange, now);
                     }
                     self.meters.failure(fault).increment(1);
+                    self.spans.failed(row.id, fault, &error);
                     self.marker.send(Mark::Failed {
                         row: Box::new(row),
                         error,

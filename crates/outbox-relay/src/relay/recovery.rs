@@ -76,7 +76,11 @@ impl Relay {
     /// Releases rows unpublished or of unknown outcome; claims scan from
     /// the start again to find them.
     pub(super) fn give_back(&mut self, rows: impl IntoIterator<Item = Claimed>) {
-        let rows: Vec<_> = rows.into_iter().map(Claimed::held).collect();
+        let rows: Vec<_> = rows
+            .into_iter()
+            .inspect(|row| self.spans.given_back(row.id))
+            .map(Claimed::held)
+            .collect();
         if rows.is_empty() {
             return;
         }
