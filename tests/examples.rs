@@ -34,10 +34,15 @@ struct Run {
     stderr: String,
 }
 
-/// `examples/<lang>/run.sh ARGS` with `DATABASE_URL` set to `url` (or unset).
+/// `examples/<lang>/run.sh ARGS` with `DATABASE_URL` set to `url` (or unset),
+/// and no trace context but what `env` gives (not the test runner's own).
 async fn run(lang: &str, url: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Run {
     let mut command = Command::new(example(lang));
-    command.args(args).env_remove("DATABASE_URL");
+    command
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("TRACEPARENT")
+        .env_remove("TRACESTATE");
     if let Some(url) = url {
         command.env("DATABASE_URL", url);
     }
@@ -256,6 +261,99 @@ async fn python_example_schedules_an_order_cancellation() {
 #[tokio::test]
 async fn node_example_commits_order_and_message_together() {
     producer_commits_order_and_message_together("node").await;
+}
+
+/// The parent span a traced process hands the producer in `TRACEPARENT`.
+const PARENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT_SPAN: &str = "00f067aa0ba902b7";
+
+/// The (trace id, span id, flags) of a valid version-00 `traceparent`.
+fn traceparent_fields(lang: &str, headers: &serde_json::Value) -> (String, String, String) {
+    let header = headers["traceparent"]
+        .as_str()
+        .unwrap_or_else(|| panic!("examples/{lang}: no traceparent in {headers}"));
+    let hex = |field: &str, len: usize| {
+        field.len() == len
+            && field
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            && (len == 2 || field.bytes().any(|b| b != b'0'))
+    };
+    match header.split('-').collect::<Vec<_>>()[..] {
+        ["00", trace, span, flags] if hex(trace, 32) && hex(span, 16) && hex(flags, 2) => {
+            (trace.to_owned(), span.to_owned(), flags.to_owned())
+        }
+        _ => panic!("examples/{lang}: not a valid version-00 traceparent: {header:?}"),
+    }
+}
+
+/// The headers of the message one run of the producer enqueued in `db`,
+/// with `env`; its `producer` header checked.
+async fn enqueued_headers(lang: &str, db: &TestDb, env: &[(&str, &str)]) -> serde_json::Value {
+    let (_, message_id) = enqueued(lang, &run(lang, Some(&db.url), &[], env).await);
+    let headers: serde_json::Value = db
+        .connect()
+        .await
+        .query_one(
+            "SELECT headers FROM outbox.messages WHERE message_id = $1",
+            &[&message_id],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("examples/{lang}: message {message_id}: {e}"))
+        .get(0);
+    assert_eq!(headers["producer"], format!("examples/{lang}"), "{headers}");
+    headers
+}
+
+/// A producer's message carries the app's own span in its headers: a child
+/// of the span `TRACEPARENT` names (its `TRACESTATE` kept), a new root
+/// without it or with an invalid one; `producer` stays.
+async fn producer_headers_carry_the_apps_span(lang: &str) {
+    let db = TestDb::with_outbox().await;
+    let parent = format!("00-{PARENT_TRACE}-{PARENT_SPAN}-01");
+    let env = [("TRACEPARENT", parent.as_str()), ("TRACESTATE", "app=1")];
+    let child = enqueued_headers(lang, &db, &env).await;
+    let (trace, span, flags) = traceparent_fields(lang, &child);
+    assert_eq!(trace, PARENT_TRACE, "the parent's trace: {child}");
+    assert_ne!(
+        span, PARENT_SPAN,
+        "the app's own span, not its parent's: {child}"
+    );
+    assert_eq!(flags, "01", "sampled, as the parent: {child}");
+    assert_eq!(child["tracestate"], "app=1", "{child}");
+
+    // Without TRACEPARENT, and with an invalid one (an all-zero trace id).
+    let zero_trace = format!("00-{}-{PARENT_SPAN}-01", "0".repeat(32));
+    let roots = [
+        enqueued_headers(lang, &db, &[]).await,
+        enqueued_headers(lang, &db, &[("TRACEPARENT", &zero_trace)]).await,
+    ];
+    for root in &roots {
+        let (trace, _, flags) = traceparent_fields(lang, root);
+        assert_ne!(trace, PARENT_TRACE, "a new root: {root}");
+        // Sampled; Python's SDK also sets 02, W3C level 2's random trace id.
+        let flags = u8::from_str_radix(&flags, 16).expect("two hex digits");
+        assert_eq!(flags & 1, 1, "sampled: {root}");
+        assert!(root.get("tracestate").is_none(), "{root}");
+    }
+    let (first, _, _) = traceparent_fields(lang, &roots[0]);
+    let (second, _, _) = traceparent_fields(lang, &roots[1]);
+    assert_ne!(first, second, "each root its own trace");
+}
+
+#[tokio::test]
+async fn java_example_headers_carry_the_apps_span() {
+    producer_headers_carry_the_apps_span("java").await;
+}
+
+#[tokio::test]
+async fn node_example_headers_carry_the_apps_span() {
+    producer_headers_carry_the_apps_span("node").await;
+}
+
+#[tokio::test]
+async fn python_example_headers_carry_the_apps_span() {
+    producer_headers_carry_the_apps_span("python").await;
 }
 
 /// The consumer on `exchange`/`queue`, writing into `db`.

@@ -7,10 +7,24 @@
 //   DATABASE_URL=postgres://postgres@127.0.0.1:5432/shop node order_service.js [ORDER_ID] [--fail-after-enqueue]
 //
 // OUTBOX_EXCHANGE: where the message goes (default order_confirm_fanoutExchange).
+// TRACEPARENT / TRACESTATE: the W3C trace context of a traced parent process
+// (OpenTelemetry's environment variables as carrier). The order is created in
+// a span `create order`, a child of that parent (a new root without one), and
+// the message's headers carry that span as `traceparent` (and `tracestate`):
+// outbox-relay's publish span continues it.
 // Prints `order_id=N message_id=UUID` once the transaction has committed.
 
 import { randomInt } from 'node:crypto';
+import { context, propagation, trace } from '@opentelemetry/api';
+import { W3CTraceContextPropagator } from '@opentelemetry/core';
+import { BasicTracerProvider } from '@opentelemetry/sdk-trace-base';
 import pg from 'pg';
+
+// Spans from the SDK: real and sampled, so their ids reach the headers. No
+// exporter here; an app would add its own (OTLP) span processor.
+trace.setGlobalTracerProvider(new BasicTracerProvider());
+propagation.setGlobalPropagator(new W3CTraceContextPropagator());
+const tracer = trace.getTracer('examples/node');
 
 const CREATE_ORDERS = `CREATE TABLE IF NOT EXISTS orders (
   id bigint PRIMARY KEY, user_name text NOT NULL, context text NOT NULL, num int NOT NULL)`;
@@ -23,8 +37,17 @@ class SimulatedFailure extends Error {
   }
 }
 
-/** One transaction: the order row and its outbox message. */
-export async function createOrder(client, order, exchange, { failAfterEnqueue = false } = {}) {
+/**
+ * One transaction: the order row and its outbox message. `traceContext` holds
+ * the current span: context.active() in an app with a context manager (the
+ * NodeSDK registers one); main passes it, as it registers none.
+ */
+export async function createOrder(
+  client, order, exchange, { failAfterEnqueue = false, traceContext = context.active() } = {},
+) {
+  const headers = { producer: 'examples/node' };
+  // The current span as `traceparent`/`tracestate`: the relay continues its trace.
+  propagation.inject(traceContext, headers);
   await client.query('BEGIN');
   try {
     await client.query(
@@ -33,7 +56,7 @@ export async function createOrder(client, order, exchange, { failAfterEnqueue = 
     );
     const { rows } = await client.query(
       'SELECT outbox.enqueue($1, $2, $3::jsonb, $4::jsonb) AS message_id',
-      [exchange, '', JSON.stringify(order), JSON.stringify({ producer: 'examples/node' })],
+      [exchange, '', JSON.stringify(order), JSON.stringify(headers)],
     );
     const messageId = rows[0].message_id;
     if (failAfterEnqueue) throw new SimulatedFailure(messageId);
@@ -43,6 +66,15 @@ export async function createOrder(client, order, exchange, { failAfterEnqueue = 
     await client.query('ROLLBACK');
     throw error;
   }
+}
+
+/**
+ * The trace context a traced parent process passed in TRACEPARENT and
+ * TRACESTATE; an empty one (the span becomes a new root) without them.
+ */
+function parentContext() {
+  const carrier = { traceparent: process.env.TRACEPARENT, tracestate: process.env.TRACESTATE };
+  return propagation.extract(context.active(), carrier);
 }
 
 function fail(code, message) {
@@ -74,8 +106,16 @@ async function main(args) {
         + '`outbox-relay migrate` or psql over sql/outbox/V*.sql first');
     }
     await client.query(CREATE_ORDERS);
-    const messageId = await createOrder(client, order, exchange, { failAfterEnqueue });
-    console.log(`order_id=${orderId} message_id=${messageId}`);
+    const span = tracer.startSpan('create order', {}, parentContext());
+    try {
+      const traceContext = trace.setSpan(context.active(), span);
+      const messageId = await createOrder(
+        client, order, exchange, { failAfterEnqueue, traceContext },
+      );
+      console.log(`order_id=${orderId} message_id=${messageId}`);
+    } finally {
+      span.end();
+    }
   } catch (error) {
     if (error instanceof SimulatedFailure) {
       fail(3, `rolled back: order ${orderId} and message ${error.messageId} `

@@ -7,6 +7,11 @@ after the commit. A rolled-back order leaves no message behind.
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/shop python order_service.py [ORDER_ID] [--fail-after-enqueue] [--cancel-unpaid-after SECONDS]
 
 OUTBOX_EXCHANGE: where the message goes (default order_confirm_fanoutExchange).
+TRACEPARENT / TRACESTATE: the W3C trace context of a traced parent process
+(OpenTelemetry's environment variables as carrier). The order is created in
+a span `create order`, a child of that parent (a new root without one), and
+the message's headers carry that span as `traceparent` (and `tracestate`):
+outbox-relay's publish span continues it.
 Prints `order_id=N message_id=UUID` once the transaction has committed.
 
 --cancel-unpaid-after SECONDS also schedules, in the same transaction, an
@@ -21,12 +26,19 @@ import sys
 from dataclasses import asdict, dataclass
 
 import psycopg
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.trace import TracerProvider
 from psycopg.types.json import Jsonb
 
 CREATE_ORDERS = """
 CREATE TABLE IF NOT EXISTS orders (
     id bigint PRIMARY KEY, user_name text NOT NULL, context text NOT NULL, num int NOT NULL)
 """
+
+# Spans from the SDK: real and sampled, so their ids reach the headers. No
+# exporter here; an app would add its own (OTLP) span processor.
+trace.set_tracer_provider(TracerProvider())
+tracer = trace.get_tracer("examples/python")
 
 
 @dataclass
@@ -51,6 +63,9 @@ def create_order(conn, order, exchange, fail_after_enqueue=False, cancel_after=N
     """One transaction: the order row, its outbox message and, with
     cancel_after (seconds), a scheduled cancellation."""
     cancel_id = None
+    headers = {"producer": "examples/python"}
+    # The current span as `traceparent`/`tracestate`: the relay continues its trace.
+    propagate.inject(headers)
     with conn.transaction():  # commits on success, rolls back on any exception
         conn.execute(
             "INSERT INTO orders (id, user_name, context, num) VALUES (%s, %s, %s, %s)",
@@ -58,7 +73,7 @@ def create_order(conn, order, exchange, fail_after_enqueue=False, cancel_after=N
         )
         (message_id,) = conn.execute(
             "SELECT outbox.enqueue(%s, %s, %s, %s)",
-            (exchange, "", Jsonb(asdict(order)), Jsonb({"producer": "examples/python"})),
+            (exchange, "", Jsonb(asdict(order)), Jsonb(headers)),
         ).fetchone()
         if cancel_after is not None:
             (cancel_id,) = conn.execute(
@@ -69,6 +84,14 @@ def create_order(conn, order, exchange, fail_after_enqueue=False, cancel_after=N
         if fail_after_enqueue:
             raise SimulatedFailure(message_id)
     return message_id, cancel_id
+
+
+def parent_context():
+    """The trace context a traced parent process passed in TRACEPARENT and
+    TRACESTATE; an empty one (the span becomes a new root) without them."""
+    carrier = {name.lower(): os.environ[name]
+               for name in ("TRACEPARENT", "TRACESTATE") if name in os.environ}
+    return propagate.extract(carrier)
 
 
 def fail(code, message):
@@ -110,8 +133,9 @@ def main(argv):
                         "`outbox-relay migrate` or psql over sql/outbox/V*.sql first")
             conn.execute(CREATE_ORDERS)
             try:
-                message_id, cancel_id = create_order(
-                    conn, order, exchange, fail_after_enqueue, cancel_after)
+                with tracer.start_as_current_span("create order", context=parent_context()):
+                    message_id, cancel_id = create_order(
+                        conn, order, exchange, fail_after_enqueue, cancel_after)
             except psycopg.errors.UniqueViolation:
                 fail(1, f"order {order_id} already exists: nothing was committed")
             except SimulatedFailure as e:

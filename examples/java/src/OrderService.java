@@ -11,19 +11,29 @@
 //
 // DATABASE_URL: postgres://user[:password]@host[:port]/db (or a jdbc: URL).
 // OUTBOX_EXCHANGE: where the message goes (default order_confirm_fanoutExchange).
+// TRACEPARENT / TRACESTATE: the W3C trace context of a traced parent process
+// (OpenTelemetry's environment variables as carrier). The order's span is a
+// child of that parent (a new root without one), and the message's headers
+// carry it as `traceparent` (and `tracestate`): outbox-relay's publish span
+// continues it.
 // Prints `order_id=N message_id=UUID` once the transaction has committed.
 
 import java.net.URI;
 import java.net.URLDecoder;
 import java.nio.charset.StandardCharsets;
+import java.security.SecureRandom;
 import java.sql.Connection;
 import java.sql.DriverManager;
 import java.sql.PreparedStatement;
 import java.sql.ResultSet;
 import java.sql.SQLException;
+import java.util.Arrays;
+import java.util.HexFormat;
 import java.util.Properties;
 import java.util.UUID;
 import java.util.concurrent.ThreadLocalRandom;
+import java.util.regex.Matcher;
+import java.util.regex.Pattern;
 
 public final class OrderService {
 
@@ -33,6 +43,39 @@ public final class OrderService {
         String toJson() {
             return "{\"orderId\": " + orderId + ", \"userName\": " + quote(userName)
                     + ", \"context\": " + quote(context) + ", \"num\": " + num + "}";
+        }
+    }
+
+    /**
+     * This app's span, as W3C Trace Context headers. No Maven repository (nor
+     * OpenTelemetry jar) is at hand here, so it is done by hand; with the
+     * OpenTelemetry Java API it is
+     * `W3CTraceContextPropagator.getInstance().inject(Context.current(), headers, Map::put)`.
+     */
+    record Span(String traceparent, String tracestate) {
+        static final Pattern TRACEPARENT =
+                Pattern.compile("00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})");
+        static final SecureRandom RANDOM = new SecureRandom();
+
+        /** A child of the span TRACEPARENT names when it is valid; a new root otherwise. */
+        static Span fromEnvironment() {
+            String parent = System.getenv("TRACEPARENT");
+            Matcher m = TRACEPARENT.matcher(parent == null ? "" : parent.trim());
+            if (m.matches() && !m.group(1).matches("0+") && !m.group(2).matches("0+")) {
+                String state = System.getenv("TRACESTATE");
+                return new Span("00-" + m.group(1) + "-" + randomId(8) + "-" + m.group(3),
+                        state == null || state.isBlank() ? null : state.trim());
+            }
+            return new Span("00-" + randomId(16) + "-" + randomId(8) + "-01", null);
+        }
+
+        /** A random id of `bytes` bytes in lowercase hex; never all zeros (invalid). */
+        static String randomId(int bytes) {
+            byte[] id = new byte[bytes];
+            do {
+                RANDOM.nextBytes(id);
+            } while (Arrays.equals(id, new byte[bytes]));
+            return HexFormat.of().formatHex(id);
         }
     }
 
@@ -52,11 +95,13 @@ public final class OrderService {
     private final Connection connection;
     private final String exchange;
     private final boolean failAfterEnqueue;
+    private final Span span;
 
-    OrderService(Connection connection, String exchange, boolean failAfterEnqueue) {
+    OrderService(Connection connection, String exchange, boolean failAfterEnqueue, Span span) {
         this.connection = connection;
         this.exchange = exchange;
         this.failAfterEnqueue = failAfterEnqueue;
+        this.span = span;
     }
 
     /**
@@ -100,12 +145,21 @@ public final class OrderService {
             enqueue.setString(1, exchange);
             enqueue.setString(2, "");
             enqueue.setString(3, order.toJson());
-            enqueue.setString(4, "{\"producer\": \"examples/java\"}");
+            enqueue.setString(4, headers());
             try (ResultSet row = enqueue.executeQuery()) {
                 row.next();
                 return row.getObject(1, UUID.class);
             }
         }
+    }
+
+    /** The message's headers: who produced it, and the current span (the relay continues its trace). */
+    private String headers() {
+        String headers = "{\"producer\": \"examples/java\", \"traceparent\": " + quote(span.traceparent());
+        if (span.tracestate() != null) {
+            headers += ", \"tracestate\": " + quote(span.tracestate());
+        }
+        return headers + "}";
     }
 
     public static void main(String[] args) {
@@ -132,7 +186,8 @@ public final class OrderService {
             try (var statement = connection.createStatement()) {
                 statement.execute(CREATE_ORDERS);
             }
-            OrderService service = new OrderService(connection, exchange, failAfterEnqueue);
+            Span span = Span.fromEnvironment(); // this app's span, under its parent process's
+            OrderService service = new OrderService(connection, exchange, failAfterEnqueue, span);
             try {
                 UUID messageId = service.createOrder(order);
                 System.out.println("order_id=" + orderId + " message_id=" + messageId);
