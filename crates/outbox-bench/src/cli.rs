@@ -40,6 +40,20 @@ pub enum Command {
     /// falling due at a steady rate, and a drain of rows due now with and
     /// without a million rows scheduled for tomorrow beside them.
     Schedule(ScheduleArgs),
+    /// An OTLP/HTTP endpoint that only counts what it is sent: with
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` pointing at it, the other commands
+    /// measure the relay and the consumer exporting their spans.
+    OtlpSink(OtlpSinkArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct OtlpSinkArgs {
+    /// Where to listen.
+    #[arg(long, default_value = "127.0.0.1:4318")]
+    pub addr: String,
+    /// Seconds between two prints of the counts.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub every: u64,
 }
 
 #[derive(Debug, Args)]

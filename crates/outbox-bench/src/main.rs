@@ -18,6 +18,7 @@ mod drain;
 mod figures;
 mod latency;
 mod observe;
+mod otlp_sink;
 mod plot;
 mod processes;
 mod progress;
@@ -47,7 +48,22 @@ async fn main() -> ExitCode {
         .finish()
         .with(outbox_service::telemetry::guard())
         .init();
-    match try_main(cli).await {
+    // With OTEL_EXPORTER_OTLP_ENDPOINT set, the relay started in this
+    // process exports its spans (the dispatch child inherits the variable).
+    let traces = match &cli.command {
+        Command::OtlpSink(_) => Ok(Default::default()),
+        _ => outbox_service::otel::init("outbox-relay"),
+    };
+    let traces = match traces {
+        Ok(traces) => traces,
+        Err(error) => {
+            eprintln!("outbox-bench: error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = try_main(cli).await;
+    traces.shutdown().await;
+    match outcome {
         Ok(code) => code,
         Err(error) => {
             eprintln!(
@@ -80,6 +96,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::WritePath(args) => return write_path::run(&args),
         Command::Schedule(args) => schedule::print(&schedule::run(&args).await?, args.common.json),
+        Command::OtlpSink(args) => otlp_sink::run(&args).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -11,7 +11,9 @@
 //! - `headers`: the row's own `headers` (objects nest, arrays stay
 //!   arrays), except any whose name starts with [`RESERVED_PREFIX`] (in
 //!   any case): those are the relay's alone, and a writer's are dropped;
-//!   a `traceparent` among them passes through untouched.
+//!   a `traceparent` among them passes through untouched, unless the
+//!   relay exports spans: then it names the relay's publish span, a child
+//!   of the span it named (same trace id).
 //!
 //! Headers the relay sets on a keyed row (one with an `ordering_key`):
 //! [`KEY_HEADER`] and [`SEQ_HEADER`].

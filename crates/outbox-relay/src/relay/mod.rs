@@ -6,6 +6,7 @@
 //! publish  each row while its lease allows; confirms in a window  publish_all
 //! settle   acks, nacks, returns, deadlines, lost channels         settle
 //! mark     handed to the marker, which fences on the lease        (marker.rs)
+//! trace    each row's publish span, claim to confirm, if exported (spans.rs)
 //! sweep    every sweep interval a drain runs without a wake-up   run
 //! release  scheduled rows fallen due, before a claim             (schedule.rs)
 //! ```
