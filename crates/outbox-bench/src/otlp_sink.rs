@@ -31,16 +31,20 @@ pub async fn run(args: &OtlpSinkArgs) -> anyhow::Result<()> {
     println!("OTLP sink on http://{}", listener.local_addr()?);
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     let mut tick = tokio::time::interval(Duration::from_secs(args.every));
+    tick.tick().await;
     loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = tick.tick() => {}
-        }
+        let interrupted = tokio::select! {
+            _ = tokio::signal::ctrl_c() => true,
+            _ = tick.tick() => false,
+        };
         println!(
             "{} exports, {} bytes",
             counts.exports.load(Ordering::Relaxed),
             counts.bytes.load(Ordering::Relaxed)
         );
+        if interrupted {
+            break;
+        }
     }
     server.abort();
     Ok(())
