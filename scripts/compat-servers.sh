@@ -6,8 +6,9 @@
 #   scripts/compat-servers.sh up      installs what is missing (debootstrap,
 #                                     the trixie root, rabbitmq-server and
 #                                     postgresql-17 in it), starts both, and
-#                                     prints AMQP_URL=, POSTGRES_URL= and
-#                                     RABBITMQ_VERSION= lines; idempotent,
+#                                     prints AMQP_URL=, POSTGRES_URL=,
+#                                     RABBITMQ_VERSION= and COMPAT_ROOT=
+#                                     lines; idempotent,
 #                                     a few seconds when all is there
 #   scripts/compat-servers.sh down    stops both (the root and data stay)
 #   scripts/compat-servers.sh status  what runs
@@ -168,6 +169,8 @@ up() {
   echo "RABBITMQ_VERSION=$(rabbit_version)"
   echo "POSTGRES_VERSION=$(in_root postgres "$PG_BIN/postgres" --version | awk '{print $3}')"
   echo "RABBITMQCTL='$(cd "$(dirname "$0")" && pwd)/compat-servers.sh ctl'"
+  # For scripts/ha-cluster.sh (HA_ROOT): a cluster from the same root.
+  echo "COMPAT_ROOT=$ROOT"
 }
 
 ctl() {

@@ -11,8 +11,9 @@
 # end): every test that talks to a server but the fault scenarios and the
 # language examples (the relay, scheduled delivery, capture, the consumer
 # library and dispatch, retries, wake-ups, migrations, roles, operator
-# commands, telemetry, alerts, and everything on quorum queues); about two
-# minutes.
+# commands, telemetry, alerts, and everything on quorum queues), and the HA
+# scenario on a cluster of three 4.x nodes and a PostgreSQL 17 standby;
+# about three minutes.
 # OUTBOX_TEST_COMPAT=off skips that pass (a machine without root or
 # without Debian's mirror).
 set -euo pipefail
@@ -53,4 +54,9 @@ if [[ ${OUTBOX_TEST_COMPAT:-on} != off ]] && cargo nextest --version >/dev/null 
       test(/^capture::/) | test(/^orders::/) | test(/^secrets::/) | test(/^alerts::/) |
       test(/^consumer_example::/) | test(/quorum/)
     ) & not test(/serial_/)'
+  # The HA scenario too: a three-node cluster and a standby from the same
+  # root (scripts/ha-cluster.sh with HA_ROOT), after the shared pass.
+  echo "== the HA scenario on a RabbitMQ $RABBITMQ_VERSION cluster and a PostgreSQL $POSTGRES_VERSION standby"
+  HA_ROOT=$COMPAT_ROOT cargo nextest run --workspace --locked --no-fail-fast \
+    -E 'test(/^faults::ha::serial_/)' --test-threads 1
 fi

@@ -117,12 +117,13 @@ pub async fn moved_from(pid: u32, lost: u16, who: &str) -> u16 {
 /// The leader of quorum queue `queue` and how many members are online,
 /// asked of node `ask`.
 pub async fn quorum_state(ask: u16, queue: &str) -> Option<(u16, usize)> {
-    let output = tokio::process::Command::new("rabbitmqctl")
-        .args(["-n", &format!("ha{ask}@localhost"), "list_queues"])
+    // Through the script: with HA_ROOT its nodes run in another root.
+    let output = tokio::process::Command::new(SCRIPT)
+        .args(["ctl", "-n", &format!("ha{ask}@localhost"), "list_queues"])
         .args(["name", "leader", "online", "--formatter", "json", "--quiet"])
         .output()
         .await
-        .expect("run rabbitmqctl");
+        .expect("run scripts/ha-cluster.sh ctl");
     let queues: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
     let entry = queues.as_array()?.iter().find(|q| q["name"] == queue)?;
     let leader = entry["leader"].as_str()?;
