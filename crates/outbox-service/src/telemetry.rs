@@ -21,7 +21,10 @@ use tracing_subscriber::filter::{FilterFn, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-const DEFAULT_FILTER: &str = "info,tokio_postgres=warn,refinery_core=warn,lapin=off";
+// The OpenTelemetry SDK's own lines (its targets start `opentelemetry`)
+// from warn: a failed export, dropped spans; not its start-up notices.
+const DEFAULT_FILTER: &str =
+    "info,tokio_postgres=warn,refinery_core=warn,lapin=off,opentelemetry=warn";
 
 /// Targets (a crate or module and everything below it) and the most
 /// verbose level each may log at, `None` for nothing; the first match
