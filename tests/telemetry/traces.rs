@@ -174,7 +174,8 @@ async fn one_trace_runs_from_the_apps_span_to_the_consumers_commit() {
 }
 
 /// Spans still waiting for their batch's timer leave when the relay is
-/// told to stop.
+/// told to stop. A keyed row's span names its key by a hash, as the logs
+/// do: a key is a row's value.
 #[tokio::test]
 async fn spans_still_buffered_are_sent_on_sigterm() {
     let otlp = Receiver::start().await;
@@ -187,7 +188,16 @@ async fn spans_still_buffered_are_sent_on_sigterm() {
         ("OTEL_SERVICE_NAME", "relay-under-test"),
     ];
     let relay = Logged::spawn(relay_run_command(&db, &env));
-    let id = enqueue(&db, &exchange, 1, None).await;
+    let id: Uuid = db
+        .connect()
+        .await
+        .query_one(
+            "SELECT outbox.enqueue($1, '', '{}'::jsonb, ordering_key => 'customer-42')",
+            &[&exchange],
+        )
+        .await
+        .expect("enqueue a keyed row")
+        .get(0);
     wait_until("the row published", || async {
         count(
             &db,
@@ -208,6 +218,9 @@ async fn spans_still_buffered_are_sent_on_sigterm() {
         publish.service, "relay-under-test",
         "OTEL_SERVICE_NAME wins"
     );
+    let key = attr(&publish, "outbox.ordering_key");
+    assert!(key.starts_with("hash:") && !key.contains("42"), "{key}");
+    assert_eq!(attr(&publish, "outbox.key_seq"), "1");
 }
 
 #[tokio::test]

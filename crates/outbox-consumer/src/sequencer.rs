@@ -45,6 +45,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use outbox::shown_key;
 use tokio::time::Instant;
 
 /// How long and how many keyed messages may wait for earlier ones.
@@ -337,17 +338,6 @@ impl<T> Sequencer<T> {
             self.held.remove(key);
         }
     }
-}
-
-/// A key as logs show it: a key is a row's value (a customer, an order),
-/// so only its hash, unless row values are shown (`outbox::show_row_values`).
-fn shown_key(key: &[u8]) -> String {
-    if outbox::row_values_shown() {
-        return String::from_utf8_lossy(key).into_owned();
-    }
-    let mut hasher = std::hash::DefaultHasher::new();
-    std::hash::Hash::hash(key, &mut hasher);
-    format!("hash:{:016x}", std::hash::Hasher::finish(&hasher))
 }
 
 /// When the key's oldest held message came.

@@ -81,8 +81,7 @@ impl ProcessSpan {
             attributes.push(KeyValue::new("messaging.message.id", id));
         }
         if let Some((key, seq)) = numbered(properties) {
-            let key = String::from_utf8_lossy(key).into_owned();
-            attributes.push(KeyValue::new("outbox.ordering_key", key));
+            attributes.push(KeyValue::new("outbox.ordering_key", outbox::shown_key(key)));
             attributes.push(KeyValue::new("outbox.key_seq", seq));
         }
         let tracer = global::tracer(TRACER);

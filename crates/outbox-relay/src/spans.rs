@@ -59,7 +59,8 @@ impl PublishSpans {
             KeyValue::new("outbox.wait_ms", wait.as_secs_f64() * 1000.0),
         ];
         if let Some(key) = &row.ordering_key {
-            attributes.push(KeyValue::new("outbox.ordering_key", key.clone()));
+            let key = outbox::shown_key(key.as_bytes());
+            attributes.push(KeyValue::new("outbox.ordering_key", key));
         }
         if let Some(seq) = row.key_seq {
             attributes.push(KeyValue::new("outbox.key_seq", seq));

@@ -97,6 +97,19 @@ pub fn row_values_shown() -> bool {
     ROW_VALUES.load(Ordering::Relaxed)
 }
 
+/// An ordering key as logs and trace spans show it: a key is a row's
+/// value (a customer, an order), so only its hash (the same in every
+/// process of one build, so the relay's and the consumer's agree), unless
+/// row values are shown ([`show_row_values`]).
+pub fn shown_key(key: &[u8]) -> String {
+    if row_values_shown() {
+        return String::from_utf8_lossy(key).into_owned();
+    }
+    let mut hasher = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(key, &mut hasher);
+    format!("hash:{:016x}", std::hash::Hasher::finish(&hasher))
+}
+
 /// One line for an error the server sent. By default it names what went
 /// wrong without quoting any row: the severity, the SQLSTATE and its
 /// condition name, and the constraint, table, column and type the server

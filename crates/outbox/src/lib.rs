@@ -25,7 +25,7 @@ pub mod wire;
 pub use enqueue::{Message, cancel, enqueue};
 pub use error::{
     Error, PgError, chain_line, condition_name, db_error_line, error_line, row_values_shown,
-    show_row_values,
+    show_row_values, shown_key,
 };
 pub use migrate::{MIGRATION_TABLE, migrate};
 
