@@ -223,6 +223,20 @@ async fn spans_still_buffered_are_sent_on_sigterm() {
     assert_eq!(attr(&publish, "outbox.key_seq"), "1");
 }
 
+/// The relay's stderr and its last line, once it exited 1 at start.
+fn refused(db: &TestDb, env: &[(&str, &str)]) -> (String, String) {
+    let output = relay_run_command(db, env)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run outbox-relay");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let last = stderr.lines().last().unwrap_or("").to_string();
+    (stderr, last)
+}
+
+/// Bad export settings stop the relay in one line, and a password in
+/// the endpoint stays out of it.
 #[tokio::test]
 async fn a_protocol_not_built_in_is_refused_in_one_line() {
     let db = TestDb::with_outbox().await;
@@ -230,18 +244,55 @@ async fn a_protocol_not_built_in_is_refused_in_one_line() {
         ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
     ];
-    let output = relay_run_command(&db, &env)
-        .stderr(Stdio::piped())
-        .output()
-        .expect("run outbox-relay");
-    assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let last = stderr.lines().last().unwrap_or("");
+    let (_, last) = refused(&db, &env);
     assert_eq!(
         last,
         "outbox-relay: error: OTEL_EXPORTER_OTLP_PROTOCOL=grpc: \
          only http/protobuf and http/json are built in"
     );
+    let env = [(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "http://collector:s3cret-pw@[bad:4318",
+    )];
+    let (stderr, last) = refused(&db, &env);
+    assert!(
+        last.starts_with("outbox-relay: error: OTLP exporter: ") && last.contains("***"),
+        "{last}"
+    );
+    assert!(!stderr.contains("s3cret-pw"), "{stderr}");
+}
+
+/// The relay's trace context replaces the row's only where the frame still
+/// holds it: a row whose headers fill the frame publishes as it would with
+/// export off (before, it failed every attempt as `bad_headers`).
+#[tokio::test]
+async fn headers_that_fill_the_frame_publish_with_export_on() {
+    let otlp = Receiver::start().await;
+    let env = export_to(&otlp);
+    let db = TestDb::with_outbox().await;
+    let topology = outbox_tests::broker::Topology::fanout().await;
+    let relay = Logged::spawn(relay_run_command(&db, &as_env(&env)));
+    // 130,014 bytes of header: within the frame's room, but not with 72
+    // more for a traceparent.
+    let full = json!({ "pad": "x".repeat(130_014) });
+    let id = enqueue(&db, &topology.exchange, 1, Some(full)).await;
+    let received = topology
+        .receive(1, std::time::Duration::from_secs(30))
+        .await;
+    assert_eq!(received.len(), 1);
+    let sql =
+        "SELECT count(*) FROM outbox.messages WHERE attempts = 0 AND published_at IS NOT NULL";
+    wait_until("the row published at its first attempt", || async {
+        count(&db, sql).await == 1
+    })
+    .await;
+    let publish = otlp
+        .wait_for("its publish span", |spans| {
+            find(spans, |s| attr(s, "messaging.message.id") == id.to_string())
+        })
+        .await;
+    assert_eq!(attr(&publish, "outbox.outcome"), "published");
+    assert_eq!(relay.terminate().await, Some(0));
 }
 
 trait Outcome {

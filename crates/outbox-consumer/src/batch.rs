@@ -242,9 +242,13 @@ async fn ack_all<H: Handler>(
         .into_iter()
         .collect::<Result<Vec<()>, _>>()
         .map(|_| ());
-    if acked.is_ok() {
-        for (item, outcome) in segment.iter_mut().zip(&outcomes) {
-            item.span.processed(outcome.label(), steps);
+    for (item, outcome) in segment.iter_mut().zip(&outcomes) {
+        match acked {
+            Ok(()) => item.span.processed(outcome.label(), steps),
+            // Committed, but redelivered: the inbox will know it.
+            Err(_) => item
+                .span
+                .failed("ack_lost", "the channel closed before the ack"),
         }
     }
     acked

@@ -210,7 +210,6 @@ impl Inbox {
         one_by_one: bool,
         steps: &mut Timeline,
     ) -> Result<Vec<Handled>, BatchFailure> {
-        steps.began = Timeline::now();
         let mut client = pool.get().await.map_err(|e| {
             BatchFailure::Batch(HandlerError::Unavailable(outbox_service::db::pool_error(
                 &e,
@@ -239,6 +238,8 @@ impl Inbox {
         one_by_one: bool,
         steps: &mut Timeline,
     ) -> Result<Vec<Handled>, BatchFailure> {
+        // From here: a connection in hand (the pool's wait is not the inbox's).
+        steps.began = Timeline::now();
         let batch = |e: tokio_postgres::Error| BatchFailure::Batch(classify(&e));
         // tokio-postgres' own transaction (not deadpool's wrapper): the
         // commit below is sent by hand, and only this type can then be

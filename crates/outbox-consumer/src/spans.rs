@@ -18,7 +18,7 @@ use lapin::message::Delivery;
 use opentelemetry::global::{self, BoxedSpan};
 use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _};
 use opentelemetry::{Context, KeyValue};
-use outbox_service::otel;
+use outbox_service::{otel, traceparent};
 
 use crate::message::{header_text, numbered};
 
@@ -55,15 +55,15 @@ impl ProcessSpan {
         }
         let properties = &delivery.properties;
         let parent = otel::parent(
-            header_text(properties, otel_header::TRACEPARENT),
-            header_text(properties, otel_header::TRACESTATE),
+            header_text(properties, traceparent::HEADER),
+            header_text(properties, traceparent::STATE_HEADER),
         );
         let message_id = properties.message_id().as_ref().map(|id| id.to_string());
         let mut attributes = vec![
             KeyValue::new("messaging.system", "rabbitmq"),
             KeyValue::new("messaging.operation.type", "process"),
             KeyValue::new("messaging.operation.name", "process"),
-            KeyValue::new("messaging.destination.name", delivery.exchange.to_string()),
+            KeyValue::new("messaging.destination.name", exchange_name(delivery)),
             KeyValue::new("messaging.destination.subscription.name", queue.to_string()),
             KeyValue::new(
                 "messaging.rabbitmq.destination.routing_key",
@@ -73,7 +73,7 @@ impl ProcessSpan {
                 "messaging.rabbitmq.message.delivery_tag",
                 delivery.delivery_tag as i64,
             ),
-            KeyValue::new("messaging.rabbitmq.redelivered", delivery.redelivered),
+            KeyValue::new("outbox.redelivered", delivery.redelivered),
             KeyValue::new("messaging.message.body.size", delivery.data.len() as i64),
             KeyValue::new("outbox.delivery", i64::from(deliveries)),
         ];
@@ -129,6 +129,7 @@ impl ProcessSpan {
     }
 
     fn end(&mut self, outcome: &'static str, error: Option<&str>) {
+        // (The relay's spans end alike: see outbox-relay's `spans`.)
         let Some(mut span) = self.0.take() else {
             return;
         };
@@ -141,8 +142,11 @@ impl ProcessSpan {
     }
 }
 
-/// The W3C header names, on the AMQP message.
-mod otel_header {
-    pub(super) const TRACEPARENT: &str = outbox_service::traceparent::HEADER;
-    pub(super) const TRACESTATE: &str = "tracestate";
+/// The exchange a delivery came through, the default one by the
+/// conventions' name.
+fn exchange_name(delivery: &Delivery) -> String {
+    match delivery.exchange.as_str() {
+        "" => "amq.default".into(),
+        named => named.into(),
+    }
 }

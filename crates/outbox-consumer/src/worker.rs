@@ -72,7 +72,6 @@ pub(crate) async fn admit<H: Handler>(
             }));
         }
     };
-    process.failed(DEAD_LETTERED, &reason);
     // Its key's watermark stays: the messages before it in the batch have
     // not committed yet, and a consumer that starts later waits
     // `key_gap_wait` for this one at most.
@@ -80,6 +79,7 @@ pub(crate) async fn admit<H: Handler>(
     dead_letter(publisher, &delivery, deliveries, &reason, &shared.meters)
         .instrument(span)
         .await?;
+    process.failed(DEAD_LETTERED, &reason);
     Ok(None)
 }
 
@@ -96,15 +96,17 @@ pub(crate) async fn settle_failure<H: Handler>(
         let (delivery, deliveries) = (&item.delivery, item.deliveries);
         let max = shared.config.max_deliveries;
         let meters = &shared.meters;
-        match failed {
+        let (outcome, reason, done) = match failed {
             Failed::Poison(reason) => {
-                item.span.failed(DEAD_LETTERED, &reason);
-                dead_letter_passing_key(shared, publisher, delivery, deliveries, &reason).await
+                let done =
+                    dead_letter_passing_key(shared, publisher, delivery, deliveries, &reason).await;
+                (DEAD_LETTERED, reason, done)
             }
             Failed::Transient(reason) if deliveries >= max => {
                 let reason = format!("failed on delivery {deliveries} of {max}: {reason}");
-                item.span.failed(DEAD_LETTERED, &reason);
-                dead_letter_passing_key(shared, publisher, delivery, deliveries, &reason).await
+                let done =
+                    dead_letter_passing_key(shared, publisher, delivery, deliveries, &reason).await;
+                (DEAD_LETTERED, reason, done)
             }
             Failed::Transient(reason) => {
                 let delay = retry_delay(&shared.config, deliveries);
@@ -115,13 +117,18 @@ pub(crate) async fn settle_failure<H: Handler>(
                     %reason,
                     "transient failure; retrying later"
                 );
-                item.span.failed("retried", &reason);
-                publisher
-                    .retry(delivery, deliveries, delay, &reason)
-                    .await?;
-                ack(delivery, Settled::Retried, meters).await
+                let done = match publisher.retry(delivery, deliveries, delay, &reason).await {
+                    Ok(_) => ack(delivery, Settled::Retried, meters).await,
+                    Err(error) => Err(error),
+                };
+                ("retried", reason, done)
             }
+        };
+        // Once it happened: a failure here brings the delivery back.
+        if done.is_ok() {
+            item.span.failed(outcome, &reason);
         }
+        done
     }
     .instrument(span)
     .await

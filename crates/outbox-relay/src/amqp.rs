@@ -19,6 +19,7 @@ use lapin::{Channel, Confirmation, Connection, ErrorKind, ExchangeKind, Publishe
 use crate::fault_policy::BrokerError;
 use crate::meters::Fault;
 use crate::properties::{header_problem, properties};
+use crate::spans::TraceHeaders;
 use crate::store::Claimed;
 
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -134,6 +135,7 @@ impl Broker {
     pub(crate) async fn publish(
         &mut self,
         row: &Claimed,
+        trace: Option<&TraceHeaders>,
         max_payload: u32,
         broker_max: Option<u64>,
     ) -> Result<Pending, BrokerError> {
@@ -168,6 +170,13 @@ impl Broker {
         if let Some(problem) = header_problem(&row.headers, budget) {
             return Ok(Pending::Done(Outcome::Rejected(Fault::BadHeaders, problem)));
         }
+        // The relay's trace context takes the row's place only where the
+        // frame still holds it: exporting spans must not fail a row that
+        // publishes without.
+        let traced = trace
+            .map(|trace| trace.applied_to(&row.headers))
+            .filter(|headers| header_problem(headers, budget).is_none());
+        let headers = traced.as_ref().unwrap_or(&row.headers);
         if !within(self.answer_within, self.exchange_exists(&row.exchange)).await? {
             return Ok(Pending::Done(Outcome::Rejected(
                 Fault::NoExchange,
@@ -178,7 +187,7 @@ impl Broker {
         let (exchange, routing_key) = (row.exchange.as_str(), row.routing_key.as_str());
         let (exchange, routing_key) = (ShortString::from(exchange), ShortString::from(routing_key));
         // A reference to the claimed payload, not a copy.
-        let (payload, properties) = (row.payload.clone(), properties(row));
+        let (payload, properties) = (row.payload.clone(), properties(row, headers));
         let mut publish: Writing = Box::pin(async move {
             let options = BasicPublishOptions {
                 mandatory: true,

@@ -11,7 +11,9 @@ use serde_json::Value;
 
 use crate::store::Claimed;
 
-pub(crate) fn properties(row: &Claimed) -> BasicProperties {
+/// `row` as a message, with `headers` (the row's own, or the row's with
+/// the relay's trace context: see `spans`).
+pub(crate) fn properties(row: &Claimed, headers: &Value) -> BasicProperties {
     let timestamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -21,7 +23,7 @@ pub(crate) fn properties(row: &Claimed) -> BasicProperties {
         .with_content_type(row.content_type.as_str().into())
         .with_delivery_mode(2)
         .with_timestamp(timestamp)
-        .with_headers(headers(row))
+        .with_headers(field_headers(row, headers))
 }
 
 /// The row's headers, its ordering key as `x-outbox-key` (consumers keep a
@@ -32,10 +34,10 @@ pub(crate) fn properties(row: &Claimed) -> BasicProperties {
 /// or not (a forged `x-outbox-seq` far ahead would pin its key's watermark
 /// at the consumer, and later messages of the key would commit out of
 /// order). Their names are logged at debug level, never their values.
-fn headers(row: &Claimed) -> FieldTable {
+fn field_headers(row: &Claimed, headers: &Value) -> FieldTable {
     let mut table = FieldTable::default();
     let mut dropped = Vec::new();
-    if let Value::Object(map) = &row.headers {
+    if let Value::Object(map) = headers {
         for (name, value) in map {
             if is_reserved(name) {
                 dropped.push(name.as_str());
@@ -169,7 +171,7 @@ mod tests {
         });
         let mut keyless = Claimed::for_test(1);
         keyless.headers = forged.clone();
-        let table = headers(&keyless);
+        let table = field_headers(&keyless, &keyless.headers);
         let names: Vec<&str> = table.inner().keys().map(|name| name.as_str()).collect();
         assert_eq!(names, ["tenant", "x-outboxed"]);
 
@@ -177,7 +179,7 @@ mod tests {
         keyed.headers = forged;
         keyed.ordering_key = Some("k".into());
         keyed.key_seq = Some(3);
-        let table = headers(&keyed);
+        let table = field_headers(&keyed, &keyed.headers);
         let inner = table.inner();
         assert_eq!(inner.get(SEQ_HEADER), Some(&AMQPValue::LongLongInt(3)));
         assert_eq!(

@@ -2,8 +2,9 @@
 //!
 //! The span continues the trace the row's `traceparent` header names (the
 //! app's span, when the app put one there; a new root otherwise) and the
-//! AMQP message carries the relay's span as its `traceparent`, so the
-//! consumer's spans sit below it. It runs from the claim to the broker's
+//! AMQP message carries the relay's span as its `traceparent` (and the
+//! `tracestate` that goes with it), so the consumer's spans sit below it;
+//! the row's own pair is kept where the relay's would not fit the frame. It runs from the claim to the broker's
 //! answer, so its length is the relay's and the broker's share; the time
 //! the row waited in the outbox before its claim is `outbox.wait_ms`.
 //! Attributes follow the OpenTelemetry messaging conventions.
@@ -17,7 +18,7 @@ use opentelemetry::global::{self, BoxedSpan};
 use opentelemetry::trace::{Span as _, SpanKind, Status, Tracer as _};
 use opentelemetry::{KeyValue, Value as Attribute};
 use outbox_service::otel;
-use outbox_service::traceparent::HEADER as TRACEPARENT;
+use outbox_service::traceparent::{HEADER as TRACEPARENT, STATE_HEADER as TRACESTATE};
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -30,34 +31,64 @@ pub(crate) struct PublishSpans {
     spans: HashMap<i64, BoxedSpan>,
 }
 
+/// The relay's span as W3C headers, to send in place of the row's.
+#[derive(Debug)]
+pub(crate) struct TraceHeaders {
+    traceparent: String,
+    /// The parent's, when the row named a valid parent; else none.
+    tracestate: String,
+}
+
+impl TraceHeaders {
+    /// `headers` with these in place of the row's own.
+    pub(crate) fn applied_to(&self, headers: &Value) -> Value {
+        let mut headers = headers.clone();
+        if let Value::Object(map) = &mut headers {
+            map.insert(TRACEPARENT.into(), self.traceparent.clone().into());
+            match self.tracestate.is_empty() {
+                true => map.remove(TRACESTATE),
+                false => map.insert(TRACESTATE.into(), self.tracestate.clone().into()),
+            };
+        }
+        headers
+    }
+}
+
 impl PublishSpans {
-    /// Starts `row`'s publish span (claimed at `claimed_at`) and makes the
-    /// row's `traceparent` header name it.
-    pub(crate) fn start(&mut self, row: &mut Claimed, claimed_at: Instant) {
+    /// Starts `row`'s publish span (claimed at `claimed_at`); the headers
+    /// that name it, to send with the row.
+    pub(crate) fn start(&mut self, row: &Claimed, claimed_at: Instant) -> Option<TraceHeaders> {
         if !otel::enabled() {
-            return;
+            return None;
         }
         let claimed = SystemTime::now() - claimed_at.elapsed();
         let header = |name| row.headers.get(name).and_then(Value::as_str);
-        let parent = otel::parent(header(TRACEPARENT), header("tracestate"));
+        let parent = otel::parent(header(TRACEPARENT), header(TRACESTATE));
         let wait = claimed
             .duration_since(row.pending_since)
             .unwrap_or_default();
+        // The conventions' name for the default exchange.
+        let exchange = match row.exchange.as_str() {
+            "" => "amq.default",
+            named => named,
+        };
         let mut attributes = vec![
             KeyValue::new("messaging.system", "rabbitmq"),
             KeyValue::new("messaging.operation.type", "send"),
             KeyValue::new("messaging.operation.name", "publish"),
-            KeyValue::new("messaging.destination.name", row.exchange.clone()),
-            KeyValue::new(
-                "messaging.rabbitmq.destination.routing_key",
-                row.routing_key.clone(),
-            ),
+            KeyValue::new("messaging.destination.name", exchange.to_string()),
             KeyValue::new("messaging.message.id", row.message_id.to_string()),
             KeyValue::new("messaging.message.body.size", row.payload.len() as i64),
             KeyValue::new("outbox.id", row.id),
             KeyValue::new("outbox.attempt", i64::from(row.attempts) + 1),
             KeyValue::new("outbox.wait_ms", wait.as_secs_f64() * 1000.0),
         ];
+        if !row.routing_key.is_empty() {
+            attributes.push(KeyValue::new(
+                "messaging.rabbitmq.destination.routing_key",
+                row.routing_key.clone(),
+            ));
+        }
         if let Some(key) = &row.ordering_key {
             let key = outbox::shown_key(key.as_bytes());
             attributes.push(KeyValue::new("outbox.ordering_key", key));
@@ -70,25 +101,18 @@ impl PublishSpans {
         }
         let tracer = global::tracer("outbox-relay");
         let span = tracer
-            .span_builder(format!("publish {}", row.exchange))
+            .span_builder(format!("publish {exchange}"))
             .with_kind(SpanKind::Producer)
             .with_start_time(claimed)
             .with_attributes(attributes)
             .start_with_context(&tracer, &parent);
         let context = span.span_context();
-        if context.is_valid() {
-            let ours = Value::String(otel::traceparent(context));
-            match &mut row.headers {
-                Value::Object(headers) => {
-                    headers.insert(TRACEPARENT.into(), ours);
-                }
-                headers @ Value::Null => {
-                    *headers = serde_json::json!({ TRACEPARENT: ours });
-                }
-                _ => {}
-            }
-        }
+        let trace = context.is_valid().then(|| TraceHeaders {
+            traceparent: otel::traceparent(context),
+            tracestate: context.trace_state().header(),
+        });
         self.spans.insert(row.id, span);
+        trace
     }
 
     /// The broker confirmed the row.

@@ -22,7 +22,7 @@ use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 
-use crate::traceparent;
+use crate::{secrets, traceparent};
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
@@ -39,8 +39,9 @@ pub fn enabled() -> bool {
 pub enum TracesError {
     #[error("{name}={value}: only {} are built in", PROTOCOLS.join(" and "))]
     Protocol { name: &'static str, value: String },
+    /// The exporter's own error, passwords of any URL in it masked.
     #[error("OTLP exporter: {0}")]
-    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    Exporter(String),
 }
 
 /// The installed exporter, if any; see [`Traces::shutdown`].
@@ -88,7 +89,8 @@ fn init_from(service: &str, env: impl Fn(&str) -> Option<String>) -> Result<Trac
     let exporter = SpanExporter::builder()
         .with_http()
         .with_protocol(protocol)
-        .build()?;
+        .build()
+        .map_err(|error| TracesError::Exporter(secrets::redact(&error.to_string())))?;
     let named = env("OTEL_SERVICE_NAME").is_some()
         || env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|attrs| {
             attrs
@@ -120,11 +122,12 @@ impl Traces {
         };
         ENABLED.store(false, Ordering::Relaxed);
         let done = tokio::task::spawn_blocking(move || provider.shutdown()).await;
-        match done {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::warn!(%error, "flushing the last spans failed"),
-            Err(error) => tracing::warn!(%error, "flushing the last spans failed"),
-        }
+        let error = match done {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => error.to_string(),
+            Err(error) => error.to_string(),
+        };
+        tracing::warn!(%error, "flushing the last spans failed");
     }
 }
 

@@ -20,8 +20,6 @@ use percent_encoding::percent_decode_str;
 const MASK: &str = "***";
 
 /// `text` with each password it may hold replaced by `***`.
-// Only `amqp` calls it, which the order service builds without.
-#[cfg_attr(not(feature = "amqp"), allow(dead_code))]
 pub(crate) fn redact(text: &str) -> String {
     let mut spans = secret_spans(text);
     spans.sort_by_key(|span| span.start);

@@ -1,12 +1,14 @@
 //! W3C Trace Context. A `traceparent` key in an outbox row's `headers`
 //! travels to the AMQP message as a header of the same name (headers are
 //! copied as they are; with spans exported it names the relay's publish
-//! span, in the same trace), so a trace started by the enqueuing request
-//! continues in the consumer. This module reads its trace id for log
+//! span, a child of the row's when that was valid), so a trace started by
+//! the enqueuing request continues in the consumer. This module reads its trace id for log
 //! lines; `otel` turns it into a span's parent.
 
 /// The header's name, in the outbox row and on the AMQP message.
 pub const HEADER: &str = "traceparent";
+/// Its companion's, vendors' own trace data, valid only beside it.
+pub const STATE_HEADER: &str = "tracestate";
 
 /// The trace id of a valid `traceparent`
 /// (`version-traceid-parentid-flags`, e.g.

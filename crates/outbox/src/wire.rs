@@ -12,8 +12,9 @@
 //!   arrays), except any whose name starts with [`RESERVED_PREFIX`] (in
 //!   any case): those are the relay's alone, and a writer's are dropped;
 //!   a `traceparent` among them passes through untouched, unless the
-//!   relay exports spans: then it names the relay's publish span, a child
-//!   of the span it named (same trace id).
+//!   relay exports spans: then `traceparent` names the relay's publish
+//!   span (a child of the span the row named when valid, else a new
+//!   trace) and `tracestate` is the parent's, where the frame holds them.
 //!
 //! Headers the relay sets on a keyed row (one with an `ordering_key`):
 //! [`KEY_HEADER`] and [`SEQ_HEADER`].

@@ -373,7 +373,7 @@ impl Relay {
                 .saturating_sub(self.config.confirm_timeout);
         let max_payload = self.config.max_payload_bytes;
         let mut rows = rows.into_iter();
-        while let Some(mut row) = rows.next() {
+        while let Some(row) = rows.next() {
             if Instant::now() >= publish_by {
                 tracing::warn!(
                     rows = rows.len() + 1,
@@ -382,9 +382,14 @@ impl Relay {
                 self.give_back(std::iter::once(row).chain(rows));
                 return Ok(());
             }
-            self.spans.start(&mut row, claimed_at);
+            let trace = self.spans.start(&row, claimed_at);
             let published = match self.broker.as_mut() {
-                Some(broker) => broker.publish(&row, max_payload, self.broker_max).await,
+                Some(broker) => {
+                    let trace = trace.as_ref();
+                    broker
+                        .publish(&row, trace, max_payload, self.broker_max)
+                        .await
+                }
                 None => Err(BrokerError::NotConnected),
             };
             match published {
