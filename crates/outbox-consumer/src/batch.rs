@@ -226,25 +226,22 @@ async fn ack_all<H: Handler>(
     handled: Vec<Handled>,
     steps: &Timeline,
 ) -> Result<(), BrokerError> {
-    let outcomes: Vec<Settled> = handled
-        .into_iter()
-        .map(|handled| match handled {
-            Handled::Committed => Settled::Processed,
-            Handled::Duplicate => Settled::Duplicate,
-        })
-        .collect();
-    let acks = segment.iter().zip(&outcomes).map(|(item, outcome)| {
+    let settled = |handled: &Handled| match handled {
+        Handled::Committed => Settled::Processed,
+        Handled::Duplicate => Settled::Duplicate,
+    };
+    let acks = segment.iter().zip(&handled).map(|(item, handled)| {
         // In the delivery's span: its log line names the message and trace.
-        ack(&item.delivery, *outcome, &shared.meters).instrument(span(&item.delivery))
+        ack(&item.delivery, settled(handled), &shared.meters).instrument(span(&item.delivery))
     });
     let acked = futures::future::join_all(acks)
         .await
         .into_iter()
         .collect::<Result<Vec<()>, _>>()
         .map(|_| ());
-    for (item, outcome) in segment.iter_mut().zip(&outcomes) {
+    for (item, handled) in segment.iter_mut().zip(&handled) {
         match acked {
-            Ok(()) => item.span.processed(outcome.label(), steps),
+            Ok(()) => item.span.processed(settled(handled).label(), steps),
             // Committed, but redelivered: the inbox will know it.
             Err(_) => item
                 .span
