@@ -13,6 +13,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use outbox_consumer::{QueueType, Topology};
 use outbox_tests::broker::{connect, rabbitmqctl_command};
+use outbox_tests::dispatch::wait_for;
 use outbox_tests::*;
 
 fn quorum_topology() -> Topology {
@@ -77,16 +78,14 @@ async fn a_message_returned_more_than_twenty_times_stays_in_a_quorum_queue() {
         .expect("confirm");
     // RabbitMQ 4.0 to 4.2 would dead-letter it at its 21st delivery.
     for delivery in 1..=25 {
-        let message = loop {
-            let got = channel
+        // Bounded: a message the broker dead-lettered never comes back.
+        let message = wait_for(&format!("delivery {delivery} of the message"), || async {
+            channel
                 .basic_get(topology.queue.as_str().into(), BasicGetOptions::default())
                 .await
-                .expect("get");
-            if let Some(message) = got {
-                break message;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+                .expect("get")
+        })
+        .await;
         if delivery == 25 {
             message.ack(BasicAckOptions::default()).await.expect("ack");
             break;
