@@ -51,6 +51,7 @@ async fn migrating_an_empty_database_twice_applies_once() {
     assert_eq!(
         outbox_tables(&db).await,
         vec![
+            "outbox.admin_log",
             "outbox.captures",
             "outbox.dead_letters",
             "outbox.key_sequences",

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::config::Settings;
+use outbox_admin::cli;
 use outbox_service::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
@@ -48,15 +49,17 @@ pub enum Command {
     /// Publish outbox rows until SIGTERM or SIGINT.
     Run(Box<RunArgs>),
     /// Counts by state and by exchange, the oldest pending age, dead letters, listening relays.
-    Status(crate::commands::status::StatusArgs),
+    Status(cli::status::StatusArgs),
     /// List, show, requeue or discard dead letters.
-    Dead(crate::commands::dead::DeadArgs),
+    Dead(cli::dead::DeadArgs),
     /// Publish already-published messages again, with the same message_id.
-    Replay(crate::commands::replay::ReplayArgs),
+    Replay(cli::replay::ReplayArgs),
     /// List messages published but never processed, from the consumer's inbox.
-    Reconcile(crate::commands::reconcile::ReconcileArgs),
+    Reconcile(cli::reconcile::ReconcileArgs),
     /// Publish an existing table's changes without touching the app: add, list, remove.
-    Capture(crate::capture::CaptureArgs),
+    Capture(cli::capture::CaptureArgs),
+    /// Serve the web console and its JSON API (read-only unless OUTBOX_CONSOLE_TOKEN is set).
+    Console(Box<outbox_admin::console::ConsoleArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -83,7 +86,7 @@ pub struct RunArgs {
 /// Rejects `OUTBOX_*` variables that `outbox-relay run` does not read (a
 /// typo would otherwise silently leave the default in force). The names
 /// come from the clap definitions, `OUTBOX_CONFIG` and the global
-/// `OUTBOX_LOG_FORMAT` included.
+/// `OUTBOX_LOG_FORMAT` included; the console's (`OUTBOX_CONSOLE_*`) pass.
 pub fn check_environment(vars: impl Iterator<Item = (String, String)>) -> anyhow::Result<()> {
     let mut command = Cli::command();
     // Copies the global flags into the subcommands and names them
@@ -92,10 +95,13 @@ pub fn check_environment(vars: impl Iterator<Item = (String, String)>) -> anyhow
     let run = command
         .find_subcommand("run")
         .context("the command line has no `run`")?;
+    // The console's settings may share the relay's environment.
+    let console = command
+        .find_subcommand("console")
+        .map(outbox_service::environment::known)
+        .unwrap_or_default();
+    let console: Vec<&str> = console.iter().map(String::as_str).collect();
     Ok(outbox_service::environment::check(
-        run,
-        "OUTBOX_",
-        &[],
-        vars,
+        run, "OUTBOX_", &console, vars,
     )?)
 }

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use crate::store::{Store, StoreError};
+pub use outbox_admin::state::{Vacuum, vacuum};
 
 /// What the gauges show; see [`Store::stats`].
 #[derive(Debug, Clone, Copy)]
@@ -16,24 +17,6 @@ pub struct Stats {
     /// `pg_notification_queue_usage()`: the cluster's NOTIFY queue, 0 to 1.
     pub notification_queue_usage: f64,
     pub vacuum: Vacuum,
-}
-
-/// What holds VACUUM back; see [`VACUUM`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
-pub struct Vacuum {
-    /// How long the oldest snapshot still needed has been held, in seconds.
-    pub xmin_horizon_age_seconds: f64,
-    /// How many transactions old the xmin horizon is.
-    pub xmin_horizon_age_xids: i64,
-    /// Dead row versions in `outbox.messages`, 0 to 1 (statistics).
-    pub dead_tuple_ratio: f64,
-    /// The same, counted.
-    pub dead_tuples: i64,
-    /// Whether autovacuum will clean `outbox.messages`: on for the server
-    /// and not turned off for the table.
-    pub autovacuum: bool,
-    /// Whether the relay's role may `VACUUM outbox.messages` (its owner).
-    pub can_vacuum: bool,
 }
 
 /// Counting a huge backlog every few seconds would cost more than it tells.
@@ -51,48 +34,6 @@ const STATS: &str = "SELECT \
          ORDER BY id LIMIT 1)), 0)::float8, \
      (SELECT count(*) FROM outbox.messages WHERE dead_at IS NOT NULL), \
      pg_notification_queue_usage()";
-
-/// The xmin horizon: the oldest snapshot any session, replication slot or
-/// prepared transaction still holds, which VACUUM may not clean past.
-/// Published rows' old versions then stay in the pending index and every
-/// scan walks them (see `cursor`). In xids from `backend_xmin`, which every
-/// role sees; in seconds from `xact_start`, which PostgreSQL shows only for
-/// the relay's own role's sessions unless it has `pg_read_all_stats`.
-pub const VACUUM: &str = "SELECT \
-     greatest( \
-         (SELECT max(extract(epoch FROM now() - xact_start)) FROM pg_stat_activity \
-             WHERE backend_xmin IS NOT NULL AND pid <> pg_backend_pid()), \
-         (SELECT max(extract(epoch FROM now() - prepared)) FROM pg_prepared_xacts), \
-         0)::float8, \
-     greatest( \
-         (SELECT max(age(backend_xmin)) FROM pg_stat_activity WHERE pid <> pg_backend_pid()), \
-         (SELECT max(age(xmin)) FROM pg_replication_slots), \
-         (SELECT max(age(transaction)) FROM pg_prepared_xacts), \
-         0)::int8, \
-     coalesce((SELECT n_dead_tup::float8 / nullif(n_live_tup + n_dead_tup, 0) \
-         FROM pg_stat_user_tables WHERE relid = 'outbox.messages'::regclass), 0)::float8, \
-     coalesce((SELECT n_dead_tup FROM pg_stat_user_tables \
-         WHERE relid = 'outbox.messages'::regclass), 0)::int8, \
-     current_setting('autovacuum')::bool AND NOT coalesce( \
-         (SELECT 'autovacuum_enabled=false' = ANY(reloptions) FROM pg_class \
-          WHERE oid = 'outbox.messages'::regclass), false), \
-     coalesce((SELECT pg_has_role(relowner, 'USAGE') FROM pg_class \
-      WHERE oid = 'outbox.messages'::regclass), false)";
-
-/// Reads [`VACUUM`].
-pub async fn vacuum(
-    client: &impl tokio_postgres::GenericClient,
-) -> Result<Vacuum, tokio_postgres::Error> {
-    let row = client.query_one(VACUUM, &[]).await?;
-    Ok(Vacuum {
-        xmin_horizon_age_seconds: row.try_get(0)?,
-        xmin_horizon_age_xids: row.try_get(1)?,
-        dead_tuple_ratio: row.try_get(2)?,
-        dead_tuples: row.try_get(3)?,
-        autovacuum: row.try_get(4)?,
-        can_vacuum: row.try_get(5)?,
-    })
-}
 
 impl Store {
     /// The gauges read from the database, in one round trip, within the

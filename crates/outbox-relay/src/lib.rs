@@ -6,9 +6,7 @@
 // tests call. The steps of the life cycle stay inside.
 pub(crate) mod alert;
 pub(crate) mod amqp;
-pub mod capture;
 pub mod cli;
-pub mod commands;
 pub mod config;
 mod cursor;
 mod fault_policy;

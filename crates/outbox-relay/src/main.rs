@@ -5,7 +5,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use outbox_relay::cli::{self, Cli, Command, RunArgs};
+use outbox_admin::cli;
+use outbox_relay::cli::{Cli, Command, RunArgs, check_environment};
 use outbox_relay::config::Settings;
 use tokio_util::sync::CancellationToken;
 
@@ -31,16 +32,23 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate(args) => outbox_relay::migrate::run(args).await,
         Command::Run(args) => run(*args).await,
-        Command::Status(args) => outbox_relay::commands::status::run(args).await,
-        Command::Dead(args) => outbox_relay::commands::dead::run(args).await,
-        Command::Replay(args) => outbox_relay::commands::replay::run(args).await,
-        Command::Reconcile(args) => outbox_relay::commands::reconcile::run(args).await,
-        Command::Capture(args) => outbox_relay::capture::run(args).await,
+        Command::Status(args) => cli::status::run(args).await,
+        Command::Dead(args) => cli::dead::run(args).await,
+        Command::Replay(args) => cli::replay::run(args).await,
+        Command::Reconcile(args) => cli::reconcile::run(args).await,
+        Command::Capture(args) => cli::capture::run(args).await,
+        Command::Console(args) => console(*args).await,
     }
 }
 
+async fn console(args: outbox_admin::console::ConsoleArgs) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    outbox_service::shutdown::cancel_on_signal(shutdown.clone());
+    outbox_admin::console::serve(args, shutdown).await
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    cli::check_environment(std::env::vars())?;
+    check_environment(std::env::vars())?;
     let file = match &args.config {
         Some(path) => Settings::from_file(path)?,
         None => Settings::default(),

@@ -29,6 +29,10 @@ pub use error::{
 };
 pub use migrate::{MIGRATION_TABLE, migrate};
 
+/// How a row's `last_error` starts when its confirm did not come in time:
+/// the broker may have taken it (discarding such a dead letter tells by it).
+pub const NO_CONFIRM: &str = "no confirm from the broker within";
+
 /// The channel the wake-up trigger notifies and relays LISTEN on.
 pub const WAKE_CHANNEL: &str = "outbox_wake";
 /// The payload of a wake-up sent for a scheduled row due within 2 s

@@ -40,9 +40,7 @@ use crate::fault_policy::BrokerError;
 use crate::meters::Fault;
 use crate::store::Claimed;
 
-/// How a row's `last_error` starts when its confirm did not come in time:
-/// the broker may have taken it (`dead discard` tells by it).
-pub(crate) const NO_CONFIRM: &str = "no confirm from the broker within";
+pub(crate) use outbox::NO_CONFIRM;
 
 /// Most returns remembered for rows no longer in the window (their
 /// confirm timed out): bounded, and cleared whenever the window empties.

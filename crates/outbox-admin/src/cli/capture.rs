@@ -3,14 +3,14 @@
 //! `sql/outbox/V2__capture.sql` do the work (and any language can call them);
 //! this is their command line, with one-line errors.
 
-use std::path::PathBuf;
-
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
 use outbox_service::db;
+
+pub use super::DatabaseArgs;
 
 #[derive(Debug, Args)]
 pub struct CaptureArgs {
@@ -29,18 +29,6 @@ pub enum CaptureAction {
     /// Detach the capture from TABLE: drops its trigger and its function,
     /// leaving the table as it was. Removing twice is fine.
     Remove(RemoveArgs),
-}
-
-/// Where the application database is.
-#[derive(Debug, Args)]
-pub struct DatabaseArgs {
-    /// PostgreSQL URL of the application database (`postgres://user@host/db?sslmode=require`).
-    #[arg(long, env = "OUTBOX_DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
-
-    /// PEM file of the CA that signed the PostgreSQL server certificate.
-    #[arg(long, env = "OUTBOX_DATABASE_CA_FILE")]
-    pub database_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -116,9 +104,7 @@ pub async fn run(args: CaptureArgs) -> anyhow::Result<()> {
 }
 
 async fn connect(args: &DatabaseArgs) -> anyhow::Result<Client> {
-    let target = db::parse_url(&args.database_url, args.database_ca_file.as_deref())?
-        .named("outbox-relay capture");
-    db::connect(&target).await
+    db::connect(&args.target("outbox-relay capture")?).await
 }
 
 /// The table given as `$1`, schema-qualified whatever the search path.

@@ -1,0 +1,120 @@
+//! The console's one rule: reading is open, changing needs the token. A
+//! request without `Authorization` gets 401, a wrong token or a console
+//! without one 403.
+
+use axum::http::{HeaderMap, StatusCode, header};
+
+use crate::Actor;
+use crate::audit::Via;
+
+/// The secret and the name it writes in the audit trail.
+pub struct Token {
+    name: String,
+    secret: String,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A guessable token would make the console writable by anyone who can reach it.
+const MIN_LEN: usize = 16;
+
+impl Token {
+    pub fn new(name: &str, secret: &str) -> anyhow::Result<Token> {
+        if secret.chars().count() < MIN_LEN {
+            anyhow::bail!("OUTBOX_CONSOLE_TOKEN must be at least {MIN_LEN} characters");
+        }
+        if name.trim().is_empty() {
+            anyhow::bail!("OUTBOX_CONSOLE_TOKEN_NAME must not be empty");
+        }
+        Ok(Token {
+            name: name.trim().to_string(),
+            secret: secret.to_string(),
+        })
+    }
+}
+
+/// Why a change is refused: a status and one line.
+pub type Refusal = (StatusCode, String);
+
+/// Who makes this change, or why they may not.
+pub fn actor(token: Option<&Token>, headers: &HeaderMap) -> Result<Actor, Refusal> {
+    let Some(token) = token else {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "the console is read-only: start it with OUTBOX_CONSOLE_TOKEN set to allow changes"
+                .into(),
+        ));
+    };
+    let Some(given) = headers.get(header::AUTHORIZATION) else {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "a change needs the header `Authorization: Bearer <OUTBOX_CONSOLE_TOKEN>`".into(),
+        ));
+    };
+    let given = given
+        .to_str()
+        .ok()
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if !same(given.trim().as_bytes(), token.secret.as_bytes()) {
+        return Err((StatusCode::FORBIDDEN, "wrong token".into()));
+    }
+    let via = match headers.get("x-outbox-via").and_then(|v| v.to_str().ok()) {
+        Some("console") => Via::Console,
+        _ => Via::Api,
+    };
+    Ok(Actor {
+        name: token.name.clone(),
+        via,
+    })
+}
+
+/// Compares in time independent of where the first difference is.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(authorization: Option<&'static str>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Some(value) = authorization {
+            headers.insert(header::AUTHORIZATION, HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    #[test]
+    fn changes_need_the_token() {
+        let token = Token::new("alice", "0123456789abcdef").expect("a token");
+        let status = |t: Option<&Token>, h| actor(t, &headers(h)).map_err(|(status, _)| status);
+        assert_eq!(
+            status(None, Some("Bearer 0123456789abcdef")),
+            Err(StatusCode::FORBIDDEN)
+        );
+        assert_eq!(status(Some(&token), None), Err(StatusCode::UNAUTHORIZED));
+        assert_eq!(
+            status(Some(&token), Some("Bearer 0123456789abcdeX")),
+            Err(StatusCode::FORBIDDEN)
+        );
+        assert_eq!(
+            status(Some(&token), Some("0123456789abcdef")),
+            Err(StatusCode::FORBIDDEN)
+        );
+        let who = actor(Some(&token), &headers(Some("Bearer 0123456789abcdef")));
+        assert_eq!(
+            who.map(|a| (a.name, a.via)),
+            Ok(("alice".to_string(), Via::Api))
+        );
+        assert!(Token::new("alice", "short").is_err());
+    }
+}

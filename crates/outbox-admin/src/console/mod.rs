@@ -1,0 +1,136 @@
+//! `outbox-relay console`: a web page and a JSON API (`/api/v1/`) over the
+//! same operations as the command line, served from the binary (no CDN,
+//! no build step). Read-only unless a token is set; every change needs it
+//! as `Authorization: Bearer`, and is written to `outbox.admin_log` under
+//! the token's name. Payloads and header values are hidden unless
+//! `OUTBOX_CONSOLE_SHOW_PAYLOADS` allows them.
+
+mod api;
+mod assets;
+mod auth;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use deadpool_postgres::Pool;
+use tokio_util::sync::CancellationToken;
+
+use crate::Bulk;
+use crate::cli::{DatabaseArgs, check_schema};
+use outbox_service::db::{self, PgTarget};
+
+pub use auth::Token;
+
+#[derive(Debug, Args)]
+pub struct ConsoleArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Where to serve the console and its API. Beyond 127.0.0.1 is your choice: anyone who reaches it can read the outbox.
+    #[arg(long, env = "OUTBOX_CONSOLE_ADDR", default_value = "127.0.0.1:8089")]
+    pub addr: SocketAddr,
+
+    /// The bearer token every change needs (at least 16 characters); unset, the console is read-only.
+    #[arg(long, env = "OUTBOX_CONSOLE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Who the token is, in the audit trail (outbox.admin_log).
+    #[arg(long, env = "OUTBOX_CONSOLE_TOKEN_NAME", default_value = "console")]
+    pub token_name: String,
+
+    /// Show payloads and header values (they may hold personal data).
+    #[arg(long, env = "OUTBOX_CONSOLE_SHOW_PAYLOADS", default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub show_payloads: bool,
+
+    /// PostgreSQL URL of a consumer's database, for the reconcile page.
+    #[arg(long, env = "OUTBOX_CONSOLE_INBOX_URL", hide_env_values = true)]
+    pub inbox_database_url: Option<String>,
+
+    /// PEM file of the CA that signed the consumer database's certificate.
+    #[arg(long, env = "OUTBOX_CONSOLE_INBOX_CA_FILE")]
+    pub inbox_database_ca_file: Option<PathBuf>,
+
+    /// The consumer's inbox table, with a `message_id uuid` column.
+    #[arg(
+        long,
+        env = "OUTBOX_CONSOLE_INBOX_TABLE",
+        default_value = "dispatch.inbox"
+    )]
+    pub inbox_table: String,
+
+    /// Rows per statement of a bulk change.
+    #[arg(long, env = "OUTBOX_CONSOLE_BULK_BATCH", default_value_t = 1_000, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    pub bulk_batch: i64,
+
+    /// Rows a bulk change touches per second at most, so relays keep claiming; 0: no limit.
+    #[arg(long, env = "OUTBOX_CONSOLE_BULK_RATE", default_value_t = 5_000.0)]
+    pub bulk_rate: f64,
+}
+
+/// What every request shares.
+pub(crate) struct Console {
+    pub pool: Pool,
+    pub database: String,
+    pub token: Option<Token>,
+    pub show_payloads: bool,
+    pub inbox: Option<(PgTarget, String)>,
+    pub bulk: Bulk,
+}
+
+/// Serves until `shutdown`; a bulk change under way finishes first.
+pub async fn serve(args: ConsoleArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let token = args
+        .token
+        .as_deref()
+        .map(|secret| Token::new(&args.token_name, secret))
+        .transpose()?;
+    let target = args.database.target("outbox-relay console")?;
+    let pool = db::pool(&target, 4).await?;
+    {
+        let client = pool
+            .get()
+            .await
+            .map_err(|e| anyhow::anyhow!(db::pool_error(&e)))?;
+        check_schema(&client, &target).await?;
+    }
+    let inbox = match &args.inbox_database_url {
+        Some(url) => Some((
+            db::parse_url(url, args.inbox_database_ca_file.as_deref())?
+                .named("outbox-relay console"),
+            args.inbox_table.clone(),
+        )),
+        None => None,
+    };
+    if !args.addr.ip().is_loopback() {
+        tracing::warn!(addr = %args.addr, "the console is reachable beyond this machine");
+    }
+    let console = Arc::new(Console {
+        pool,
+        database: target.describe(),
+        token,
+        show_payloads: args.show_payloads,
+        inbox,
+        bulk: Bulk {
+            dry_run: false,
+            batch: args.bulk_batch,
+            rate: (args.bulk_rate > 0.0).then_some(args.bulk_rate),
+        },
+    });
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (OUTBOX_CONSOLE_ADDR)", args.addr))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(
+        %addr,
+        read_only = console.token.is_none(),
+        show_payloads = console.show_payloads,
+        "console listening on http://{addr}/"
+    );
+    axum::serve(listener, api::router(console))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .context("the console's server failed")
+}
