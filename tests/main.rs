@@ -5,6 +5,7 @@
 mod alerts;
 mod capture;
 mod commands;
+mod console;
 mod consumer_example;
 mod consumer_library;
 mod dispatch;

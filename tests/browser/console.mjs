@@ -62,7 +62,7 @@ const testid = (id) => `[data-testid="${id}"]`;
 async function waitFor(page, message, predicate, arg) {
   try {
     await page.waitForFunction(predicate, arg, { timeout: TIMEOUT });
-  } catch (err) {
+  } catch {
     throw new StepFailure(`${message} (waited ${TIMEOUT / 1000} s)`);
   }
 }

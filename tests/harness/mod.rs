@@ -7,6 +7,7 @@
 
 pub mod books;
 pub mod broker;
+pub mod console;
 pub mod dispatch;
 pub mod http;
 pub mod observe;

@@ -137,14 +137,23 @@ impl TimeArg {
             }
         }
         .map_err(|e| {
-            Error::BadRequest(format!(
-                "`{self}` is not a time: {}",
-                outbox::error_line(&e)
-            ))
+            // Class 22 (data exception): the text is no timestamp.
+            if e.code().is_some_and(|code| code.code().starts_with("22")) {
+                self.not_a_time()
+            } else {
+                crate::db("read the time")(e)
+            }
         })?;
         row.first()
             .map(|r| r.get(0))
-            .ok_or_else(|| Error::BadRequest(format!("`{self}` is not a time")))
+            .ok_or_else(|| self.not_a_time())
+    }
+
+    fn not_a_time(&self) -> Error {
+        Error::BadRequest(format!(
+            "`{self}` is not a time: give a duration ago (`30m`, `2h`, `7d`) or a timestamp \
+             (`2026-11-27T03:00:00Z`)"
+        ))
     }
 }
 
@@ -175,17 +184,11 @@ pub struct Filter {
 }
 
 impl Filter {
-    /// Empty strings (a form's blank fields) mean "any".
+    /// An empty error text means "any" (it is part of every text). An
+    /// empty exchange or routing key is kept: it names the default one.
     pub fn normalized(mut self) -> Filter {
-        for field in [
-            &mut self.exchange,
-            &mut self.routing_key,
-            &mut self.ordering_key,
-            &mut self.error,
-        ] {
-            if field.as_deref() == Some("") {
-                *field = None;
-            }
+        if self.error.as_deref() == Some("") {
+            self.error = None;
         }
         self
     }

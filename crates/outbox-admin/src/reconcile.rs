@@ -72,7 +72,7 @@ pub async fn reconcile(
     let until = until.resolve(outbox).await?;
     if since >= until {
         return Err(Error::BadRequest(format!(
-            "--since ({}) must be before --until ({}): the window is empty",
+            "since ({}) must be before until ({}): the window is empty",
             format_time(since),
             format_time(until)
         )));

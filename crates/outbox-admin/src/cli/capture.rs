@@ -11,6 +11,8 @@ use tokio_postgres::error::SqlState;
 use outbox_service::db;
 
 pub use super::DatabaseArgs;
+use crate::Actor;
+use crate::audit::{self, Entry};
 
 #[derive(Debug, Args)]
 pub struct CaptureArgs {
@@ -103,6 +105,26 @@ pub async fn run(args: CaptureArgs) -> anyhow::Result<()> {
     }
 }
 
+/// Writes the change to the audit trail. After the fact: a capture is
+/// made by the schema's owner, who may always write it.
+async fn log(
+    client: &Client,
+    action: &str,
+    options: serde_json::Value,
+    changed: bool,
+) -> anyhow::Result<()> {
+    let entry = Entry {
+        actor: &Actor::os_user(),
+        action,
+        dry_run: false,
+        filter: options,
+        matched: 1,
+        changed: Some(i64::from(changed)),
+        error: None,
+    };
+    Ok(audit::record(client, &entry).await?)
+}
+
 async fn connect(args: &DatabaseArgs) -> anyhow::Result<Client> {
     db::connect(&args.target("outbox-relay capture")?).await
 }
@@ -143,6 +165,15 @@ async fn add(args: AddArgs) -> anyhow::Result<()> {
         .map_err(explain)
         .with_context(|| format!("cannot capture {}", args.table))?;
     let (changed, table): (bool, String) = (row.get(0), row.get(1));
+    let options = serde_json::json!({
+        "table": table,
+        "exchange": args.exchange,
+        "routing_key": args.routing_key,
+        "ordering_key": args.ordering_key,
+        "operations": operations,
+        "columns": args.columns,
+    });
+    log(&client, "capture add", options, changed).await?;
     if changed {
         println!(
             "capturing {table}: {} to exchange {:?}, routing key {:?}",
@@ -228,6 +259,13 @@ async fn remove(args: RemoveArgs) -> anyhow::Result<()> {
         .map_err(explain)
         .with_context(|| format!("cannot remove the capture of {}", args.table))?;
     let (removed, table): (bool, String) = (row.get(0), row.get(1));
+    log(
+        &client,
+        "capture remove",
+        serde_json::json!({ "table": table }),
+        removed,
+    )
+    .await?;
     if removed {
         println!("stopped capturing {table}: its trigger and function are dropped");
     } else {

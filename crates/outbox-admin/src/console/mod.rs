@@ -125,9 +125,10 @@ pub async fn serve(args: ConsoleArgs, shutdown: CancellationToken) -> anyhow::Re
     let addr = listener.local_addr()?;
     tracing::info!(
         %addr,
+        url = %format!("http://{addr}/"),
         read_only = console.token.is_none(),
         show_payloads = console.show_payloads,
-        "console listening on http://{addr}/"
+        "console listening"
     );
     axum::serve(listener, api::router(console))
         .with_graceful_shutdown(shutdown.cancelled_owned())
