@@ -11,7 +11,8 @@
 # end): every test that talks to a server but the fault scenarios and the
 # language examples (the relay, scheduled delivery, capture, the consumer
 # library and dispatch, retries, wake-ups, migrations, roles, operator
-# commands, telemetry, alerts, and everything on quorum queues), and the HA
+# commands and the console's API and role, telemetry, alerts, and everything
+# on quorum queues), and the HA
 # scenario on a cluster of three 4.x nodes and a PostgreSQL 17 standby;
 # about three minutes.
 # OUTBOX_TEST_COMPAT=off skips that pass (a machine without root or
@@ -22,6 +23,8 @@ cd "$(dirname "$0")/.."
 scripts/services.sh
 # The examples' own dependencies (JDBC driver, venvs, node_modules): cached.
 examples/install.sh
+# The console's browser test: Debian's chromium and playwright-core (cached).
+tests/browser/install.sh
 # `docker-compose config` checks the docker stack's file (tests/docker.rs;
 # no engine needed, none runs here).
 command -v docker-compose >/dev/null || examples/apt-install.sh docker-compose ||
@@ -51,6 +54,7 @@ if [[ ${OUTBOX_TEST_COMPAT:-on} != off ]] && cargo nextest --version >/dev/null 
       test(/^relay::/) | test(/^schedule::/) | test(/^consumer_library::/) |
       test(/^dispatch::/) | test(/^retries::/) | test(/^wake::/) | test(/^migrate::/) |
       test(/^enqueue::/) | test(/^roles::/) | test(/^commands::/) | test(/^telemetry::/) |
+      test(/^console::api::/) | test(/^console::rights::/) |
       test(/^capture::/) | test(/^orders::/) | test(/^secrets::/) | test(/^alerts::/) |
       test(/^consumer_example::/) | test(/quorum/)
     ) & not test(/serial_/)'

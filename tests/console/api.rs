@@ -661,6 +661,72 @@ async fn the_api_describes_itself_in_openapi_json() {
     let (status, description) = console.get("/api/v1/openapi.json").await;
     assert_eq!(status, 200, "{description}");
     assert!(description["openapi"].is_string(), "{description}");
+    // Every route it describes answers as described.
+    let paths = description["paths"].as_object().expect("paths");
+    assert!(paths.len() >= 12, "{paths:?}");
+    for (path, operations) in paths {
+        let path = path.replace("{id}", "1");
+        if operations.get("get").is_some() {
+            let (status, body) = console.get(&path).await;
+            let expected = if path.ends_with("/1") { 404 } else { 200 };
+            assert_eq!(status, expected, "GET {path}: {body}");
+        }
+        if operations.get("post").is_some() {
+            let (status, body) = console
+                .post(&path, Some(TOKEN), &json!({"dry_run": true}))
+                .await;
+            assert_eq!(status, 200, "POST {path}: {body}");
+            assert_eq!(body["changed"], Value::Null, "POST {path}: {body}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_empty_id_list_is_400_and_changes_nothing() {
+    let db = TestDb::with_outbox().await;
+    let client = db.connect().await;
+    dead_letters(&client, &unique_name("x"), 3, "boom").await;
+    let console = RunningConsole::start(&db.url, &[]).await;
+
+    // Emptied by mistake, it must not mean "every dead letter".
+    for path in [REQUEUE, DISCARD] {
+        let (status, body) = console
+            .post(
+                path,
+                Some(TOKEN),
+                &json!({"filter": {"ids": []}, "dry_run": false}),
+            )
+            .await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("ids is empty")),
+            "{body}"
+        );
+    }
+    let (status, body) = console.get("/api/v1/dead-letters?ids=,").await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(count(&db, DEAD).await, 3);
+    assert_eq!(count(&db, LOGGED).await, 0);
+}
+
+#[tokio::test]
+async fn a_bad_query_string_is_a_json_400_on_every_endpoint() {
+    let db = TestDb::with_outbox().await;
+    let console = RunningConsole::start(&db.url, &[]).await;
+
+    for path in [
+        "/api/v1/dead-letters?exchnage=",
+        "/api/v1/lag?minuts=5",
+        "/api/v1/lag?minutes=abc",
+        "/api/v1/reconcile?exchnage=x",
+        "/api/v1/scheduled?limit=-1",
+    ] {
+        let (status, body) = console.get(path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(body["error"].is_string(), "{path}: {body}");
+    }
 }
 
 #[tokio::test]

@@ -176,11 +176,13 @@ pub struct BlockedKey {
 }
 
 /// By the pending-by-key index (V1): for each dead keyed row, whether an
-/// older unpublished row of its key exists, and how many wait behind it.
+/// older unpublished row of its key exists, and how many pending rows wait
+/// behind it (dead ones behind it are dead letters of their own).
 const BLOCKED: &str = "
 SELECT d.ordering_key, d.id, d.message_id, d.dead_at, d.last_error,
        (SELECT count(*) FROM outbox.messages w
-        WHERE w.ordering_key = d.ordering_key AND w.published_at IS NULL AND w.id > d.id)
+        WHERE w.ordering_key = d.ordering_key AND w.published_at IS NULL AND w.dead_at IS NULL
+          AND w.id > d.id)
 FROM outbox.messages d
 WHERE d.dead_at IS NOT NULL AND d.published_at IS NULL AND d.ordering_key IS NOT NULL
   AND NOT EXISTS (SELECT 1 FROM outbox.messages e

@@ -60,10 +60,26 @@ impl<'de> Deserialize<'de> for MessageRef {
     }
 }
 
+/// A row id as a number, a message_id as a string: as a caller sends them.
 impl Serialize for MessageRef {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        match self {
+            MessageRef::Id(id) => s.serialize_i64(*id),
+            MessageRef::MessageId(uuid) => s.collect_str(uuid),
+        }
     }
+}
+
+/// `ids: []` would otherwise mean "no id filter", every row: a list
+/// emptied by mistake must not widen a change to the whole table.
+fn some_ids<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<MessageRef>, D::Error> {
+    let ids = Vec::<MessageRef>::deserialize(de)?;
+    if ids.is_empty() {
+        return Err(serde::de::Error::custom(
+            "ids is empty: name at least one message, or leave ids out to match every row",
+        ));
+    }
+    Ok(ids)
 }
 
 /// A point in time: a duration ago (`90s`, `2h`, `7d`) or a timestamp the
@@ -163,8 +179,12 @@ impl TimeArg {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Filter {
-    /// Row ids or message_ids.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Row ids or message_ids; when present, at least one.
+    #[serde(
+        default,
+        deserialize_with = "some_ids",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub ids: Vec<MessageRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exchange: Option<String>,
@@ -321,6 +341,12 @@ mod tests {
         let typo = serde_json::from_str::<Filter>(r#"{"exchnage": "orders"}"#);
         assert!(typo.is_err_and(|e| e.to_string().contains("unknown field `exchnage`")));
         assert!(serde_json::from_str::<Filter>(r#"{"ids": ["x"]}"#).is_err());
+        let empty = serde_json::from_str::<Filter>(r#"{"ids": []}"#);
+        assert!(empty.is_err_and(|e| e.to_string().contains("ids is empty")));
+        assert_eq!(
+            serde_json::to_value(&filter).ok(),
+            Some(serde_json::json!({"ids": [42, 43], "exchange": "orders", "since": "2h"}))
+        );
         let blank: Filter = serde_json::from_str(r#"{"exchange": ""}"#).expect("a filter");
         assert!(blank.normalized().is_empty());
     }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -53,6 +54,16 @@ impl From<Error> for Failure {
     }
 }
 
+/// Query parameters by name.
+type Params = BTreeMap<String, String>;
+
+/// A query string that does not parse is a 400 in JSON like every error.
+fn parameters<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, Failure> {
+    query
+        .map(|Query(query)| query)
+        .map_err(|rejection| bad(rejection.body_text()))
+}
+
 fn bad(why: impl Into<String>) -> Failure {
     Failure(StatusCode::BAD_REQUEST, why.into())
 }
@@ -97,7 +108,7 @@ async fn client(console: &Console) -> Result<Object, Failure> {
 }
 
 /// `limit` from a query, 1 to 10,000, 100 when absent.
-fn limit(query: &mut BTreeMap<String, String>) -> Result<i64, Failure> {
+fn limit(query: &mut Params) -> Result<i64, Failure> {
     match query.remove("limit") {
         None => Ok(100),
         Some(text) => text
@@ -108,12 +119,23 @@ fn limit(query: &mut BTreeMap<String, String>) -> Result<i64, Failure> {
     }
 }
 
+const FILTER_FIELDS: [&str; 7] = [
+    "ids",
+    "exchange",
+    "routing_key",
+    "ordering_key",
+    "error",
+    "since",
+    "until",
+];
+
 /// A filter from query parameters (`ids` comma-separated); an unknown
 /// parameter is an error, not ignored.
-fn query_filter(query: BTreeMap<String, String>) -> Result<Filter, Failure> {
+fn query_filter(query: Params) -> Result<Filter, Failure> {
     let mut fields = serde_json::Map::new();
     for (name, value) in query {
-        if value.is_empty() {
+        // A blank form field means "any"; an unknown name is refused even blank.
+        if value.is_empty() && FILTER_FIELDS.contains(&name.as_str()) {
             continue;
         }
         let value = if name == "ids" {
@@ -152,7 +174,8 @@ struct LagQuery {
     minutes: Option<i32>,
 }
 
-async fn lag(State(console): Shared, Query(query): Query<LagQuery>) -> Answer {
+async fn lag(State(console): Shared, query: Result<Query<LagQuery>, QueryRejection>) -> Answer {
+    let query = parameters(query)?;
     let client = client(&console).await?;
     let minutes = crate::history::lag(&client, query.minutes.unwrap_or(60)).await?;
     answer(json!({ "minutes": minutes }))
@@ -160,8 +183,9 @@ async fn lag(State(console): Shared, Query(query): Query<LagQuery>) -> Answer {
 
 async fn dead_letters(
     State(console): Shared,
-    Query(mut query): Query<BTreeMap<String, String>>,
+    query: Result<Query<Params>, QueryRejection>,
 ) -> Answer {
+    let mut query = parameters(query)?;
     let limit = limit(&mut query)?;
     let filter = query_filter(query)?;
     let client = client(&console).await?;
@@ -176,18 +200,17 @@ async fn dead_letter(State(console): Shared, Path(id): Path<String>) -> Answer {
 
 async fn blocked_keys(
     State(console): Shared,
-    Query(mut query): Query<BTreeMap<String, String>>,
+    query: Result<Query<Params>, QueryRejection>,
 ) -> Answer {
+    let mut query = parameters(query)?;
     let limit = limit(&mut query)?;
     no_more(&query)?;
     let client = client(&console).await?;
     answer(json!({ "keys": crate::dead::blocked_keys(&client, limit).await? }))
 }
 
-async fn scheduled(
-    State(console): Shared,
-    Query(mut query): Query<BTreeMap<String, String>>,
-) -> Answer {
+async fn scheduled(State(console): Shared, query: Result<Query<Params>, QueryRejection>) -> Answer {
+    let mut query = parameters(query)?;
     let limit = limit(&mut query)?;
     no_more(&query)?;
     let client = client(&console).await?;
@@ -203,10 +226,8 @@ async fn captures(State(console): Shared) -> Answer {
     answer(json!({ "captures": crate::captures::list(&client).await? }))
 }
 
-async fn audit(
-    State(console): Shared,
-    Query(mut query): Query<BTreeMap<String, String>>,
-) -> Answer {
+async fn audit(State(console): Shared, query: Result<Query<Params>, QueryRejection>) -> Answer {
+    let mut query = parameters(query)?;
     let limit = limit(&mut query)?;
     no_more(&query)?;
     let client = client(&console).await?;
@@ -214,7 +235,7 @@ async fn audit(
 }
 
 /// Refuses parameters an endpoint does not take.
-fn no_more(query: &BTreeMap<String, String>) -> Result<(), Failure> {
+fn no_more(query: &Params) -> Result<(), Failure> {
     match query.keys().next() {
         Some(name) => Err(bad(format!("unknown parameter `{name}`"))),
         None => Ok(()),
@@ -229,7 +250,11 @@ struct ReconcileQuery {
     exchange: Option<String>,
 }
 
-async fn reconcile(State(console): Shared, Query(query): Query<ReconcileQuery>) -> Answer {
+async fn reconcile(
+    State(console): Shared,
+    query: Result<Query<ReconcileQuery>, QueryRejection>,
+) -> Answer {
+    let query = parameters(query)?;
     let Some((target, table)) = &console.inbox else {
         return answer(json!({
             "configured": false,
@@ -300,7 +325,7 @@ async fn change(
     };
     // Its own task: a client that goes away does not stop a change half
     // way, with no audit row.
-    let task = tokio::spawn(async move {
+    let task = console.clone().changes.spawn(async move {
         let client = client(&console).await?;
         operation(&client, &filter, bulk, &actor)
             .await

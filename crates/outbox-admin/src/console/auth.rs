@@ -57,11 +57,13 @@ pub fn actor(token: Option<&Token>, headers: &HeaderMap) -> Result<Actor, Refusa
             "a change needs the header `Authorization: Bearer <OUTBOX_CONSOLE_TOKEN>`".into(),
         ));
     };
+    // The scheme's name is case-insensitive (RFC 9110).
     let given = given
         .to_str()
         .ok()
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .unwrap_or_default();
+        .and_then(|value| value.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token);
     if !same(given.trim().as_bytes(), token.secret.as_bytes()) {
         return Err((StatusCode::FORBIDDEN, "wrong token".into()));
     }

@@ -17,6 +17,7 @@ use anyhow::Context;
 use clap::Args;
 use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::Bulk;
 use crate::cli::{DatabaseArgs, check_schema};
@@ -78,6 +79,8 @@ pub(crate) struct Console {
     pub show_payloads: bool,
     pub inbox: Option<(PgTarget, String)>,
     pub bulk: Bulk,
+    /// Changes under way, each in a task of its own.
+    pub changes: TaskTracker,
 }
 
 /// Serves until `shutdown`; a bulk change under way finishes first.
@@ -118,6 +121,7 @@ pub async fn serve(args: ConsoleArgs, shutdown: CancellationToken) -> anyhow::Re
             batch: args.bulk_batch,
             rate: (args.bulk_rate > 0.0).then_some(args.bulk_rate),
         },
+        changes: TaskTracker::new(),
     });
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
@@ -130,8 +134,13 @@ pub async fn serve(args: ConsoleArgs, shutdown: CancellationToken) -> anyhow::Re
         show_payloads = console.show_payloads,
         "console listening"
     );
-    axum::serve(listener, api::router(console))
+    let served = axum::serve(listener, api::router(console.clone()))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
-        .context("the console's server failed")
+        .context("the console's server failed");
+    // A change whose caller went away is still running: it finishes, and
+    // writes its audit row, before the process exits.
+    console.changes.close();
+    console.changes.wait().await;
+    served
 }
