@@ -16,6 +16,9 @@ CREATE ROLE outbox_relay LOGIN PASSWORD 'outbox_relay';
 -- as the superuser if you add one (docs/capture.md).
 CREATE ROLE outbox_capture NOLOGIN;
 GRANT outbox_capture TO orders;
+-- The operator console: reads the outbox, requeues, discards and replays,
+-- granted by outbox.grant_console().
+CREATE ROLE outbox_console LOGIN PASSWORD 'outbox_console';
 -- Owns schema `dispatch`: runs `dispatch migrate` and nothing else.
 CREATE ROLE dispatch_owner LOGIN PASSWORD 'dispatch_owner';
 -- The consumer: its own tables only, granted by dispatch.grant_consumer().
@@ -27,5 +30,6 @@ CREATE DATABASE dispatch OWNER dispatch_owner;
 -- Only the roles that work in a database may connect to it.
 REVOKE CONNECT, TEMPORARY ON DATABASE orders FROM PUBLIC;
 GRANT CONNECT ON DATABASE orders TO outbox_relay;
+GRANT CONNECT ON DATABASE orders TO outbox_console;
 REVOKE CONNECT, TEMPORARY ON DATABASE dispatch FROM PUBLIC;
 GRANT CONNECT ON DATABASE dispatch TO dispatch_consumer;

@@ -26,6 +26,7 @@ fn compose_file_is_accepted_by_docker_compose() {
         "rabbitmq:",
         "orders:",
         "relay:",
+        "console:",
         "dispatch:",
         "prometheus:",
         "grafana:",
@@ -36,6 +37,7 @@ fn compose_file_is_accepted_by_docker_compose() {
     assert!(!config.contains("postgres:postgres@"), "{config}");
     for url in [
         "OUTBOX_DATABASE_URL: postgres://outbox_relay:",
+        "OUTBOX_DATABASE_URL: postgres://outbox_console:",
         "DISPATCH_DATABASE_URL: postgres://dispatch_consumer:",
     ] {
         assert!(config.contains(url), "{url} missing");

@@ -34,7 +34,7 @@ pub struct ConsoleArgs {
     #[arg(long, env = "OUTBOX_CONSOLE_ADDR", default_value = "127.0.0.1:8089")]
     pub addr: SocketAddr,
 
-    /// The bearer token every change needs (at least 16 characters); unset, the console is read-only.
+    /// The bearer token every change needs (at least 16 characters); unset or empty, the console is read-only.
     #[arg(long, env = "OUTBOX_CONSOLE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 
@@ -85,9 +85,11 @@ pub(crate) struct Console {
 
 /// Serves until `shutdown`; a bulk change under way finishes first.
 pub async fn serve(args: ConsoleArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Empty is unset (compose's `${OUTBOX_CONSOLE_TOKEN:-}`): read-only.
     let token = args
         .token
         .as_deref()
+        .filter(|secret| !secret.is_empty())
         .map(|secret| Token::new(&args.token_name, secret))
         .transpose()?;
     let target = args.database.target("outbox-relay console")?;
