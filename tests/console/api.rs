@@ -672,13 +672,39 @@ async fn the_api_describes_itself_in_openapi_json() {
             assert_eq!(status, expected, "GET {path}: {body}");
         }
         if operations.get("post").is_some() {
+            // A replay must say what: `since` or `ids`.
             let (status, body) = console
-                .post(&path, Some(TOKEN), &json!({"dry_run": true}))
+                .post(
+                    &path,
+                    Some(TOKEN),
+                    &json!({"filter": {"since": "1h"}, "dry_run": true}),
+                )
                 .await;
             assert_eq!(status, 200, "POST {path}: {body}");
             assert_eq!(body["changed"], Value::Null, "POST {path}: {body}");
         }
     }
+}
+
+#[tokio::test]
+async fn a_replay_without_since_or_ids_is_400() {
+    let db = TestDb::with_outbox().await;
+    let console = RunningConsole::start(&db.url, &[]).await;
+    let (status, body) = console
+        .post(
+            "/api/v1/replay",
+            Some(TOKEN),
+            &json!({"filter": {"exchange": "x"}, "dry_run": true}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("`since` or `ids`")),
+        "{body}"
+    );
+    assert_eq!(count(&db, LOGGED).await, 0);
 }
 
 #[tokio::test]
@@ -795,10 +821,15 @@ async fn a_command_line_dry_run_says_what_it_would_requeue_and_changes_nothing()
 #[tokio::test]
 async fn bad_console_settings_fail_in_one_line_with_exit_code_1() {
     let nowhere = "postgres://postgres@127.0.0.1:1/nowhere";
-    let cases: [(&[(&str, &str)], &str); 2] = [
+    let cases: [(&[(&str, &str)], &str); 3] = [
         (
             &[("OUTBOX_CONSOLE_TOKEN", "too-short")],
             "at least 16 characters",
+        ),
+        // Misspelt, it would leave the console read-only without a word.
+        (
+            &[("OUTBOX_CONSOLE_TOKN", TOKEN)],
+            "unknown setting OUTBOX_CONSOLE_TOKN",
         ),
         (
             &[

@@ -8,6 +8,7 @@ use tokio_postgres::Client;
 mod api;
 mod browser;
 mod bulk;
+mod hostile;
 mod rights;
 
 /// `n` messages to `exchange`, `{"n": i}`, every third keyed by

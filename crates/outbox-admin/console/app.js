@@ -2,8 +2,9 @@
 // URL hash (#/overview, #/dead, #/keys, #/scheduled, #/reconcile, #/captures,
 // #/audit) between the sections of index.html and fills them from the JSON
 // API under /api/v1/. Everything the API returns is untrusted text: it goes
-// into the page as DOM nodes and textContent, never as HTML. No framework, no
-// build step, nothing fetched but our own API.
+// into the page through apiText() (DOM text nodes, never HTML, with hidden
+// characters spelled out). No framework, no build step, nothing fetched but
+// our own API.
 'use strict';
 
 const API = '/api/v1/';
@@ -13,6 +14,9 @@ const DEAD_LIMIT = 100;
 const LIST_LIMIT = 100;
 const FILTER_FIELDS = ['exchange', 'routing_key', 'ordering_key', 'error', 'since', 'until', 'ids'];
 const PAST_TENSE = { requeue: 'requeued', discard: 'discarded' };
+// A table cell shows at most this much of a value (the column cuts it far
+// sooner); the tooltip and the detail panel have all of it.
+const CELL_CHARS = 400;
 
 const state = {
   route: null,
@@ -78,11 +82,15 @@ function appendAll(node, children) {
 }
 
 // table([{key, label, cell, class}], rows, row => attrs): a plain data table;
-// each cell gets data-col=key so tests and styles can find it.
+// each cell gets data-col=key so tests and styles can find it. A cell given
+// as a string is API text (a number, a name) and goes through apiText; long
+// values come as cellText() and are cut at the column's width.
 function table(columns, rows, rowAttrs = () => ({})) {
   const head = el('tr', {}, columns.map((c) => el('th', { class: c.class }, c.head ?? c.label)));
-  const body = rows.map((row) =>
-    el('tr', rowAttrs(row), columns.map((c) => el('td', { class: c.class, 'data-col': c.key }, c.cell(row)))));
+  const body = rows.map((row) => el('tr', rowAttrs(row), columns.map((c) => {
+    const content = c.cell(row);
+    return el('td', { class: c.class, 'data-col': c.key }, typeof content === 'string' ? apiText(content) : content);
+  })));
   return el('table', { class: 'grid' }, el('thead', {}, head), el('tbody', {}, body));
 }
 
@@ -92,6 +100,72 @@ function tableOrEmpty(columns, rows, emptyText, rowAttrs) {
 
 function loading(box) {
   box.replaceChildren(el('p', { class: 'muted', text: 'loading…' }));
+}
+
+// ------------------------------------------------------- untrusted API text
+
+// Characters that do not show as themselves: C0 and C1 controls (Cc), format
+// characters (Cf: the bidi embeddings, overrides, isolates and marks U+202A–
+// U+202E, U+2066–U+2069, U+200E, U+200F, U+061C, the zero widths, the soft
+// hyphen, the BOM, tag characters) and the line and paragraph separators.
+// Left as they are, U+202E shows "abc\u202Eevil" as "abclive", and a zero-width
+// space makes two different keys look the same.
+const HIDDEN_CHARS = /[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]/gu;
+
+// U+202E → "\u202E"; beyond the BMP "\u{E0041}".
+function escapeChar(ch) {
+  const hex = ch.codePointAt(0).toString(16).toUpperCase();
+  return hex.length <= 4 ? `\\u${hex.padStart(4, '0')}` : `\\u{${hex}}`;
+}
+
+// The text with its hidden characters spelled out, for places that take a
+// plain string (a tooltip); `keep` lists the ones to leave as they are.
+function spelledOut(text, keep = '') {
+  return String(text).replace(HIDDEN_CHARS, (ch) => (keep.includes(ch) ? ch : escapeChar(ch)));
+}
+
+// The one way API text enters the page: a <span class="api"> (a bidi
+// isolate, see style.css) of text nodes, each hidden character shown as
+// "\u202E" in a subtle <span class="ctl">. `multiline` keeps tabs and
+// newlines, for the payload, headers and error blocks.
+function apiText(value, { multiline = false } = {}) {
+  const text = String(value ?? '');
+  const keep = multiline ? '\t\n' : '';
+  const span = el('span', { class: 'api' });
+  let done = 0;
+  for (const match of text.matchAll(HIDDEN_CHARS)) {
+    if (keep.includes(match[0])) continue;
+    span.append(text.slice(done, match.index), el('span', { class: 'ctl', text: escapeChar(match[0]) }));
+    done = match.index + match[0].length;
+  }
+  span.append(text.slice(done));
+  return span;
+}
+
+// node with `text` as its tooltip, hidden characters spelled out. Set as the
+// DOM property: the value never passes through markup.
+function withTitle(node, text) {
+  if (text !== null && text !== undefined && text !== '') node.title = spelledOut(text);
+  return node;
+}
+
+// At most CELL_CHARS of text, not splitting a surrogate pair.
+function cut(text) {
+  if (text.length <= CELL_CHARS) return text;
+  const end = /[\uD800-\uDBFF]/.test(text[CELL_CHARS - 1]) ? CELL_CHARS - 1 : CELL_CHARS;
+  return `${text.slice(0, end)}…`;
+}
+
+// `shown` on one line, cut with an ellipsis at the column's width (a
+// 100,000-character key must not widen the table), `title` as the tooltip.
+function clipped(shown, title) {
+  return withTitle(el('span', { class: 'clip' }, apiText(cut(String(shown)))), title);
+}
+
+// An API value in a table cell: `shown` (default the value, or – when empty)
+// clipped, the whole of it in the tooltip.
+function cellText(value, shown = orDash(value)) {
+  return clipped(shown, value === null || value === undefined || value === '' ? '' : shown);
 }
 
 // ----------------------------------------------------------------- formatting
@@ -130,8 +204,9 @@ function fmtTime(text) {
   return date.toISOString().replace('T', ' ').replace(/\.\d+Z$/, 'Z');
 }
 
+// A time in a table: "2026-12-06 16:05:03Z", the API's own text as tooltip.
 function timeCell(text) {
-  return el('span', { title: text ?? '', text: fmtTime(text) });
+  return clipped(fmtTime(text), text);
 }
 
 function fmtExchange(name) {
@@ -204,9 +279,10 @@ function query(params) {
 
 // ------------------------------------------------------------------- banners
 
+// The text may quote the API (an error, a name), so it goes in as API text.
 function showBanner(testid, text) {
   const banner = $(`[data-testid="${testid}"]`);
-  $('.banner-text', banner).textContent = text;
+  $('.banner-text', banner).replaceChildren(apiText(text, { multiline: true }));
   banner.hidden = false;
 }
 
@@ -219,13 +295,15 @@ function showError(err) {
 }
 
 function errorText(err) {
-  return el('p', { class: 'error-text', text: err.message || String(err) });
+  return el('p', { class: 'error-text' }, apiText(err.message || String(err), { multiline: true }));
 }
 
 // -------------------------------------------------------------------- header
 
 function renderHeader(overview) {
-  $('[data-testid="database"]').textContent = overview.database ?? '';
+  const database = $('[data-testid="database"]');
+  database.replaceChildren(apiText(overview.database ?? ''));
+  withTitle(database, overview.database);
   state.readOnly = overview.read_only === true;
   $('[data-testid="read-only"]').hidden = !state.readOnly;
   updateDeadActions(page('dead'));
@@ -329,8 +407,8 @@ function card(key, label, value, { sub, href, warn } = {}) {
   const attrs = { class: `card${warn ? ' warn' : ''}`, 'data-testid': `card-${key}`, href };
   return el(href ? 'a' : 'div', attrs,
     el('div', { class: 'card-label', text: label }),
-    el('div', { class: 'value', text: value }),
-    sub ? el('div', { class: 'card-sub', text: sub }) : null);
+    el('div', { class: 'value' }, apiText(value)),
+    sub ? el('div', { class: 'card-sub' }, apiText(sub)) : null);
 }
 
 function overviewCards(o) {
@@ -363,7 +441,7 @@ function vacuumLine(vacuum) {
 function exchangeTable(exchanges) {
   const num = (key) => (row) => fmtNumber(row[key]);
   const columns = [
-    { key: 'exchange', label: 'exchange', cell: (r) => fmtExchange(r.exchange) },
+    { key: 'exchange', label: 'exchange', cell: (r) => cellText(r.exchange, fmtExchange(r.exchange)) },
     { key: 'pending', label: 'pending', class: 'num', cell: num('pending') },
     { key: 'in_flight', label: 'in flight', class: 'num', cell: num('in_flight') },
     { key: 'retrying', label: 'retrying', class: 'num', cell: num('retrying') },
@@ -377,7 +455,7 @@ function exchangeTable(exchanges) {
 
 function deadLink(row) {
   if (!Number(row.dead)) return fmtNumber(row.dead);
-  return el('a', { href: `#/dead?${query({ exchange: row.exchange })}`, text: fmtNumber(row.dead) });
+  return el('a', { href: `#/dead?${query({ exchange: row.exchange })}` }, apiText(fmtNumber(row.dead)));
 }
 
 // ----------------------------------------------------------------- lag chart
@@ -509,8 +587,8 @@ function initDead(section) {
     applyDeadFilter(section, filterFromForm(form));
   });
   ref(section, 'clear-filter').addEventListener('click', () => applyDeadFilter(section, {}));
-  ref(section, 'requeue').addEventListener('click', () => startAction(section, 'requeue', ...actionTarget()));
-  ref(section, 'discard').addEventListener('click', () => startAction(section, 'discard', ...actionTarget()));
+  ref(section, 'requeue').addEventListener('click', () => actOnDead(section, 'requeue'));
+  ref(section, 'discard').addEventListener('click', () => actOnDead(section, 'discard'));
   ref(section, 'confirm').addEventListener('click', () => confirmAction(section));
   ref(section, 'cancel').addEventListener('click', () => hidePreview(section));
   document.addEventListener('keydown', (event) => {
@@ -519,8 +597,7 @@ function initDead(section) {
 }
 
 function showDead(section, params) {
-  const filter = {};
-  for (const field of FILTER_FIELDS) if (params.get(field)) filter[field] = params.get(field);
+  const filter = normalFilter(Object.fromEntries(params));
   state.deadFilter = filter;
   fillForm(ref(section, 'filter-form'), filter);
   hidePreview(section);
@@ -529,6 +606,7 @@ function showDead(section, params) {
   if (params.get('open')) openDetail(section, params.get('open'));
 }
 
+// Shows the dead letters matching `filter`; resolves to whether they loaded.
 function applyDeadFilter(section, filter) {
   state.deadFilter = filter;
   fillForm(ref(section, 'filter-form'), filter);
@@ -536,16 +614,27 @@ function applyDeadFilter(section, filter) {
   history.replaceState(null, '', search ? `#/dead?${search}` : '#/dead');
   hideBanner('error');
   hidePreview(section);
-  loadDead(section);
+  return loadDead(section);
 }
 
-function filterFromForm(form) {
+// The filter with each value trimmed, ids as "1,2" and empty values left
+// out, so that the form, the URL and the applied filter compare equal
+// whenever they mean the same dead letters.
+function normalFilter(raw) {
   const filter = {};
   for (const field of FILTER_FIELDS) {
-    const value = form.elements[field].value.trim();
+    const value = String(raw[field] ?? '').trim();
     if (value) filter[field] = field === 'ids' ? splitIds(value).join(',') : value;
   }
   return filter;
+}
+
+function filterFromForm(form) {
+  return normalFilter(Object.fromEntries(FILTER_FIELDS.map((field) => [field, form.elements[field].value])));
+}
+
+function sameFilter(a, b) {
+  return query(normalFilter(a)) === query(normalFilter(b));
 }
 
 function fillForm(form, filter) {
@@ -566,25 +655,29 @@ function postFilter(filter) {
   return body;
 }
 
+// Lists the dead letters of state.deadFilter; resolves to true when this
+// load is the one shown (false on an error or when a newer load overtook it).
 async function loadDead(section) {
   const box = ref(section, 'table');
   const seq = ++state.deadSeq;
   box.setAttribute('aria-busy', 'true');
   try {
     const data = await api(`dead-letters?${query({ ...state.deadFilter, limit: DEAD_LIMIT })}`);
-    if (seq !== state.deadSeq) return;
+    if (seq !== state.deadSeq) return false;
     state.deadRows = Array.isArray(data.dead_letters) ? data.dead_letters : [];
     state.deadTotal = Number(data.total ?? state.deadRows.length);
     state.selected.clear();
     renderDeadTable(section);
+    return true;
   } catch (err) {
-    if (seq !== state.deadSeq) return;
+    if (seq !== state.deadSeq) return false;
     state.deadRows = [];
     state.deadTotal = 0;
     state.selected.clear();
     showError(err);
     box.replaceChildren(el('p', { class: 'empty', text: 'the dead letters could not be listed: see the error above' }));
     ref(section, 'total').textContent = '';
+    return false;
   } finally {
     if (seq === state.deadSeq) {
       box.removeAttribute('aria-busy');
@@ -608,22 +701,21 @@ function deadColumns(section) {
   return [
     { key: 'select', class: 'check', head: selectAllBox(section), cell: (r) => selectBox(section, r) },
     { key: 'id', label: 'id', class: 'num', cell: (r) => el('button', {
-      type: 'button', class: 'link', 'data-testid': 'open', text: r.id, onclick: () => openDetail(section, r.id) }) },
-    { key: 'message_id', label: 'message_id', class: 'mono', cell: (r) => orDash(r.message_id) },
+      type: 'button', class: 'link', 'data-testid': 'open', onclick: () => openDetail(section, r.id) }, apiText(r.id)) },
+    { key: 'message_id', label: 'message_id', class: 'mono', cell: (r) => cellText(r.message_id) },
     { key: 'dead_at', label: 'dead at', class: 'nowrap', cell: (r) => timeCell(r.dead_at) },
-    { key: 'exchange', label: 'exchange', cell: (r) => fmtExchange(r.exchange) },
-    { key: 'routing_key', label: 'routing key', cell: (r) => orDash(r.routing_key) },
-    { key: 'ordering_key', label: 'ordering key', cell: (r) => orDash(r.ordering_key) },
+    { key: 'exchange', label: 'exchange', cell: (r) => cellText(r.exchange, fmtExchange(r.exchange)) },
+    { key: 'routing_key', label: 'routing key', cell: (r) => cellText(r.routing_key) },
+    { key: 'ordering_key', label: 'ordering key', cell: (r) => cellText(r.ordering_key) },
     { key: 'attempts', label: 'attempts', class: 'num', cell: (r) => fmtNumber(r.attempts) },
-    { key: 'last_error', label: 'last error', class: 'error-cell',
-      cell: (r) => el('span', { title: r.last_error ?? '', text: orDash(r.last_error) }) },
+    { key: 'last_error', label: 'last error', class: 'error-cell', cell: (r) => cellText(r.last_error) },
   ];
 }
 
 function selectBox(section, row) {
   const id = String(row.id);
   return el('input', {
-    type: 'checkbox', 'data-testid': 'select', 'aria-label': `select ${id}`, checked: state.selected.has(id),
+    type: 'checkbox', 'data-testid': 'select', 'aria-label': `select ${spelledOut(id)}`, checked: state.selected.has(id),
     onchange: (event) => {
       if (event.target.checked) state.selected.add(id);
       else state.selected.delete(id);
@@ -665,39 +757,80 @@ function updateDeadActions(section) {
   }
 }
 
-// [filter, scope text] for an action: the selected rows, else the filter.
+// ------------------------------------------------------ requeue and discard
+
+// The toolbar's Requeue or Discard. It acts on what the form says: a filter
+// typed but not applied yet is applied first (the list reloads with it, which
+// drops the selection), so the list, the preview and the request all mean
+// the same dead letters.
+async function actOnDead(section, action) {
+  let note = '';
+  const typed = filterFromForm(ref(section, 'filter-form'));
+  if (!sameFilter(typed, state.deadFilter)) {
+    if (state.selected.size) note = 'the selection was dropped: the filter typed in the form was applied first';
+    if (!(await applyDeadFilter(section, typed))) return;
+  }
+  const [filter, scope] = actionTarget();
+  await startAction(section, action, filter, scope, note);
+}
+
+// [filter, scope] for an action: the selected rows, else the applied filter.
 function actionTarget() {
   if (state.selected.size) return [{ ids: [...state.selected] }, `the ${state.selected.size} selected`];
   const filter = postFilter(state.deadFilter);
-  return [filter, Object.keys(filter).length ? 'all matching the filter' : 'all dead letters: no filter'];
+  return [filter, Object.keys(filter).length ? 'filter' : 'no filter'];
 }
 
-// ------------------------------------------------------ requeue and discard
-
-async function startAction(section, action, filter, scope) {
+// Dry-runs the action on `filter` and shows the preview; Confirm then sends
+// that same filter. `scope` says where the filter came from, `note` anything
+// the operator should know before confirming.
+async function startAction(section, action, filter, scope, note = '') {
   hidePreview(section);
   hideBanner('notice');
   hideBanner('error');
   try {
     const result = await api(`dead-letters/${action}`, { method: 'POST', body: { filter, dry_run: true } });
     state.pendingAction = { action, filter };
-    showPreview(section, action, result, scope);
+    showPreview(section, { action, result, filter, scope, note });
   } catch (err) {
     showError(err);
   }
 }
 
-function showPreview(section, action, result, scope) {
+// "would discard 44 dead letters · filter: exchange = bytes". Confirm gets
+// the focus (Enter confirms) only when the filter is not empty: acting on
+// every dead letter takes a deliberate click.
+function showPreview(section, { action, result, filter, scope, note }) {
   const matched = Number(result.matched) || 0;
-  ref(section, 'preview-text').textContent = `would ${action} ${plural(matched, 'dead letter')} (${scope})`;
-  ref(section, 'preview-sample').textContent = [sampleLine(result.sample, matched), unmatchedLine(result.unmatched)]
-    .filter(Boolean).join(' · ');
+  const every = Object.keys(filter).length === 0;
+  ref(section, 'preview-text').replaceChildren(
+    `would ${action} ${plural(matched, 'dead letter')} · ${scope}: `,
+    el('span', { class: 'preview-filter', 'data-testid': 'preview-filter' }, filterDescription(filter)));
+  ref(section, 'preview-sample').replaceChildren(
+    apiText([note, sampleLine(result.sample, matched), unmatchedLine(result.unmatched)].filter(Boolean).join(' · ')));
   const confirm = ref(section, 'confirm');
   confirm.textContent = matched ? `Confirm ${action}` : 'Confirm';
   confirm.disabled = matched === 0;
-  ref(section, 'preview').hidden = false;
-  ref(section, 'preview').dataset.action = action;
-  (matched ? confirm : ref(section, 'cancel')).focus();
+  const preview = ref(section, 'preview');
+  preview.hidden = false;
+  preview.dataset.action = action;
+  preview.dataset.scope = every ? 'every' : 'filter';
+  (matched && !every ? confirm : ref(section, 'cancel')).focus();
+}
+
+// How each filter field compares (see outbox_admin::filter::Filter).
+const FILTER_OPERATORS = { error: 'contains', since: '≥', until: '<' };
+
+// The filter exactly as it will be sent, one "field = value" per condition,
+// or "every dead letter" in bold warning colour when it is empty.
+function filterDescription(filter) {
+  const entries = Object.entries(filter);
+  if (!entries.length) return [el('strong', { class: 'every', text: 'every dead letter' })];
+  return entries.flatMap(([key, value], i) => [
+    i ? ' and ' : '',
+    el('code', { class: 'condition' }, `${key} ${FILTER_OPERATORS[key] || '='} `,
+      apiText(Array.isArray(value) ? value.join(', ') : value)),
+  ]);
 }
 
 // The sample as "ids: 1, 2 … and 3 more"; an item is an id or {id, message_id}.
@@ -762,7 +895,7 @@ function closeDetail(section) {
 
 function detailHead(section, title) {
   return el('div', { class: 'drawer-head' },
-    el('h2', { text: title }),
+    el('h2', {}, apiText(title)), // the id may come from the URL
     el('button', { type: 'button', class: 'link', 'data-testid': 'close-detail', 'aria-label': 'close',
       text: '×', onclick: () => closeDetail(section) }));
 }
@@ -779,9 +912,10 @@ function detailView(section, d) {
     detailHead(section, `Dead letter ${d.id}`),
     detailFields(d),
     el('h3', { text: 'last error' }),
-    el('pre', { class: 'block error-text', 'data-ref': 'last-error', text: d.last_error ?? '–' }),
+    el('pre', { class: 'block error-text', 'data-ref': 'last-error' }, apiText(d.last_error ?? '–', { multiline: true })),
     el('h3', { text: 'headers' }),
-    el('pre', { class: 'block', 'data-ref': 'headers', text: JSON.stringify(d.headers ?? {}, null, 2) }),
+    el('pre', { class: 'block', 'data-ref': 'headers' },
+      apiText(JSON.stringify(d.headers ?? {}, null, 2), { multiline: true })),
     el('h3', { text: 'payload' }),
     payloadView(d),
     detailActions(section, d),
@@ -794,16 +928,17 @@ function detailFields(d) {
   const extra = Object.keys(d).filter((k) => !known.has(k) && !DETAIL_SPECIAL.has(k)).map((k) => [k, k]);
   for (const [key, label] of [...DETAIL_FIELDS, ...extra]) {
     if (!(key in d)) continue;
-    list.append(el('dt', { text: label }), el('dd', { 'data-field': key }, fieldValue(key, d[key])));
+    list.append(el('dt', {}, apiText(label)), el('dd', { 'data-field': key }, fieldValue(key, d[key])));
   }
   return list;
 }
 
+// A detail value in full: it wraps (style.css) rather than being cut.
 function fieldValue(key, value) {
-  if (key === 'exchange') return fmtExchange(value);
-  if (key.endsWith('_at')) return timeCell(value);
-  if (value !== null && typeof value === 'object') return JSON.stringify(value);
-  return orDash(value);
+  if (key === 'exchange') return apiText(fmtExchange(value));
+  if (key.endsWith('_at')) return withTitle(apiText(fmtTime(value)), value);
+  if (value !== null && typeof value === 'object') return apiText(JSON.stringify(value));
+  return apiText(orDash(value));
 }
 
 function payloadView(d) {
@@ -811,9 +946,10 @@ function payloadView(d) {
     return el('p', { class: 'muted', 'data-ref': 'payload', text: 'payload hidden: set OUTBOX_CONSOLE_SHOW_PAYLOADS=true' });
   }
   if (d.payload_text === null || d.payload_text === undefined) {
-    return el('p', { class: 'muted', 'data-ref': 'payload', text: `${fmtNumber(d.payload_bytes)} bytes, not UTF-8` });
+    return el('p', { class: 'muted', 'data-ref': 'payload' }, apiText(`${fmtNumber(d.payload_bytes)} bytes, not UTF-8`));
   }
-  return el('pre', { class: 'block', 'data-ref': 'payload', text: prettyPayload(d.payload_text, d.content_type) });
+  return el('pre', { class: 'block', 'data-ref': 'payload' },
+    apiText(prettyPayload(d.payload_text, d.content_type), { multiline: true }));
 }
 
 function prettyPayload(text, contentType) {
@@ -826,7 +962,7 @@ function prettyPayload(text, contentType) {
 }
 
 function detailActions(section, d) {
-  const target = () => [{ ids: [String(d.id)] }, `dead letter ${d.id}`];
+  const target = () => [{ ids: [String(d.id)] }, 'this dead letter'];
   const disabled = state.readOnly;
   return el('div', { class: 'buttons' },
     el('button', { type: 'button', disabled, text: 'Requeue this',
@@ -852,15 +988,14 @@ async function showKeys(section) {
 
 function keyColumns() {
   const detailLink = (r) => el('a', {
-    href: `#/dead?${query({ ids: String(r.dead_id), open: String(r.dead_id) })}`, text: String(r.dead_id) });
+    href: `#/dead?${query({ ids: String(r.dead_id), open: String(r.dead_id) })}` }, apiText(r.dead_id));
   return [
-    { key: 'ordering_key', label: 'ordering key', cell: (r) => orDash(r.ordering_key) },
+    { key: 'ordering_key', label: 'ordering key', cell: (r) => cellText(r.ordering_key) },
     { key: 'waiting', label: 'waiting behind it', class: 'num', cell: (r) => fmtNumber(r.waiting) },
     { key: 'dead_id', label: 'dead head', class: 'num', cell: detailLink },
-    { key: 'dead_message_id', label: 'its message_id', class: 'mono', cell: (r) => orDash(r.dead_message_id) },
+    { key: 'dead_message_id', label: 'its message_id', class: 'mono', cell: (r) => cellText(r.dead_message_id) },
     { key: 'dead_at', label: 'dead at', class: 'nowrap', cell: (r) => timeCell(r.dead_at) },
-    { key: 'last_error', label: 'last error', class: 'error-cell',
-      cell: (r) => el('span', { title: r.last_error ?? '', text: orDash(r.last_error) }) },
+    { key: 'last_error', label: 'last error', class: 'error-cell', cell: (r) => cellText(r.last_error) },
   ];
 }
 
@@ -888,12 +1023,12 @@ function scheduleLine(stats) {
 
 function scheduledColumns() {
   return [
-    { key: 'message_id', label: 'message_id', class: 'mono', cell: (r) => orDash(r.message_id) },
-    { key: 'exchange', label: 'exchange', cell: (r) => fmtExchange(r.exchange) },
-    { key: 'routing_key', label: 'routing key', cell: (r) => orDash(r.routing_key) },
-    { key: 'ordering_key', label: 'ordering key', cell: (r) => orDash(r.ordering_key) },
+    { key: 'message_id', label: 'message_id', class: 'mono', cell: (r) => cellText(r.message_id) },
+    { key: 'exchange', label: 'exchange', cell: (r) => cellText(r.exchange, fmtExchange(r.exchange)) },
+    { key: 'routing_key', label: 'routing key', cell: (r) => cellText(r.routing_key) },
+    { key: 'ordering_key', label: 'ordering key', cell: (r) => cellText(r.ordering_key) },
     { key: 'deliver_at', label: 'deliver at', class: 'nowrap', cell: (r) => timeCell(r.deliver_at) },
-    { key: 'state', label: 'state', cell: (r) => el('span', { class: `state state-${String(r.state)}`, text: orDash(r.state) }) },
+    { key: 'state', label: 'state', cell: (r) => el('span', { class: `state state-${String(r.state)}` }, apiText(orDash(r.state))) },
   ];
 }
 
@@ -923,14 +1058,14 @@ async function runReconcile(section, form) {
 
 function reconcileView(data) {
   if (!data.configured) {
-    return [el('p', { class: 'hint', 'data-testid': 'reconcile-hint', text: data.hint || 'reconcile is not configured' })];
+    return [el('p', { class: 'hint', 'data-testid': 'reconcile-hint' }, apiText(data.hint || 'reconcile is not configured'))];
   }
   const missing = Array.isArray(data.unprocessed) ? data.unprocessed : [];
   const summary = `checked ${plural(data.checked, 'message')} published from ${fmtTime(data.since)} to ` +
     `${fmtTime(data.until)}: ${fmtNumber(missing.length)} unprocessed`;
   return [
-    el('p', { 'data-testid': 'reconcile-summary', text: summary }),
-    data.warning ? el('p', { class: 'hint warn', text: data.warning }) : null,
+    el('p', { 'data-testid': 'reconcile-summary' }, apiText(summary)),
+    data.warning ? el('p', { class: 'hint warn' }, apiText(data.warning)) : null,
     tableOrEmpty(reconcileColumns(), missing, 'every checked message reached the consumer'),
   ].filter(Boolean);
 }
@@ -938,9 +1073,9 @@ function reconcileView(data) {
 function reconcileColumns() {
   return [
     { key: 'id', label: 'id', class: 'num', cell: (r) => orDash(r.id) },
-    { key: 'message_id', label: 'message_id', class: 'mono', cell: (r) => orDash(r.message_id) },
-    { key: 'exchange', label: 'exchange', cell: (r) => fmtExchange(r.exchange) },
-    { key: 'routing_key', label: 'routing key', cell: (r) => orDash(r.routing_key) },
+    { key: 'message_id', label: 'message_id', class: 'mono', cell: (r) => cellText(r.message_id) },
+    { key: 'exchange', label: 'exchange', cell: (r) => cellText(r.exchange, fmtExchange(r.exchange)) },
+    { key: 'routing_key', label: 'routing key', cell: (r) => cellText(r.routing_key) },
     { key: 'published_at', label: 'published at', class: 'nowrap', cell: (r) => timeCell(r.published_at) },
   ];
 }
@@ -962,12 +1097,12 @@ async function showCaptures(section) {
 function captureColumns() {
   const list = (items, none) => (Array.isArray(items) && items.length ? items.join(', ') : none);
   return [
-    { key: 'table', label: 'table', class: 'mono', cell: (r) => orDash(r.table) },
-    { key: 'exchange', label: 'exchange', cell: (r) => fmtExchange(r.exchange) },
-    { key: 'routing_key', label: 'routing key', cell: (r) => orDash(r.routing_key) },
-    { key: 'ordering_key', label: 'ordering key', cell: (r) => orDash(r.ordering_key) },
-    { key: 'operations', label: 'operations', cell: (r) => list(r.operations, '–') },
-    { key: 'columns', label: 'columns', cell: (r) => list(r.columns, 'all columns') },
+    { key: 'table', label: 'table', class: 'mono', cell: (r) => cellText(r.table) },
+    { key: 'exchange', label: 'exchange', cell: (r) => cellText(r.exchange, fmtExchange(r.exchange)) },
+    { key: 'routing_key', label: 'routing key', cell: (r) => cellText(r.routing_key) },
+    { key: 'ordering_key', label: 'ordering key', cell: (r) => cellText(r.ordering_key) },
+    { key: 'operations', label: 'operations', cell: (r) => cellText(list(r.operations, '')) },
+    { key: 'columns', label: 'columns', cell: (r) => cellText(list(r.columns, ''), list(r.columns, 'all columns')) },
     { key: 'enabled', label: 'enabled', cell: (r) => (r.enabled === false ? 'no' : r.enabled === true ? 'yes' : '–') },
   ];
 }
@@ -990,15 +1125,14 @@ async function showAudit(section) {
 function auditColumns() {
   return [
     { key: 'at', label: 'at', class: 'nowrap', cell: (r) => timeCell(r.at) },
-    { key: 'actor', label: 'actor', cell: (r) => el('span', { title: r.db_role ? `database role ${r.db_role}` : '', text: orDash(r.actor) }) },
-    { key: 'action', label: 'action', cell: (r) => orDash(r.action) },
+    { key: 'actor', label: 'actor', cell: (r) => clipped(orDash(r.actor), r.db_role ? `database role ${r.db_role}` : '') },
+    { key: 'action', label: 'action', cell: (r) => cellText(r.action) },
     { key: 'dry_run', label: 'dry run', cell: (r) => (r.dry_run ? 'yes' : 'no') },
     { key: 'matched', label: 'matched', class: 'num', cell: (r) => fmtNumber(r.matched) },
     { key: 'changed', label: 'changed', class: 'num', cell: (r) => fmtNumber(r.changed) },
-    { key: 'via', label: 'via', cell: (r) => orDash(r.via) },
-    { key: 'filter', label: 'filter', class: 'mono filter-cell', cell: (r) => JSON.stringify(r.filter ?? {}) },
-    { key: 'error', label: 'error', class: 'error-cell',
-      cell: (r) => el('span', { title: r.error ?? '', text: orDash(r.error) }) },
+    { key: 'via', label: 'via', cell: (r) => cellText(r.via) },
+    { key: 'filter', label: 'filter', class: 'mono filter-cell', cell: (r) => cellText(JSON.stringify(r.filter ?? {})) },
+    { key: 'error', label: 'error', class: 'error-cell', cell: (r) => cellText(r.error) },
   ];
 }
 

@@ -14,9 +14,23 @@ use tokio_postgres::Client;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::audit::{self, Entry};
 use crate::filter::Bound;
 use crate::{Actor, Error, Filter, MessageRef, db};
+
+/// Where a change runs: its statements on `work`, its audit row on `trail`,
+/// a second connection, so that a change cut off part way (its connection
+/// killed, say) is still logged with how far it got. `stop` ends it between
+/// two batches (the command line's Ctrl-C), logged as such.
+#[derive(Debug, Clone, Copy)]
+pub struct Session<'a> {
+    pub work: &'a Client,
+    pub trail: &'a Client,
+    pub actor: &'a Actor,
+    pub stop: &'a CancellationToken,
+}
 
 /// How a change runs.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -75,7 +89,7 @@ pub(crate) struct Action<'a> {
     pub time_column: &'static str,
     /// The statement for one batch: `{batch}` stands for a subquery giving
     /// `id, message_id` of the batch's rows, locked; it returns `id` and
-    /// whether the row changed. `$11` on are `extra`.
+    /// whether the row changed. `$12` on are `extra`.
     pub apply: &'static str,
     pub extra: &'a [(&'a (dyn ToSql + Sync), Type)],
 }
@@ -89,24 +103,27 @@ impl Action<'_> {
 /// Runs `action` over the rows `filter` matches, logs it, and wakes the
 /// relays when rows changed.
 pub(crate) async fn run(
-    client: &Client,
+    session: Session<'_>,
     action: &Action<'_>,
     filter: &Filter,
     bulk: Bulk,
-    actor: &Actor,
 ) -> Result<Outcome, Error> {
-    audit::check(client).await?;
+    let client = session.work;
+    audit::check(session.trail).await?;
     let bound = filter.bind(client).await?;
     let condition = action.condition();
     let what = format!("{} (counting)", action.name);
-    let matched: i64 = client
+    // The rows matching now, up to the highest id among them: a row that
+    // dies while the change runs is not taken, so `changed` <= `matched`.
+    let counted = client
         .query_typed_one(
-            &format!("SELECT count(*) FROM outbox.messages WHERE {condition}"),
+            &format!("SELECT count(*), max(id) FROM outbox.messages WHERE {condition}"),
             &bound.params(),
         )
         .await
-        .map_err(db(&what))?
-        .get(0);
+        .map_err(db(&what))?;
+    let matched: i64 = counted.get(0);
+    let last: Option<i64> = counted.get(1);
     let sample = sample(client, &condition, &bound, filter).await?;
     let unmatched = unmatched(&filter.ids, &sample);
     let mut outcome = Outcome {
@@ -121,17 +138,24 @@ pub(crate) async fn run(
     let mut failure = None;
     if !bulk.dry_run {
         let mut changed = 0;
-        if let Err(error) = batches(client, action, &bound, bulk, &mut outcome, &mut changed).await
-        {
-            failure = Some(error);
+        let upto = last.unwrap_or(i64::MIN);
+        let done = batches(
+            session,
+            action,
+            &bound,
+            bulk,
+            upto,
+            &mut outcome,
+            &mut changed,
+        )
+        .await;
+        if let Err(error) = done {
+            failure = Some(error.stopped(action.name, changed, matched));
         }
         outcome.changed = Some(changed);
-        if changed > 0 {
-            crate::wake_relays(client).await?;
-        }
     }
     let logged = Entry {
-        actor,
+        actor: session.actor,
         action: action.name,
         dry_run: bulk.dry_run,
         filter: serde_json::to_value(filter).unwrap_or(Value::Null),
@@ -139,7 +163,13 @@ pub(crate) async fn run(
         changed: outcome.changed,
         error: failure.as_ref().map(ToString::to_string),
     };
-    audit::record(client, &logged).await?;
+    audit::record(session.trail, &logged).await?;
+    if outcome.changed > Some(0) {
+        // A hint: without it, relays find the rows at their next sweep.
+        if let Err(error) = crate::wake_relays(client).await {
+            tracing::warn!(%error, "cannot wake the relays; they find the rows at their next sweep");
+        }
+    }
     match failure {
         Some(error) => Err(error),
         None => Ok(outcome),
@@ -192,15 +222,16 @@ fn unmatched(refs: &[MessageRef], rows: &[Sampled]) -> Vec<String> {
 }
 
 async fn batches(
-    client: &Client,
+    session: Session<'_>,
     action: &Action<'_>,
     bound: &Bound,
     bulk: Bulk,
+    upto: i64,
     outcome: &mut Outcome,
     changed: &mut i64,
 ) -> Result<(), Error> {
     let batch = format!(
-        "SELECT id, message_id FROM outbox.messages WHERE {} AND id > $9 \
+        "SELECT id, message_id FROM outbox.messages WHERE {} AND id > $9 AND id <= $11 \
          ORDER BY id LIMIT $10 FOR UPDATE",
         action.condition()
     );
@@ -209,11 +240,16 @@ async fn batches(
     let started = Instant::now();
     let mut after = i64::MIN;
     loop {
+        if session.stop.is_cancelled() {
+            return Err(Error::Stopped("interrupted".into()));
+        }
         let mut params = bound.params().to_vec();
         params.push((&after, Type::INT8));
         params.push((&size, Type::INT8));
+        params.push((&upto, Type::INT8));
         params.extend_from_slice(action.extra);
-        let rows = client
+        let rows = session
+            .work
             .query_typed(&statement, &params)
             .await
             .map_err(db(action.name))?;
@@ -225,7 +261,10 @@ async fn batches(
         *changed += rows.iter().filter(|row| row.get::<_, bool>(1)).count() as i64;
         if let Some(rate) = bulk.rate.filter(|rate| *rate > 0.0) {
             let due = started + Duration::from_secs_f64(*changed as f64 / rate);
-            tokio::time::sleep_until(due).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => {}
+                _ = session.stop.cancelled() => {}
+            }
         }
     }
 }

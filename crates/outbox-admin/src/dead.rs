@@ -2,8 +2,6 @@
 //! full, see the ordering keys a dead head blocks, give them a fresh set of
 //! attempts once the cause is fixed (`outbox.retry_dead`), or delete them.
 
-use std::time::SystemTime;
-
 use serde::Serialize;
 use serde_json::Value;
 use tokio_postgres::types::{ToSql, Type};
@@ -12,7 +10,7 @@ use uuid::Uuid;
 
 use crate::bulk::{self, Action};
 use crate::filter::Bound;
-use crate::{Actor, Bulk, Error, Filter, MessageRef, Outcome, db, format_time};
+use crate::{Bulk, Error, Filter, MessageRef, Outcome, Session, db, iso};
 
 /// Dead and not published: the rows `outbox.dead_letters` shows.
 const SCOPE: &str = "dead_at IS NOT NULL AND published_at IS NULL";
@@ -51,8 +49,14 @@ pub struct Detail {
     pub payload_shown: bool,
 }
 
-const COLUMNS: &str = "id, message_id, exchange, routing_key, ordering_key, content_type, \
-     created_at, dead_at, attempts, last_error";
+fn columns() -> String {
+    format!(
+        "id, message_id, exchange, routing_key, ordering_key, content_type, {}, {}, \
+         attempts, last_error",
+        iso("created_at"),
+        iso("dead_at")
+    )
+}
 
 fn letter(row: &Row) -> Result<DeadLetter, tokio_postgres::Error> {
     Ok(DeadLetter {
@@ -62,8 +66,8 @@ fn letter(row: &Row) -> Result<DeadLetter, tokio_postgres::Error> {
         routing_key: row.try_get(3)?,
         ordering_key: row.try_get(4)?,
         content_type: row.try_get(5)?,
-        created_at: format_time(row.try_get::<_, SystemTime>(6)?),
-        dead_at: format_time(row.try_get::<_, SystemTime>(7)?),
+        created_at: row.try_get(6)?,
+        dead_at: row.try_get(7)?,
         attempts: row.try_get(8)?,
         last_error: row.try_get(9)?,
     })
@@ -86,8 +90,9 @@ pub async fn list(client: &Client, filter: &Filter, limit: i64) -> Result<DeadLe
     let rows = client
         .query_typed(
             &format!(
-                "SELECT {COLUMNS} FROM outbox.messages WHERE {condition} \
-                 ORDER BY dead_at, id LIMIT $9"
+                "SELECT {} FROM outbox.messages WHERE {condition} \
+                 ORDER BY dead_at, id LIMIT $9",
+                columns()
             ),
             &params,
         )
@@ -118,7 +123,8 @@ pub async fn show(
     let rows = client
         .query_typed(
             &format!(
-                "SELECT {COLUMNS}, headers, payload FROM outbox.messages WHERE {SCOPE} AND {}",
+                "SELECT {}, headers, payload FROM outbox.messages WHERE {SCOPE} AND {}",
+                columns(),
                 Bound::condition("dead_at")
             ),
             &bound.params(),
@@ -178,8 +184,12 @@ pub struct BlockedKey {
 /// By the pending-by-key index (V1): for each dead keyed row, whether an
 /// older unpublished row of its key exists, and how many pending rows wait
 /// behind it (dead ones behind it are dead letters of their own).
-const BLOCKED: &str = "
-SELECT d.ordering_key, d.id, d.message_id, d.dead_at, d.last_error,
+fn blocked() -> String {
+    format!(
+        "
+SELECT d.ordering_key, d.id, d.message_id,
+       {},
+       d.last_error,
        (SELECT count(*) FROM outbox.messages w
         WHERE w.ordering_key = d.ordering_key AND w.published_at IS NULL AND w.dead_at IS NULL
           AND w.id > d.id)
@@ -188,11 +198,14 @@ WHERE d.dead_at IS NOT NULL AND d.published_at IS NULL AND d.ordering_key IS NOT
   AND NOT EXISTS (SELECT 1 FROM outbox.messages e
                   WHERE e.ordering_key = d.ordering_key AND e.published_at IS NULL AND e.id < d.id)
 ORDER BY d.dead_at, d.id
-LIMIT $1";
+LIMIT $1",
+        iso("d.dead_at")
+    )
+}
 
 pub async fn blocked_keys(client: &Client, limit: i64) -> Result<Vec<BlockedKey>, Error> {
     let rows = client
-        .query_typed(BLOCKED, &[(&limit, Type::INT8)])
+        .query_typed(&blocked(), &[(&limit, Type::INT8)])
         .await
         .map_err(db("list blocked keys"))?;
     rows.iter()
@@ -201,7 +214,7 @@ pub async fn blocked_keys(client: &Client, limit: i64) -> Result<Vec<BlockedKey>
                 ordering_key: row.try_get(0)?,
                 dead_id: row.try_get(1)?,
                 dead_message_id: row.try_get(2)?,
-                dead_at: format_time(row.try_get::<_, SystemTime>(3)?),
+                dead_at: row.try_get(3)?,
                 last_error: row.try_get(4)?,
                 waiting: row.try_get(5)?,
             })
@@ -220,7 +233,7 @@ const REQUEUE: &str = "SELECT b.id, outbox.retry_dead(b.message_id) FROM ({batch
 /// back (`last` goes down to the highest number not discarded), and the
 /// key's next row gets the first of them. Only numbers no consumer can
 /// have seen are taken back: not a replayed row's (it was published
-/// before), nor one whose last attempt timed out (`$11`: the broker may
+/// before), nor one whose last attempt timed out (`$12`: the broker may
 /// have taken it), since a second message under a number already applied
 /// would pass as a copy. A number not taken back stays a gap (as one below
 /// a row already numbered does), and a consumer waits `key_gap_wait` once
@@ -231,7 +244,7 @@ WITH discarded AS (
     DELETE FROM outbox.messages
     WHERE id IN (SELECT id FROM ({batch}) b)
     RETURNING id, message_id, ordering_key,
-              CASE WHEN replayed_at IS NULL AND coalesce(last_error, '') NOT LIKE $11 || '%'
+              CASE WHEN replayed_at IS NULL AND coalesce(last_error, '') NOT LIKE $12 || '%'
                    THEN key_seq END AS key_seq
 ), taken_back AS (
     UPDATE outbox.key_sequences s
@@ -245,12 +258,7 @@ WITH discarded AS (
 SELECT id, true FROM discarded";
 
 /// Requeues the dead letters `filter` matches (every one when empty).
-pub async fn requeue(
-    client: &Client,
-    filter: &Filter,
-    bulk: Bulk,
-    actor: &Actor,
-) -> Result<Outcome, Error> {
+pub async fn requeue(session: Session<'_>, filter: &Filter, bulk: Bulk) -> Result<Outcome, Error> {
     let action = Action {
         name: "requeue",
         scope: SCOPE,
@@ -258,17 +266,12 @@ pub async fn requeue(
         apply: REQUEUE,
         extra: &[],
     };
-    bulk::run(client, &action, filter, bulk, actor).await
+    bulk::run(session, &action, filter, bulk).await
 }
 
 /// Deletes the dead letters `filter` matches for good (a dead head then
 /// stops blocking its key).
-pub async fn discard(
-    client: &Client,
-    filter: &Filter,
-    bulk: Bulk,
-    actor: &Actor,
-) -> Result<Outcome, Error> {
+pub async fn discard(session: Session<'_>, filter: &Filter, bulk: Bulk) -> Result<Outcome, Error> {
     let no_confirm: &(dyn ToSql + Sync) = &outbox::NO_CONFIRM;
     let action = Action {
         name: "discard",
@@ -277,5 +280,5 @@ pub async fn discard(
         apply: DISCARD,
         extra: &[(no_confirm, Type::TEXT)],
     };
-    bulk::run(client, &action, filter, bulk, actor).await
+    bulk::run(session, &action, filter, bulk).await
 }

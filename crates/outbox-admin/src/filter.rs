@@ -70,6 +70,16 @@ impl Serialize for MessageRef {
     }
 }
 
+/// A field given as `null` is refused, not read as "any": a caller that
+/// meant a value must not widen a change to every row. Absent is "any".
+fn not_null<'de, D, T>(de: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(de).map(Some)
+}
+
 /// `ids: []` would otherwise mean "no id filter", every row: a list
 /// emptied by mistake must not widen a change to the whole table.
 fn some_ids<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Vec<MessageRef>, D::Error> {
@@ -132,6 +142,10 @@ impl Serialize for TimeArg {
     }
 }
 
+/// Times a filter may name: `infinity`, or a year before 1970, would not
+/// convert to a `SystemTime` or print.
+const IN_RANGE: &str = "WHERE t >= '1970-01-01 00:00:00+00' AND t < '10000-01-01 00:00:00+00'";
+
 impl TimeArg {
     /// The instant, computed by the server so that "2h ago" and the rows'
     /// timestamps come from the same clock.
@@ -141,14 +155,17 @@ impl TimeArg {
                 let ms = ago.as_millis() as f64;
                 client
                     .query_typed(
-                        "SELECT now() - $1 * interval '1 millisecond'",
+                        &format!("SELECT t FROM (SELECT now() - $1 * interval '1 millisecond' AS t) x {IN_RANGE}"),
                         &[(&ms, Type::FLOAT8)],
                     )
                     .await
             }
             TimeArg::At(text) => {
                 client
-                    .query_typed("SELECT $1::text::timestamptz", &[(text, Type::TEXT)])
+                    .query_typed(
+                        &format!("SELECT t FROM (SELECT $1::text::timestamptz AS t) x {IN_RANGE}"),
+                        &[(text, Type::TEXT)],
+                    )
                     .await
             }
         }
@@ -167,8 +184,8 @@ impl TimeArg {
 
     fn not_a_time(&self) -> Error {
         Error::BadRequest(format!(
-            "`{self}` is not a time: give a duration ago (`30m`, `2h`, `7d`) or a timestamp \
-             (`2026-11-27T03:00:00Z`)"
+            "`{self}` is not a time (or not between 1970 and 9999): give a duration ago \
+             (`30m`, `2h`, `7d`) or a timestamp (`2026-11-27T03:00:00Z`)"
         ))
     }
 }
@@ -186,20 +203,44 @@ pub struct Filter {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub ids: Vec<MessageRef>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub exchange: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub routing_key: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ordering_key: Option<String>,
     /// Part of the last error, any case.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub error: Option<String>,
     /// From this time (dead letters: when they died; replay: when published).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub since: Option<TimeArg>,
     /// Before this time.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub until: Option<TimeArg>,
 }
 
@@ -341,13 +382,17 @@ mod tests {
         let typo = serde_json::from_str::<Filter>(r#"{"exchnage": "orders"}"#);
         assert!(typo.is_err_and(|e| e.to_string().contains("unknown field `exchnage`")));
         assert!(serde_json::from_str::<Filter>(r#"{"ids": ["x"]}"#).is_err());
+        assert!(serde_json::from_str::<Filter>(r#"{"exchange": null}"#).is_err());
         let empty = serde_json::from_str::<Filter>(r#"{"ids": []}"#);
         assert!(empty.is_err_and(|e| e.to_string().contains("ids is empty")));
         assert_eq!(
             serde_json::to_value(&filter).ok(),
             Some(serde_json::json!({"ids": [42, 43], "exchange": "orders", "since": "2h"}))
         );
-        let blank: Filter = serde_json::from_str(r#"{"exchange": ""}"#).expect("a filter");
+        let blank: Filter = serde_json::from_str(r#"{"error": ""}"#).expect("a filter");
         assert!(blank.normalized().is_empty());
+        // The default exchange is a name, not "any".
+        let default: Filter = serde_json::from_str(r#"{"exchange": ""}"#).expect("a filter");
+        assert!(!default.normalized().is_empty());
     }
 }

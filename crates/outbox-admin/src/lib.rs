@@ -29,7 +29,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 
 pub use audit::Actor;
-pub use bulk::{Bulk, Outcome};
+pub use bulk::{Bulk, Outcome, Session};
 pub use filter::{Filter, MessageRef, TimeArg};
 
 /// What an operation can fail with; each is one line for a person.
@@ -47,6 +47,18 @@ pub enum Error {
     /// The database failed (HTTP 500).
     #[error("cannot {what}: {line}")]
     Database { what: String, line: String },
+    /// A change stopped part way: interrupted, or a batch failed (HTTP 500).
+    #[error("{0}")]
+    Stopped(String),
+}
+
+impl Error {
+    /// This error, saying how far the change `action` got.
+    pub fn stopped(self, action: &str, changed: i64, matched: i64) -> Error {
+        Error::Stopped(format!(
+            "{action} stopped after {changed} of {matched} row(s): {self}"
+        ))
+    }
 }
 
 /// Maps a database error to [`Error`], saying what could not be done; a
@@ -54,6 +66,11 @@ pub enum Error {
 pub fn db(what: &str) -> impl Fn(tokio_postgres::Error) -> Error + '_ {
     move |e| {
         let line = outbox::error_line(&e);
+        // Class 22, data exception: a value the caller gave (a NUL in a
+        // filter, say) that PostgreSQL refuses.
+        if e.code().is_some_and(|code| code.code().starts_with("22")) {
+            return Error::BadRequest(format!("cannot {what}: {line}"));
+        }
         if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
             Error::NotAllowed(format!(
                 "cannot {what}: {line} (grant the role its rights: SELECT outbox.grant_console('role'))"
@@ -80,9 +97,20 @@ pub async fn wake_relays(client: &Client) -> Result<(), Error> {
     Ok(())
 }
 
-/// `2026-11-27T03:12:45Z`.
+/// `2026-11-27T03:12:45Z`: for times the server computed or the relay
+/// wrote. A time a writer may have set goes through [`iso`] instead.
 pub fn format_time(at: SystemTime) -> String {
     humantime::format_rfc3339_seconds(at).to_string()
+}
+
+/// SQL for `column` as `2026-11-27T03:12:45Z`, formatted by the server:
+/// a writer may set a row's times to any timestamp (`infinity`, 1969), and
+/// those neither convert to a `SystemTime` nor print.
+pub fn iso(column: &str) -> String {
+    format!(
+        "coalesce(to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
+         {column}::text)"
+    )
 }
 
 /// An age rounded for people: `850ms`, `12.3s`, `4m 5s`, `2h 3m`.

@@ -10,10 +10,8 @@
 //! handling and would race the relays on per-key order. Only rows still
 //! kept are replayable (`OUTBOX_RETENTION`).
 
-use tokio_postgres::Client;
-
 use crate::bulk::{self, Action};
-use crate::{Actor, Bulk, Error, Filter, Outcome};
+use crate::{Bulk, Error, Filter, Outcome, Session};
 
 const REPLAY: &str = "UPDATE outbox.messages SET published_at = NULL, attempts = 0, \
      last_error = NULL, next_attempt_at = now(), locked_by = NULL, locked_until = NULL, \
@@ -21,13 +19,16 @@ const REPLAY: &str = "UPDATE outbox.messages SET published_at = NULL, attempts =
      WHERE id IN (SELECT id FROM ({batch}) b) RETURNING id, true";
 
 /// Hands back the published rows `filter` matches; `since` and `until`
-/// apply to when they were published.
-pub async fn replay(
-    client: &Client,
-    filter: &Filter,
-    bulk: Bulk,
-    actor: &Actor,
-) -> Result<Outcome, Error> {
+/// apply to when they were published. The filter must name `since` or
+/// `ids`, as the command line's must.
+pub async fn replay(session: Session<'_>, filter: &Filter, bulk: Bulk) -> Result<Outcome, Error> {
+    if filter.since.is_none() && filter.ids.is_empty() {
+        return Err(Error::BadRequest(
+            "a replay needs `since` or `ids`: it publishes again, and every message still kept is \
+             rarely what is meant"
+                .into(),
+        ));
+    }
     let action = Action {
         name: "replay",
         scope: "published_at IS NOT NULL",
@@ -35,5 +36,5 @@ pub async fn replay(
         apply: REPLAY,
         extra: &[],
     };
-    bulk::run(client, &action, filter, bulk, actor).await
+    bulk::run(session, &action, filter, bulk).await
 }

@@ -105,3 +105,22 @@ pub fn check_environment(vars: impl Iterator<Item = (String, String)>) -> anyhow
         run, "OUTBOX_", &console, vars,
     )?)
 }
+
+/// Rejects `OUTBOX_CONSOLE_*` variables that `outbox-relay console` does
+/// not read: a misspelt token would leave the console read-only without a
+/// word. (The relay's own variables may share its environment.)
+pub fn check_console_environment(
+    vars: impl Iterator<Item = (String, String)>,
+) -> anyhow::Result<()> {
+    let mut command = Cli::command();
+    command.build();
+    let console = command
+        .find_subcommand("console")
+        .context("the command line has no `console`")?;
+    Ok(outbox_service::environment::check(
+        console,
+        "OUTBOX_CONSOLE_",
+        &[],
+        vars,
+    )?)
+}

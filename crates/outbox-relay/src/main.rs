@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use outbox_admin::cli;
-use outbox_relay::cli::{Cli, Command, RunArgs, check_environment};
+use outbox_relay::cli::{Cli, Command, RunArgs, check_console_environment, check_environment};
 use outbox_relay::config::Settings;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +42,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn console(args: outbox_admin::console::ConsoleArgs) -> anyhow::Result<()> {
+    check_console_environment(std::env::vars())?;
     let shutdown = CancellationToken::new();
     outbox_service::shutdown::cancel_on_signal(shutdown.clone());
     outbox_admin::console::serve(args, shutdown).await

@@ -4,9 +4,9 @@
 
 use clap::{Args, Subcommand};
 
-use super::{BulkArgs, DatabaseArgs, FilterArgs, report, summary};
+use super::{BulkArgs, DatabaseArgs, FilterArgs, Operator, report, shown, summary};
 use crate::dead::{self, DeadLetter};
-use crate::{Actor, MessageRef};
+use crate::{Filter, MessageRef};
 
 #[derive(Debug, Args)]
 pub struct DeadArgs {
@@ -24,7 +24,7 @@ pub enum DeadAction {
         #[command(flatten)]
         filter: FilterArgs,
         /// At most this many.
-        #[arg(long, default_value_t = 1_000)]
+        #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
         limit: i64,
         /// Print JSON lines instead of the table.
         #[arg(long)]
@@ -60,61 +60,56 @@ pub struct Change {
 }
 
 pub async fn run(args: DeadArgs) -> anyhow::Result<()> {
-    let (client, _) = args.database.connect().await?;
     match args.action {
         DeadAction::List {
             filter,
             limit,
             json,
         } => {
+            let (client, _) = args.database.connect().await?;
             let page = dead::list(&client, &filter.filter(&[]), limit).await?;
             list(&page.dead_letters, page.total, json)
         }
-        DeadAction::Show { id, json } => show(&client, id, json).await,
+        DeadAction::Show { id, json } => {
+            let (client, _) = args.database.connect().await?;
+            show(&client, id, json).await
+        }
         DeadAction::Requeue(change) => {
-            if change.all && change.filter.narrows() {
-                anyhow::bail!(
-                    "--all takes no filter: drop --all to requeue what the filter matches"
-                );
-            }
-            let outcome = dead::requeue(
-                &client,
-                &change.filter.filter(&change.ids),
-                change.bulk.bulk(),
-                &Actor::os_user(),
-            )
-            .await?;
-            report(
+            let filter = change.filter()?;
+            let operator = Operator::connect(&args.database).await?;
+            let outcome = dead::requeue(operator.session(), &filter, change.bulk.bulk()).await?;
+            let done = summary(
                 &outcome,
-                "requeued",
-                &summary(
-                    &outcome,
-                    "requeued with a fresh set of attempts",
-                    "dead letter(s)",
-                ),
-                "not dead letters",
-            )
+                "requeued with a fresh set of attempts",
+                "dead letter(s)",
+            );
+            report(&outcome, "requeued", &done, "not dead letters")
         }
         DeadAction::Discard(change) => {
-            if change.all && change.filter.narrows() {
-                anyhow::bail!(
-                    "--all takes no filter: drop --all to discard what the filter matches"
-                );
-            }
-            let outcome = dead::discard(
-                &client,
-                &change.filter.filter(&change.ids),
-                change.bulk.bulk(),
-                &Actor::os_user(),
-            )
-            .await?;
-            report(
-                &outcome,
-                "discarded",
-                &summary(&outcome, "deleted", "dead letter(s)"),
-                "not dead letters",
-            )
+            let filter = change.filter()?;
+            let operator = Operator::connect(&args.database).await?;
+            let outcome = dead::discard(operator.session(), &filter, change.bulk.bulk()).await?;
+            let done = summary(&outcome, "deleted", "dead letter(s)");
+            report(&outcome, "discarded", &done, "not dead letters")
         }
+    }
+}
+
+impl Change {
+    /// The dead letters named, refusing what would reach every one of them
+    /// by accident (an empty `--error "$VAR"`, say) rather than by `--all`.
+    fn filter(&self) -> anyhow::Result<Filter> {
+        if self.all && self.filter.narrows() {
+            anyhow::bail!("--all takes no filter: drop --all to act on what the filter matches");
+        }
+        if self.filter.error.as_deref() == Some("") {
+            anyhow::bail!("--error needs a text: part of the last error to match");
+        }
+        let filter = self.filter.filter(&self.ids);
+        if filter.is_empty() && !self.all {
+            anyhow::bail!("name dead letters (ids or a filter), or --all for every one");
+        }
+        Ok(filter)
     }
 }
 
@@ -138,10 +133,10 @@ fn list(letters: &[DeadLetter], total: i64, json: bool) -> anyhow::Result<()> {
             "{:>8}  {:<36}  {:<20}  {:<20}  {:>8}  {}",
             l.id,
             l.message_id,
-            l.dead_at,
-            l.exchange,
+            shown(&l.dead_at),
+            shown(&l.exchange),
             l.attempts,
-            l.last_error.as_deref().unwrap_or("")
+            shown(l.last_error.as_deref().unwrap_or(""))
         );
     }
     let shown = if total > letters.len() as i64 {
@@ -170,17 +165,24 @@ async fn show(client: &tokio_postgres::Client, id: MessageRef, json: bool) -> an
     let l = &detail.letter;
     println!("id            {}", l.id);
     println!("message_id    {}", l.message_id);
-    println!("exchange      {}", l.exchange);
-    println!("routing_key   {}", l.routing_key);
-    println!("ordering_key  {}", l.ordering_key.as_deref().unwrap_or("-"));
-    println!("created_at    {}", l.created_at);
-    println!("dead_at       {}", l.dead_at);
+    println!("exchange      {}", shown(&l.exchange));
+    println!("routing_key   {}", shown(&l.routing_key));
+    println!(
+        "ordering_key  {}",
+        shown(l.ordering_key.as_deref().unwrap_or("-"))
+    );
+    println!("created_at    {}", shown(&l.created_at));
+    println!("dead_at       {}", shown(&l.dead_at));
     println!("attempts      {}", l.attempts);
-    println!("last_error    {}", l.last_error.as_deref().unwrap_or("-"));
-    println!("content_type  {}", l.content_type);
+    println!(
+        "last_error    {}",
+        shown(l.last_error.as_deref().unwrap_or("-"))
+    );
+    println!("content_type  {}", shown(&l.content_type));
+    // serde_json escapes control characters in the headers.
     println!("headers       {}", detail.headers);
     match &detail.payload_text {
-        Some(text) => println!("payload       {text}"),
+        Some(text) => println!("payload       {}", shown(text)),
         None => println!(
             "payload       {} bytes, not UTF-8 (SELECT payload FROM outbox.messages WHERE id = {})",
             detail.payload_bytes, l.id

@@ -16,7 +16,9 @@ use tokio_postgres::Client;
 
 use outbox_service::db::{self, PgTarget};
 
-use crate::{Bulk, Filter, MessageRef, Outcome, TimeArg};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Actor, Bulk, Filter, MessageRef, Outcome, Session, TimeArg};
 
 /// The app database, as for `run` and `migrate`.
 #[derive(Debug, Clone, Args)]
@@ -42,6 +44,40 @@ impl DatabaseArgs {
         let client = db::connect(&target).await?;
         check_schema(&client, &target).await?;
         Ok((client, target))
+    }
+}
+
+/// The person at the command line making a change: two connections (the
+/// change's and its audit row's) and Ctrl-C or SIGTERM stopping it between
+/// two batches, logged as such.
+pub struct Operator {
+    client: Client,
+    trail: Client,
+    actor: Actor,
+    stop: CancellationToken,
+}
+
+impl Operator {
+    pub async fn connect(database: &DatabaseArgs) -> anyhow::Result<Operator> {
+        let (client, target) = database.connect().await?;
+        let trail = db::connect(&target).await?;
+        let stop = CancellationToken::new();
+        outbox_service::shutdown::cancel_on_signal(stop.clone());
+        Ok(Operator {
+            client,
+            trail,
+            actor: Actor::os_user(),
+            stop,
+        })
+    }
+
+    pub fn session(&self) -> Session<'_> {
+        Session {
+            work: &self.client,
+            trail: &self.trail,
+            actor: &self.actor,
+            stop: &self.stop,
+        }
     }
 }
 
@@ -115,8 +151,18 @@ pub struct BulkArgs {
     #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(i64).range(1..=100_000))]
     pub batch: i64,
     /// Rows changed per second at most, so the relays' claims are not starved; 0: no limit.
-    #[arg(long, default_value_t = 5_000.0)]
+    #[arg(long, default_value_t = 5_000.0, value_parser = rate)]
     pub rate: f64,
+}
+
+/// A rate: a number of rows per second, 0 or more.
+pub fn rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate >= 0.0 => Ok(rate),
+        _ => Err(format!(
+            "`{text}` is not a rate: rows per second, 0 for no limit"
+        )),
+    }
 }
 
 impl BulkArgs {
@@ -129,11 +175,39 @@ impl BulkArgs {
     }
 }
 
+/// Text from a row, safe to print on a terminal: a writer or the broker
+/// set it, and an escape sequence in it (ESC[2J clears the screen) or a
+/// bidi override (U+202E reverses what follows) must show, not act.
+/// Newlines and tabs stay.
+pub fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    let hidden = |c: char| {
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(hidden) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    text.chars()
+        .map(|c| {
+            if hidden(c) {
+                format!("\\u{{{:04x}}}", c as u32)
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 /// Prints the rows an outcome names (`verb` being its action's past
 /// tense), then `summary`, or the dry run's line; an error when a named id
 /// matched nothing (`not` says what they were not).
 pub fn report(outcome: &Outcome, verb: &str, summary: &str, not: &str) -> anyhow::Result<()> {
-    let label = if outcome.dry_run { "would be" } else { verb };
+    let label = if outcome.dry_run {
+        format!("would {}", outcome.action)
+    } else {
+        verb.to_string()
+    };
     for row in &outcome.sample {
         println!("{label} {} {}", row.id, row.message_id);
     }
@@ -159,5 +233,17 @@ pub fn summary(outcome: &Outcome, verb: &str, noun: &str) -> String {
             "would {} {} {noun} (dry run: nothing changed)",
             outcome.action, outcome.matched
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown;
+
+    #[test]
+    fn row_text_cannot_drive_the_terminal() {
+        assert_eq!(shown("plain\ttext\n"), "plain\ttext\n");
+        assert_eq!(shown("a\u{1b}[2Jb"), "a\\u{001b}[2Jb");
+        assert_eq!(shown("\u{202e}evil"), "\\u{202e}evil");
     }
 }

@@ -3,8 +3,8 @@
 
 use clap::{ArgGroup, Args};
 
-use super::{BulkArgs, DatabaseArgs, FilterArgs, report};
-use crate::{Actor, MessageRef, TimeArg};
+use super::{BulkArgs, DatabaseArgs, FilterArgs, Operator, report};
+use crate::{MessageRef, TimeArg};
 
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("which").required(true).multiple(true).args(["since", "id"])))]
@@ -25,10 +25,10 @@ pub struct ReplayArgs {
 }
 
 pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
-    let (client, target) = args.database.connect().await?;
+    let operator = Operator::connect(&args.database).await?;
+    let target = args.database.target("outbox-relay replay")?;
     let filter = args.filter.filter(&args.id);
-    let outcome =
-        crate::replay::replay(&client, &filter, args.bulk.bulk(), &Actor::os_user()).await?;
+    let outcome = crate::replay::replay(operator.session(), &filter, args.bulk.bulk()).await?;
     let scope = match &filter.since {
         Some(TimeArg::Ago(ago)) => {
             format!("published since {} ago", humantime::format_duration(*ago))

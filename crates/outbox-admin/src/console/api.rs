@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -18,8 +19,9 @@ use serde_json::{Value, json};
 
 use super::{Console, assets, auth};
 use crate::reconcile::Inbox;
-use crate::{Error, Filter, MessageRef, Outcome, TimeArg};
+use crate::{Error, Filter, MessageRef, Outcome, Session, TimeArg};
 use outbox_service::db;
+use tokio_util::sync::CancellationToken;
 
 type Shared = State<Arc<Console>>;
 
@@ -45,7 +47,7 @@ impl From<Error> for Failure {
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::NotAllowed(_) => StatusCode::FORBIDDEN,
-            Error::Database { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Database { .. } | Error::Stopped(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::warn!(%error, "console request failed");
@@ -95,7 +97,33 @@ pub(super) fn router(console: Arc<Console>) -> Router {
         .route("/api/v1/captures", get(captures))
         .route("/api/v1/audit", get(audit))
         .fallback(|| async { Failure(StatusCode::NOT_FOUND, "no such page or endpoint".into()) })
+        .method_not_allowed_fallback(|| async {
+            Failure(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed here".into(),
+            )
+        })
+        .layer(middleware::from_fn_with_state(
+            console.clone(),
+            this_machine,
+        ))
         .with_state(console)
+}
+
+/// See [`auth::local_host`].
+async fn this_machine(
+    State(console): Shared,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    if console.local_only && !auth::local_host(request.headers()) {
+        return Failure(
+            StatusCode::MISDIRECTED_REQUEST,
+            "this console answers requests for 127.0.0.1 or localhost only".into(),
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 async fn client(console: &Console) -> Result<Object, Failure> {
@@ -294,26 +322,31 @@ async fn reconcile(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Change {
-    /// Absent or empty: every row in scope.
-    #[serde(default)]
+    /// Absent or empty: every row in scope. An object: `[]` or `null`
+    /// would otherwise pass for an empty filter.
+    #[serde(default, deserialize_with = "object")]
     filter: Filter,
     /// Required: a change that forgot to say is not made.
     dry_run: bool,
 }
 
-type Operation = for<'a> fn(
-    &'a tokio_postgres::Client,
-    &'a Filter,
-    crate::Bulk,
-    &'a crate::Actor,
-) -> BoxFuture<'a, Result<Outcome, Error>>;
+fn object<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Filter, D::Error> {
+    match Value::deserialize(de)? {
+        value @ Value::Object(_) => serde_json::from_value(value).map_err(serde::de::Error::custom),
+        _ => Err(serde::de::Error::custom("filter must be an object")),
+    }
+}
+
+type Operation =
+    for<'a> fn(Session<'a>, &'a Filter, crate::Bulk) -> BoxFuture<'a, Result<Outcome, Error>>;
 
 async fn change(
     console: Arc<Console>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
     operation: Operation,
 ) -> Answer {
+    let body = body.map_err(|rejection| Failure(rejection.status(), rejection.body_text()))?;
     let actor =
         auth::actor(console.token.as_ref(), &headers).map_err(|(s, why)| Failure(s, why))?;
     let change: Change =
@@ -326,8 +359,17 @@ async fn change(
     // Its own task: a client that goes away does not stop a change half
     // way, with no audit row.
     let task = console.clone().changes.spawn(async move {
-        let client = client(&console).await?;
-        operation(&client, &filter, bulk, &actor)
+        // Two connections: the change's, and its audit row's.
+        let work = client(&console).await?;
+        let trail = client(&console).await?;
+        let stop = CancellationToken::new();
+        let session = Session {
+            work: &work,
+            trail: &trail,
+            actor: &actor,
+            stop: &stop,
+        };
+        operation(session, &filter, bulk)
             .await
             .map_err(Failure::from)
     });
@@ -337,23 +379,35 @@ async fn change(
     answer(outcome)
 }
 
-async fn requeue(State(console): Shared, headers: HeaderMap, body: Bytes) -> Answer {
-    change(console, headers, body, |c, f, b, a| {
-        Box::pin(crate::dead::requeue(c, f, b, a))
+async fn requeue(
+    State(console): Shared,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer {
+    change(console, headers, body, |s, f, b| {
+        Box::pin(crate::dead::requeue(s, f, b))
     })
     .await
 }
 
-async fn discard(State(console): Shared, headers: HeaderMap, body: Bytes) -> Answer {
-    change(console, headers, body, |c, f, b, a| {
-        Box::pin(crate::dead::discard(c, f, b, a))
+async fn discard(
+    State(console): Shared,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer {
+    change(console, headers, body, |s, f, b| {
+        Box::pin(crate::dead::discard(s, f, b))
     })
     .await
 }
 
-async fn replay(State(console): Shared, headers: HeaderMap, body: Bytes) -> Answer {
-    change(console, headers, body, |c, f, b, a| {
-        Box::pin(crate::replay::replay(c, f, b, a))
+async fn replay(
+    State(console): Shared,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer {
+    change(console, headers, body, |s, f, b| {
+        Box::pin(crate::replay::replay(s, f, b))
     })
     .await
 }

@@ -26,15 +26,17 @@ const MIN_LEN: usize = 16;
 
 impl Token {
     pub fn new(name: &str, secret: &str) -> anyhow::Result<Token> {
-        if secret.chars().count() < MIN_LEN {
+        if secret.trim().chars().count() < MIN_LEN {
             anyhow::bail!("OUTBOX_CONSOLE_TOKEN must be at least {MIN_LEN} characters");
         }
         if name.trim().is_empty() {
             anyhow::bail!("OUTBOX_CONSOLE_TOKEN_NAME must not be empty");
         }
+        // A secret read from a file often ends in a newline; the header's
+        // value is trimmed as well.
         Ok(Token {
             name: name.trim().to_string(),
-            secret: secret.to_string(),
+            secret: secret.trim().to_string(),
         })
     }
 }
@@ -118,5 +120,57 @@ mod tests {
             Ok(("alice".to_string(), Via::Api))
         );
         assert!(Token::new("alice", "short").is_err());
+    }
+}
+
+/// Whether a request's `Host` names this machine. A console bound to
+/// loopback answers only such requests: a web page elsewhere could
+/// otherwise point its own name at 127.0.0.1 (DNS rebinding) and read the
+/// outbox through the operator's browser.
+pub fn local_host(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.split(':').next().unwrap_or_default(),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn host(value: &'static str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static(value));
+        headers
+    }
+
+    #[test]
+    fn only_this_machine_names_are_local() {
+        for ok in [
+            "127.0.0.1:8089",
+            "localhost:8089",
+            "LOCALHOST",
+            "[::1]:8089",
+            "127.0.0.2",
+        ] {
+            assert!(local_host(&host(ok)), "{ok}");
+        }
+        for refused in [
+            "attacker.example",
+            "attacker.example:8089",
+            "10.0.0.1:8089",
+            "localhost.attacker.example",
+        ] {
+            assert!(!local_host(&host(refused)), "{refused}");
+        }
+        assert!(!local_host(&HeaderMap::new()));
     }
 }

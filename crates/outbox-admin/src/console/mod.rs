@@ -67,7 +67,7 @@ pub struct ConsoleArgs {
     pub bulk_batch: i64,
 
     /// Rows a bulk change touches per second at most, so relays keep claiming; 0: no limit.
-    #[arg(long, env = "OUTBOX_CONSOLE_BULK_RATE", default_value_t = 5_000.0)]
+    #[arg(long, env = "OUTBOX_CONSOLE_BULK_RATE", default_value_t = 5_000.0, value_parser = crate::cli::rate)]
     pub bulk_rate: f64,
 }
 
@@ -81,6 +81,8 @@ pub(crate) struct Console {
     pub bulk: Bulk,
     /// Changes under way, each in a task of its own.
     pub changes: TaskTracker,
+    /// Bound to loopback: only requests naming this machine are answered.
+    pub local_only: bool,
 }
 
 /// Serves until `shutdown`; a bulk change under way finishes first.
@@ -93,7 +95,8 @@ pub async fn serve(args: ConsoleArgs, shutdown: CancellationToken) -> anyhow::Re
         .map(|secret| Token::new(&args.token_name, secret))
         .transpose()?;
     let target = args.database.target("outbox-relay console")?;
-    let pool = db::pool(&target, 4).await?;
+    // A change holds two (its statements, its audit row); reads one each.
+    let pool = db::pool(&target, 8).await?;
     {
         let client = pool
             .get()
@@ -124,6 +127,7 @@ pub async fn serve(args: ConsoleArgs, shutdown: CancellationToken) -> anyhow::Re
             rate: (args.bulk_rate > 0.0).then_some(args.bulk_rate),
         },
         changes: TaskTracker::new(),
+        local_only: args.addr.ip().is_loopback(),
     });
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
