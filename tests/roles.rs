@@ -8,18 +8,6 @@ use outbox_tests::broker::Topology;
 use outbox_tests::dispatch::{PATIENCE, Publisher, RunningDispatch, count, topology, wait_until};
 use outbox_tests::relay::{RunningRelay, relay_command, test_settings};
 use outbox_tests::*;
-use tokio_postgres::Client;
-
-/// Runs `sql` and expects PostgreSQL to refuse it for lack of privilege.
-async fn refused(client: &Client, sql: &str) {
-    let error = client
-        .batch_execute(sql)
-        .await
-        .err()
-        .unwrap_or_else(|| panic!("`{sql}` was allowed"));
-    let code = error.code().map(|c| c.code().to_string());
-    assert_eq!(code.as_deref(), Some("42501"), "`{sql}`: {error}");
-}
 
 #[tokio::test]
 async fn relay_works_under_its_role_and_is_refused_outside_outbox() {

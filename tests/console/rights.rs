@@ -6,20 +6,8 @@
 use outbox_tests::console::{RunningConsole, TOKEN};
 use outbox_tests::*;
 use serde_json::json;
-use tokio_postgres::Client;
 
 use super::{count, dead_letters};
-
-/// Runs `sql` and expects PostgreSQL to refuse it for lack of privilege.
-async fn refused(client: &Client, sql: &str) {
-    let error = client
-        .batch_execute(sql)
-        .await
-        .err()
-        .unwrap_or_else(|| panic!("`{sql}` was allowed"));
-    let code = error.code().map(|c| c.code().to_string());
-    assert_eq!(code.as_deref(), Some("42501"), "`{sql}`: {error}");
-}
 
 #[tokio::test]
 async fn the_console_works_under_its_own_role_which_may_not_rewrite_the_trail() {

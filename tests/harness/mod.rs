@@ -195,6 +195,17 @@ impl Drop for TestDb {
     }
 }
 
+/// Runs `sql` and expects PostgreSQL to refuse it for lack of privilege.
+pub async fn refused(client: &Client, sql: &str) {
+    let error = client
+        .batch_execute(sql)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("`{sql}` was allowed"));
+    let code = error.code().map(|c| c.code().to_string());
+    assert_eq!(code.as_deref(), Some("42501"), "`{sql}`: {error}");
+}
+
 /// A login role that exists for one test; declare it before the databases
 /// it is granted on, so it is dropped after them.
 pub struct TestRole {
