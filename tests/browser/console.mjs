@@ -169,6 +169,24 @@ async function pasteToken(page, opts) {
   check(stored === opts.token, 'the token was not kept in sessionStorage');
 }
 
+// A filter typed but not applied is what a change acts on (and shows):
+// Discard must not preview, behind the typed text, the filter applied last.
+async function typedFilter(page, opts) {
+  const exchange = page.locator(`${testid('dead-page')} input[name="exchange"]`);
+  await exchange.fill('no-such-exchange', { timeout: TIMEOUT });
+  await page.locator(testid('discard')).click({ timeout: TIMEOUT });
+  await waitOrError(page, testid('preview'), 'the discard preview');
+  const preview = await text(page.locator(testid('preview')));
+  check(/would discard 0\b/.test(preview), `the preview says "${preview}", not "would discard 0"`);
+  check(preview.includes('no-such-exchange'), `the preview does not show the typed filter: "${preview}"`);
+  await page.locator(`${testid('preview')} ${testid('cancel')}`).click({ timeout: TIMEOUT });
+  const before = await loadsSoFar(page);
+  await exchange.fill(opts.exchange, { timeout: TIMEOUT });
+  await page.locator(testid('filter')).click({ timeout: TIMEOUT });
+  await waitDeadLoaded(page, before);
+  return `"${preview}"`;
+}
+
 async function requeueTwo(page) {
   const { total, ids } = await deadRowsShown(page);
   const chosen = ids.slice(0, 2);
@@ -258,6 +276,7 @@ async function steps(page, opts, pageErrors) {
     [`dead letters filtered on exchange ${opts.exchange}`, () => filterDead(page, opts)],
     ['the first dead letter\'s detail opens', () => openDetail(page)],
     ['the token is pasted', () => pasteToken(page, opts)],
+    ['a change acts on the filter typed, applied first', () => typedFilter(page, opts)],
     ['two selected dead letters are requeued after a preview', () => requeueTwo(page)],
     ['the audit log records the requeue from the console', () => auditLog(page)],
   ];

@@ -818,17 +818,18 @@ function showPreview(section, { action, result, filter, scope, note }) {
   (matched && !every ? confirm : ref(section, 'cancel')).focus();
 }
 
-// How each filter field compares (see outbox_admin::filter::Filter).
-const FILTER_OPERATORS = { error: 'contains', since: '≥', until: '<' };
+// How a filter field reads where it does not mean equality (see
+// outbox_admin::filter::Filter): a part of the error, a time window.
+const FILTER_WORDING = { error: 'error contains', since: 'since', until: 'until' };
 
-// The filter exactly as it will be sent, one "field = value" per condition,
-// or "every dead letter" in bold warning colour when it is empty.
+// The filter exactly as it will be sent, one boxed "field = value" per
+// condition, or "every dead letter" in bold warning colour when it is empty.
 function filterDescription(filter) {
   const entries = Object.entries(filter);
   if (!entries.length) return [el('strong', { class: 'every', text: 'every dead letter' })];
   return entries.flatMap(([key, value], i) => [
     i ? ' and ' : '',
-    el('code', { class: 'condition' }, `${key} ${FILTER_OPERATORS[key] || '='} `,
+    el('code', { class: 'condition' }, `${FILTER_WORDING[key] || `${key} =`} `,
       apiText(Array.isArray(value) ? value.join(', ') : value)),
   ]);
 }
