@@ -163,7 +163,15 @@ pub(crate) async fn run(
         changed: outcome.changed,
         error: failure.as_ref().map(ToString::to_string),
     };
-    audit::record(session.trail, &logged).await?;
+    if let Err(unlogged) = audit::record(session.trail, &logged).await {
+        // Both said: the change's own failure is the one to act on.
+        return Err(match failure {
+            Some(error) => Error::Stopped(format!(
+                "{error}; and its audit row could not be written: {unlogged}"
+            )),
+            None => unlogged,
+        });
+    }
     if outcome.changed > Some(0) {
         // A hint: without it, relays find the rows at their next sweep.
         if let Err(error) = crate::wake_relays(client).await {
