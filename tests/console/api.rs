@@ -746,6 +746,7 @@ async fn a_bad_query_string_is_a_json_400_on_every_endpoint() {
         "/api/v1/dead-letters?exchnage=",
         "/api/v1/lag?minuts=5",
         "/api/v1/lag?minutes=abc",
+        "/api/v1/lag?minutes=1441",
         "/api/v1/reconcile?exchnage=x",
         "/api/v1/scheduled?limit=-1",
     ] {

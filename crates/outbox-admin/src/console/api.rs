@@ -204,8 +204,12 @@ struct LagQuery {
 
 async fn lag(State(console): Shared, query: Result<Query<LagQuery>, QueryRejection>) -> Answer {
     let query = parameters(query)?;
+    let minutes = query.minutes.unwrap_or(60);
+    if !(1..=1_440).contains(&minutes) {
+        return Err(bad(format!("minutes `{minutes}` must be from 1 to 1440")));
+    }
     let client = client(&console).await?;
-    let minutes = crate::history::lag(&client, query.minutes.unwrap_or(60)).await?;
+    let minutes = crate::history::lag(&client, minutes).await?;
     answer(json!({ "minutes": minutes }))
 }
 
