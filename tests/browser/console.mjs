@@ -104,8 +104,10 @@ async function overview(page, opts) {
   const pending = await text(page.locator(`${testid('card-pending')} .value`));
   const dead = await text(page.locator(`${testid('card-dead')} .value`));
   const database = await text(page.locator(testid('database')));
+  const rate = await text(page.locator(`${testid('card-published')} .card-sub`));
+  check(/^\d+\.\d\/s last minute, [\d,]+ last hour$/.test(rate), `the published card says "${rate}", not a rate`);
   await page.screenshot({ path: join(opts.screenshots, 'console-overview.png') });
-  return `database ${database}, pending ${pending}, dead ${dead}`;
+  return `database ${database}, pending ${pending}, dead ${dead}, published ${rate}`;
 }
 
 // Waits for the dead-letter list to finish a load newer than `after`.

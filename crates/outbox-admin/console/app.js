@@ -395,11 +395,12 @@ async function refreshOverview(section) {
 }
 
 function renderOverview(section, overview, lag) {
-  ref(section, 'cards').replaceChildren(...overviewCards(overview));
+  const minutes = Array.isArray(lag.minutes) ? lag.minutes : [];
+  ref(section, 'cards').replaceChildren(...overviewCards(overview, minutes));
   // The vacuum figures come as an object or at the top level.
   const vacuum = overview.vacuum || ('xmin_horizon_age_seconds' in overview ? overview : null);
   ref(section, 'vacuum').textContent = vacuumLine(vacuum);
-  renderChart(ref(section, 'chart'), Array.isArray(lag.minutes) ? lag.minutes : []);
+  renderChart(ref(section, 'chart'), minutes);
   ref(section, 'exchanges').replaceChildren(exchangeTable(overview.exchanges || []));
 }
 
@@ -411,7 +412,7 @@ function card(key, label, value, { sub, href, warn } = {}) {
     sub ? el('div', { class: 'card-sub' }, apiText(sub)) : null);
 }
 
-function overviewCards(o) {
+function overviewCards(o, minutes) {
   const schedule = o.schedule || {};
   const nextDue = schedule.next_due_in_seconds;
   const pending = Number(o.pending) || 0;
@@ -421,13 +422,23 @@ function overviewCards(o) {
     card('retrying', 'retrying', fmtNumber(o.retrying), { warn: Number(o.retrying) > 0 }),
     card('oldest', 'oldest pending', pending > 0 ? fmtAge(o.oldest_pending_seconds) : '–'),
     card('dead', 'dead', fmtNumber(o.dead), { href: '#/dead', warn: Number(o.dead) > 0 }),
-    card('published', 'published (kept)', fmtNumber(o.published)),
+    card('published', 'published (kept)', fmtNumber(o.published), { sub: publishRate(minutes) }),
     card('scheduled', 'scheduled', fmtNumber(schedule.scheduled), {
       href: '#/scheduled',
       sub: nextDue === null || nextDue === undefined ? 'none due' : `next due in ${fmtAge(nextDue)}`,
     }),
     card('relays', 'relays listening / draining', `${fmtNumber(o.relays_listening)} / ${fmtNumber(o.relays_draining)}`),
   ];
+}
+
+// The publish rate: the last whole minute's count from the lag series (the
+// current minute is still filling), and the hour's total.
+function publishRate(minutes) {
+  const thisMinute = Math.floor(Date.now() / 60000) * 60000;
+  const last = minutes.find((m) => Date.parse(m.minute) === thisMinute - 60000);
+  const perMinute = last ? Number(last.published) || 0 : 0;
+  const hour = minutes.reduce((sum, m) => sum + (Number(m.published) || 0), 0);
+  return `${(perMinute / 60).toFixed(1)}/s last minute, ${fmtNumber(hour)} last hour`;
 }
 
 function vacuumLine(vacuum) {
