@@ -188,19 +188,9 @@ async fn add(args: AddArgs) -> anyhow::Result<()> {
 }
 
 async fn list(args: DatabaseArgs) -> anyhow::Result<()> {
-    let client = connect(&args).await?;
-    let rows = client
-        .query(
-            "SELECT source, array_to_string(operations, ','), exchange, routing_key, \
-                    coalesce(ordering_key, '-'), \
-                    coalesce(array_to_string(columns, ','), 'whole row'), enabled \
-             FROM outbox.captures ORDER BY source",
-            &[],
-        )
-        .await
-        .map_err(explain)
-        .context("cannot list captures")?;
-    if rows.is_empty() {
+    let (client, _) = args.connect().await?;
+    let captures = crate::captures::list(&client).await?;
+    if captures.is_empty() {
         println!("no table is captured");
         return Ok(());
     }
@@ -214,16 +204,17 @@ async fn list(args: DatabaseArgs) -> anyhow::Result<()> {
         "enabled",
     ];
     let mut table: Vec<[String; 7]> = vec![header.map(String::from)];
-    for row in &rows {
-        let enabled: bool = row.get(6);
+    for capture in captures {
         table.push([
-            row.get(0),
-            row.get(1),
-            row.get(2),
-            row.get(3),
-            row.get(4),
-            row.get(5),
-            if enabled {
+            capture.table,
+            capture.operations.join(","),
+            capture.exchange,
+            capture.routing_key,
+            capture.ordering_key.unwrap_or_else(|| "-".into()),
+            capture
+                .columns
+                .map_or_else(|| "whole row".into(), |columns| columns.join(",")),
+            if capture.enabled {
                 "yes"
             } else {
                 "no (trigger disabled)"
