@@ -295,6 +295,46 @@ async fn a_change_from_the_page_is_logged_as_via_console() {
 }
 
 #[tokio::test]
+async fn each_holder_of_a_tokens_file_is_named_in_the_trail() {
+    let db = TestDb::with_outbox().await;
+    let file = std::env::temp_dir().join(unique_name("tokens"));
+    std::fs::write(
+        &file,
+        "# one per person\nalice:alice-secret-0123456789\nbob:bob-secret-0123456789\n",
+    )
+    .expect("write the tokens file");
+    let path = file.to_string_lossy().into_owned();
+    let console = RunningConsole::start(&db.url, &[("OUTBOX_CONSOLE_TOKENS_FILE", &path)]).await;
+
+    for token in ["alice-secret-0123456789", "bob-secret-0123456789", TOKEN] {
+        let (status, body) = console
+            .post(REQUEUE, Some(token), &json!({"dry_run": true}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, _) = console
+        .post(
+            REQUEUE,
+            Some("carol-secret-0123456789"),
+            &json!({"dry_run": true}),
+        )
+        .await;
+    assert_eq!(status, 403);
+    let client = db.connect().await;
+    let actors: Vec<String> = audit_log(&client)
+        .await
+        .iter()
+        .filter_map(|entry| entry["actor"].as_str().map(String::from))
+        .collect();
+    assert_eq!(
+        actors,
+        ["alice", "bob", "tester"],
+        "in the order of the changes"
+    );
+    std::fs::remove_file(&file).ok();
+}
+
+#[tokio::test]
 async fn the_audit_trail_lists_the_newest_change_first() {
     let db = TestDb::with_outbox().await;
     dead_letters(&db.connect().await, &unique_name("x"), 2, "no route").await;
@@ -822,10 +862,14 @@ async fn a_command_line_dry_run_says_what_it_would_requeue_and_changes_nothing()
 #[tokio::test]
 async fn bad_console_settings_fail_in_one_line_with_exit_code_1() {
     let nowhere = "postgres://postgres@127.0.0.1:1/nowhere";
-    let cases: [(&[(&str, &str)], &str); 3] = [
+    let cases: [(&[(&str, &str)], &str); 4] = [
         (
             &[("OUTBOX_CONSOLE_TOKEN", "too-short")],
             "at least 16 characters",
+        ),
+        (
+            &[("OUTBOX_CONSOLE_TOKENS_FILE", "/nonexistent/tokens")],
+            "cannot read OUTBOX_CONSOLE_TOKENS_FILE /nonexistent/tokens",
         ),
         // Misspelt, it would leave the console read-only without a word.
         (

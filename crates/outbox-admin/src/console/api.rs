@@ -190,7 +190,7 @@ async fn overview(State(console): Shared) -> Answer {
     let status = crate::status::read(&client, console.database.clone()).await?;
     let mut value = serde_json::to_value(status).map_err(|e| bad(e.to_string()))?;
     if let Value::Object(map) = &mut value {
-        map.insert("read_only".into(), json!(console.token.is_none()));
+        map.insert("read_only".into(), json!(console.tokens.is_empty()));
         map.insert("show_payloads".into(), json!(console.show_payloads));
     }
     Ok(Json(value))
@@ -351,8 +351,7 @@ async fn change(
     operation: Operation,
 ) -> Answer {
     let body = body.map_err(|rejection| Failure(rejection.status(), rejection.body_text()))?;
-    let actor =
-        auth::actor(console.token.as_ref(), &headers).map_err(|(s, why)| Failure(s, why))?;
+    let actor = auth::actor(&console.tokens, &headers).map_err(|(s, why)| Failure(s, why))?;
     let change: Change =
         serde_json::from_slice(&body).map_err(|e| bad(format!("bad request body: {e}")))?;
     let filter = change.filter.normalized();

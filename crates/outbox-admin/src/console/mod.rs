@@ -42,6 +42,10 @@ pub struct ConsoleArgs {
     #[arg(long, env = "OUTBOX_CONSOLE_TOKEN_NAME", default_value = "console")]
     pub token_name: String,
 
+    /// A file of named tokens, one `name:secret` a line, one per person: each change is logged under its token's name.
+    #[arg(long, env = "OUTBOX_CONSOLE_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+
     /// Show payloads and header values (they may hold personal data).
     #[arg(long, env = "OUTBOX_CONSOLE_SHOW_PAYLOADS", default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub show_payloads: bool,
@@ -75,7 +79,8 @@ pub struct ConsoleArgs {
 pub(crate) struct Console {
     pub pool: Pool,
     pub database: String,
-    pub token: Option<Token>,
+    /// Who may change anything; none: read-only.
+    pub tokens: Vec<Token>,
     pub show_payloads: bool,
     pub inbox: Option<(PgTarget, String)>,
     pub bulk: Bulk,
@@ -85,15 +90,35 @@ pub(crate) struct Console {
     pub local_only: bool,
 }
 
+/// `OUTBOX_CONSOLE_TOKEN` (empty is unset, as compose's
+/// `${OUTBOX_CONSOLE_TOKEN:-}` gives it) and the tokens file's, their
+/// names unique.
+fn tokens(args: &ConsoleArgs) -> anyhow::Result<Vec<Token>> {
+    let mut tokens = match &args.tokens_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| {
+                format!("cannot read OUTBOX_CONSOLE_TOKENS_FILE {}", path.display())
+            })?;
+            auth::parse_tokens(&text)?
+        }
+        None => Vec::new(),
+    };
+    if let Some(secret) = args.token.as_deref().filter(|secret| !secret.is_empty()) {
+        let token = Token::new(&args.token_name, secret)?;
+        if tokens.iter().any(|t| t.name() == token.name()) {
+            anyhow::bail!(
+                "OUTBOX_CONSOLE_TOKEN_NAME `{}` is also a name in OUTBOX_CONSOLE_TOKENS_FILE",
+                token.name()
+            );
+        }
+        tokens.push(token);
+    }
+    Ok(tokens)
+}
+
 /// Serves until `shutdown`; a bulk change under way finishes first.
 pub async fn serve(args: ConsoleArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    // Empty is unset (compose's `${OUTBOX_CONSOLE_TOKEN:-}`): read-only.
-    let token = args
-        .token
-        .as_deref()
-        .filter(|secret| !secret.is_empty())
-        .map(|secret| Token::new(&args.token_name, secret))
-        .transpose()?;
+    let tokens = tokens(&args)?;
     let target = args.database.target("outbox-relay console")?;
     // A change holds two (its statements, its audit row); reads one each.
     let pool = db::pool(&target, 8).await?;
@@ -118,7 +143,7 @@ pub async fn serve(args: ConsoleArgs, shutdown: CancellationToken) -> anyhow::Re
     let console = Arc::new(Console {
         pool,
         database: target.describe(),
-        token,
+        tokens,
         show_payloads: args.show_payloads,
         inbox,
         bulk: Bulk {
@@ -136,7 +161,8 @@ pub async fn serve(args: ConsoleArgs, shutdown: CancellationToken) -> anyhow::Re
     tracing::info!(
         %addr,
         url = %format!("http://{addr}/"),
-        read_only = console.token.is_none(),
+        read_only = console.tokens.is_empty(),
+        tokens = console.tokens.len(),
         show_payloads = console.show_payloads,
         "console listening"
     );
