@@ -167,3 +167,65 @@ async fn relay_keyed_claim_finds_heads_key_by_key_without_walking_the_backlog() 
         assert_eq!((count, first, last), (10, 1, 10), "{key}");
     }
 }
+
+/// The claim a relay runs while no key has rows pending takes keyless
+/// rows in id order from the keyless index, without walking the published
+/// rows, and says whether a key has unpublished rows (then the whole
+/// claim runs next).
+#[tokio::test]
+async fn relay_keyless_claim_takes_rows_in_order_and_sees_a_pending_key() {
+    let db = TestDb::with_outbox().await;
+    let client = db.connect().await;
+    client
+        .batch_execute(
+            "INSERT INTO outbox.messages (exchange, routing_key, payload) \
+             SELECT 'ex', '', '{}' FROM generate_series(1, 20000); \
+             ANALYZE outbox.messages; \
+             UPDATE outbox.messages SET published_at = now() WHERE id <= 2800",
+        )
+        .await
+        .expect("a keyless backlog");
+    let statement = client
+        .prepare_typed(
+            outbox_relay::store::CLAIM_KEYLESS,
+            &outbox_relay::store::CLAIM_TYPES,
+        )
+        .await
+        .expect("prepare");
+    let claim = |lease: &'static str| {
+        let (client, statement) = (&client, &statement);
+        async move {
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
+                &500_i64,
+                &lease,
+                &true,
+                &10_000_f64,
+                &i64::MAX,
+                &0_i64,
+                &"",
+                &0_i64,
+                &Vec::<i64>::new(),
+            ];
+            let rows = client.query(statement, &params).await.expect("claim");
+            let mut ids: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
+            ids.sort_unstable();
+            let keys_pending = rows.first().map(|row| row.get::<_, i64>(13));
+            (ids, keys_pending)
+        }
+    };
+    let (ids, keys_pending) = claim("first").await;
+    assert_eq!(ids, (2801..=3300).collect::<Vec<i64>>());
+    assert_eq!(keys_pending, Some(0));
+    let (ids, _) = claim("second").await;
+    assert_eq!(ids.first(), Some(&3301), "leased rows are not taken again");
+    client
+        .execute(
+            "INSERT INTO outbox.messages (exchange, routing_key, payload, ordering_key) \
+             VALUES ('ex', '', '{}', 'k')",
+            &[],
+        )
+        .await
+        .expect("a keyed row");
+    let (_, keys_pending) = claim("third").await;
+    assert_eq!(keys_pending, Some(1), "a key has a row pending");
+}

@@ -84,6 +84,8 @@ pub(crate) struct Relay {
     cursor: Cursor,
     /// The ordering key the next claim looks at first.
     next_key: String,
+    /// Some key had rows pending at the last claim (see `CLAIM_KEYLESS`).
+    keys_pending: bool,
     /// Rows confirmed lately, whose marks may not have landed: with the
     /// window's rows, they are published and do not hold their keys back.
     confirmed: VecDeque<(Instant, i64)>,
@@ -109,6 +111,7 @@ impl Relay {
             spans: PublishSpans::default(),
             cursor: Cursor::new(config.sweep_interval),
             next_key: String::new(),
+            keys_pending: true,
             confirmed: VecDeque::new(),
             nack_runs: NackRuns::default(),
             config,
@@ -326,11 +329,13 @@ impl Relay {
             lease: self.config.lease,
             block_on_dead_head: self.config.block_on_dead_head,
             followers: self.config.key_pipeline,
+            keyless_only: !self.keys_pending,
         };
         let claim = self.store.claim(limits).await;
         let claim = claim?;
         self.cursor.claimed(now, &claim.rows, claim.exhausted);
         self.next_key = claim.next_key;
+        self.keys_pending = claim.keys_pending;
         self.health.set(DATABASE, true);
         self.meters.claim_batch.record(claim.rows.len() as f64);
         let keys_pending =

@@ -42,6 +42,9 @@ pub struct ClaimLimits<'a> {
     /// their confirms, or confirmed lately): with `followers` above 0
     /// they do not hold their keys back.
     pub in_flight: &'a [i64],
+    /// No key had rows pending at the last claim: try [`CLAIM_KEYLESS`]
+    /// first.
+    pub keyless_only: bool,
 }
 
 impl ClaimLimits<'static> {
@@ -56,6 +59,7 @@ impl ClaimLimits<'static> {
             block_on_dead_head: true,
             followers: 0,
             in_flight: &[],
+            keyless_only: false,
         }
     }
 }
@@ -95,6 +99,13 @@ impl ClaimLimits<'static> {
 /// cannot decode is that row's problem, not a failed claim.
 pub const CLAIM: &str = include_str!("claim.sql");
 
+/// [`CLAIM`] without its keys: while no key has rows pending, the walk of
+/// keys, their heads, followers and numbers find nothing, and cost the
+/// claim's round trip a third of its time at low rates. Its fourth count
+/// says whether some key has unpublished rows; then, or when it finds no
+/// row, the whole claim runs.
+pub const CLAIM_KEYLESS: &str = include_str!("claim_keyless.sql");
+
 /// The types of [`CLAIM`]'s parameters.
 pub const CLAIM_TYPES: [Type; 9] = [
     Type::INT8,
@@ -112,6 +123,24 @@ impl Store {
     /// Claims up to `limits.rows` rows holding at most `limits.bytes` of
     /// payload between them, under a lease token of their own.
     pub async fn claim(&self, limits: ClaimLimits<'_>) -> Result<Claim, StoreError> {
+        if limits.keyless_only && limits.keys_from.is_empty() {
+            let claim = self.claim_with(CLAIM_KEYLESS, limits).await?;
+            if !claim.rows.is_empty() {
+                return Ok(Claim {
+                    // A key's rows are taken by the whole claim, next.
+                    exhausted: claim.exhausted && !claim.keys_pending,
+                    ..claim
+                });
+            }
+        }
+        self.claim_with(CLAIM, limits).await
+    }
+
+    async fn claim_with(
+        &self,
+        statement: &'static str,
+        limits: ClaimLimits<'_>,
+    ) -> Result<Claim, StoreError> {
         self.bounded(async {
             let client = self.client().await?;
             let lease_ms = limits.lease.as_millis() as f64;
@@ -132,13 +161,13 @@ impl Store {
             ];
             let rows = if self.prepared {
                 let statement = client
-                    .prepare_typed_cached(CLAIM, &CLAIM_TYPES)
+                    .prepare_typed_cached(statement, &CLAIM_TYPES)
                     .await
                     .map_err(StoreError::from)?;
                 client.query(&statement, &params).await
             } else {
                 let typed: Vec<_> = params.iter().copied().zip(CLAIM_TYPES).collect();
-                client.query_typed(CLAIM, &typed).await
+                client.query_typed(statement, &typed).await
             }
             .map_err(StoreError::from)?;
             let mut claimed = rows

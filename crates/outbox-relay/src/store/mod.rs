@@ -4,7 +4,7 @@
 mod claim;
 mod schedule;
 
-pub use claim::{CLAIM, CLAIM_TYPES, Claim, ClaimLimits};
+pub use claim::{CLAIM, CLAIM_KEYLESS, CLAIM_TYPES, Claim, ClaimLimits};
 pub use schedule::{Released, SCHEDULE_STATS, SCHEDULED_COUNT_CAP, ScheduleStats, schedule_stats};
 
 use std::sync::Arc;
