@@ -177,9 +177,10 @@ async fn a_killed_relay_process_is_taken_over_and_nothing_is_lost() {
     );
 }
 
-/// Three relays; four ordering keys whose messages must arrive in order;
-/// the head of key `a` is unroutable at first, so it is retried while the
-/// rest of `a` waits behind it.
+/// Three relays publishing heads only (`OUTBOX_KEY_PIPELINE=0`, for
+/// consumers that cannot reorder); four ordering keys whose messages must
+/// arrive in the queue in order; the head of key `a` is unroutable at
+/// first, so it is retried while the rest of `a` waits behind it.
 #[tokio::test]
 async fn three_relays_publish_everything_and_keep_per_key_order() {
     let db = TestDb::with_outbox().await;
@@ -214,6 +215,7 @@ async fn three_relays_publish_everything_and_keep_per_key_order() {
 
     let settings = Settings {
         max_attempts: Some(100),
+        key_pipeline: Some(0),
         ..test_settings(&db)
     };
     let relays = [

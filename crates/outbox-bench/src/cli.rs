@@ -158,9 +158,9 @@ pub struct ConsumeArgs {
     pub batch: u32,
 
     /// The relay's OUTBOX_KEY_PIPELINE: rows of a key published after its
-    /// head without waiting for its confirm.
-    #[arg(long, default_value_t = 0)]
-    pub key_pipeline: u32,
+    /// head without waiting for its confirm [default: the relay's].
+    #[arg(long)]
+    pub key_pipeline: Option<u32>,
 
     /// The consumer's DISPATCH_LANES [default: the consumer's].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]

@@ -58,8 +58,7 @@ pub async fn run(args: &DrainArgs) -> anyhow::Result<DrainResult> {
 async fn measure(fixture: &Fixture, args: &DrainArgs) -> anyhow::Result<DrainResult> {
     let client = fixture.connect_db().await?;
     let insert_seconds = insert_backlog(&client, &fixture.exchange, args.backlog).await?;
-    let relay =
-        drain_with_relay(fixture, &client, args.backlog, args.window, args.batch, 0).await?;
+    let relay = keyless_drain(fixture, &client, args).await?;
     let relay_queued = fixture.queued().await?;
     fixture.purge().await?;
     let held = if args.hold_horizon {
@@ -69,8 +68,7 @@ async fn measure(fixture: &Fixture, args: &DrainArgs) -> anyhow::Result<DrainRes
         holder
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")
             .await?;
-        let held =
-            drain_with_relay(fixture, &client, args.backlog, args.window, args.batch, 0).await?;
+        let held = keyless_drain(fixture, &client, args).await?;
         holder.batch_execute("ROLLBACK").await?;
         fixture.purge().await?;
         Some(held)
@@ -125,20 +123,29 @@ pub(crate) async fn insert_backlog(
 
 /// Starts a relay on `backlog` pending rows and times it until none is
 /// pending (the bench queue's depth marks the thirds).
+/// The relay's drain of a keyless backlog, with this run's window and batch.
+async fn keyless_drain(
+    fixture: &Fixture,
+    client: &tokio_postgres::Client,
+    args: &DrainArgs,
+) -> anyhow::Result<Timed> {
+    drain_with_relay(fixture, client, args.backlog, args.window, args.batch, None).await
+}
+
 pub(crate) async fn drain_with_relay(
     fixture: &Fixture,
     client: &Client,
     backlog: u32,
     window: u32,
     batch: u32,
-    key_pipeline: u32,
+    key_pipeline: Option<u32>,
 ) -> anyhow::Result<Timed> {
     let settings = outbox_relay::Settings {
         database_url: Some(fixture.db_url.clone()),
         amqp_url: Some(fixture.amqp_url.clone()),
         max_in_flight: Some(window),
         batch_size: Some(batch),
-        key_pipeline: Some(key_pipeline),
+        key_pipeline,
         ..outbox_relay::Settings::default()
     };
     let started = Instant::now();

@@ -52,11 +52,11 @@ async fn measure(fixture: &Fixture, args: &ScheduleArgs) -> anyhow::Result<Sched
         .await?;
 
     insert_backlog(&client, &fixture.exchange, args.backlog).await?;
-    let alone = drain_with_relay(fixture, &client, args.backlog, WINDOW, BATCH, 0).await?;
+    let alone = drain_with_relay(fixture, &client, args.backlog, WINDOW, BATCH, None).await?;
     fixture.purge().await?;
     schedule_for_tomorrow(&client, &fixture.exchange, args.future).await?;
     insert_backlog(&client, &fixture.exchange, args.backlog).await?;
-    let beside = drain_with_relay(fixture, &client, args.backlog, WINDOW, BATCH, 0).await?;
+    let beside = drain_with_relay(fixture, &client, args.backlog, WINDOW, BATCH, None).await?;
     fixture.purge().await?;
     Ok(ScheduleResult {
         rows: args.rows,

@@ -18,7 +18,9 @@ pub const RETRY_MAX_MS: u64 = 300_000;
 /// Long enough to answer "was it published, and when?" during an incident.
 pub const RETENTION: &str = "1h";
 pub const BLOCK_ON_DEAD_HEAD: bool = true;
-pub const KEY_PIPELINE: u32 = 0;
+/// Below half the shipped consumers' prefetch (256), so that a key's rows
+/// confirmed behind a failed one all fit in what a consumer holds.
+pub const KEY_PIPELINE: u32 = 64;
 pub const MAX_PAYLOAD_BYTES: u32 = 16 << 20;
 /// Or half the lease, when that is shorter: see `validate`.
 pub const CONFIRM_TIMEOUT_MS: u64 = 10_000;
