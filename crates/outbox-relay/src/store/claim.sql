@@ -28,7 +28,9 @@ WITH RECURSIVE keys AS (
         SELECT id, dead_at, next_attempt_at, locked_until FROM outbox.messages
         WHERE ordering_key = k.ordering_key AND (ordering_key, id) > (k.ordering_key, 0)
           AND published_at IS NULL AND ($3 OR dead_at IS NULL)
-          AND NOT ($8 > 0 AND id = ANY ($9))
+          -- Hashed: with keys pipelined, a drain has thousands of rows
+          -- in flight, and each key's walk to its head passes its own.
+          AND ($8 = 0 OR id NOT IN (SELECT unnest($9::int8[])))
         ORDER BY ordering_key, id LIMIT 1) h
     WHERE h.dead_at IS NULL AND h.next_attempt_at <= now()
       AND (h.locked_until IS NULL OR h.locked_until < now())
