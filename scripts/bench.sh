@@ -30,7 +30,8 @@ once latency-1000 latency --rate 1000 --duration 20 --writers 8 --plot "$out/lat
 once drain drain --backlog 100000 --window 256 --batch 500
 once drain-held-horizon drain --backlog 150000 --window 256 --batch 500 --hold-horizon --no-bare
 once consume consume --backlog 100000
-once consume-keys-50 consume --backlog 20000 --keys 50
+once consume-keys-50 consume --backlog 100000 --keys 50
+once consume-keys-50-heads consume --backlog 20000 --keys 50 --key-pipeline 0
 once schedule schedule --rows 10000 --rate 1000 --backlog 50000 --future 1000000
 once soak-5000 soak --rate 5000 --duration 30 --writers 16 --every 5 --plot "$out/soak-5000.svg"
 once soak-1000 soak --rate 1000 --duration 60 --writers 8 --every 10 --plot "$out/soak-1000.svg"
