@@ -128,16 +128,12 @@ async fn python_consumer_applies_each_order_once_and_dead_letters_poison() {
         .await
         .expect("confirm duplicate");
 
-    let status = tokio::time::timeout(Duration::from_secs(120), child.wait())
-        .await
-        .expect("the consumer did not stop after 5 deliveries")
-        .expect("wait for the consumer");
-    let summary = lines.next_line().await.expect("read summary");
-    assert!(status.success(), "consumer exited {status}");
-    assert_eq!(
-        summary.as_deref(),
-        Some("processed=3 duplicates=1 rejected=1")
-    );
+    assert_stops_saying(
+        &mut child,
+        &mut lines,
+        "processed=3 duplicates=1 rejected=1",
+    )
+    .await;
     relay.stop().await;
 
     // Effects exactly once, each made by its order's message.
@@ -234,6 +230,22 @@ async fn start_consumer(
     (child, lines)
 }
 
+/// Waits for the consumer to stop by itself (`--max-messages`), cleanly,
+/// printing `summary`.
+async fn assert_stops_saying(
+    child: &mut Child,
+    lines: &mut Lines<BufReader<ChildStdout>>,
+    summary: &str,
+) {
+    let status = tokio::time::timeout(Duration::from_secs(120), child.wait())
+        .await
+        .expect("the consumer did not stop after its --max-messages")
+        .expect("wait for the consumer");
+    let said = lines.next_line().await.expect("read summary");
+    assert!(status.success(), "consumer exited {status}");
+    assert_eq!(said.as_deref(), Some(summary));
+}
+
 /// An order message of `key` numbered `seq` (no key: a keyless one), as
 /// the relay publishes it.
 async fn publish_order(publisher: &Publisher, order_id: i64, keyed: Option<(&str, i64)>, id: Uuid) {
@@ -281,16 +293,12 @@ async fn python_consumer_applies_a_keys_messages_in_number_order() {
     publish_order(&publisher, 101, Some(("customer-a", 1)), Uuid::new_v4()).await;
     publish_order(&publisher, 102, Some(("customer-a", 2)), second).await;
 
-    let status = tokio::time::timeout(Duration::from_secs(120), child.wait())
-        .await
-        .expect("the consumer did not stop after 6 deliveries")
-        .expect("wait for the consumer");
-    let summary = lines.next_line().await.expect("read summary");
-    assert!(status.success(), "consumer exited {status}");
-    assert_eq!(
-        summary.as_deref(),
-        Some("processed=5 duplicates=1 rejected=0")
-    );
+    assert_stops_saying(
+        &mut child,
+        &mut lines,
+        "processed=5 duplicates=1 rejected=0",
+    )
+    .await;
 
     let client = db.connect().await;
     let applied: Vec<i64> = client
