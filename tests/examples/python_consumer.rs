@@ -6,10 +6,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::ExchangeKind;
+use lapin::options::{
+    BasicPublishOptions, ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
+use outbox_relay::Settings;
 use outbox_tests::broker::{Topology, message_id};
-use outbox_tests::dispatch::Publisher;
+use outbox_tests::dispatch::{Publisher, wait_until};
 use outbox_tests::relay::{RunningRelay, test_settings};
 use outbox_tests::*;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
@@ -326,5 +331,101 @@ async fn python_consumer_applies_a_keys_messages_in_number_order() {
     let expected = BTreeMap::from([("customer-a".to_string(), 3), ("customer-b".to_string(), 2)]);
     assert_eq!(watermarks, expected);
 
+    remove_declared(&exchange, &queue).await;
+}
+
+/// End to end with the relay's default settings (keys pipelined): a key's
+/// first row fails (its exchange is missing) while the four behind it,
+/// published in the same claim, are confirmed and reach the queue first;
+/// once the exchange exists (bound to the consumer's), the first row's
+/// retry arrives, and the consumer applies the five in order.
+#[tokio::test]
+async fn python_consumer_keeps_a_keys_order_behind_a_pipelining_relay() {
+    let orders_db = TestDb::with_outbox().await;
+    let dispatch_db = TestDb::empty().await;
+    let exchange = unique_name("examples_pipe_ex");
+    let late = unique_name("examples_pipe_late");
+    let queue = unique_name("examples_pipe_q");
+    let extra = [
+        "--key-gap-wait",
+        "60",
+        "--max-messages",
+        "5",
+        "--idle-exit-seconds",
+        "120",
+    ];
+    let (mut child, mut lines) = start_consumer(&dispatch_db, &exchange, &queue, &extra).await;
+
+    let orders = orders_db.connect().await;
+    for order_id in 1..=5_i64 {
+        let target = if order_id == 1 { &late } else { &exchange };
+        orders
+            .execute(
+                "SELECT outbox.enqueue($1, '', $2::jsonb, '{}', 'customer-7')",
+                &[target, &serde_json::json!({ "orderId": order_id })],
+            )
+            .await
+            .expect("enqueue");
+    }
+    let settings = Settings {
+        max_attempts: Some(1_000),
+        ..test_settings(&orders_db)
+    };
+    let relay = RunningRelay::start(settings).await;
+    let first_failed = "SELECT attempts::int8 FROM outbox.messages ORDER BY id LIMIT 1";
+    let rest_published = "SELECT count(*) FROM outbox.messages WHERE id > (SELECT min(id) FROM outbox.messages) \
+         AND published_at IS NOT NULL";
+    wait_until(
+        "the first row failed and the rest were published",
+        || async {
+            count(&orders, first_failed).await >= 1 && count(&orders, rest_published).await == 4
+        },
+    )
+    .await;
+
+    let connection = broker::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .exchange_declare(
+            late.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare the late exchange");
+    channel
+        .exchange_bind(
+            exchange.as_str().into(),
+            late.as_str().into(),
+            "".into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind it to the consumer's");
+    assert_stops_saying(
+        &mut child,
+        &mut lines,
+        "processed=5 duplicates=0 rejected=0",
+    )
+    .await;
+    relay.stop().await;
+
+    let dispatch = dispatch_db.connect().await;
+    let applied: Vec<i64> = dispatch
+        .query("SELECT order_id FROM deliveries ORDER BY id", &[])
+        .await
+        .expect("deliveries")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(applied, [1, 2, 3, 4, 5], "applied in the key's order");
+    let watermark = "SELECT last FROM inbox_keys WHERE key = 'customer-7'";
+    assert_eq!(count(&dispatch, watermark).await, 5);
+
+    let _ = channel
+        .exchange_delete(late.as_str().into(), ExchangeDeleteOptions::default())
+        .await;
     remove_declared(&exchange, &queue).await;
 }
