@@ -78,6 +78,11 @@ pub(crate) struct Relay {
     marker: Marker,
     /// Published rows awaiting their confirm; at most `max_in_flight`.
     window: Window,
+    /// Rows claimed and not published yet, with their claim's instant:
+    /// claims run ahead of the window (see `pump`).
+    at_hand: VecDeque<(Instant, Claimed)>,
+    /// Their payload bytes.
+    at_hand_bytes: u64,
     /// Their publish spans, when traces are exported.
     spans: PublishSpans,
     /// Where claims start scanning keyless rows.
@@ -108,6 +113,8 @@ impl Relay {
     ) -> Relay {
         Relay {
             window: Window::new(config.confirm_timeout),
+            at_hand: VecDeque::new(),
+            at_hand_bytes: 0,
             spans: PublishSpans::default(),
             cursor: Cursor::new(config.sweep_interval),
             next_key: String::new(),
@@ -198,6 +205,10 @@ impl Relay {
     async fn drain(&mut self, shutdown: &CancellationToken) -> Result<bool, Outage> {
         self.ensure_broker().await?;
         let result = self.pump(shutdown).await;
+        // After shutdown or an outage: rows claimed and never published.
+        let unpublished: Vec<_> = self.at_hand.drain(..).map(|(_, row)| row).collect();
+        self.at_hand_bytes = 0;
+        self.give_back(unpublished);
         if self.window.is_empty() {
             self.spans.clear();
         }
@@ -209,7 +220,8 @@ impl Relay {
     /// settled.
     async fn pump(&mut self, shutdown: &CancellationToken) -> Result<bool, Outage> {
         let window = self.config.max_in_flight as usize;
-        let refill_at = (window.min(self.config.batch_size as usize) / 4).max(1);
+        let batch = self.config.batch_size as usize;
+        let refill_at = (window.min(batch) / 4).max(1);
         let mut claimed_any = false;
         let mut exhausted = false;
         // Whether a key had unpublished rows at any claim of this drain:
@@ -228,25 +240,40 @@ impl Relay {
             if self.schedule.due(Instant::now()) && self.schedule.release(&self.store).await? > 0 {
                 exhausted = false;
             }
-            let free = window - self.window.in_flight();
-            let bytes_free = self
-                .config
-                .max_in_flight_bytes
-                .saturating_sub(self.window.bytes());
             // A channel to renew takes no more rows until what it has in
             // flight settled.
             let renewing = self.renew_channel_when_idle().await?;
-            if !renewing && !exhausted && free >= refill_at && bytes_free > 0 {
-                let limit = free.min(self.config.batch_size as usize);
+            if !renewing {
+                self.publish_at_hand().await?;
+            }
+            // Claims run up to a batch ahead of the window: RabbitMQ
+            // confirms many publishes at once (after each fsync), and a
+            // claim made only then left nothing in flight while it ran
+            // (a quarter of a backlog's drain).
+            let held = self.window.in_flight() + self.at_hand.len();
+            let room = (window + batch).saturating_sub(held);
+            let bytes_free = self
+                .config
+                .max_in_flight_bytes
+                .saturating_sub(self.window.bytes() + self.at_hand_bytes);
+            if !renewing
+                && !exhausted
+                && self.at_hand.len() < refill_at
+                && room >= refill_at
+                && bytes_free > 0
+            {
                 let claimed_at = Instant::now();
                 let (rows, nothing_more, keys_pending) =
-                    self.claim_draining(limit, bytes_free).await?;
+                    self.claim_draining(room.min(batch), bytes_free).await?;
                 exhausted = nothing_more;
                 keys_seen |= keys_pending;
                 next_claim = claimed_at + REFILL_POLL;
                 claimed_any |= !rows.is_empty();
                 let busy = rows.len() >= BUSY_CLAIM;
-                self.publish_all(rows, claimed_at).await?;
+                self.at_hand_bytes += rows.iter().map(|r| r.payload.len() as u64).sum::<u64>();
+                self.at_hand
+                    .extend(rows.into_iter().map(|row| (claimed_at, row)));
+                self.publish_at_hand().await?;
                 // Writers' wake-ups cost them their commits' grouping when
                 // they come faster than we claim: then we take the drain
                 // lock (writers skip their NOTIFY) and claim every
@@ -259,7 +286,7 @@ impl Relay {
                 }
             }
             if self.window.is_empty() {
-                if !exhausted && bytes_free > 0 && !renewing {
+                if (!exhausted && bytes_free > 0 || !self.at_hand.is_empty()) && !renewing {
                     continue;
                 }
                 if self.marker.unsettled() == 0 || (exhausted && !keys_seen) {
@@ -364,6 +391,28 @@ impl Relay {
         let mut ids = self.window.keyed_ids();
         ids.extend(self.confirmed.iter().map(|(_, id)| *id));
         ids
+    }
+
+    /// Publishes the rows at hand, in id order, as far as the window has
+    /// room.
+    async fn publish_at_hand(&mut self) -> Result<(), Outage> {
+        let free = (self.config.max_in_flight as usize).saturating_sub(self.window.in_flight());
+        let count = free.min(self.at_hand.len());
+        if count == 0 {
+            return Ok(());
+        }
+        let mut claimed_at = Instant::now();
+        let rows: Vec<Claimed> = self
+            .at_hand
+            .drain(..count)
+            .map(|(at, row)| {
+                claimed_at = claimed_at.min(at);
+                row
+            })
+            .collect();
+        let bytes: u64 = rows.iter().map(|r| r.payload.len() as u64).sum();
+        self.at_hand_bytes = self.at_hand_bytes.saturating_sub(bytes);
+        self.publish_all(rows, claimed_at).await
     }
 
     /// Publishes a claim's rows in id order. A row is published only while
