@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! wake   wait for a NOTIFY, an idle re-check or the sweep tick   run
-//! claim  take leases on up to a window of rows                  pump, claim_draining
-//! publish  each row while its lease allows; confirms in a window  publish_all
+//! claim  take leases on up to a batch of rows, ahead of the window  pump, claim_draining
+//! publish  each row while its lease allows; confirms in a window  publish_at_hand, publish_all
 //! settle   acks, nacks, returns, deadlines, lost channels         settle
 //! mark     handed to the marker, which fences on the lease        (marker.rs)
 //! trace    each row's publish span, claim to confirm, if exported (spans.rs)
