@@ -3,7 +3,7 @@
 //! ```text
 //! wake   wait for a NOTIFY, an idle re-check or the sweep tick   run
 //! claim  take leases on up to a batch of rows, ahead of the window  pump, claim_draining
-//! publish  each row while its lease allows; confirms in a window  publish_at_hand, publish_all
+//! publish  each row while its lease allows; confirms in a window  publish_at_hand
 //! settle   acks, nacks, returns, deadlines, lost channels         settle
 //! mark     handed to the marker, which fences on the lease        (marker.rs)
 //! trace    each row's publish span, claim to confirm, if exported (spans.rs)
@@ -393,48 +393,33 @@ impl Relay {
         ids
     }
 
-    /// Publishes the rows at hand, in id order, as far as the window has
-    /// room.
+    /// Publishes the rows at hand in id order, as far as the window has
+    /// room. A row is published only while its confirm can still come back
+    /// before its lease runs out: a relay frozen past its lease (say
+    /// SIGSTOP) must not publish, after another relay took its rows over,
+    /// a key's head behind its successors. Past that, the row and every row
+    /// at hand behind it (the rest of its claim, perhaps its key's
+    /// followers, and later claims) are given back.
     async fn publish_at_hand(&mut self) -> Result<(), Outage> {
-        let free = (self.config.max_in_flight as usize).saturating_sub(self.window.in_flight());
-        let count = free.min(self.at_hand.len());
-        if count == 0 {
-            return Ok(());
-        }
-        let mut claimed_at = Instant::now();
-        let rows: Vec<Claimed> = self
-            .at_hand
-            .drain(..count)
-            .map(|(at, row)| {
-                claimed_at = claimed_at.min(at);
-                row
-            })
-            .collect();
-        let bytes: u64 = rows.iter().map(|r| r.payload.len() as u64).sum();
-        self.at_hand_bytes = self.at_hand_bytes.saturating_sub(bytes);
-        self.publish_all(rows, claimed_at).await
-    }
-
-    /// Publishes a claim's rows in id order. A row is published only while
-    /// its confirm can still come back before its lease runs out: a relay
-    /// frozen past its lease (say SIGSTOP) must not publish, after another
-    /// relay took its rows over, a key's head behind its successors.
-    async fn publish_all(&mut self, rows: Vec<Claimed>, claimed_at: Instant) -> Result<(), Outage> {
-        let publish_by = claimed_at
-            + self
-                .config
-                .lease
-                .saturating_sub(self.config.confirm_timeout);
+        let margin = self
+            .config
+            .lease
+            .saturating_sub(self.config.confirm_timeout);
         let max_payload = self.config.max_payload_bytes;
-        let mut rows = rows.into_iter();
-        while let Some(row) = rows.next() {
-            if Instant::now() >= publish_by {
+        while self.window.in_flight() < self.config.max_in_flight as usize {
+            let Some((claimed_at, row)) = self.at_hand.pop_front() else {
+                break;
+            };
+            self.at_hand_bytes = self.at_hand_bytes.saturating_sub(row.payload.len() as u64);
+            if Instant::now() >= claimed_at + margin {
+                let rest: Vec<Claimed> = self.at_hand.drain(..).map(|(_, row)| row).collect();
+                self.at_hand_bytes = 0;
                 tracing::warn!(
-                    rows = rows.len() + 1,
+                    rows = rest.len() + 1,
                     "claimed rows not published before their lease would run out; giving them back"
                 );
-                self.give_back(std::iter::once(row).chain(rows));
-                return Ok(());
+                self.give_back(std::iter::once(row).chain(rest));
+                break;
             }
             let trace = self.spans.start(&row, claimed_at);
             let published = match self.broker.as_mut() {
@@ -449,8 +434,9 @@ impl Relay {
             match published {
                 Ok(pending) => self.window.push(row, pending.outcome()),
                 Err(error) => {
+                    // The rest at hand is given back when the drain ends.
                     self.note_lost(&row);
-                    self.give_back(std::iter::once(row).chain(rows));
+                    self.give_back([row]);
                     self.meters.failure(Fault::ConnectionLost).increment(1);
                     return Err(Outage::from(error));
                 }
