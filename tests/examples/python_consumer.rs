@@ -251,6 +251,17 @@ async fn assert_stops_saying(
     assert_eq!(said.as_deref(), Some(summary));
 }
 
+/// The order ids of the consumer's effects, in the order they committed.
+async fn applied_orders(client: &tokio_postgres::Client) -> Vec<i64> {
+    client
+        .query("SELECT order_id FROM deliveries ORDER BY id", &[])
+        .await
+        .expect("deliveries")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
 /// An order message of `key` numbered `seq` (no key: a keyless one), as
 /// the relay publishes it.
 async fn publish_order(publisher: &Publisher, order_id: i64, keyed: Option<(&str, i64)>, id: Uuid) {
@@ -306,13 +317,7 @@ async fn python_consumer_applies_a_keys_messages_in_number_order() {
     .await;
 
     let client = db.connect().await;
-    let applied: Vec<i64> = client
-        .query("SELECT order_id FROM deliveries ORDER BY id", &[])
-        .await
-        .expect("deliveries")
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let applied = applied_orders(&client).await;
     let of_a: Vec<i64> = applied.iter().copied().filter(|o| o / 100 == 1).collect();
     assert_eq!(of_a, [101, 102, 103], "key a in number order: {applied:?}");
     let position = |order| applied.iter().position(|o| *o == order);
@@ -413,13 +418,7 @@ async fn python_consumer_keeps_a_keys_order_behind_a_pipelining_relay() {
     relay.stop().await;
 
     let dispatch = dispatch_db.connect().await;
-    let applied: Vec<i64> = dispatch
-        .query("SELECT order_id FROM deliveries ORDER BY id", &[])
-        .await
-        .expect("deliveries")
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let applied = applied_orders(&dispatch).await;
     assert_eq!(applied, [1, 2, 3, 4, 5], "applied in the key's order");
     let watermark = "SELECT last FROM inbox_keys WHERE key = 'customer-7'";
     assert_eq!(count(&dispatch, watermark).await, 5);
