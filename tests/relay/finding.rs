@@ -10,6 +10,29 @@ use outbox_tests::*;
 
 use super::{ARRIVAL, assert_same_ids, enqueue, ids_of};
 
+/// Runs a prepared claim statement (`CLAIM_TYPES`): up to 500 rows under
+/// `lease`, with `followers` rows of a key behind its head, nothing in
+/// flight.
+async fn run_claim(
+    client: &tokio_postgres::Client,
+    statement: &tokio_postgres::Statement,
+    lease: &str,
+    followers: i64,
+) -> Vec<tokio_postgres::Row> {
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
+        &500_i64,
+        &lease,
+        &true,
+        &10_000_f64,
+        &i64::MAX,
+        &0_i64,
+        &"",
+        &followers,
+        &Vec::<i64>::new(),
+    ];
+    client.query(statement, &params).await.expect("claim")
+}
+
 #[tokio::test]
 async fn poll_mode_publishes_on_the_sweep_alone() {
     let db = TestDb::with_outbox().await;
@@ -114,22 +137,8 @@ async fn relay_keyed_claim_finds_heads_key_by_key_without_walking_the_backlog() 
     let claim = |followers: i64, lease: &'static str| {
         let (client, explain) = (&client, &explain);
         async move {
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
-                &500_i64,
-                &lease,
-                &true,
-                &10_000_f64,
-                &i64::MAX,
-                &0_i64,
-                &"",
-                &followers,
-                &Vec::<i64>::new(),
-            ];
-            let plan: serde_json::Value = client
-                .query_one(explain, &params)
-                .await
-                .expect("explain")
-                .get(0);
+            let plan: serde_json::Value =
+                run_claim(client, explain, lease, followers).await[0].get(0);
             let top = &plan[0]["Plan"];
             let pages = top["Shared Hit Blocks"].as_i64().unwrap_or(0)
                 + top["Shared Read Blocks"].as_i64().unwrap_or(0);
@@ -195,18 +204,7 @@ async fn relay_keyless_claim_takes_rows_in_order_and_sees_a_pending_key() {
     let claim = |lease: &'static str| {
         let (client, statement) = (&client, &statement);
         async move {
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
-                &500_i64,
-                &lease,
-                &true,
-                &10_000_f64,
-                &i64::MAX,
-                &0_i64,
-                &"",
-                &0_i64,
-                &Vec::<i64>::new(),
-            ];
-            let rows = client.query(statement, &params).await.expect("claim");
+            let rows = run_claim(client, statement, lease, 0).await;
             let mut ids: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
             ids.sort_unstable();
             let keys_pending = rows.first().map(|row| row.get::<_, i64>(13));

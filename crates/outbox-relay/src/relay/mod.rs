@@ -206,8 +206,7 @@ impl Relay {
         self.ensure_broker().await?;
         let result = self.pump(shutdown).await;
         // After shutdown or an outage: rows claimed and never published.
-        let unpublished: Vec<_> = self.at_hand.drain(..).map(|(_, row)| row).collect();
-        self.at_hand_bytes = 0;
+        let unpublished = self.take_at_hand();
         self.give_back(unpublished);
         if self.window.is_empty() {
             self.spans.clear();
@@ -286,7 +285,8 @@ impl Relay {
                 }
             }
             if self.window.is_empty() {
-                if (!exhausted && bytes_free > 0 || !self.at_hand.is_empty()) && !renewing {
+                let claimable = !exhausted && bytes_free > 0;
+                if (claimable || !self.at_hand.is_empty()) && !renewing {
                     continue;
                 }
                 if self.marker.unsettled() == 0 || (exhausted && !keys_seen) {
@@ -393,6 +393,12 @@ impl Relay {
         ids
     }
 
+    /// Every row at hand, which is left empty.
+    fn take_at_hand(&mut self) -> Vec<Claimed> {
+        self.at_hand_bytes = 0;
+        self.at_hand.drain(..).map(|(_, row)| row).collect()
+    }
+
     /// Publishes the rows at hand in id order, as far as the window has
     /// room. A row is published only while its confirm can still come back
     /// before its lease runs out: a relay frozen past its lease (say
@@ -412,8 +418,7 @@ impl Relay {
             };
             self.at_hand_bytes = self.at_hand_bytes.saturating_sub(row.payload.len() as u64);
             if Instant::now() >= claimed_at + margin {
-                let rest: Vec<Claimed> = self.at_hand.drain(..).map(|(_, row)| row).collect();
-                self.at_hand_bytes = 0;
+                let rest = self.take_at_hand();
                 tracing::warn!(
                     rows = rest.len() + 1,
                     "claimed rows not published before their lease would run out; giving them back"
