@@ -227,3 +227,44 @@ async fn relay_keyless_claim_takes_rows_in_order_and_sees_a_pending_key() {
     let (_, keys_pending) = claim("third").await;
     assert_eq!(keys_pending, Some(1), "a key has a row pending");
 }
+
+/// Leases are written in place where their page has room (V11's free
+/// space): one that moves its row to another page also gives it a new
+/// entry in every index, the pending ones the claims walk included. On
+/// full pages all 500 of a claim's rows moved; with V11 about a third
+/// stay.
+#[tokio::test]
+async fn a_claims_leases_stay_on_their_pages_where_there_is_room() {
+    let db = TestDb::with_outbox().await;
+    let client = db.connect().await;
+    let pages = "SELECT id, (ctid::text::point)[0]::int8 FROM outbox.messages ORDER BY id";
+    client
+        .batch_execute(
+            "INSERT INTO outbox.messages (exchange, routing_key, payload) \
+             SELECT 'ex', '', '{\"orderId\": 1}' FROM generate_series(1, 2000)",
+        )
+        .await
+        .expect("a keyless backlog");
+    let page_of = |rows: Vec<tokio_postgres::Row>| -> Vec<(i64, i64)> {
+        rows.iter().map(|row| (row.get(0), row.get(1))).collect()
+    };
+    let before = page_of(client.query(pages, &[]).await.expect("pages"));
+    let statement = client
+        .prepare_typed(
+            outbox_relay::store::CLAIM_KEYLESS,
+            &outbox_relay::store::CLAIM_TYPES,
+        )
+        .await
+        .expect("prepare");
+    assert_eq!(run_claim(&client, &statement, "lease", 0).await.len(), 500);
+    let after = page_of(client.query(pages, &[]).await.expect("pages"));
+    let moved = before
+        .iter()
+        .zip(&after)
+        .filter(|(was, is)| was != is)
+        .count();
+    assert!(
+        moved <= 400,
+        "{moved} of 500 leased rows moved to another page"
+    );
+}
