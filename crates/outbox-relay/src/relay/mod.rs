@@ -22,10 +22,7 @@
 //! deadline is the row's fault only once the broker shows it still
 //! answers (`window`, `Broker::probe`).
 
-mod claiming;
 mod recovery;
-
-use claiming::Progress;
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -39,12 +36,12 @@ use crate::cursor::Cursor;
 use crate::fault_policy::BrokerError;
 use crate::listener::Woken;
 use crate::marker::{Mark, Marker};
-use crate::meters::{Fault, Meters, Wake};
+use crate::meters::{DATABASE, Fault, Meters, Wake};
 use crate::nack_runs::NackRuns;
 use crate::outage::{Outage, Outages};
 use crate::schedule::Schedule;
 use crate::spans::PublishSpans;
-use crate::store::{Claim, Claimed, Store};
+use crate::store::{ClaimLimits, Claimed, Store};
 use crate::wakeup::{IDLE_RECHECKS, Wakeup, next_recheck};
 use crate::window::{Settled, Window};
 use outbox_service::health::Health;
@@ -88,8 +85,6 @@ pub(crate) struct Relay {
     at_hand_bytes: u64,
     /// Their publish spans, when traces are exported.
     spans: PublishSpans,
-    /// A claim on its way (see `claiming`).
-    claiming: Option<claiming::Claiming>,
     /// Where claims start scanning keyless rows.
     cursor: Cursor,
     /// The ordering key the next claim looks at first.
@@ -121,7 +116,6 @@ impl Relay {
             at_hand: VecDeque::new(),
             at_hand_bytes: 0,
             spans: PublishSpans::default(),
-            claiming: None,
             cursor: Cursor::new(config.sweep_interval),
             next_key: String::new(),
             keys_pending: true,
@@ -212,7 +206,6 @@ impl Relay {
         self.ensure_broker().await?;
         let result = self.pump(shutdown).await;
         // After shutdown or an outage: rows claimed and never published.
-        self.finish_claim().await;
         let unpublished = self.take_at_hand();
         self.give_back(unpublished);
         if self.window.is_empty() {
@@ -228,7 +221,11 @@ impl Relay {
         let window = self.config.max_in_flight as usize;
         let batch = self.config.batch_size as usize;
         let refill_at = (window.min(batch) / 4).max(1);
-        let mut found = Progress::default();
+        let mut claimed_any = false;
+        let mut exhausted = false;
+        // Whether a key had unpublished rows at any claim of this drain:
+        // only then can a mark make rows claimable.
+        let mut keys_seen = false;
         // When to claim again after a claim that found everything: a fixed
         // instant, not a fresh REFILL_POLL at each pass through the loop,
         // or a stream of confirms (one every few hundred microseconds under
@@ -236,11 +233,11 @@ impl Relay {
         let mut next_claim = Instant::now();
         loop {
             if shutdown.is_cancelled() {
-                return Ok(found.claimed_any);
+                return Ok(claimed_any);
             }
             self.wakeup.keep_draining().await;
             if self.schedule.due(Instant::now()) && self.schedule.release(&self.store).await? > 0 {
-                found.exhausted = false;
+                exhausted = false;
             }
             // A channel to renew takes no more rows until what it has in
             // flight settled.
@@ -252,50 +249,59 @@ impl Relay {
             // confirms many publishes at once (after each fsync), and a
             // claim made only then left nothing in flight while it ran
             // (a quarter of a backlog's drain).
-            let coming = self.claiming.as_ref().map_or(0, |claim| claim.rows);
-            let held = self.window.in_flight() + self.at_hand.len() + coming;
+            let held = self.window.in_flight() + self.at_hand.len();
             let room = (window + batch).saturating_sub(held);
             let bytes_free = self
                 .config
                 .max_in_flight_bytes
                 .saturating_sub(self.window.bytes() + self.at_hand_bytes);
             if !renewing
-                && !found.exhausted
-                && self.claiming.is_none()
+                && !exhausted
                 && self.at_hand.len() < refill_at
                 && room >= refill_at
                 && bytes_free > 0
             {
-                self.start_claim(room.min(batch), bytes_free);
-                next_claim = Instant::now() + REFILL_POLL;
-            }
-            if self.window.is_empty() && self.claiming.is_some() {
-                // Nothing in flight to settle meanwhile.
-                let back = tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(found.claimed_any),
-                    back = claiming::back(&mut self.claiming) => back?,
-                };
-                self.take_in(back, &mut found, renewing).await?;
-                continue;
+                let claimed_at = Instant::now();
+                let (rows, nothing_more, keys_pending) =
+                    self.claim_draining(room.min(batch), bytes_free).await?;
+                exhausted = nothing_more;
+                keys_seen |= keys_pending;
+                next_claim = claimed_at + REFILL_POLL;
+                claimed_any |= !rows.is_empty();
+                let busy = rows.len() >= BUSY_CLAIM;
+                self.at_hand_bytes += rows.iter().map(|r| r.payload.len() as u64).sum::<u64>();
+                self.at_hand
+                    .extend(rows.into_iter().map(|row| (claimed_at, row)));
+                self.publish_at_hand().await?;
+                // Writers' wake-ups cost them their commits' grouping when
+                // they come faster than we claim: then we take the drain
+                // lock (writers skip their NOTIFY) and claim every
+                // REFILL_POLL instead. Slower, each commit wakes us, and we
+                // claim only then. Taken after the claim and its publishes,
+                // off the wake-up's path; a writer committing before it is
+                // held notifies, and we claim once more.
+                if busy {
+                    self.wakeup.begin_drain().await;
+                }
             }
             if self.window.is_empty() {
-                let claimable = !found.exhausted && bytes_free > 0;
+                let claimable = !exhausted && bytes_free > 0;
                 if (claimable || !self.at_hand.is_empty()) && !renewing {
                     continue;
                 }
-                if self.marker.unsettled() == 0 || (found.exhausted && !found.keys_seen) {
-                    return Ok(found.claimed_any);
+                if self.marker.unsettled() == 0 || (exhausted && !keys_seen) {
+                    return Ok(claimed_any);
                 }
                 // Marking a key's head makes its successor claimable. (During
                 // a database outage this waits for the marker's retries.)
                 let wakes_come = self.wakeup.wakes_come();
                 tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(found.claimed_any),
+                    _ = shutdown.cancelled() => return Ok(claimed_any),
                     _ = self.marker.settled() => {}
                     _ = tokio::time::sleep(REFILL_POLL), if !wakes_come => {}
                     _ = self.wakeup.notified(), if wakes_come => {}
                 }
-                found.exhausted = false;
+                exhausted = false;
                 continue;
             }
             // Holding the drain lock, writers skip NOTIFY: rows they commit
@@ -307,20 +313,15 @@ impl Relay {
             // the lock (claims of a row or two), their NOTIFY wakes us:
             // polling there cost 3 empty claims a message at 20 msg/s.
             let wakes_come = self.wakeup.wakes_come();
-            let idle = found.exhausted && self.claiming.is_none();
             let settled = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(found.claimed_any),
-                back = claiming::back(&mut self.claiming) => {
-                    self.take_in(back?, &mut found, renewing).await?;
-                    continue;
-                }
+                _ = shutdown.cancelled() => return Ok(claimed_any),
                 settled = self.window.settled() => settled,
-                _ = tokio::time::sleep_until(next_claim), if idle && !wakes_come => {
-                    found.exhausted = false;
+                _ = tokio::time::sleep_until(next_claim), if exhausted && !wakes_come => {
+                    exhausted = false;
                     continue;
                 }
-                _ = self.wakeup.notified(), if idle && wakes_come => {
-                    found.exhausted = false;
+                _ = self.wakeup.notified(), if exhausted && wakes_come => {
+                    exhausted = false;
                     continue;
                 }
             };
@@ -332,31 +333,41 @@ impl Relay {
         }
     }
 
-    /// Puts a claim's rows at hand and publishes what the window takes
-    /// (unless a channel is to be renewed first).
-    /// Writers' wake-ups cost them their commits' grouping when they come
-    /// faster than we claim: then we take the drain lock (writers skip
-    /// their NOTIFY) and claim every REFILL_POLL instead. Slower, each
-    /// commit wakes us, and we claim only then. Taken after the claim and
-    /// its publishes, off the wake-up's path; a writer committing before it
-    /// is held notifies, and we claim once more.
-    async fn take_in(
+    /// Claims up to `limit` rows and `bytes` of payload; also says whether
+    /// nothing more is claimable, and whether some key has rows pending.
+    async fn claim_draining(
         &mut self,
-        (at, claim): (Instant, Claim),
-        found: &mut Progress,
-        renewing: bool,
-    ) -> Result<(), Outage> {
-        let rows = self.took(at, claim, found);
-        let busy = rows.len() >= BUSY_CLAIM;
-        self.at_hand_bytes += rows.iter().map(|r| r.payload.len() as u64).sum::<u64>();
-        self.at_hand.extend(rows.into_iter().map(|row| (at, row)));
-        if !renewing {
-            self.publish_at_hand().await?;
+        limit: usize,
+        bytes: u64,
+    ) -> Result<(Vec<Claimed>, bool, bool), Outage> {
+        let now = Instant::now();
+        if self.wakeup.locks_held() {
+            // Likely a transaction that fired the trigger early: its row
+            // has a low id and commits late.
+            self.cursor.rewind();
         }
-        if busy {
-            self.wakeup.begin_drain().await;
-        }
-        Ok(())
+        let in_flight = self.published_unmarked(now);
+        let limits = ClaimLimits {
+            in_flight: &in_flight,
+            after: self.cursor.start(now),
+            keys_from: &self.next_key,
+            rows: limit as u32,
+            bytes,
+            lease: self.config.lease,
+            block_on_dead_head: self.config.block_on_dead_head,
+            followers: self.config.key_pipeline,
+            keyless_only: !self.keys_pending,
+        };
+        let claim = self.store.claim(limits).await;
+        let claim = claim?;
+        self.cursor.claimed(now, &claim.rows, claim.exhausted);
+        self.next_key = claim.next_key;
+        self.keys_pending = claim.keys_pending;
+        self.health.set(DATABASE, true);
+        self.meters.claim_batch.record(claim.rows.len() as f64);
+        let keys_pending =
+            claim.keys_pending || claim.rows.iter().any(|r| r.ordering_key.is_some());
+        Ok((claim.rows, claim.exhausted, keys_pending))
     }
 
     /// Rows awaiting their confirms, and rows confirmed within [`MARKING`]
